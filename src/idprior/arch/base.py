@@ -1,0 +1,252 @@
+"""The model-family adapter: the one place that knows where a family keeps its branches.
+
+Everything else in idprior (gates, spectral normalization, scoring, the identity prior,
+selection, surgery, saving) talks to a model only through an `Adapter`. An adapter answers:
+  * where each layer's attention and feed-forward branches are, and the *output projection*
+    of each (the module whose input holds the per-head contexts / the FFN activations and whose
+    output is the branch f(x) added to the residual stream);
+  * how big each layer is now (`LayerShape`) and what each unit costs (`Cost`);
+  * which weight matrices get spectral normalization;
+  * how to slice heads / neurons out, how to replace a whole sub-layer by the identity, and how
+    to record the per-layer structure in `config` so that `load_pruned` can rebuild it.
+
+Conventions shared by all adapters
+  * Layer indices are 0-based positions in the model's layer list.
+  * A *head unit* is one query head for multi-head attention, and one key/value group (its KV
+    head plus the query heads that read it) for grouped-query attention, unless the adapter was
+    built with `per_query_head=True`, in which case a head unit is a query-head *slot* index
+    inside every group (removing slot s removes query head s of every group, so groups stay equal).
+  * Removing a sub-layer means identity: post-LN layers keep `LN(x)` (branch output 0 incl. bias),
+    pre-LN layers skip the branch.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import IdpriorError
+from ..units import Cost
+
+STRUCTURE_KEY = "idprior_layers"  # config attribute holding the per-layer structure
+
+
+@dataclass
+class LayerShape:
+    """Current size of one layer. 0 heads means the attention sub-layer is gone; 0 ffn likewise."""
+
+    n_heads: int  # query heads
+    n_kv_heads: int  # key/value heads (== n_heads for multi-head attention)
+    ffn_dim: int  # FFN neurons
+
+    @property
+    def has_attn(self) -> bool:
+        return self.n_heads > 0
+
+    @property
+    def has_ffn(self) -> bool:
+        return self.ffn_dim > 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Adapter(ABC):
+    """Base class; one subclass per model family, registered by `config.model_type`."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    norm_position: ClassVar[str] = "post"  # "post" (BERT: LN(x + f(x))) or "pre" (x + f(LN(x)))
+
+    def __init__(self, model: nn.Module, per_query_head: bool = False):
+        self.model = model
+        self.config = model.config
+        self.per_query_head = per_query_head
+
+    # ---- structure -------------------------------------------------------------------------
+    @abstractmethod
+    def layers(self) -> list[nn.Module]:
+        """The transformer blocks in order."""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+    @property
+    @abstractmethod
+    def hidden_size(self) -> int: ...
+
+    @property
+    @abstractmethod
+    def head_dim(self) -> int: ...
+
+    @abstractmethod
+    def shape(self, layer: int) -> LayerShape:
+        """Current (possibly pruned) size of layer `layer`, read from the modules."""
+
+    def shapes(self) -> list[LayerShape]:
+        return [self.shape(i) for i in range(self.num_layers)]
+
+    def num_head_units(self, layer: int) -> int:
+        """Number of head units in the layer (see module docstring for GQA)."""
+        s = self.shape(layer)
+        if s.n_kv_heads == s.n_heads:
+            return s.n_heads
+        return s.n_heads // s.n_kv_heads if self.per_query_head else s.n_kv_heads
+
+    def head_unit_of_query_heads(self, layer: int) -> torch.Tensor:
+        """LongTensor [n_heads]: the head unit that owns each query head (for gating the O input)."""
+        s = self.shape(layer)
+        q = torch.arange(s.n_heads)
+        if s.n_kv_heads == s.n_heads:
+            return q
+        group = s.n_heads // s.n_kv_heads
+        return q % group if self.per_query_head else q // group
+
+    # ---- branch modules ----------------------------------------------------------------------
+    @abstractmethod
+    def attn_out_proj(self, layer: int) -> nn.Module | None:
+        """Output projection of the attention branch (input [B,T,n_heads*head_dim]); None if removed."""
+
+    @abstractmethod
+    def ffn_out_proj(self, layer: int) -> nn.Module | None:
+        """Second FFN matrix (input [B,T,ffn_dim] activations); None if removed."""
+
+    @abstractmethod
+    def out_weight(self, module: nn.Module) -> torch.Tensor:
+        """The projection's weight as a [out_features, in_features] tensor (a view; Conv1D transposed)."""
+
+    @abstractmethod
+    def sn_targets(self, layer: int) -> list[tuple[nn.Module, str]]:
+        """(module, kind) for every Q, K, V, O, FFN-in, FFN-out matrix of the layer that exists.
+
+        kind is "linear" (weight [out, in]) or "conv1d" (weight [in, out]); spectral
+        normalization registers a parametrization on `module.weight`.
+        """
+
+    # ---- costs -------------------------------------------------------------------------------
+    @abstractmethod
+    def unit_cost(self, kind: str, layer: int) -> Cost:
+        """Cost of ONE unit of `kind` ("head" or "neuron") in `layer` at its current shape,
+        or of the parts of a whole sub-layer ("attn"/"ffn") that no head/neuron owns (biases of the
+        output projection, a pre-LN norm removed with the branch). So that
+        cost(attn l) = num_head_units(l)*unit_cost("head", l) + unit_cost("attn", l), exactly.
+        """
+
+    def layer_params(self) -> int:
+        """Parameters of all transformer layers (the "encoder parameters" measure)."""
+        return sum(p.numel() for layer in self.layers() for p in layer.parameters())
+
+    # ---- surgery -----------------------------------------------------------------------------
+    @abstractmethod
+    def prune_heads(self, layer: int, keep: list[int]) -> None:
+        """Keep only head units `keep` (sorted unit indices); slices Q/K/V rows and O columns,
+        keeps dtype/device, updates module attributes. Callers never pass an empty `keep`
+        (they call remove_attn instead)."""
+
+    @abstractmethod
+    def prune_neurons(self, layer: int, keep: list[int]) -> None:
+        """Keep only FFN neurons `keep` (non-empty, sorted)."""
+
+    @abstractmethod
+    def remove_attn(self, layer: int) -> None:
+        """Replace the attention sub-layer by the identity mapping (no zero-width Linear)."""
+
+    @abstractmethod
+    def remove_ffn(self, layer: int) -> None:
+        """Replace the feed-forward sub-layer by the identity mapping."""
+
+    def sync_config(self) -> None:
+        """Record the per-layer structure in `config` (saved to config.json)."""
+        setattr(self.config, STRUCTURE_KEY, [s.to_dict() for s in self.shapes()])
+
+    def check_config(self) -> None:
+        """Raise if the modules and the recorded structure disagree."""
+        recorded = getattr(self.config, STRUCTURE_KEY, None)
+        if recorded is None:
+            return
+        actual = [s.to_dict() for s in self.shapes()]
+        if recorded != actual:
+            raise RuntimeError(f"model and config.{STRUCTURE_KEY} disagree: {recorded} vs {actual}")
+
+    def check_target_shapes(self, shapes: list[LayerShape]) -> None:
+        """Raise IdpriorError unless `shapes` can be reached from the current model by pruning."""
+        if len(shapes) != self.num_layers:
+            raise IdpriorError(
+                f"config.{STRUCTURE_KEY} lists {len(shapes)} layers but the model has {self.num_layers}; "
+                "re-save the pruned model with idprior.save_pruned"
+            )
+        for layer, (target, now) in enumerate(zip(shapes, self.shapes())):
+            grows = target.n_heads > now.n_heads or target.n_kv_heads > now.n_kv_heads or target.ffn_dim > now.ffn_dim
+            uneven = target.has_attn and (target.n_kv_heads <= 0 or target.n_heads % target.n_kv_heads)
+            if grows or uneven:
+                raise IdpriorError(
+                    f"config.{STRUCTURE_KEY}[{layer}] = {target.to_dict()} does not fit layer shape "
+                    f"{now.to_dict()}; re-save the pruned model with idprior.save_pruned"
+                )
+
+    @abstractmethod
+    def reshape_to(self, shapes: list[LayerShape]) -> None:
+        """Give a freshly built (full-size) model the recorded shapes, e.g. by keeping the first
+        n heads/neurons and removing sub-layers; weights are loaded afterwards."""
+
+
+# ---- helpers shared by the adapters -----------------------------------------------------------
+def head_index(heads: list[int], head_dim: int, device: torch.device | None = None) -> torch.Tensor:
+    """Feature indices [len(heads)*head_dim] of the given heads in a [.., n_heads*head_dim] layout."""
+    idx = torch.tensor(heads, dtype=torch.long).unsqueeze(1) * head_dim + torch.arange(head_dim)
+    return idx.reshape(-1).to(device)  # [k, head_dim] -> [k*head_dim]
+
+
+@torch.no_grad()
+def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
+    """Keep output features (`dim=0`, weight rows and bias) or input features (`dim=1`, columns)
+    `index` of an nn.Linear in place; new Parameters keep dtype, device and requires_grad."""
+    weight = linear.weight
+    index = index.to(weight.device)
+    linear.weight = nn.Parameter(weight.index_select(dim, index).clone(), requires_grad=weight.requires_grad)
+    if dim == 0:
+        if linear.bias is not None:
+            bias = linear.bias
+            linear.bias = nn.Parameter(bias.index_select(0, index).clone(), requires_grad=bias.requires_grad)
+        linear.out_features = len(index)
+    else:
+        linear.in_features = len(index)
+
+
+def cache_from_kwargs(kwargs: dict):
+    """The KV cache passed to an attention module (`cache` in transformers >= 5.x, `past_key_values` before)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+class SkippedAttention(nn.Module):
+    """A removed pre-LN attention branch: f(x) = 0, so the layer's residual gives x + 0 = x.
+
+    It still appends a [B, 1, T, 1] zero key/value to the KV cache: transformers reads the past
+    length from a cache layer (layer 0 for positions and masks) and a layer that never updates
+    would report 0 during generation. The stub costs B*T numbers per layer and is never attended.
+    """
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        cache = cache_from_kwargs(kwargs)
+        if cache is not None and hasattr(cache, "update"):
+            batch, seq = hidden_states.shape[:2]
+            stub = hidden_states.new_zeros(batch, 1, seq, 1)  # [B, heads=1, T, head_dim=1]
+            cache.update(stub, stub, self.layer_idx)
+        # A 0-dim zero broadcasts in `residual + out` and leaves the residual exactly unchanged.
+        return hidden_states.new_zeros(()), None
+
+
+class SkippedFFN(nn.Module):
+    """A removed pre-LN feed-forward branch: f(x) = 0 (a 0-dim zero that broadcasts)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states.new_zeros(())

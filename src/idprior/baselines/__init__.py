@@ -1,0 +1,32 @@
+"""Baseline pruning methods, each sharing SNIP's selection, surgery and recovery code (DESIGN.md §3).
+
+    method = get_method("fisher")
+    plan = method.plan(model, adapter, calib_batches, target=0.5, measure="flops", seq_len=128)
+
+`METHODS` maps each name to its class; `get_method(name, **options)` builds one (options:
+`selection`, the `select` mode for the unit-ranking methods).
+"""
+
+from __future__ import annotations
+
+from ..errors import IdpriorError
+from .base import Method
+from .fisher import FisherMethod
+from .layerdrop import ShortGPTMethod, TopLayersMethod
+from .magnitude import MagnitudeMethod
+from .michel import MichelMethod
+from .random import RandomMethod
+
+METHODS: dict[str, type[Method]] = {
+    cls.name: cls
+    for cls in (RandomMethod, MagnitudeMethod, MichelMethod, FisherMethod, ShortGPTMethod, TopLayersMethod)
+}
+
+__all__ = ["METHODS", "Method", "get_method"]
+
+
+def get_method(name: str, **options) -> Method:
+    """The baseline called `name`; IdpriorError listing the known names otherwise."""
+    if name not in METHODS:
+        raise IdpriorError(f"unknown method {name!r}; use one of {', '.join(METHODS)}")
+    return METHODS[name](**options)

@@ -1,0 +1,280 @@
+"""Measured speed of dense vs pruned models, beside the speed-up their FLOPs promise.
+
+All models run in one process on the same random token batch (no padding), in PyTorch eager
+(fp32, `torch.inference_mode()`) and in ONNX Runtime (CPUExecutionProvider, `threads` intra-op
+threads). Repeats are taken round-robin over the models (dense, pruned, dense, pruned, ...,
+the order reversed every other round), so a change in background load during the run hits every
+model alike and the measured ratio stays fair even on a shared machine; the load average at the
+start and end is recorded too. Latency is the median over repeats with its inter-quartile range.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import tempfile
+import time
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import IdpriorError
+
+
+def cpu_model() -> str:
+    """The CPU's marketing name from /proc/cpuinfo (or `platform.processor()` elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def environment(threads: int) -> dict:
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "usable_cores": affinity,
+        "threads": threads,
+        "dtype": "float32",
+        "torch": torch.__version__,
+        "onnxruntime": _version("onnxruntime"),
+        "onnx": _version("onnx"),
+        "transformers": _version("transformers"),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def _loadavg() -> list[float] | None:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
+
+
+def _stats(seconds: list[float], batch: int) -> dict:
+    ms = np.asarray(seconds) * 1000.0
+    p25, median, p75 = np.percentile(ms, [25, 50, 75])
+    return {
+        "latency_ms_median": float(median),
+        "latency_ms_iqr": float(p75 - p25),
+        "latency_ms_p25": float(p25),
+        "latency_ms_p75": float(p75),
+        "latency_ms_min": float(ms.min()),
+        "throughput_seq_per_s": float(batch / (median / 1000.0)),
+        "repeats": len(seconds),
+    }
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name) or "model"
+
+
+def _model_info(model: nn.Module, seq_lens: tuple[int, ...]) -> dict:
+    from .arch import get_adapter
+    from .flops import model_flops
+
+    adapter = get_adapter(model)
+    flops = {T: model_flops(model, T, adapter) for T in seq_lens}
+    return {
+        "model_type": model.config.model_type,
+        "params": sum(p.numel() for p in model.parameters()),
+        "encoder_params": adapter.layer_params(),
+        "flops": {str(T): f["total"] for T, f in flops.items()},
+        "layer_flops": {str(T): f["layers_total"] for T, f in flops.items()},
+        "structure": [s.to_dict() for s in adapter.shapes()],
+    }
+
+
+def benchmark(
+    models: Mapping[str, nn.Module],
+    *,
+    batch_sizes: tuple[int, ...] = (1, 32),
+    seq_lens: tuple[int, ...] = (128, 512),
+    threads: int | None = None,
+    repeats: int | Mapping[int, int] = 10,
+    warmup: int = 3,
+    onnx: bool = True,
+    workdir: str | os.PathLike | None = None,
+    reference: str | None = None,
+    exporter: str = "dynamo",
+) -> dict:
+    """Time every model (eager, and ONNX Runtime if `onnx`) at every batch size x sequence length.
+
+    `models` maps a name to a model; `reference` (default: the first) is the model the speed-ups
+    are relative to, normally the dense one. `repeats` may map a sequence length to its own
+    count (long sequences are slow). `threads` (default: torch's current setting) is used for
+    torch and for ONNX Runtime's intra-op pool. ONNX files go to `workdir` (default: a temporary
+    folder, deleted afterwards). Spectral-norm parametrizations are folded in place first.
+    Returns {"environment", "reference", "models", "rows"}; every row is one (model, backend,
+    batch, seq_len) with latency, throughput, and speed-up measured vs FLOPs-ideal.
+    """
+    from .export import check_onnx, example_inputs, export_onnx, input_names, ort_feed, ort_session, require_onnx
+    from .spectral import fold
+
+    if not models:
+        raise IdpriorError("benchmark needs at least one model")
+    names = list(models)
+    reference = reference or names[0]
+    if reference not in models:
+        raise IdpriorError(f"reference {reference!r} is not one of the models ({', '.join(names)})")
+    batch_sizes, seq_lens = tuple(int(b) for b in batch_sizes), tuple(int(t) for t in seq_lens)
+    for name, model in models.items():
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and max(seq_lens) > limit:
+            raise IdpriorError(f"sequence length {max(seq_lens)} exceeds {name}'s max_position_embeddings {limit}; lower --seq-lens")
+    if onnx:
+        require_onnx()
+    threads = int(threads or torch.get_num_threads())
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    started = time.perf_counter()
+    result: dict = {"environment": environment(threads), "reference": reference, "models": {}, "rows": []}
+    result["environment"]["loadavg_start"] = _loadavg()
+    for model in models.values():
+        fold(model)
+        model.eval()
+    result["models"] = {name: _model_info(model, seq_lens) for name, model in models.items()}
+
+    tmp = None
+    if onnx and workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="idprior-bench-")
+        workdir = tmp.name
+    try:
+        sessions = {}
+        if onnx:
+            for name, model in tqdm(models.items(), desc="export onnx", leave=False):
+                path = Path(workdir) / f"{_safe_name(name)}.onnx"
+                t0 = time.perf_counter()
+                export_onnx(model, None, path, exporter=exporter)
+                info = result["models"][name]
+                info["onnx_export_s"] = round(time.perf_counter() - t0, 2)
+                info["onnx_mb"] = round(path.stat().st_size / 2**20, 2)
+                parity_batch = example_inputs(model, input_names(model), batch=3, seq_len=24, seed=1, pad=True)
+                info["onnx_max_abs_diff"] = check_onnx(model, path, parity_batch)
+                sessions[name] = ort_session(path, threads)
+
+        backends = ["eager"] + (["onnxruntime"] if onnx else [])
+        configs = [(bk, b, t) for bk in backends for b in batch_sizes for t in seq_lens]
+        vocab = min(m.config.vocab_size for m in models.values())
+        bar = tqdm(configs, desc="bench")
+        for backend, batch, seq_len in bar:
+            bar.set_postfix_str(f"{backend} b={batch} T={seq_len}")
+            n_rep = int(repeats[seq_len] if isinstance(repeats, Mapping) else repeats)
+            gen = torch.Generator().manual_seed(1000 * batch + seq_len)
+            ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)  # [B, T], same for every model
+            full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+            runners = {}
+            for name, model in models.items():
+                if backend == "eager":
+                    runners[name] = _eager_runner(model, {k: full[k] for k in input_names(model)})
+                else:
+                    session = sessions[name]
+                    feed = ort_feed(session, full)
+                    runners[name] = (lambda s=session, f=feed: s.run(["logits"], f))
+            times = _time_round_robin(runners, n_rep, warmup)
+            for name in names:
+                result["rows"].append({"model": name, "backend": backend, "batch_size": batch, "seq_len": seq_len,
+                                       **_stats(times[name], batch)})
+    finally:
+        torch.set_num_threads(old_threads)
+        if tmp is not None:
+            tmp.cleanup()
+    _add_speedups(result)
+    result["environment"]["loadavg_end"] = _loadavg()
+    result["environment"]["wall_s"] = round(time.perf_counter() - started, 1)
+    return result
+
+
+def _eager_runner(model: nn.Module, inputs: dict[str, torch.Tensor]):
+    from .export import _is_decoder
+
+    kwargs = dict(inputs, use_cache=False) if _is_decoder(model) else dict(inputs)
+
+    def run():
+        with torch.inference_mode():
+            return model(**kwargs).logits
+
+    return run
+
+
+def _time_round_robin(runners: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
+    """Warm every runner up, then time one call of each per round, alternating the order."""
+    for run in runners.values():
+        for _ in range(warmup):
+            run()
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    order = list(runners)
+    for r in range(repeats):
+        for name in order if r % 2 == 0 else order[::-1]:
+            t0 = time.perf_counter()
+            runners[name]()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _add_speedups(result: dict) -> None:
+    """speedup = reference latency / latency; ideal = reference FLOPs / FLOPs; fraction = speedup / ideal."""
+    ref = result["reference"]
+    by_key = {(r["model"], r["backend"], r["batch_size"], r["seq_len"]): r for r in result["rows"]}
+    for row in result["rows"]:
+        base = by_key[(ref, row["backend"], row["batch_size"], row["seq_len"])]
+        T = str(row["seq_len"])
+        ideal = result["models"][ref]["flops"][T] / result["models"][row["model"]]["flops"][T]
+        speedup = base["latency_ms_median"] / row["latency_ms_median"]
+        row["flops"] = result["models"][row["model"]]["flops"][T]
+        row["speedup"] = speedup
+        row["flops_ideal_speedup"] = ideal
+        row["fraction_of_ideal"] = speedup / ideal
+
+
+def format_bench_markdown(result: dict) -> str:
+    """A markdown summary: environment, model sizes, and one row per timing."""
+    env = result["environment"]
+    lines = [
+        f"Machine: {env['cpu']}, {env['usable_cores']} usable cores ({env['logical_cores']} logical); "
+        f"{env['threads']} threads; {env['dtype']}; torch {env['torch']}, onnxruntime {env['onnxruntime']}, "
+        f"transformers {env['transformers']}, Python {env['python']}.",
+        f"Load average (1/5/15 min) at start {env.get('loadavg_start')}, at end {env.get('loadavg_end')}; "
+        f"benchmark wall time {env.get('wall_s')} s.",
+        "Inputs: the same random token batch for every model, no padding. Repeats round-robin over the models.",
+        "",
+    ]
+    seq_lens = sorted({r["seq_len"] for r in result["rows"]}) or sorted(int(t) for t in next(iter(result["models"].values()))["flops"])
+    header = "| model | params | encoder params | " + " | ".join(f"GFLOPs/seq @T={t}" for t in seq_lens) + " | ONNX max abs diff |"
+    lines += [header, "|" + "---|" * (4 + len(seq_lens))]
+    for name, info in result["models"].items():
+        gflops = " | ".join(f"{info['flops'][str(t)] / 1e9:.3f}" for t in seq_lens)
+        diff = info.get("onnx_max_abs_diff")
+        lines.append(f"| {name} | {info['params'] / 1e6:.2f}M | {info['encoder_params'] / 1e6:.2f}M | {gflops} | "
+                     f"{'n/a' if diff is None else f'{diff:.1e}'} |")
+    lines += [
+        "",
+        f"Speed-up is relative to `{result['reference']}` on the same backend and shape; FLOPs-ideal = its FLOPs / "
+        "the model's FLOPs; measured/ideal = speed-up / FLOPs-ideal.",
+        "",
+        "| backend | batch | seq len | model | median ms | IQR ms | seq/s | speed-up | FLOPs-ideal | measured/ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    rows = sorted(result["rows"], key=lambda r: (r["backend"], r["batch_size"], r["seq_len"]))
+    for r in rows:
+        lines.append(
+            f"| {r['backend']} | {r['batch_size']} | {r['seq_len']} | {r['model']} | {r['latency_ms_median']:.1f} | "
+            f"{r['latency_ms_iqr']:.1f} | {r['throughput_seq_per_s']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['flops_ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.0%} |"
+        )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,105 @@
+"""`idprior bench`: measured latency and throughput of a dense model vs its pruned version(s).
+
+Every model runs in one process on the same random token batch, in PyTorch eager (fp32,
+inference mode) and in ONNX Runtime (CPU), at every batch size x sequence length. The report
+puts the measured speed-up beside the FLOPs-ideal one (dense FLOPs / pruned FLOPs) and records
+the machine (CPU, cores, threads, library versions, load average). Writes OUT/bench.json and
+OUT/bench.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "bench", help="measure the speed of a dense model vs pruned model folder(s)",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: idprior bench --dense minilm-l6 --pruned runs/sst2/pruned --threads 2 --out runs/sst2/bench",
+    )
+    p.add_argument("--dense", required=True, metavar="MODEL",
+                   help="the unpruned model: alias (minilm-l6, smollm2-135m), local HF folder or .gguf file; "
+                        "loaded with the same kind of head as the pruned model (same number of labels)")
+    p.add_argument("--pruned", required=True, action="append", metavar="PRUNED_DIR",
+                   help="folder written by idprior (RUN/pruned); repeat to compare several")
+    p.add_argument("--batch-sizes", type=_int_list, default=(1, 32), metavar="B1,B2", help="default 1,32")
+    p.add_argument("--seq-lens", type=_int_list, default=(128, 512), metavar="T1,T2", help="default 128,512")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch and ONNX Runtime intra-op threads (default: torch's default, usually the core count)")
+    p.add_argument("--repeats", type=int, default=10, help="timed runs per model and shape (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
+    p.add_argument("--no-onnx", action="store_true", help="PyTorch eager only (no ONNX export / ONNX Runtime)")
+    p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo", help="ONNX exporter (default dynamo)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder for bench.json and bench.md")
+    return p
+
+
+def load_dense_like(spec: str, pruned):
+    """The dense model with the same head as `pruned` (classifier with as many labels, or LM)."""
+    from .. import models
+    from ..data.tasks import Task
+
+    config = pruned.config
+    if "ForSequenceClassification" in type(pruned).__name__:
+        kind = "regression" if config.problem_type == "regression" else "classification"
+        labels = () if kind == "regression" else tuple(str(config.id2label[i]) for i in range(config.num_labels))
+        task = Task(name="bench", kind=kind, labels=labels, metrics=(), text_fields=("text",), description="benchmark head")
+        model, _ = models.load(spec, task)
+    else:
+        model, _ = models.load(spec)
+    return model.eval()
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from .. import io
+    from ..bench import benchmark, format_bench_markdown
+    from ..errors import IdpriorError
+    from .export import load_with_head
+
+    if args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
+        raise IdpriorError("--repeats and --threads must be >= 1 and --warmup >= 0")
+    pruned = {}
+    for folder in args.pruned:
+        name = Path(folder).resolve().name
+        if name in pruned or name == "dense":
+            name = str(folder)
+        pruned[name], _ = load_with_head(folder)
+    dense = load_dense_like(args.dense, next(iter(pruned.values())))
+    result = benchmark({"dense": dense, **pruned}, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens,
+                       threads=args.threads, repeats=args.repeats, warmup=args.warmup, onnx=not args.no_onnx,
+                       exporter=args.exporter)
+    result["command"] = "idprior bench " + " ".join(_argv_echo(args))
+    result["inputs"] = {"dense": args.dense, "pruned": list(args.pruned)}
+    out = Path(args.out)
+    md = format_bench_markdown(result)
+    io.write_json(out / "bench.json", result)
+    io.write_text(out / "bench.md", f"`{result['command']}`\n\n{md}")
+    print(md, end="")
+    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    return 0
+
+
+def _argv_echo(args) -> list[str]:
+    parts = ["--dense", args.dense]
+    for folder in args.pruned:
+        parts += ["--pruned", folder]
+    parts += ["--batch-sizes", ",".join(map(str, args.batch_sizes)), "--seq-lens", ",".join(map(str, args.seq_lens))]
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    parts += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+    if args.no_onnx:
+        parts.append("--no-onnx")
+    return parts + ["--out", args.out]

@@ -1,0 +1,78 @@
+"""Options shared by the run subcommands, turned into dotted config overrides."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..config import RunConfig, load_config
+
+# flag -> dotted config key (values are parsed as YAML scalars, like `--set`)
+RUN_FLAGS = {
+    "model": ("model.name", "model: alias (minilm-l6, smollm2-135m), local HF folder, or .gguf file"),
+    "task": ("data.task", "task name (idprior tasks lists them) or 'custom' with --data"),
+    "data_dir": ("data.data_dir", "local GLUE folder in the official TSV layout"),
+    "data": ("data.train_file", "user CSV/TSV/JSONL training file (task custom)"),
+    "data_validation": ("data.validation_file", "user validation file (task custom)"),
+    "data_test": ("data.test_file", "user test file (task custom)"),
+    "text_column": ("data.text_column", "text column of the user files"),
+    "text_pair_column": ("data.text_pair_column", "second text column for pair tasks"),
+    "label_column": ("data.label_column", "label column of the user files"),
+    "max_train": ("data.max_train", "use at most N training examples (seeded subset)"),
+    "max_eval": ("data.max_eval", "use at most N examples per evaluation split"),
+    "max_length": ("data.max_length", "tokens per example (LM: block size)"),
+    "epochs": ("train.epochs", "fine-tuning epochs"),
+    "lr": ("train.lr", "fine-tuning learning rate"),
+    "batch_size": ("train.batch_size", "training batch size"),
+    "seed": ("seed", "random seed"),
+    "out": ("out", "output folder"),
+    "dtype": ("model.dtype", "float32, bfloat16 or float16"),
+}
+PRUNE_FLAGS = {
+    "method": ("prune.method", "snip (default) or a baseline: random, magnitude, michel, fisher, shortgpt, top-layers"),
+    "target": ("prune.target", "fraction of --measure to remove, in (0, 1)"),
+    "measure": ("prune.measure", "encoder_params (default), linear_params or flops"),
+    "tau": ("prune.tau", "raw function-norm threshold instead of --target"),
+    "kinds": ("prune.kinds", "comma list of unit kinds: head, attn, ffn, neuron"),
+    "selection": ("prune.selection", "norm, norm-per-cost, energy-per-cost, share, relative"),
+    "head_share": ("prune.head_share", "with --selection share: fraction of the budget taken from heads"),
+    "prior_lambda": ("prune.prior_lambda", "strength of the identity prior"),
+    "prior_weight": ("prune.prior_weight", "uniform or cost"),
+    "sn_bound": ("prune.sn_bound", "'init' (each matrix's pretrained sigma) or a number"),
+    "calib_size": ("prune.calib_size", "calibration examples for the function norms"),
+    "iterative": ("prune.iterative", "reach the target in K prune/recover rounds"),
+    "recover_epochs": ("prune.recover_epochs", "fine-tuning epochs after surgery"),
+}
+SWITCHES = {
+    "no_sn": ("prune.sn", False, "ablation: no spectral normalization"),
+    "no_prior": ("prune.prior", False, "ablation: no identity prior"),
+    "no_train": ("prune.train", False, "post-training mode: score and prune the model as given"),
+    "distill": ("prune.distill", True, "distil from the unpruned model during recovery"),
+    "no_bench": ("bench.enabled", False, "skip the speed benchmark"),
+    "no_onnx": ("bench.onnx", False, "benchmark PyTorch only"),
+}
+
+
+def add_run_args(p: argparse.ArgumentParser, prune: bool = False) -> None:
+    p.add_argument("--config", metavar="PRESET", help="preset name under configs/ or a YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="dotted config override, e.g. --set train.lr=3e-5 (repeatable)")
+    flags = dict(RUN_FLAGS, **(PRUNE_FLAGS if prune else {}))
+    for name, (_, help_) in flags.items():
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_)
+    if prune:
+        for name, (_, _, help_) in SWITCHES.items():
+            p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", help=help_)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    overrides = list(args.overrides)
+    for name, (key, _) in {**RUN_FLAGS, **PRUNE_FLAGS}.items():
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    for name, (key, value, _) in SWITCHES.items():
+        if getattr(args, name, False):
+            overrides.append(f"{key}={str(value).lower()}")
+    return load_config(args.config, overrides)

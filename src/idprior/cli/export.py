@@ -1,0 +1,74 @@
+"""`idprior export`: write a (pruned or dense) model as ONNX and check it against PyTorch.
+
+The ONNX file has inputs input_ids, attention_mask (and token_type_ids for BERT-style models)
+with dynamic batch and sequence axes, and one output, logits; it runs in ONNX Runtime without
+idprior. After export the logits of ONNX Runtime and PyTorch are compared on two random batches
+of other shapes than the export one (one of them padded); the command fails if they differ by
+more than 1e-4.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_parser(sub):
+    p = sub.add_parser(
+        "export", help="export a pruned (or dense) model folder to ONNX and check parity",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: idprior export runs/sst2/pruned --onnx runs/sst2/model.onnx",
+    )
+    p.add_argument("model", metavar="MODEL_DIR",
+                   help="folder written by idprior (RUN/pruned), any local HF folder with a task head, "
+                        "a .gguf file or an alias such as smollm2-135m")
+    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX file (atomically)")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's own default)")
+    p.add_argument("--seq-len", type=int, default=16,
+                   help="sequence length of the example batch used for tracing (default 16); every length works afterwards")
+    p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
+                   help="torch.export-based exporter (default) or the older TorchScript one, as a fallback")
+    p.add_argument("--tol", type=float, default=1e-4, help="largest allowed |logits difference| (default 1e-4)")
+    return p
+
+
+def load_with_head(spec: str):
+    """(model, tokenizer) for a folder (pruned or not) or an alias; refuses models without logits."""
+    from pathlib import Path
+
+    from .. import models
+    from ..errors import IdpriorError
+
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        from ..surgery import load_pruned_with_tokenizer
+
+        model, tok = load_pruned_with_tokenizer(path)
+    else:
+        model, tok = models.load(spec)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None and not any(n in type(model).__name__ for n in ("ForSequenceClassification", "ForCausalLM", "LMHead")):
+        raise IdpriorError(
+            f"{spec} loads as {type(model).__name__}, which has no task head (no logits); export a fine-tuned "
+            "classifier or a causal LM (e.g. the pruned/ folder of an idprior run)"
+        )
+    return model.eval(), tok
+
+
+def run(args) -> int:
+    from ..errors import IdpriorError
+    from ..export import check_onnx, example_inputs, export_onnx, input_names, require_onnx
+
+    require_onnx()
+    model, tok = load_with_head(args.model)
+    path = export_onnx(model, tok, args.onnx, opset=args.opset, seq_len=args.seq_len, exporter=args.exporter)
+    names = input_names(model, tok)
+    shapes = [(3, args.seq_len + 8, True), (1, 2 * args.seq_len + 1, False)]
+    diffs = [check_onnx(model, path, example_inputs(model, names, b, t, seed=1, pad=pad)) for b, t, pad in shapes]
+    diff = max(diffs)
+    checked = ", ".join(f"[{b}, {t}]" for b, t, _ in shapes)
+    print(f"wrote {path} (inputs: {', '.join(names)}; output: logits)")
+    print(f"max |onnxruntime - pytorch| logits difference on batches {checked}: {diff:.2e}")
+    if not diff <= args.tol:
+        raise IdpriorError(f"ONNX parity failed: max difference {diff:.2e} > {args.tol:g}; "
+                           "try --exporter legacy, or report the model")
+    return 0

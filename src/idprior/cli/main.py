@@ -1,0 +1,69 @@
+"""`idprior` command line: a thin layer over the Python API.
+
+Each subcommand lives in its own module with `add_parser(subparsers)` and `run(args) -> int`.
+User mistakes (`IdpriorError`) print one line to stderr and exit 2; `--debug` shows the
+traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import ConfigError, IdpriorError
+
+SUBCOMMANDS = ("finetune", "evaluate", "prune", "score", "export", "bench", "validate", "tasks", "report", "bench_quality")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idprior",
+        description="Structured pruning of Transformers with SNIP (spectral-normalized identity prior), "
+        "reconstructed from the abstract of Lin et al., Findings of EMNLP 2020.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        try:
+            mod = importlib.import_module(f".{name}", __package__)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.endswith(f"cli.{name}"):
+                continue  # subcommand not shipped in this build
+            raise
+        p = mod.add_parser(sub)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse already printed its one-line usage error
+        return int(e.code or 0) if e.code in (0, None) else 2
+    if not getattr(args, "_run", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args._run(args) or 0)
+    except ConfigError as e:
+        if debug:
+            raise
+        for line in e.problems:
+            print(f"idprior: error: {line}", file=sys.stderr)
+        return 2
+    except IdpriorError as e:
+        if debug:
+            raise
+        print(f"idprior: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("idprior: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,334 @@
+"""Typed configuration: dataclasses, YAML presets, dotted overrides, validation of every field at once.
+
+A run is described by one `RunConfig`. It is built from (lowest to highest priority) the
+dataclass defaults, a YAML preset (`configs/*.yaml` or any path), and dotted overrides such as
+`train.lr=3e-5` (what the CLI flags turn into). `validate()` reports every bad field in one
+`ConfigError` so a user fixes a config in one go, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, IdpriorError
+from .units import KINDS
+
+MEASURES = ("encoder_params", "linear_params", "flops")
+SELECTIONS = ("norm", "norm-per-cost", "energy-per-cost", "share", "relative")
+PRIOR_WEIGHTS = ("uniform", "cost")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "minilm-l6"  # alias, local HF folder, or local .gguf file
+    dtype: str = "float32"
+    per_query_head: bool = False  # GQA: prune query-head slots uniformly instead of KV groups
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    task: str = "rt-polarity"
+    data_dir: str | None = None  # GLUE folder in the official TSV layout
+    train_file: str | None = None  # user CSV/TSV/JSONL (task "custom")
+    validation_file: str | None = None
+    test_file: str | None = None
+    text_column: str | None = None
+    text_pair_column: str | None = None
+    label_column: str | None = None
+    max_train: int | None = None  # subset the training split (seeded) for quick runs
+    max_eval: int | None = None
+    max_length: int = 128  # tokens per example (classification) / block size (LM)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 3.0
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 200  # steps between mid-epoch checkpoints (0: only at epoch ends)
+    eval_each_epoch: bool = True
+
+
+@dataclass
+class PruneConfig:
+    method: str = "snip"
+    target: float = 0.5  # fraction of `measure` to remove
+    measure: str = "encoder_params"
+    flops_seq_len: int = 128
+    tau: float | None = None  # raw function-norm threshold instead of a target
+    kinds: str = "head,neuron"
+    selection: str = "norm"
+    head_share: float | None = None  # selection "share": fraction of the budget taken from heads
+    score: str = "absolute"  # "relative": divide by the branch input norm
+    calib_size: int = 512
+    sn: bool = True
+    sn_bound: str = "init"  # "init" (each matrix's own sigma at load) or a float
+    prior: bool = True
+    prior_lambda: float = 0.1
+    prior_weight: str = "uniform"
+    prior_warmup: float = 0.1  # fraction of steps over which lambda ramps up linearly
+    train: bool = True  # False: post-training mode (score and prune an already fine-tuned model)
+    iterative: int = 1
+    recover_epochs: float = 1.0
+    distill: bool = False
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
+
+
+@dataclass
+class BenchConfig:
+    enabled: bool = True
+    batch_sizes: list[int] = field(default_factory=lambda: [32])
+    seq_lens: list[int] = field(default_factory=lambda: [128])
+    repeats: int = 5
+    warmup: int = 2
+    onnx: bool = True
+    threads: int | None = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    recover: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0))
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    seed: int = 0
+    out: str = "runs/default"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# ---- building -----------------------------------------------------------------------------------
+
+def presets_dir() -> Path:
+    """`configs/` of a source checkout, else the copy shipped inside the package."""
+    here = Path(__file__).resolve()
+    for cand in (here.parents[2] / "configs", here.parent / "presets"):
+        if cand.is_dir():
+            return cand
+    return here.parents[2] / "configs"
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+
+
+def resolve_preset(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if not p.is_file():
+            raise IdpriorError(f"config file {name_or_path} not found; give a YAML path or one of: {', '.join(list_presets())}")
+        return p
+    cand = presets_dir() / f"{name_or_path}.yaml"
+    if not cand.is_file():
+        close = difflib.get_close_matches(name_or_path, list_presets(), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise IdpriorError(f"unknown preset {name_or_path!r}{hint}; presets: {', '.join(list_presets())}")
+    return cand
+
+
+def load_config(preset: str | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
+    """Defaults <- preset YAML <- overrides; raises ConfigError listing every bad field."""
+    raw: dict = {}
+    if preset:
+        path = resolve_preset(preset)
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise IdpriorError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise IdpriorError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
+    problems: list[str] = []
+    if isinstance(overrides, dict):
+        overrides = [f"{k}={v}" for k, v in overrides.items()]
+    for item in overrides or []:
+        if "=" not in item:
+            problems.append(f"override {item!r}: write key=value, e.g. train.lr=3e-5")
+            continue
+        key, value = item.split("=", 1)
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    cfg = RunConfig()
+    _merge(cfg, raw, "", problems)
+    problems += validate(cfg, raise_=False)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            return
+    node[parts[-1]] = value
+
+
+def _merge(obj: Any, raw: dict, prefix: str, problems: list[str]) -> None:
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in fields(obj)}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; valid keys: {', '.join(sorted(names))}"
+            problems.append(f"unknown config key {dotted!r}{hint}")
+            continue
+        current = getattr(obj, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                problems.append(f"{dotted} must be a section (mapping), got {value!r}")
+            else:
+                _merge(current, value, dotted + ".", problems)
+            continue
+        ok, converted = _coerce(value, hints[key])
+        if ok:
+            setattr(obj, key, converted)
+        else:
+            problems.append(f"{dotted} must be {_type_name(hints[key])}, got {value!r}")
+
+
+def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return True, None
+        for a in args:
+            if a is type(None):
+                continue
+            ok, v = _coerce(value, a)
+            if ok:
+                return True, v
+        return False, None
+    if origin is list:
+        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list):
+            return False, None
+        out = []
+        for v in value:
+            ok, c = _coerce(v, args[0])
+            if not ok:
+                return False, None
+            out.append(c)
+        return True, out
+    if tp is bool:
+        return (True, value) if isinstance(value, bool) else (False, None)
+    if tp is int:
+        if isinstance(value, bool):
+            return False, None
+        if isinstance(value, int):
+            return True, value
+        if isinstance(value, float) and value.is_integer():
+            return True, int(value)
+        return False, None
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False, None
+        return True, float(value)
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return True, str(value)
+        return False, None
+    return True, value
+
+
+def _type_name(tp: Any) -> str:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args:
+        return " or ".join(_type_name(a) for a in args) + (" or null" if type(None) in typing.get_args(tp) else "")
+    return getattr(tp, "__name__", str(tp))
+
+
+# ---- validation ---------------------------------------------------------------------------------
+
+def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
+    """Check ranges and choices of every field; return (or raise) one line per problem."""
+    p: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            p.append(msg)
+
+    need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
+    for sec in ("train", "recover"):
+        t: TrainConfig = getattr(cfg, sec)
+        need(t.epochs >= 0 and math.isfinite(t.epochs), f"{sec}.epochs must be >= 0, got {t.epochs}")
+        need(t.batch_size >= 1, f"{sec}.batch_size must be >= 1, got {t.batch_size}")
+        need(t.eval_batch_size >= 1, f"{sec}.eval_batch_size must be >= 1, got {t.eval_batch_size}")
+        need(t.lr > 0 and math.isfinite(t.lr), f"{sec}.lr must be > 0, got {t.lr}")
+        need(t.weight_decay >= 0, f"{sec}.weight_decay must be >= 0, got {t.weight_decay}")
+        need(0 <= t.warmup_ratio < 1, f"{sec}.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
+        need(t.max_grad_norm >= 0, f"{sec}.max_grad_norm must be >= 0 (0 disables clipping), got {t.max_grad_norm}")
+        need(t.checkpoint_every >= 0, f"{sec}.checkpoint_every must be >= 0, got {t.checkpoint_every}")
+    d = cfg.data
+    need(d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}")
+    need(d.max_train is None or d.max_train >= 1, f"data.max_train must be >= 1, got {d.max_train}")
+    need(d.max_eval is None or d.max_eval >= 1, f"data.max_eval must be >= 1, got {d.max_eval}")
+    if d.task == "custom":
+        need(d.train_file is not None, "data.train_file is required for task 'custom' (a CSV/TSV/JSONL file)")
+        need(d.text_column is not None, "data.text_column is required for task 'custom'")
+        need(d.label_column is not None, "data.label_column is required for task 'custom'")
+    pr = cfg.prune
+    need(0 < pr.target < 1, f"prune.target must be in (0, 1) (a fraction to remove), got {pr.target}")
+    need(pr.measure in MEASURES, f"prune.measure must be one of {', '.join(MEASURES)}, got {pr.measure!r}")
+    need(pr.flops_seq_len >= 1, f"prune.flops_seq_len must be >= 1, got {pr.flops_seq_len}")
+    need(pr.tau is None or pr.tau >= 0, f"prune.tau must be >= 0, got {pr.tau}")
+    kinds = [k.strip() for k in pr.kinds.split(",") if k.strip()]
+    need(bool(kinds) and all(k in KINDS for k in kinds), f"prune.kinds must be a comma list of {', '.join(KINDS)}, got {pr.kinds!r}")
+    need(pr.selection in SELECTIONS, f"prune.selection must be one of {', '.join(SELECTIONS)}, got {pr.selection!r}")
+    need(pr.head_share is None or 0 <= pr.head_share <= 1, f"prune.head_share must be in [0, 1], got {pr.head_share}")
+    need(pr.selection != "share" or pr.head_share is not None, "prune.selection 'share' needs prune.head_share (e.g. 0.3)")
+    need(pr.score in ("absolute", "relative"), f"prune.score must be 'absolute' or 'relative', got {pr.score!r}")
+    need(pr.calib_size >= 1, f"prune.calib_size must be >= 1, got {pr.calib_size}")
+    if pr.sn_bound != "init":
+        try:
+            need(float(pr.sn_bound) > 0, f"prune.sn_bound must be 'init' or a positive number, got {pr.sn_bound!r}")
+        except ValueError:
+            p.append(f"prune.sn_bound must be 'init' or a positive number, got {pr.sn_bound!r}")
+    need(pr.prior_lambda >= 0 and math.isfinite(pr.prior_lambda), f"prune.prior_lambda must be >= 0, got {pr.prior_lambda}")
+    need(pr.prior_weight in PRIOR_WEIGHTS, f"prune.prior_weight must be one of {', '.join(PRIOR_WEIGHTS)}, got {pr.prior_weight!r}")
+    need(0 <= pr.prior_warmup <= 1, f"prune.prior_warmup must be in [0, 1], got {pr.prior_warmup}")
+    need(pr.iterative >= 1, f"prune.iterative must be >= 1, got {pr.iterative}")
+    need(pr.recover_epochs >= 0, f"prune.recover_epochs must be >= 0, got {pr.recover_epochs}")
+    need(0 <= pr.distill_alpha <= 1, f"prune.distill_alpha must be in [0, 1], got {pr.distill_alpha}")
+    need(pr.distill_temperature > 0, f"prune.distill_temperature must be > 0, got {pr.distill_temperature}")
+    b = cfg.bench
+    need(all(x >= 1 for x in b.batch_sizes) and bool(b.batch_sizes), f"bench.batch_sizes must be positive integers, got {b.batch_sizes}")
+    need(all(x >= 1 for x in b.seq_lens) and bool(b.seq_lens), f"bench.seq_lens must be positive integers, got {b.seq_lens}")
+    need(b.repeats >= 1, f"bench.repeats must be >= 1, got {b.repeats}")
+    need(b.warmup >= 0, f"bench.warmup must be >= 0, got {b.warmup}")
+    need(b.threads is None or b.threads >= 1, f"bench.threads must be >= 1, got {b.threads}")
+    need(bool(cfg.out), "out must be a folder path")
+    if p and raise_:
+        raise ConfigError(p)
+    return p
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,63 @@
+"""Evaluation: task metrics for classification/regression, perplexity for language modelling."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import compute_metrics
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, loader, desc: str = "predict") -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels over a loader, in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    logits, labels = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+        logits.append(model(**inputs).logits.float().cpu())
+        labels.append(batch["labels"])
+    model.train(was_training)
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy()
+
+
+@torch.no_grad()
+def lm_nll(model: torch.nn.Module, loader, desc: str = "perplexity") -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and the number of predicted tokens."""
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    total, count = 0.0, 0
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        labels = batch["labels"][:, 1:]  # [B, T-1]: token t predicts t+1
+        mask = labels != -100
+        if "attention_mask" in batch:
+            mask &= batch["attention_mask"][:, 1:].bool()
+        nll = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.clamp(min=0).reshape(-1), reduction="none"
+        ).view_as(labels)
+        total += float((nll * mask).sum())
+        count += int(mask.sum())
+    model.train(was_training)
+    return total, count
+
+
+def evaluate(model: torch.nn.Module, task, loader, desc: str = "evaluate") -> dict[str, float]:
+    """The task's metrics on one split (loader built by `data.collate`)."""
+    if task.kind == "lm":
+        total, count = lm_nll(model, loader, desc)
+        return {"perplexity": math.exp(total / max(1, count)), "nll": total / max(1, count), "tokens": count}
+    logits, labels = predict(model, loader, desc)
+    preds = logits[:, 0] if task.kind == "regression" else logits.argmax(-1)
+    return compute_metrics(task, preds, labels)

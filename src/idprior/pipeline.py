@@ -1,0 +1,403 @@
+"""`idprior prune` as stages that hand off through files in the output folder.
+
+    finetune   fine-tune with SN + identity prior      -> finetuned/ (SN folded), train_log.jsonl
+    score      function norms on calibration data      -> scores.json
+    select     threshold to the target                 -> plan.json
+    surgery    physical removal                         -> surgery/ (pruned, before recovery)
+    recover    fine-tune the pruned model              -> pruned/  (the result)
+    evaluate   dense vs pruned on the test split(s)    -> metrics.json
+    bench      measured speed, dense vs pruned         -> bench.json
+    report     everything above in one page            -> report.md (+ plots)
+
+Each stage can be called alone (`stage_score(run)`, ...). `stages.json` records the stages that
+finished, with wall times: with `resume=True` a finished stage is never redone and an interrupted
+training stage continues from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from . import io, models
+from .arch import get_adapter
+from .config import RunConfig, dump_config
+from .data import load_task
+from .errors import IdpriorError
+from .evaluate import evaluate
+from .metrics import greater_is_better, main_metric
+from .plan import PruningPlan, model_cost
+from .units import parse_kinds
+
+STAGES = ("finetune", "score", "select", "surgery", "recover", "evaluate", "bench", "report")
+
+
+# ---- run folder -------------------------------------------------------------------------------
+
+class Run:
+    """An output folder: resolved config, task data, stage status and wall times."""
+
+    def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False):
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        self.resume = resume
+        status = self.out / "stages.json"
+        if self.out.exists() and any(self.out.iterdir()):
+            if overwrite:
+                shutil.rmtree(self.out)
+            elif not resume:
+                what = "holds another run" if status.is_file() else "is not empty"
+                raise IdpriorError(f"output folder {self.out} {what}; pass --resume to continue it, --overwrite to replace it, or choose another --out")
+            elif status.is_file():
+                saved = io.read_json(status).get("config", {})
+                now = _comparable(cfg)
+                if saved and {k: v for k, v in saved.items() if k != "out"} != {k: v for k, v in now.items() if k != "out"}:
+                    raise IdpriorError(f"--resume: {self.out} was started with a different config; use the same options, --overwrite, or another --out")
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.status = io.read_json(status) if status.is_file() else {"config": _comparable(cfg), "stages": {}}
+        io.write_text(self.out / "config.yaml", dump_config(cfg))
+        self._data = None
+
+    # stage bookkeeping
+    def done(self, stage: str) -> bool:
+        return self.resume and stage in self.status["stages"]
+
+    def mark(self, stage: str, wall_s: float, **info) -> None:
+        self.status["stages"][stage] = {"wall_s": round(wall_s, 2), **info}
+        io.write_json(self.out / "stages.json", self.status)
+
+    def path(self, name: str) -> Path:
+        return self.out / name
+
+    # shared inputs
+    @property
+    def data(self):
+        if self._data is None:
+            d = self.cfg.data
+            files = {k: v for k, v in {"train": d.train_file, "validation": d.validation_file, "test": d.test_file}.items() if v}
+            self._data = load_task(
+                d.task, data_dir=d.data_dir, max_train=d.max_train, max_eval=d.max_eval, seed=self.cfg.seed,
+                data_files=files or None, text_column=d.text_column, text_pair_column=d.text_pair_column,
+                label_column=d.label_column,
+            )
+        return self._data
+
+    @property
+    def task(self):
+        return self.data.task
+
+    def loader(self, split: str, tokenizer, *, train: bool, batch_size: int | None = None, limit: int | None = None):
+        from .data import make_dataloader, make_lm_dataloader
+
+        examples = self.data.splits[split]
+        if limit is not None:
+            examples = examples[:limit]
+        bs = batch_size or (self.cfg.train.batch_size if train else self.cfg.train.eval_batch_size)
+        if self.task.kind == "lm":
+            return make_lm_dataloader(examples, tokenizer, batch_size=bs, block_size=self.cfg.data.max_length,
+                                      shuffle=train, seed=self.cfg.seed)
+        return make_dataloader(examples, tokenizer, self.task, batch_size=bs, max_length=self.cfg.data.max_length,
+                               shuffle=train, seed=self.cfg.seed)
+
+    def test_splits(self) -> list[str]:
+        return [s for s in self.data.splits if s.startswith("test")]
+
+
+def _comparable(cfg: RunConfig) -> dict:
+    d = cfg.to_dict()
+    d.pop("bench", None)  # benchmark settings may change on resume
+    return d
+
+
+def _timed(run: Run, stage: str, fn: Callable[[], dict | None]) -> None:
+    if run.done(stage):
+        print(f"[{stage}] done earlier, skipped")
+        return
+    t0 = time.perf_counter()
+    info = fn() or {}
+    run.mark(stage, time.perf_counter() - t0, **info)
+    print(f"[{stage}] {time.perf_counter() - t0:.1f} s")
+
+
+def _load(run: Run, spec: str):
+    cfg = run.cfg.model
+    return models.load(spec, run.task, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+
+
+def _eval_fn(run: Run, tokenizer, split: str = "validation"):
+    loader = run.loader(split, tokenizer, train=False)
+    return lambda model: evaluate(model, run.task, loader, desc=f"eval {split}")
+
+
+# ---- stages -------------------------------------------------------------------------------------
+
+def stage_finetune(run: Run) -> dict:
+    """Fine-tune with SN + identity prior (or take the model as is with prune.train=false)."""
+    from . import spectral
+    from .gates import Gates
+    from .prior import IdentityPrior
+    from .surgery import save_pruned
+    from .train import train
+
+    cfg, p = run.cfg, run.cfg.prune
+    model, tok = _load(run, cfg.model.name)
+    info: dict = {}
+    if p.train and cfg.train.epochs > 0:
+        adapter = get_adapter(model, per_query_head=cfg.model.per_query_head)
+        if p.sn:
+            info["sn_matrices"] = spectral.attach(model, adapter, p.sn_bound)
+        gates = prior = None
+        if p.prior and p.prior_lambda > 0:
+            gates = Gates(model, adapter).attach()
+            prior = IdentityPrior(model, adapter, gates, parse_kinds(p.kinds), lam=p.prior_lambda,
+                                  weight=p.prior_weight, warmup=p.prior_warmup)
+        metric = main_metric(run.task)
+        result = train(model, run.loader("train", tok, train=True), cfg.train, seed=cfg.seed,
+                       eval_fn=_eval_fn(run, tok) if cfg.train.eval_each_epoch else None, main_metric=metric,
+                       higher_is_better=greater_is_better(metric), extra_loss=prior,
+                       ckpt_dir=run.path("ckpt_finetune"), resume=run.resume, desc="finetune",
+                       log_path=run.path("train_log.jsonl"))
+        if prior is not None:
+            prior.detach()
+        if gates is not None:
+            gates.detach()
+        spectral.fold(model)
+        info.update(history=result.history, best_epoch=result.best_epoch, steps=result.steps)
+    save_pruned(model, tok, run.path("finetuned"))
+    shutil.rmtree(run.path("ckpt_finetune"), ignore_errors=True)
+    return info
+
+
+def finetuned_spec(run: Run) -> str:
+    return str(run.path("finetuned"))
+
+
+def calibration_batches(run: Run, tokenizer) -> list[dict]:
+    """The first `calib_size` training examples (the split is already seeded-shuffled)."""
+    n = run.cfg.prune.calib_size
+    if run.task.kind == "lm":
+        loader = run.loader("train", tokenizer, train=False)
+        return [b for _, b in zip(range(max(1, math.ceil(n / loader.batch_size))), loader, strict=False)]
+    return list(run.loader("train", tokenizer, train=False, limit=n))
+
+
+def stage_score(run: Run) -> dict:
+    from .scoring import score, scores_to_json
+
+    model, tok = _load(run, finetuned_spec(run))
+    adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
+    scores = score(model, calibration_batches(run, tok), adapter=adapter,
+                   relative=run.cfg.prune.score == "relative")
+    io.write_json(run.path("scores.json"), {"score": run.cfg.prune.score, "norms": scores_to_json(scores)})
+    return {"units": len(scores)}
+
+
+def stage_select(run: Run) -> dict:
+    from .scoring import scores_from_json
+    from .selection import select
+
+    p = run.cfg.prune
+    model, tok = _load(run, finetuned_spec(run))
+    adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
+    kinds = parse_kinds(p.kinds)
+    if p.method == "snip":
+        scores = scores_from_json(io.read_json(run.path("scores.json"))["norms"])
+        plan = select(scores, adapter, target=None if p.tau is not None else p.target, tau=p.tau,
+                      measure=p.measure, seq_len=p.flops_seq_len, mode=p.selection, kinds=kinds,
+                      head_share=p.head_share)
+    else:
+        from .baselines import get_method
+
+        method = get_method(p.method)
+        plan = method.plan(model, adapter, calibration_batches(run, tok), target=p.target, measure=p.measure,
+                           seq_len=p.flops_seq_len, kinds=kinds, seed=run.cfg.seed)
+    plan.save(run.path("plan.json"))
+    for w in plan.warnings:
+        print(f"warning: {w}")
+    return {"removed": plan.counts(), "removed_fraction": plan.measures["removed_fraction"]}
+
+
+def stage_surgery(run: Run) -> dict:
+    from .surgery import apply_plan, save_pruned
+
+    plan = PruningPlan.load(run.path("plan.json"))
+    model, tok = _load(run, finetuned_spec(run))
+    adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
+    apply_plan(model, plan.units, adapter)
+    save_pruned(model, tok, run.path("surgery"), plan=plan.to_dict())
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
+def stage_recover(run: Run) -> dict:
+    from .surgery import save_pruned
+    from .train import train
+
+    cfg, p = run.cfg, run.cfg.prune
+    model, tok = _load(run, str(run.path("surgery")))
+    info: dict = {}
+    if p.recover_epochs > 0:
+        teacher = _load(run, finetuned_spec(run))[0] if p.distill else None
+        tcfg = dataclasses.replace(cfg.recover, epochs=p.recover_epochs)
+        metric = main_metric(run.task)
+        result = train(model, run.loader("train", tok, train=True), tcfg, seed=cfg.seed + 1,
+                       eval_fn=_eval_fn(run, tok) if tcfg.eval_each_epoch else None, main_metric=metric,
+                       higher_is_better=greater_is_better(metric), teacher=teacher, distill_alpha=p.distill_alpha,
+                       distill_temperature=p.distill_temperature, ckpt_dir=run.path("ckpt_recover"),
+                       resume=run.resume, desc="recover", log_path=run.path("recover_log.jsonl"))
+        info.update(history=result.history, best_epoch=result.best_epoch, steps=result.steps)
+    plan = io.read_json(run.path("plan.json"))
+    save_pruned(model, tok, run.path("pruned"), plan=plan)
+    shutil.rmtree(run.path("ckpt_recover"), ignore_errors=True)
+    return info
+
+
+def compression(dense, pruned, seq_len: int) -> dict:
+    """Every measure, measured on the two real models (not predicted from the plan)."""
+    da, pa = get_adapter(dense), get_adapter(pruned)
+    dc, pc = model_cost(da), model_cost(pa)
+    rows = {
+        "encoder_params": (da.layer_params(), pa.layer_params()),
+        "linear_params": (dc.linear, pc.linear),
+        "flops": (dc.flops(seq_len), pc.flops(seq_len)),
+        "total_params": (sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in pruned.parameters())),
+    }
+    return {k: {"dense": a, "pruned": b, "removed_fraction": 1 - b / a if a else 0.0} for k, (a, b) in rows.items()} | {"seq_len": seq_len}
+
+
+def stage_evaluate(run: Run) -> dict:
+    dense, tok = _load(run, finetuned_spec(run))
+    surg = _load(run, str(run.path("surgery")))[0]
+    pruned = _load(run, str(run.path("pruned")))[0]
+    out = {"task": run.task.name, "main_metric": main_metric(run.task), "model": run.cfg.model.name,
+           "method": run.cfg.prune.method, "target": run.cfg.prune.target, "measure": run.cfg.prune.measure,
+           "seed": run.cfg.seed, "sizes": run.data.sizes(), "dense": {}, "pruned_no_recovery": {}, "pruned": {}}
+    for split in ["validation", *run.test_splits()]:
+        loader = run.loader(split, tok, train=False)
+        out["dense"][split] = evaluate(dense, run.task, loader, desc=f"dense {split}")
+        out["pruned_no_recovery"][split] = evaluate(surg, run.task, loader, desc=f"no-recovery {split}")
+        out["pruned"][split] = evaluate(pruned, run.task, loader, desc=f"pruned {split}")
+    out["compression"] = compression(dense, pruned, run.cfg.prune.flops_seq_len)
+    out["plan"] = io.read_json(run.path("plan.json"))["counts"]
+    io.write_json(run.path("metrics.json"), out)
+    m = out["main_metric"]
+    for split in run.test_splits():
+        print(f"{split} {m}: dense {out['dense'][split][m]:.4f}  pruned {out['pruned'][split][m]:.4f}"
+              f"  (no recovery {out['pruned_no_recovery'][split][m]:.4f})")
+    for k in ("encoder_params", "linear_params", "flops", "total_params"):
+        c = out["compression"][k]
+        print(f"{k}: {c['dense']:,} -> {c['pruned']:,} ({c['removed_fraction']:.1%} removed)")
+    return {}
+
+
+def stage_bench(run: Run) -> dict:
+    b = run.cfg.bench
+    if not b.enabled:
+        return {"skipped": "bench.enabled is false"}
+    try:
+        from .bench import benchmark, format_bench_markdown
+    except ImportError as e:
+        return {"skipped": f"benchmark unavailable: {e}"}
+    dense = _load(run, finetuned_spec(run))[0]
+    pruned = _load(run, str(run.path("pruned")))[0]
+    result = benchmark({"dense": dense, "pruned": pruned}, batch_sizes=b.batch_sizes, seq_lens=b.seq_lens,
+                       threads=b.threads, repeats=b.repeats, warmup=b.warmup, onnx=b.onnx, workdir=run.path("bench_tmp"))
+    shutil.rmtree(run.path("bench_tmp"), ignore_errors=True)
+    io.write_json(run.path("bench.json"), result)
+    io.write_text(run.path("bench.md"), format_bench_markdown(result))
+    print(format_bench_markdown(result))
+    return {}
+
+
+def stage_report(run: Run) -> dict:
+    from .report import write_run_report
+
+    path = write_run_report(run.out)
+    return {"report": str(path)}
+
+
+def prune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
+    """Run every stage of `idprior prune`; returns the output folder."""
+    torch.manual_seed(cfg.seed)
+    run = Run(cfg, resume=resume, overwrite=overwrite)
+    _ = run.data  # load and check the data before any heavy work
+    if cfg.prune.iterative > 1:
+        return _prune_iterative(run)
+    for stage, fn in [("finetune", stage_finetune), ("score", stage_score), ("select", stage_select),
+                      ("surgery", stage_surgery), ("recover", stage_recover), ("evaluate", stage_evaluate),
+                      ("bench", stage_bench), ("report", stage_report)]:
+        if stage == "score" and cfg.prune.method != "snip":
+            continue
+        _timed(run, stage, lambda fn=fn: fn(run))
+    return run.out
+
+
+def _prune_iterative(run: Run) -> Path:
+    """K rounds of score -> select -> surgery -> recover, each removing an equal share of the original measure."""
+    cfg = run.cfg
+    k_rounds = cfg.prune.iterative
+    _timed(run, "finetune", lambda: stage_finetune(run))
+    base = run.out
+    dense = _load(run, finetuned_spec(run))[0]
+    total = _measure_total(dense, cfg)
+    previous = str(run.path("finetuned"))
+    for r in range(1, k_rounds + 1):
+        cum = cfg.prune.target * r / k_rounds
+        current = _measure_total(_load(run, previous)[0], cfg)
+        frac = 1 - (1 - cum) * total / current  # of what is left now
+        rcfg = dataclasses.replace(cfg, out=str(base / f"round{r}"),
+                                   prune=dataclasses.replace(cfg.prune, target=max(1e-6, min(frac, 0.999)), iterative=1))
+        sub = Run.__new__(Run)
+        sub.__dict__.update(run.__dict__)
+        sub.cfg, sub.out = rcfg, base / f"round{r}"
+        sub.out.mkdir(parents=True, exist_ok=True)
+        (sub.out / "finetuned").exists() or shutil.copytree(previous, sub.out / "finetuned")
+        for stage, fn in [("score", stage_score), ("select", stage_select), ("surgery", stage_surgery), ("recover", stage_recover)]:
+            if stage == "score" and cfg.prune.method != "snip":
+                continue
+            _timed(run, f"{stage}@{r}", lambda fn=fn, sub=sub: fn(sub))
+        previous = str(sub.out / "pruned")
+    for name in ("pruned", "surgery"):
+        if not run.done("assemble"):
+            shutil.rmtree(run.path(name), ignore_errors=True)
+            shutil.copytree(base / f"round{k_rounds}" / name, run.path(name))
+    plans = [io.read_json(base / f"round{r}" / "plan.json") for r in range(1, k_rounds + 1)]
+    io.write_json(run.path("plan.json"), {"rounds": plans, "counts": _sum_counts(plans), "units": []})
+    run.mark("assemble", 0.0)
+    for stage, fn in [("evaluate", stage_evaluate), ("bench", stage_bench), ("report", stage_report)]:
+        _timed(run, stage, lambda fn=fn: fn(run))
+    return run.out
+
+
+def _measure_total(model, cfg: RunConfig) -> float:
+    a = get_adapter(model)
+    c = model_cost(a)
+    return {"encoder_params": a.layer_params(), "linear_params": c.linear, "flops": c.flops(cfg.prune.flops_seq_len)}[cfg.prune.measure]
+
+
+def _sum_counts(plans: list[dict]) -> dict:
+    out: dict[str, int] = {}
+    for p in plans:
+        for k, v in p.get("counts", {}).items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """`idprior finetune`: plain fine-tuning (no SN, no prior) and test metrics -> out/metrics.json."""
+    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, sn=False, prior=False, train=True))
+    run = Run(cfg, resume=resume, overwrite=overwrite)
+    _ = run.data
+    _timed(run, "finetune", lambda: stage_finetune(run))
+    model, tok = _load(run, finetuned_spec(run))
+    metrics = {"task": run.task.name, "model": cfg.model.name, "seed": cfg.seed, "sizes": run.data.sizes()}
+    for split in ["validation", *run.test_splits()]:
+        metrics[split] = evaluate(model, run.task, run.loader(split, tok, train=False), desc=f"eval {split}")
+    metrics["stages"] = run.status["stages"]
+    io.write_json(run.path("metrics.json"), metrics)
+    return metrics

@@ -1,0 +1,130 @@
+"""The per-run report: report.md with accuracy, compression by every measure, speed, stage times
+and plots (kept structure per layer, function-norm distributions, stage wall times)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from . import io
+
+METHOD_NOTE = ("SNIP (spectral-normalized identity prior), reconstructed from the abstract of Lin et al., "
+               "Findings of EMNLP 2020; the method details are idprior's own design, not the paper's.")
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    io.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+
+
+def plot_structure(plan: dict, path: Path) -> Path:
+    """Heatmap-style bars: kept head units and FFN width per layer, as fractions of the original."""
+    plt = _plt()
+    rows = plan["structure"]
+    layers = [r["layer"] for r in rows]
+    heads = [r["head_units"] / r["head_units_before"] if r["head_units_before"] else 0 for r in rows]
+    ffn = [r["ffn"] / r["ffn_before"] if r["ffn_before"] else 0 for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 1.2 + 0.25 * len(layers)))
+    ax.imshow([[h, f] for h, f in zip(heads, ffn)], aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    for i, r in enumerate(rows):
+        ax.text(0, i, f"{r['head_units']}/{r['head_units_before']}", ha="center", va="center", color="w", fontsize=8)
+        ax.text(1, i, f"{r['ffn']}/{r['ffn_before']}", ha="center", va="center", color="w", fontsize=8)
+    ax.set_xticks([0, 1], ["head units kept", "FFN neurons kept"])
+    ax.set_yticks(range(len(layers)), [f"layer {x}" for x in layers])
+    ax.set_title("kept structure per layer")
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_norms(norms: dict[str, float], path: Path, removed: set[str] | None = None) -> Path:
+    """Histogram of log10 function norms per unit kind (removed units hatched)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    for ax, kind in zip(axes, ("head", "neuron")):
+        vals = [math.log10(max(v, 1e-12)) for k, v in norms.items() if k.startswith(kind + ":")]
+        gone = [math.log10(max(v, 1e-12)) for k, v in norms.items() if k.startswith(kind + ":") and removed and k in removed]
+        if vals:
+            ax.hist(vals, bins=40, color="tab:blue", alpha=0.7, label="all")
+        if gone:
+            ax.hist(gone, bins=40, color="tab:red", alpha=0.6, label="removed")
+        ax.set_title(f"{kind} function norms")
+        ax.set_xlabel("log10 ||f_u||")
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def plot_stage_times(stages: dict, path: Path) -> Path:
+    plt = _plt()
+    names = [k for k in stages if k != "report"]
+    secs = [stages[k].get("wall_s", 0) for k in names]
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * len(names)))
+    ax.barh(names, secs, color="tab:gray")
+    ax.invert_yaxis()
+    ax.set_xlabel("wall time (s)")
+    ax.set_title("stage wall times")
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def write_run_report(out: str | Path) -> Path:
+    """report.md (and plots) from the artefacts in a run folder."""
+    out = Path(out)
+    metrics = io.read_json(out / "metrics.json") if (out / "metrics.json").is_file() else {}
+    plan = io.read_json(out / "plan.json") if (out / "plan.json").is_file() else {}
+    stages = io.read_json(out / "stages.json")["stages"] if (out / "stages.json").is_file() else {}
+    bench_md = (out / "bench.md").read_text(encoding="utf-8") if (out / "bench.md").is_file() else None
+    lines = [f"# idprior run: {out.name}", "", METHOD_NOTE, ""]
+    if metrics:
+        m = metrics["main_metric"]
+        lines += [f"Model `{metrics['model']}`, task `{metrics['task']}`, method `{metrics['method']}`, target "
+                  f"{metrics['target']:.0%} of {metrics['measure']}, seed {metrics['seed']}. "
+                  f"Split sizes: {metrics['sizes']}.", "", "## Quality", "",
+                  f"| split | dense {m} | pruned, no recovery | pruned |", "|---|---|---|---|"]
+        for split, d in metrics["dense"].items():
+            lines.append(f"| {split} | {_fmt(d[m])} | {_fmt(metrics['pruned_no_recovery'][split][m])} | {_fmt(metrics['pruned'][split][m])} |")
+        c = metrics["compression"]
+        lines += ["", f"## Compression (FLOPs at sequence length {c['seq_len']})", "",
+                  "| measure | dense | pruned | removed |", "|---|---|---|---|"]
+        for k in ("encoder_params", "linear_params", "flops", "total_params"):
+            lines.append(f"| {k} | {_fmt(c[k]['dense'])} | {_fmt(c[k]['pruned'])} | {c[k]['removed_fraction']:.1%} |")
+        lines += ["", f"Units removed: {metrics.get('plan')}"]
+    if plan.get("warnings"):
+        lines += ["", "Warnings: " + "; ".join(plan["warnings"])]
+    if bench_md:
+        lines += ["", "## Speed", "", bench_md.strip()]
+    if stages:
+        lines += ["", "## Stage wall times", "", "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v.get('wall_s', 0):.1f} |" for k, v in stages.items()]
+    plots = []
+    if plan.get("structure"):
+        plots.append(("Kept structure", plot_structure(plan, out / "structure.png")))
+    if (out / "scores.json").is_file():
+        norms = io.read_json(out / "scores.json")["norms"]
+        plots.append(("Function norms", plot_norms(norms, out / "norms.png", set(plan.get("units", [])))))
+    if stages:
+        plots.append(("Stage wall times", plot_stage_times(stages, out / "stages.png")))
+    if plots:
+        lines += ["", "## Plots", ""] + [f"![{t}]({p.name})" for t, p in plots]
+    path = out / "report.md"
+    io.write_text(path, "\n".join(lines) + "\n")
+    return path

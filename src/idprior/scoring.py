@@ -1,0 +1,191 @@
+"""Function norms of every prunable branch, from one pass over calibration data.
+
+    ||f_u|| = sqrt( mean over real (non-padding) tokens of ||f_u(x)||^2 )
+
+Heads come from the per-head context before the output projection: f_h(x) = ctx_h W_O[:, h],
+so ||f_h||^2 = ctx_h^T (W_O[:, h]^T W_O[:, h]) ctx_h, computed with the small per-head Gram
+matrix instead of materializing every head's output. A GQA head unit (one KV group) is the sum
+of its query heads, so its Gram matrix spans all of the group's columns. Neurons:
+||f_j||^2 = a_j^2 ||W2[:, j]||^2. Whole sub-layers: the norm of the branch output (bias included).
+
+`BranchNorms` is a gate observer (see `gates.Gates.observers`) shared by scoring (no grad,
+accumulated over batches) and the identity prior (differentiable, one batch at a time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .arch import get_adapter
+from .arch.base import Adapter
+from .gates import Gates
+from .units import Unit
+
+
+class BranchNorms:
+    """Per-unit sums over real tokens of squared branch norms, filled in by the gate hooks.
+
+    `sums[(kind, layer)]` is a [n_units] tensor ("head", "neuron") or a [1] tensor ("attn",
+    "ffn"); `tokens` counts real tokens; `input_sq[layer]` sums ||layer input||^2 (for
+    `--score relative`). `differentiable=True` keeps the graph (identity prior) and restarts the
+    sums at every training forward; otherwise they accumulate in float64 without grad.
+    """
+
+    def __init__(self, model: nn.Module, gates: Gates, adapter: Adapter, kinds: Iterable[str] = ("head", "neuron", "attn", "ffn"),
+                 differentiable: bool = False):
+        self.model, self.gates, self.adapter = model, gates, adapter
+        self.kinds = set(kinds)
+        self.differentiable = differentiable
+        self.sums: dict[tuple[str, int], torch.Tensor] = {}
+        self.input_sq: dict[int, torch.Tensor] = {}
+        self.tokens = 0
+        self.active = True
+        self._handles: list = []
+        self._perm_cache: dict[int, tuple[torch.Tensor, int]] = {}
+
+    # ---- wiring ---------------------------------------------------------------------------------
+    def attach(self) -> BranchNorms:
+        self.gates.observers.append(self)
+        self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
+        for i, layer in enumerate(self.adapter.layers()):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_input(i), with_kwargs=True))
+        return self
+
+    def detach(self) -> None:
+        if self in self.gates.observers:
+            self.gates.observers.remove(self)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.input_sq.clear()
+        self.tokens = 0
+
+    def _on_forward(self, module, args, kwargs):
+        """Top-level pre-hook: remember which tokens are real and count them."""
+        if self.differentiable:
+            self.active = module.training
+            if self.active:
+                self.reset()
+        if not self.active:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            ref = ids if ids is not None else kwargs.get("inputs_embeds")
+            mask = torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device)
+        self.gates.token_mask = mask.bool()
+        self.tokens += int(mask.sum())
+
+    def _layer_input(self, layer: int):
+        def hook(module, args, kwargs):
+            if not self.active or self.differentiable:
+                return
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            if x is None:
+                return
+            sq = (x.detach().float() ** 2).sum(-1)  # [B, T]
+            self._add(self.input_sq, layer, self._masked_sum(sq[..., None])[0])
+
+        return hook
+
+    # ---- accumulation ---------------------------------------------------------------------------
+    def _masked_sum(self, sq: torch.Tensor) -> torch.Tensor:
+        """[B, T, N] -> [N], summed over real tokens."""
+        mask = self.gates.token_mask
+        if mask is None or mask.shape != sq.shape[:2]:
+            return sq.sum(dim=(0, 1))
+        return torch.einsum("btn,bt->n", sq, mask.to(sq.dtype))
+
+    def _add(self, store: dict, key, value: torch.Tensor) -> None:
+        if not self.differentiable:
+            value = value.detach().double()
+        store[key] = store[key] + value if key in store else value
+
+    def _unit_layout(self, layer: int, n_heads: int) -> tuple[torch.Tensor, int]:
+        """Permutation that puts each head unit's query heads side by side, and the unit count."""
+        if layer not in self._perm_cache or self._perm_cache[layer][0].numel() != n_heads:
+            owner = self.adapter.head_unit_of_query_heads(layer)
+            self._perm_cache[layer] = (torch.argsort(owner, stable=True), int(owner.max()) + 1)
+        return self._perm_cache[layer]
+
+    def __call__(self, layer: int, site: str, x: torch.Tensor, module: nn.Module) -> None:
+        if not self.active:
+            return
+        if not self.differentiable:
+            x = x.detach()
+        if site == "heads" and "head" in self.kinds:
+            w = self.adapter.out_weight(module)  # [D, H*dh]
+            d_out = w.shape[0]
+            dh = self.adapter.head_dim
+            n_heads = x.shape[-1] // dh
+            perm, n_units = self._unit_layout(layer, n_heads)
+            perm = perm.to(x.device)
+            b, t = x.shape[:2]
+            ctx = x.view(b, t, n_heads, dh)[:, :, perm].reshape(b, t, n_units, -1)  # [B, T, U, k*dh]
+            wu = w.view(d_out, n_heads, dh)[:, perm].reshape(d_out, n_units, -1)  # [D, U, k*dh]
+            gram = torch.einsum("dui,duj->uij", wu.float(), wu.float())  # [U, k*dh, k*dh]
+            sq = torch.einsum("btui,uij,btuj->btu", ctx.float(), gram, ctx.float()).clamp(min=0)  # [B, T, U]
+            self._add(self.sums, ("head", layer), self._masked_sum(sq))
+        elif site == "neurons" and "neuron" in self.kinds:
+            w = self.adapter.out_weight(module)  # [D, F]
+            col_sq = (w.float() ** 2).sum(0)  # [F]
+            act_sq = self._masked_sum(x.float() ** 2)  # [F]
+            self._add(self.sums, ("neuron", layer), act_sq * col_sq)
+        elif site in ("attn", "ffn") and site in self.kinds:
+            sq = (x.float() ** 2).sum(-1, keepdim=True)  # [B, T, 1]
+            self._add(self.sums, (site, layer), self._masked_sum(sq))
+
+    # ---- results --------------------------------------------------------------------------------
+    def norms(self, eps: float = 0.0) -> dict[tuple[str, int], torch.Tensor]:
+        """sqrt(mean over tokens) for every (kind, layer) seen."""
+        n = max(1, self.tokens)
+        return {k: torch.sqrt(v / n + eps) for k, v in self.sums.items()}
+
+
+@torch.no_grad()
+def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = ("head", "neuron", "attn", "ffn"),
+          adapter: Adapter | None = None, relative: bool = False, desc: str = "score") -> dict[Unit, float]:
+    """Function norm of every unit of `kinds`, in eval mode, in one pass over `batches`.
+
+    With `relative=True` each norm is divided by the RMS norm of its layer's input, so that
+    layers with larger residual streams (pre-LN decoders) are not favoured.
+    """
+    adapter = adapter or get_adapter(model)
+    kinds = tuple(kinds)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    with Gates(model, adapter) as gates:
+        rec = BranchNorms(model, gates, adapter, kinds).attach()
+        try:
+            for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True):
+                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+        finally:
+            rec.detach()
+    model.train(was_training)
+    out: dict[Unit, float] = {}
+    for (kind, layer), value in sorted(rec.norms().items()):
+        if relative:
+            rms_in = float(torch.sqrt(rec.input_sq[layer] / max(1, rec.tokens)))
+            value = value / max(rms_in, 1e-12)
+        if kind in ("attn", "ffn"):
+            out[Unit(kind, layer)] = float(value[0])
+        else:
+            for i, v in enumerate(value.tolist()):
+                out[Unit(kind, layer, i)] = float(v)
+    return out
+
+
+def scores_to_json(scores: dict[Unit, float]) -> dict[str, float]:
+    return {str(u): v for u, v in sorted(scores.items(), key=lambda kv: kv[0].sort_key())}
+
+
+def scores_from_json(data: dict[str, float]) -> dict[Unit, float]:
+    return {Unit.parse(k): float(v) for k, v in data.items()}

@@ -1,0 +1,184 @@
+"""Thresholding to a target: rank units, remove the lowest until the target is reached.
+
+Modes (how units of different kinds are compared; the open design question of DESIGN.md §1):
+  norm             raw function norm, one global ranking;
+  norm-per-cost    norm divided by the unit's cost in the chosen measure;
+  energy-per-cost  squared norm divided by cost;
+  relative         norm divided by its sub-layer's output norm (needs attn/ffn scores);
+  share            per-kind rankings, `head_share` of the budget taken from heads, the rest from
+                   the other kinds.
+The threshold tau is the key of the last unit removed: every unit with a smaller key is removed,
+and the target is overshot by at most that one unit. Collapse: the last head of a layer takes the
+whole attention sub-layer with it, the last neuron the whole FFN. Ties break by (layer, kind,
+index). No plan removes every attention sub-layer or every FFN sub-layer of the model: such a
+unit is skipped and the plan says so in `warnings`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from .arch.base import Adapter
+from .errors import IdpriorError
+from .plan import PruningPlan, measure_of, measures, model_cost, normalize, structure_after, sublayer_cost
+from .units import Cost, Unit
+
+
+def _key_fn(mode: str, scores: dict[Unit, float], cost_of):
+    if mode == "norm" or mode == "share":
+        return lambda u: scores[u]
+    if mode == "norm-per-cost":
+        return lambda u: scores[u] / max(cost_of(u), 1e-30)
+    if mode == "energy-per-cost":
+        return lambda u: scores[u] ** 2 / max(cost_of(u), 1e-30)
+    if mode == "relative":
+        def rel(u: Unit) -> float:
+            ref_kind = "attn" if u.kind in ("head", "attn") else "ffn"
+            ref = scores.get(Unit(ref_kind, u.layer))
+            if ref is None:
+                raise IdpriorError("selection 'relative' needs the sub-layer scores (attn:L, ffn:L) in scores.json; rescore")
+            return scores[u] / max(ref, 1e-30)
+        return rel
+    raise IdpriorError(f"unknown selection mode {mode!r}")
+
+
+class _State:
+    """Which units are gone so far, with the collapse and protection rules."""
+
+    def __init__(self, adapter: Adapter, measure: str, seq_len: int):
+        self.adapter, self.measure, self.seq_len = adapter, measure, seq_len
+        n = adapter.num_layers
+        self.heads_left = [adapter.num_head_units(i) if adapter.shape(i).has_attn else 0 for i in range(n)]
+        self.neurons_left = [adapter.shape(i).ffn_dim for i in range(n)]
+        self.removed: list[Unit] = []
+        self.amount = 0.0
+        self.warnings: list[str] = []
+
+    def _m(self, cost) -> float:
+        return measure_of(cost, self.measure, self.seq_len)
+
+    def gain(self, u: Unit) -> float | None:
+        """Measure removed by taking `u` now; None if it is already gone or protected."""
+        a = self.adapter
+        if u.kind in ("head", "attn"):
+            if self.heads_left[u.layer] == 0:
+                return None
+            collapse = u.kind == "attn" or self.heads_left[u.layer] == 1
+            if collapse and sum(1 for h in self.heads_left if h > 0) == 1:
+                return None  # would remove the model's last attention sub-layer
+            if u.kind == "attn":
+                return self._m(a.unit_cost("head", u.layer).scale(self.heads_left[u.layer]) + a.unit_cost("attn", u.layer))
+            return self._m(a.unit_cost("head", u.layer) + (a.unit_cost("attn", u.layer) if collapse else Cost()))
+        if self.neurons_left[u.layer] == 0:
+            return None
+        collapse = u.kind == "ffn" or self.neurons_left[u.layer] == 1
+        if collapse and sum(1 for f in self.neurons_left if f > 0) == 1:
+            return None  # would remove the model's last FFN sub-layer
+        if u.kind == "ffn":
+            return self._m(a.unit_cost("neuron", u.layer).scale(self.neurons_left[u.layer]) + a.unit_cost("ffn", u.layer))
+        return self._m(a.unit_cost("neuron", u.layer) + (a.unit_cost("ffn", u.layer) if collapse else Cost()))
+
+    def take(self, u: Unit, gain: float) -> None:
+        self.removed.append(u)
+        self.amount += gain
+        if u.kind == "head":
+            self.heads_left[u.layer] -= 1
+        elif u.kind == "attn":
+            self.heads_left[u.layer] = 0
+        elif u.kind == "neuron":
+            self.neurons_left[u.layer] -= 1
+        else:
+            self.neurons_left[u.layer] = 0
+
+
+def select(
+    scores: dict[Unit, float],
+    adapter: Adapter,
+    *,
+    target: float | None = None,
+    tau: float | None = None,
+    measure: str = "encoder_params",
+    seq_len: int = 128,
+    mode: str = "norm",
+    kinds: Iterable[str] = ("head", "neuron"),
+    head_share: float | None = None,
+    total_params: int | None = None,
+    method: str = "snip",
+) -> PruningPlan:
+    """Choose the units to remove so that at least `target` of `measure` goes (or all below `tau`)."""
+    if (target is None) == (tau is None):
+        raise IdpriorError("give exactly one of target (a fraction to remove) or tau (a raw threshold)")
+    if target is not None and not 0 <= target < 1:
+        raise IdpriorError(f"target must be in [0, 1), got {target}; it is the fraction of {measure} to remove")
+    kinds = tuple(kinds)
+    present = {Unit("attn", i) for i in range(adapter.num_layers) if adapter.shape(i).has_attn}
+    present |= {Unit("ffn", i) for i in range(adapter.num_layers) if adapter.shape(i).has_ffn}
+    cands = [u for u in scores if u.kind in kinds and (u.kind in ("attn", "ffn") and u in present
+             or u.kind == "head" and Unit("attn", u.layer) in present and u.index < adapter.num_head_units(u.layer)
+             or u.kind == "neuron" and Unit("ffn", u.layer) in present and u.index < adapter.shape(u.layer).ffn_dim)]
+    if not cands:
+        raise IdpriorError(f"no scored units of kinds {','.join(kinds)} in this model; check --kinds")
+
+    def cost_of(u: Unit) -> float:
+        if u.kind in ("attn", "ffn"):
+            return measure_of(sublayer_cost(adapter, u.kind, u.layer), measure, seq_len)
+        return measure_of(adapter.unit_cost(u.kind, u.layer), measure, seq_len)
+
+    key = _key_fn(mode, scores, cost_of)
+    order = sorted(cands, key=lambda u: (key(u), *u.sort_key()))
+    total = measure_of(model_cost(adapter), measure, seq_len) if measure != "encoder_params" else float(adapter.layer_params())
+    state = _State(adapter, measure, seq_len)
+    last_key = None
+    if tau is not None:
+        for u in order:
+            if key(u) >= tau:
+                break
+            g = state.gain(u)
+            if g is not None:
+                state.take(u, g)
+        last_key = tau
+    elif target > 0:
+        budget = target * total
+        if mode == "share":
+            if head_share is None:
+                raise IdpriorError("selection 'share' needs head_share (the fraction of the budget taken from heads)")
+            heads = [u for u in order if u.kind in ("head", "attn")]
+            others = [u for u in order if u.kind not in ("head", "attn")]
+            last_key = _greedy(state, heads, key, head_share * budget)
+            last_key = _greedy(state, others, key, budget) or last_key
+            if state.amount < budget:  # a pool ran dry: finish from everything left
+                last_key = _greedy(state, order, key, budget) or last_key
+        else:
+            last_key = _greedy(state, order, key, budget)
+        if state.amount < budget:
+            raise IdpriorError(
+                f"target {target:.0%} of {measure} is out of reach with kinds {','.join(kinds)} "
+                f"(at most {state.amount / total:.1%} can go without removing every attention or FFN sub-layer); "
+                "lower --target or add kinds"
+            )
+    skipped = [u for u in order[: len(state.removed) + 1] if u not in state.removed and state.gain(u) is None]
+    if any(u.kind in ("head", "attn") for u in skipped):
+        state.warnings.append("kept the model's last attention sub-layer (a plan may not remove all attention)")
+    if any(u.kind in ("neuron", "ffn") for u in skipped):
+        state.warnings.append("kept the model's last FFN sub-layer (a plan may not remove every FFN)")
+    units = normalize(adapter, state.removed)
+    total_params = total_params if total_params is not None else sum(p.numel() for p in adapter.model.parameters())
+    return PruningPlan(
+        units=units, method=method, selection=mode, target=target, measure=measure, tau=last_key,
+        measures=measures(adapter, units, seq_len, total_params), structure=structure_after(adapter, units),
+        warnings=state.warnings,
+    )
+
+
+def _greedy(state: _State, order: list[Unit], key, budget: float) -> float | None:
+    last = None
+    for u in order:
+        if state.amount >= budget:
+            break
+        g = state.gain(u)
+        if g is None:
+            continue
+        state.take(u, g)
+        last = key(u)
+    return last
+

@@ -1,0 +1,290 @@
+"""Physical removal of units, and saving / loading the pruned model as a normal HF folder.
+
+A plan is a set of units removed from the model *as it is now* (indices refer to its current
+heads / neurons). A layer that loses every head unit loses its attention sub-layer; one that loses
+every neuron loses its FFN (the collapse rule), so no zero-width Linear ever exists.
+
+Saved folder = `config.json` (with `idprior_layers`, the per-layer shapes) + `model.safetensors`
+(+ tokenizer, + `plan.json`). `load_pruned` rebuilds the full-size architecture from the config,
+reshapes it to `idprior_layers` and loads the weights strictly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .arch import STRUCTURE_KEY, Adapter, LayerShape, get_adapter
+from .errors import IdpriorError
+from .io import atomic_dir, read_json, write_json
+from .units import Cost, Unit
+
+ATTN_IMPL_KEY = "idprior_attn_implementation"  # config attribute: attention kernel the model was saved with
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model")
+
+
+# ---- plans ----------------------------------------------------------------------------------------
+@dataclass
+class _LayerPlan:
+    attn: bool = False  # whole attention sub-layer goes (explicitly or by collapse)
+    ffn: bool = False
+    heads: set[int] = field(default_factory=set)
+    neurons: set[int] = field(default_factory=set)
+
+
+def _as_unit(unit: Unit | str) -> Unit:
+    return Unit.parse(unit) if isinstance(unit, str) else unit
+
+
+def _layer_plans(adapter: Adapter, removed_units: Iterable[Unit | str]) -> dict[int, _LayerPlan]:
+    """Validate the units against the current model and group them per layer, applying the collapse rule."""
+    plans: dict[int, _LayerPlan] = {}
+    for unit in map(_as_unit, removed_units):
+        if not 0 <= unit.layer < adapter.num_layers:
+            raise IdpriorError(f"unit {unit}: layer {unit.layer} does not exist; the model has {adapter.num_layers} layers")
+        plan = plans.setdefault(unit.layer, _LayerPlan())
+        if unit.kind in ("attn", "ffn"):
+            setattr(plan, unit.kind, True)
+            continue
+        count = adapter.num_head_units(unit.layer) if unit.kind == "head" else adapter.shape(unit.layer).ffn_dim
+        if not 0 <= unit.index < count:
+            raise IdpriorError(
+                f"unit {unit} does not exist: layer {unit.layer} now has {count} {unit.kind} units; "
+                "make the plan from the model you prune"
+            )
+        (plan.heads if unit.kind == "head" else plan.neurons).add(unit.index)
+    for layer, plan in plans.items():
+        if plan.heads and len(plan.heads) == adapter.num_head_units(layer):
+            plan.attn = True
+        if plan.neurons and len(plan.neurons) == adapter.shape(layer).ffn_dim:
+            plan.ffn = True
+    return plans
+
+
+def removed_cost(model: nn.Module, removed_units: Iterable[Unit | str], adapter: Adapter | None = None) -> Cost:
+    """Total cost (params, linear weights, query heads) that `apply_plan` would remove."""
+    adapter = adapter if adapter is not None else get_adapter(model)
+    total = Cost()
+    for layer, plan in _layer_plans(adapter, removed_units).items():
+        if plan.attn:
+            total += adapter.unit_cost("head", layer).scale(adapter.num_head_units(layer))
+            total += adapter.unit_cost("attn", layer)
+        else:
+            total += adapter.unit_cost("head", layer).scale(len(plan.heads))
+        if plan.ffn:
+            total += adapter.unit_cost("neuron", layer).scale(adapter.shape(layer).ffn_dim)
+            total += adapter.unit_cost("ffn", layer)
+        else:
+            total += adapter.unit_cost("neuron", layer).scale(len(plan.neurons))
+    return total
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the model, tied weights counted once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def predicted_params(model: nn.Module, removed_units: Iterable[Unit | str], adapter: Adapter | None = None) -> int:
+    """Number of parameters the model will have after `apply_plan(model, removed_units)`."""
+    return count_params(model) - removed_cost(model, removed_units, adapter).params
+
+
+def _refuse_parametrizations(model: nn.Module, action: str) -> None:
+    names = [name or "<model>" for name, module in model.named_modules() if parametrize.is_parametrized(module)]
+    if names:
+        raise RuntimeError(
+            f"cannot {action}: {len(names)} modules have parametrizations (e.g. {names[0]}); fold spectral "
+            "normalization first with torch.nn.utils.parametrize.remove_parametrizations(module, 'weight', "
+            "leave_parametrized=True)"
+        )
+
+
+def apply_plan(model: nn.Module, removed_units: Iterable[Unit | str], adapter: Adapter | None = None) -> nn.Module:
+    """Remove `removed_units` physically, in place; returns `model` with its config synced."""
+    _refuse_parametrizations(model, "prune")
+    adapter = adapter if adapter is not None else get_adapter(model)
+    plans = _layer_plans(adapter, removed_units)  # validates everything before the first change
+    for layer in sorted(plans):
+        plan = plans[layer]
+        if plan.attn:
+            adapter.remove_attn(layer)
+        elif plan.heads:
+            adapter.prune_heads(layer, sorted(set(range(adapter.num_head_units(layer))) - plan.heads))
+        if plan.ffn:
+            adapter.remove_ffn(layer)
+        elif plan.neurons:
+            adapter.prune_neurons(layer, sorted(set(range(adapter.shape(layer).ffn_dim)) - plan.neurons))
+    adapter.sync_config()
+    adapter.check_config()
+    return model
+
+
+# ---- saving and loading -----------------------------------------------------------------------------
+def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, plan: dict | None = None) -> Path:
+    """Write `model` (+ tokenizer, + plan.json) as a Hugging Face folder, atomically, safetensors only."""
+    _refuse_parametrizations(model, "save")
+    adapter = get_adapter(model)
+    adapter.sync_config()
+    setattr(model.config, ATTN_IMPL_KEY, getattr(model.config, "_attn_implementation", None))
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if plan is not None:
+            write_json(tmp / "plan.json", plan)
+    return out_dir
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if (path / WEIGHTS_NAME).is_file():
+        return load_file(path / WEIGHTS_NAME)
+    if (path / WEIGHTS_INDEX_NAME).is_file():
+        shards = sorted(set(read_json(path / WEIGHTS_INDEX_NAME)["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(path / shard))
+        return state
+    raise IdpriorError(
+        f"{path} has no {WEIGHTS_NAME}; point to a folder written by idprior.save_pruned (safetensors only)"
+    )
+
+
+def _saved_dtype(state: dict[str, torch.Tensor], config) -> torch.dtype:
+    """The dtype most of the saved floating-point weights have (config.dtype if there are none)."""
+    counts = Counter()
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] += tensor.numel()
+    if counts:
+        return counts.most_common(1)[0][0]
+    dtype = getattr(config, "dtype", None)
+    return getattr(torch, dtype) if isinstance(dtype, str) else (dtype or torch.float32)
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(resolved, torch.dtype):
+        raise IdpriorError(f"unknown dtype {dtype!r}; use e.g. float32, bfloat16 or float16")
+    return resolved
+
+
+def _model_class(config):
+    """The class named in config.architectures, looked up in transformers only; None -> AutoModel."""
+    import transformers
+
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+        return cls
+    return None
+
+
+def _no_init_weights():
+    """transformers' context that skips random init (the weights are loaded right after)."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # older 5.x releases
+        try:
+            from transformers.modeling_utils import no_init_weights
+        except ImportError:
+            return contextlib.nullcontext()
+    return no_init_weights()
+
+
+def _fill_tied_keys(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """save_pretrained stores tied weights once (e.g. no lm_head.weight); give both names the tensor."""
+    tied = model.get_expanded_tied_weights_keys(all_submodels=True) if hasattr(model, "get_expanded_tied_weights_keys") else {}
+    for target, source in tied.items():
+        if target not in state and source in state:
+            state[target] = state[source]
+        elif source not in state and target in state:
+            state[source] = state[target]
+
+
+def load_pruned(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    attn_implementation: str | None = None,
+) -> nn.Module:
+    """Load a folder written by `save_pruned` (or any local HF folder of a supported family).
+
+    The weights keep the dtype they were saved in unless `dtype` is given. The attention kernel is
+    the one recorded at save time (so logits are bit-identical) unless `attn_implementation` is given.
+    Never runs remote code: only classes from transformers itself are built.
+    """
+    import transformers
+
+    path = Path(path)
+    if not path.is_dir():
+        raise IdpriorError(f"{path} is not a folder; pass the folder written by idprior.save_pruned")
+    if not (path / "config.json").is_file():
+        raise IdpriorError(f"{path} has no config.json; pass the folder written by idprior.save_pruned")
+    config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    state = _read_weights(path)
+    target_dtype = _as_dtype(dtype)
+    saved_dtype = _saved_dtype(state, config)
+    kwargs = {"dtype": saved_dtype}
+    attn = attn_implementation or getattr(config, ATTN_IMPL_KEY, None)
+    if attn:
+        kwargs["attn_implementation"] = attn
+
+    cls = _model_class(config)
+    with _no_init_weights():  # every weight is overwritten by the checkpoint below
+        if cls is None:
+            model = transformers.AutoModel.from_config(config, **kwargs)
+        else:
+            model = cls._from_config(config, **kwargs)
+    adapter = get_adapter(model)
+    shapes = getattr(config, STRUCTURE_KEY, None)
+    if shapes is not None:
+        adapter.reshape_to([LayerShape(**shape) for shape in shapes])
+
+    _fill_tied_keys(model, state)
+    try:
+        model.load_state_dict(state, strict=True, assign=True)  # assign: keep the saved tensors' dtypes
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise IdpriorError(
+            f"the weights in {path} do not match its config.json ({first[1].strip() if len(first) > 1 else first[0]}); "
+            "re-save the model with idprior.save_pruned"
+        ) from None
+    model.tie_weights()  # assign=True gave tied names separate Parameters
+    adapter.check_config()
+    if target_dtype is not None:
+        model.to(target_dtype)
+    if device is not None:
+        model.to(device)
+    return model.eval()
+
+
+def load_pruned_with_tokenizer(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+    attn_implementation: str | None = None,
+):
+    """(model, tokenizer), the tokenizer being None when the folder holds none."""
+    from transformers import AutoTokenizer
+
+    model = load_pruned(path, dtype=dtype, device=device, attn_implementation=attn_implementation)
+    path = Path(path)
+    tokenizer = None
+    if any((path / name).is_file() for name in TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+    return model, tokenizer

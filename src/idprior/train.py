@@ -1,0 +1,278 @@
+"""A short fine-tuning loop of our own: AdamW, linear warm-up/decay, clipping, checkpoints, resume.
+
+The loop knows nothing about pruning. SNIP plugs in through `extra_loss` (the identity prior,
+computed from what the gate observers saw during the forward pass) and distillation through
+`teacher`. Runs under `accelerate launch` with the same code as one process.
+
+Checkpoints (in `ckpt_dir`): `model.safetensors`, `optimizer.pt` (read back with
+`weights_only=True`), `rng.safetensors` and `state.json`; written atomically, each epoch and
+every `checkpoint_every` steps. `resume=True` continues from the last complete one, skipping the
+batches already seen in the interrupted epoch (the epoch's order is re-seeded, so it is the same).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch.nn.utils import parametrize
+from tqdm.auto import tqdm
+
+from . import io
+from .config import TrainConfig
+from .errors import IdpriorError
+
+ExtraLoss = Callable[[torch.nn.Module, dict, int, int], tuple[torch.Tensor, dict]]
+
+
+@dataclass
+class TrainResult:
+    history: list[dict] = field(default_factory=list)  # one row per epoch (loss terms, eval metrics)
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    steps: int = 0
+    wall_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+class NonFiniteLoss(IdpriorError):
+    pass
+
+
+def set_seed(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW without weight decay on biases and norms (the usual BERT recipe)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _scheduler(opt: torch.optim.Optimizer, total: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _reseed_order(loader, seed: int, epoch: int) -> None:
+    gen = getattr(getattr(loader, "sampler", None), "generator", None)
+    if gen is not None:
+        gen.manual_seed(seed * 1_000_003 + epoch)
+
+
+def _to(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def task_loss(outputs, batch: dict) -> torch.Tensor:
+    """The model's own loss (HF heads compute it from `labels`)."""
+    if getattr(outputs, "loss", None) is None:
+        raise RuntimeError("model returned no loss: the batch needs a 'labels' key")
+    return outputs.loss
+
+
+def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(teacher || student) on softened logits (Hinton et al.); LM logits averaged over real tokens."""
+    t = temperature
+    if student_logits.shape[-1] == 1:  # regression head: match values
+        return F.mse_loss(student_logits, teacher_logits)
+    s = F.log_softmax(student_logits / t, dim=-1)
+    p = F.log_softmax(teacher_logits / t, dim=-1)
+    kl = (p.exp() * (p - s)).sum(-1) * t * t  # [B] or [B,T]
+    if kl.ndim == 2 and mask is not None:
+        return (kl * mask).sum() / mask.sum().clamp(min=1)
+    return kl.mean()
+
+
+def train(
+    model: torch.nn.Module,
+    train_loader,
+    cfg: TrainConfig,
+    *,
+    seed: int = 0,
+    eval_fn: Callable[[torch.nn.Module], dict] | None = None,
+    main_metric: str | None = None,
+    higher_is_better: bool = True,
+    extra_loss: ExtraLoss | None = None,
+    teacher: torch.nn.Module | None = None,
+    distill_alpha: float = 0.5,
+    distill_temperature: float = 2.0,
+    ckpt_dir: str | Path | None = None,
+    resume: bool = False,
+    desc: str = "train",
+    log_path: str | Path | None = None,
+    accelerator=None,
+) -> TrainResult:
+    """Fine-tune `model` in place; with `eval_fn`, keep (and finally load) the best epoch's weights."""
+    from accelerate import Accelerator
+
+    acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
+    set_seed(seed)
+    steps_per_epoch = len(train_loader)
+    if steps_per_epoch == 0:
+        raise IdpriorError("the training split is empty; check the task data or max_train")
+    total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    n_epochs = math.ceil(cfg.epochs) if cfg.epochs > 0 else 0
+    opt = _optimizer(model, cfg)
+    sched = _scheduler(opt, total, int(cfg.warmup_ratio * total))
+    model, opt = acc.prepare(model, opt)
+    if acc.num_processes > 1:
+        train_loader = acc.prepare(train_loader)
+    if teacher is not None:
+        teacher.eval().to(acc.device)
+    result = TrainResult()
+    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None, "history": []}
+    ckpt = Path(ckpt_dir) if ckpt_dir else None
+    if ckpt and resume and (ckpt / "state.json").is_file():
+        state = _load_checkpoint(ckpt, acc.unwrap_model(model), opt, sched)
+    result.history = state["history"]
+    t0 = time.perf_counter()
+    log = open(log_path, "a", encoding="utf-8") if log_path and acc.is_main_process else None  # noqa: SIM115
+    try:
+        while state["global_step"] < total and state["epoch"] < n_epochs:
+            epoch = state["epoch"]
+            model.train()
+            _reseed_order(train_loader, seed, epoch)
+            sums: dict[str, float] = {}
+            count = 0
+            bar = tqdm(total=min(steps_per_epoch, total - epoch * steps_per_epoch), initial=state["step_in_epoch"],
+                       desc=f"{desc} epoch {epoch + 1}/{n_epochs}", disable=not acc.is_main_process, dynamic_ncols=True,
+                       leave=False)
+            for i, batch in enumerate(train_loader):
+                if i < state["step_in_epoch"]:
+                    continue  # resumed: these batches were already seen
+                if state["global_step"] >= total:
+                    break
+                batch = _to(batch, acc.device)
+                with parametrize.cached():  # spectral norm: one power-iteration step per training step
+                    outputs = model(**batch)
+                    loss = task_loss(outputs, batch)
+                    terms = {"task_loss": float(loss.detach())}
+                    if teacher is not None:
+                        with torch.no_grad():
+                            t_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+                        kd = distill_loss(outputs.logits, t_logits, distill_temperature, batch.get("attention_mask"))
+                        loss = (1 - distill_alpha) * loss + distill_alpha * kd
+                        terms["distill_loss"] = float(kd.detach())
+                    if extra_loss is not None:
+                        extra, extra_terms = extra_loss(acc.unwrap_model(model), batch, state["global_step"], total)
+                        loss = loss + extra
+                        terms.update(extra_terms)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"{desc}: loss became {float(loss)} at step {state['global_step']} ({terms}); lower the "
+                        "learning rate (train.lr) or the prior strength (prune.prior_lambda); the last good "
+                        "checkpoint is kept"
+                    )
+                acc.backward(loss)
+                if cfg.max_grad_norm > 0:
+                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                state["global_step"] += 1
+                state["step_in_epoch"] = i + 1
+                for k, v in terms.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                bar.update(1)
+                bar.set_postfix({k: f"{v / count:.4f}" for k, v in sums.items()}, refresh=False)
+                if log:
+                    log.write(json.dumps({"step": state["global_step"], **terms, "lr": sched.get_last_lr()[0]}) + "\n")
+                if ckpt and cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
+                    _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, state)
+            bar.close()
+            row = {"epoch": epoch + 1, "steps": state["global_step"], **{k: v / max(1, count) for k, v in sums.items()}}
+            if eval_fn is not None:
+                metrics = eval_fn(acc.unwrap_model(model))
+                row.update({f"eval_{k}": v for k, v in metrics.items()})
+                key = main_metric or next(iter(metrics))
+                value = metrics[key]
+                best = state["best_metric"]
+                if best is None or (value > best if higher_is_better else value < best):
+                    state["best_metric"], state["best_epoch"] = value, epoch + 1
+                    if ckpt:
+                        _save_weights(ckpt / "best.safetensors", acc.unwrap_model(model))
+                    else:
+                        state["_best_weights"] = {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()}
+            state["history"].append(row)
+            if acc.is_main_process:
+                tqdm.write(f"{desc} epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()
+                                                                    if isinstance(v, float)))
+            state["epoch"] += 1
+            state["step_in_epoch"] = 0
+            if ckpt:
+                _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, state)
+    finally:
+        if log:
+            log.close()
+    model = acc.unwrap_model(model)
+    if eval_fn is not None and state["best_epoch"] is not None:
+        if ckpt and (ckpt / "best.safetensors").is_file():
+            model.load_state_dict(load_file(str(ckpt / "best.safetensors")), strict=True)
+        elif "_best_weights" in state:
+            model.load_state_dict(state.pop("_best_weights"), strict=True)
+    model.eval()
+    result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
+    result.steps = state["global_step"]
+    result.wall_s = time.perf_counter() - t0
+    return result
+
+
+def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """state_dict with shared storages broken (safetensors refuses aliased tensors)."""
+    out, seen = {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.data_ptr(), v.shape, v.stride()) if v.numel() else None
+        out[k] = v.detach().clone().contiguous() if key in seen else v.detach().contiguous()
+        if key is not None:
+            seen[key] = k
+    return out
+
+
+def _save_weights(path: Path, model: torch.nn.Module) -> None:
+    io.write_with(path, lambda tmp: save_file(_state_tensors(model), str(tmp)))
+
+
+def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict) -> None:
+    """Weights, optimizer, scheduler and RNG, then state.json last: it marks the checkpoint complete."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    _save_weights(ckpt / "model.safetensors", model)
+    io.write_with(ckpt / "optimizer.pt", lambda tmp: torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp))
+    io.write_with(ckpt / "rng.safetensors", lambda tmp: save_file({"torch": torch.get_rng_state()}, str(tmp)))
+    io.write_json(ckpt / "state.json", {k: v for k, v in state.items() if not k.startswith("_")})
+
+
+def _load_checkpoint(ckpt: Path, model, opt, sched) -> dict:
+    state = io.read_json(ckpt / "state.json")
+    model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
+    blob = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    opt.load_state_dict(blob["opt"])
+    sched.load_state_dict(blob["sched"])
+    torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch"])
+    return state

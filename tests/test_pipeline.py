@@ -1,0 +1,98 @@
+"""End to end on a tiny BERT folder: the CLI runs every stage and writes every artefact."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_folder import make_tiny_bert_folder
+
+from idprior.cli.main import main
+from idprior.config import load_config
+from idprior.errors import ConfigError
+from idprior.surgery import load_pruned
+
+QUICK = ["--task", "rt-polarity", "--max-train", "48", "--max-eval", "24", "--epochs", "1", "--batch-size", "16",
+         "--max-length", "24", "--calib-size", "32", "--recover-epochs", "1", "--no-bench"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_bert_folder(tmp_path_factory.mktemp("tiny") / "bert")
+
+
+def test_prune_cli_writes_every_artefact(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = main(["prune", "--model", str(tiny_folder), *QUICK, "--target", "0.4", "--out", str(out)])
+    assert rc == 0
+    for name in ("config.yaml", "stages.json", "scores.json", "plan.json", "metrics.json", "report.md",
+                 "finetuned/model.safetensors", "surgery/model.safetensors", "pruned/model.safetensors", "pruned/config.json"):
+        assert (out / name).exists(), name
+    plan = json.loads((out / "plan.json").read_text())
+    metrics = json.loads((out / "metrics.json").read_text())
+    pruned = load_pruned(out / "pruned")
+    assert sum(p.numel() for p in pruned.parameters()) == plan["measures"]["after"]["total_params"]
+    assert metrics["compression"]["encoder_params"]["removed_fraction"] >= 0.4
+    assert set(json.loads((out / "stages.json").read_text())["stages"]) >= {"finetune", "score", "select", "surgery",
+                                                                            "recover", "evaluate", "report"}
+    assert "test accuracy" in capsys.readouterr().out
+    # a second run into the same folder is refused, resume skips every finished stage
+    assert main(["prune", "--model", str(tiny_folder), *QUICK, "--target", "0.4", "--out", str(out)]) == 2
+    before = (out / "plan.json").read_bytes()
+    assert main(["prune", "--model", str(tiny_folder), *QUICK, "--target", "0.4", "--out", str(out), "--resume"]) == 0
+    assert (out / "plan.json").read_bytes() == before
+
+
+def test_same_seed_same_plan_bytes(tiny_folder, tmp_path):
+    args = ["prune", "--model", str(tiny_folder), *QUICK, "--target", "0.3", "--recover-epochs", "0"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    assert main([*args, "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "plan.json").read_bytes() == (tmp_path / "b" / "plan.json").read_bytes()
+
+
+@pytest.mark.parametrize("extra", [["--no-sn", "--no-prior"], ["--no-train"], ["--iterative", "2", "--no-sn"],
+                                   ["--selection", "share", "--head-share", "0.3", "--distill"]])
+def test_prune_variants(tiny_folder, tmp_path, extra):
+    out = tmp_path / "run"
+    assert main(["prune", "--model", str(tiny_folder), *QUICK, "--target", "0.3", "--out", str(out), *extra]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["compression"]["encoder_params"]["removed_fraction"] >= 0.29
+    x = torch.randint(5, 50, (2, 7))
+    with torch.no_grad():
+        assert load_pruned(out / "pruned")(input_ids=x).logits.shape == (2, 2)
+
+
+def test_finetune_and_evaluate_cli(tiny_folder, tmp_path):
+    out = tmp_path / "ft"
+    assert main(["finetune", "--model", str(tiny_folder), *QUICK[:-7], "--out", str(out)]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 0 <= metrics["test"]["accuracy"] <= 1
+    assert main(["evaluate", str(out / "finetuned"), "--task", "rt-polarity", "--max-eval", "16", "--out", str(tmp_path / "ev")]) == 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["test"]["accuracy"] >= 0
+
+
+def test_config_reports_every_problem_at_once():
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", ["prune.target=1.5", "train.lr=-1", "prune.kinds=heads", "train.epoch=3", "prune.prior_lambda=x"])
+    text = "\n".join(e.value.problems)
+    assert len(e.value.problems) == 5
+    assert "prune.target" in text and "train.lr" in text and "prune.kinds" in text
+    assert "did you mean train.epochs" in text
+    assert "prune.prior_lambda must be float" in text
+
+
+def test_every_preset_validates(capsys):
+    from idprior.config import list_presets
+
+    assert "demo" in list_presets()
+    for name in list_presets():
+        assert main(["validate", name]) == 0
+    assert main(["validate", "demo", "--set", "prune.target=2"]) == 2
+    assert "prune.target must be in (0, 1)" in capsys.readouterr().err
+
+
+def test_overrides_change_typed_fields():
+    cfg = load_config("demo", ["train.lr=3e-5", "bench.batch_sizes=[1,32]", "prune.tau=0.01", "data.max_train=null"])
+    assert cfg.train.lr == 3e-5 and cfg.bench.batch_sizes == [1, 32] and cfg.prune.tau == 0.01
+    assert cfg.data.max_train is None

@@ -1,0 +1,263 @@
+"""The SNIP method: spectral normalization, identity prior, function norms, thresholding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
+
+from idprior import spectral
+from idprior.arch import get_adapter
+from idprior.errors import IdpriorError
+from idprior.gates import Gates
+from idprior.plan import measure_of, model_cost, sublayer_cost
+from idprior.prior import IdentityPrior
+from idprior.scoring import score
+from idprior.selection import select
+from idprior.surgery import apply_plan
+from idprior.units import Unit
+
+FAMILIES = [tiny_bert, tiny_gpt2, tiny_llama]
+
+
+def batch(seed: int = 0, b: int = 3, t: int = 12) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 100, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[0, t // 2:] = 0  # padding in the first row
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits(model, b):
+    with torch.no_grad():
+        return model(**b).logits
+
+
+# ---- spectral normalization ------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_sn_init_bound_leaves_logits_unchanged_and_folds(make):
+    model = make()
+    b = batch()
+    before = logits(model, b)
+    n = spectral.attach(model, get_adapter(model))
+    assert n > 0
+    assert torch.equal(logits(model, b), before)  # step 0: bit-identical
+    spectral.fold(model)
+    assert not spectral.sn_modules(model)
+    torch.testing.assert_close(logits(model, b), before)
+
+
+def test_sn_keeps_sigma_under_bound_during_training():
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    spectral.attach(model, adapter, bound=2.0)  # a global bound well under the init sigmas
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    b = dict(batch(), labels=torch.tensor([0, 1, 2]))
+    model.train()
+    for _ in range(8):
+        with torch.nn.utils.parametrize.cached():
+            loss = model(**b).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    mods = spectral.sn_modules(model)
+    # the bound binds: the raw weights are above it
+    raw = [torch.linalg.matrix_norm(m.parametrizations.weight.original.detach(), ord=2) for m, _ in mods]
+    assert max(raw) > 2.5
+    spectral.fold(model)
+    for module, sn in mods:
+        w = module.weight.detach()
+        sigma = torch.linalg.matrix_norm(w.t() if sn.transpose else w, ord=2)
+        assert sigma <= float(sn.bound) * 1.001, (sigma, sn.bound)
+
+
+def test_sn_fixed_bound_rescales():
+    model = tiny_bert()
+    spectral.attach(model, get_adapter(model), bound=0.5)
+    module, sn = spectral.sn_modules(model)[0]
+    for _ in range(30):  # converge the power iteration in train mode
+        module.train()
+        _ = module.weight
+    module.eval()
+    sigma = torch.linalg.matrix_norm(module.weight.detach(), ord=2)
+    assert sigma == pytest.approx(0.5, rel=1e-3)
+
+
+# ---- identity prior ----------------------------------------------------------------------------
+
+def test_prior_zero_when_all_branches_closed_and_positive_otherwise():
+    model = tiny_bert().train()
+    adapter = get_adapter(model)
+    gates = Gates(model, adapter)
+    prior = IdentityPrior(model, adapter, gates, ("head", "neuron", "attn", "ffn"), lam=1.0)
+    b = batch()
+    model(**b)
+    open_value = float(prior.penalty().detach())
+    assert open_value > 0
+    for t in gates.tensors():
+        t.zero_()
+    model(**b)
+    assert float(prior.penalty()) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_prior_gradient_reaches_branches_not_the_task_head():
+    model = tiny_bert().train()
+    adapter = get_adapter(model)
+    gates = Gates(model, adapter)
+    prior = IdentityPrior(model, adapter, gates, ("head", "neuron"), lam=1.0)
+    model(**batch())
+    loss, terms = prior(model, {}, step=10, total=10)
+    loss.backward()
+    assert terms["prior"] > 0
+    grads = {n: p.grad for n, p in model.named_parameters()}
+    assert all(g is None or float(g.abs().sum()) == 0 for n, g in grads.items() if n.startswith(("classifier", "bert.pooler")))
+    assert float(grads["bert.encoder.layer.0.attention.self.query.weight"].abs().sum()) > 0
+    assert float(grads["bert.encoder.layer.1.intermediate.dense.weight"].abs().sum()) > 0
+
+
+def test_prior_lambda_warms_up_linearly():
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    prior = IdentityPrior(model, adapter, Gates(model, adapter), lam=0.2, warmup=0.1)
+    assert prior.lam_at(0, 100) == pytest.approx(0.02)
+    assert prior.lam_at(4, 100) == pytest.approx(0.1)
+    assert prior.lam_at(50, 100) == pytest.approx(0.2)
+
+
+def test_prior_cost_weights_sum_to_one_and_favour_heads():
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    prior = IdentityPrior(model, adapter, Gates(model, adapter), ("head", "neuron"), weight="cost")
+    total = sum(float(v.sum()) for v in prior.weights.values())
+    assert total == pytest.approx(1.0)
+    assert float(prior.weights[("head", 0)][0]) > float(prior.weights[("neuron", 0)][0])
+
+
+# ---- function norms ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_zeroed_unit_scores_zero_and_scores_are_reproducible(make):
+    model = make()
+    adapter = get_adapter(model)
+    b = [batch(1), batch(2)]
+    s1 = score(model, b, adapter=adapter)
+    s2 = score(model, b, adapter=adapter)
+    assert s1 == s2
+    # zero the output-projection columns of head unit 1 in layer 0 and neuron 3 in layer 1
+    o = adapter.out_weight(adapter.attn_out_proj(0))
+    owner = adapter.head_unit_of_query_heads(0)
+    dh = adapter.head_dim
+    with torch.no_grad():
+        for q in (owner == 1).nonzero().flatten().tolist():
+            o[:, q * dh:(q + 1) * dh] = 0
+        adapter.out_weight(adapter.ffn_out_proj(1))[:, 3] = 0
+    s3 = score(model, b, adapter=adapter)
+    assert s3[Unit("head", 0, 1)] == pytest.approx(0.0, abs=1e-6)
+    assert s3[Unit("neuron", 1, 3)] == pytest.approx(0.0, abs=1e-6)
+    assert s3[Unit("head", 0, 0)] > 1e-3
+
+
+def test_head_norm_matches_explicit_branch_output():
+    """||f_h|| from the Gram trick equals the norm of the branch with only head h open."""
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    b = batch()
+    scores = score(model, [b], adapter=adapter, kinds=("head", "attn"))
+    with Gates(model, adapter) as gates:
+        outs = {}
+        gates.observers.append(lambda layer, site, x, m: outs.__setitem__((layer, site), x) if site == "attn" else None)
+        gates.head[0].zero_()
+        gates.head[0][2] = 1
+        with torch.no_grad():
+            model(**b)
+    proj = adapter.attn_out_proj(0)
+    branch = outs[(0, "attn")] - proj.bias  # f_h excludes the shared output bias
+    mask = b["attention_mask"].bool()
+    expected = torch.sqrt((branch[mask] ** 2).sum(-1).mean())
+    assert scores[Unit("head", 0, 2)] == pytest.approx(float(expected), rel=1e-4)
+
+
+# ---- selection --------------------------------------------------------------------------------
+
+def _scores(model, seed=0):
+    return score(model, [batch(seed)], adapter=get_adapter(model))
+
+
+@pytest.mark.parametrize("measure", ["encoder_params", "linear_params", "flops"])
+@pytest.mark.parametrize("mode", ["norm", "norm-per-cost", "energy-per-cost", "relative"])
+def test_selection_hits_target_within_one_unit(measure, mode):
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    plan = select(_scores(model), adapter, target=0.4, measure=measure, seq_len=16, mode=mode)
+    removed = plan.measures["removed_fraction"][measure]
+    total = plan.measures["before"][measure]
+    biggest = max(measure_of(sublayer_cost(adapter, k, i), measure, 16) for k in ("attn", "ffn") for i in range(adapter.num_layers))
+    assert removed >= 0.4
+    assert (removed - 0.4) * total <= biggest  # overshoot of at most one unit (a collapse can take a sub-layer)
+
+
+def test_selection_is_deterministic_and_matches_surgery():
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    s = _scores(model)
+    p1 = select(s, adapter, target=0.5)
+    p2 = select(s, adapter, target=0.5)
+    assert p1.to_dict() == p2.to_dict()
+    apply_plan(model, p1.units, adapter)
+    assert sum(p.numel() for p in model.parameters()) == p1.measures["after"]["total_params"]
+    assert get_adapter(model).layer_params() == p1.measures["after"]["encoder_params"]
+
+
+def test_selection_edge_cases():
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    s = _scores(model)
+    assert select(s, adapter, target=0.0).units == []
+    for bad in (1.0, 1.5, -0.1):
+        with pytest.raises(IdpriorError):
+            select(s, adapter, target=bad)
+    with pytest.raises(IdpriorError):
+        select(s, adapter, target=0.5, tau=0.1)
+    with pytest.raises(IdpriorError, match="no scored units"):
+        select({}, adapter, target=0.5)
+    # heads only, most of the attention: needs whole-layer collapse, never all attention
+    plan = select(s, adapter, target=0.3, kinds=("head",))
+    assert plan.counts()["attn"] >= 1
+    assert plan.counts()["attn"] < adapter.num_layers
+    with pytest.raises(IdpriorError, match="out of reach"):
+        select(s, adapter, target=0.49, kinds=("head",))  # attention is under half of the layer parameters
+
+
+def test_norm_per_cost_never_removes_all_attention():
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    s = {u: v for u, v in _scores(model).items()}
+    s.update({u: 1e-9 for u in s if u.kind == "head"})  # heads look worthless
+    plan = select(s, adapter, target=0.5, mode="norm-per-cost")
+    assert plan.counts()["attn"] == adapter.num_layers - 1
+    assert plan.warnings
+
+
+def test_tau_removes_exactly_the_units_below_it():
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    s = _scores(model)
+    neurons = sorted(v for u, v in s.items() if u.kind == "neuron")
+    tau = neurons[10]
+    plan = select(s, adapter, tau=tau, kinds=("neuron",))
+    assert plan.counts()["neuron"] == 10
+    assert all(s[u] < tau for u in plan.units)
+
+
+def test_share_mode_splits_budget():
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    plan = select(_scores(model), adapter, target=0.5, mode="share", head_share=0.3)
+    full = model_cost(adapter)
+    head_params = sum(adapter.unit_cost("head", u.layer).params for u in plan.units if u.kind == "head")
+    head_params += sum(sublayer_cost(adapter, "attn", u.layer).params for u in plan.units if u.kind == "attn")
+    assert head_params > 0
+    assert plan.measures["removed_fraction"]["encoder_params"] >= 0.5
+    assert full.params >= head_params
