@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from tiny_folder import make_tiny_bert_folder
 
 from idprior.cli.main import main
 from idprior.config import load_config
 from idprior.errors import ConfigError
 from idprior.surgery import load_pruned
+from tiny_folder import make_tiny_bert_folder
 
 QUICK = ["--task", "rt-polarity", "--max-train", "48", "--max-eval", "24", "--epochs", "1", "--batch-size", "16",
          "--max-length", "24", "--calib-size", "32", "--recover-epochs", "1", "--no-bench"]

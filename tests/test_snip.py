@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 from idprior import spectral
 from idprior.arch import get_adapter
@@ -16,6 +15,7 @@ from idprior.scoring import score
 from idprior.selection import select
 from idprior.surgery import apply_plan
 from idprior.units import Unit
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 FAMILIES = [tiny_bert, tiny_gpt2, tiny_llama]
 

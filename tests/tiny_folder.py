@@ -8,9 +8,7 @@ from pathlib import Path
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-WORDS = ("the a and of to is in it that this film movie story good bad great funny dull best worst "
-         "plot characters love boring fun not no very too more most one just as but with for on an be "
-         "its his her their all by so like than about from has was are have ever never").split()
+WORDS = ["the", "a", "and", "of", "to", "is", "in", "it", "that", "this", "film", "movie", "story", "good", "bad", "great", "funny", "dull", "best", "worst", "plot", "characters", "love", "boring", "fun", "not", "no", "very", "too", "more", "most", "one", "just", "as", "but", "with", "for", "on", "an", "be", "its", "his", "her", "their", "all", "by", "so", "like", "than", "about", "from", "has", "was", "are", "have", "ever", "never"]
 
 
 def make_tiny_bert_folder(path: Path, num_labels: int = 2, seed: int = 0, layers: int = 2) -> Path:

@@ -123,7 +123,15 @@ def benchmark(
     Returns {"environment", "reference", "models", "rows"}; every row is one (model, backend,
     batch, seq_len) with latency, throughput, and speed-up measured vs FLOPs-ideal.
     """
-    from .export import check_onnx, example_inputs, export_onnx, input_names, ort_feed, ort_session, require_onnx
+    from .export import (
+        check_onnx,
+        example_inputs,
+        export_onnx,
+        input_names,
+        ort_feed,
+        ort_session,
+        require_onnx,
+    )
     from .spectral import fold
 
     if not models:

@@ -1,6 +1,10 @@
 """Atomic file output: write to a temporary name in the same folder, then rename.
 
-A crash leaves either the old file or the new one, never half of one.
+A crash leaves either the old file or the new one, never half of one. Every file and folder that
+idprior writes goes through here (`write_json`, `write_text`, `write_with`, `atomic_dir`,
+`copy_dir`); a crash can only leave hidden `.NAME.*.tmp` / `.NAME.old` leftovers, which
+`remove_leftovers` deletes when a run resumes. Results get the usual permissions (0666 / 0777
+less the umask), not the owner-only ones of `tempfile`.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ def atomic_path(path: str | os.PathLike):
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -63,6 +68,7 @@ def atomic_dir(path: str | os.PathLike):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -80,3 +86,30 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> None:
     """Call `writer(tmp_path)` and rename the result onto `path`."""
     with atomic_path(path) as tmp:
         writer(tmp)
+
+
+def copy_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Copy folder `src` onto `dst` atomically (replacing it): a crash never leaves a partial copy."""
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    return Path(dst)
+
+
+def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
+    """Delete what interrupted atomic writes left in `folder` (top level only); returns them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    gone = [p for p in folder.iterdir() if p.name.startswith(".") and p.name.endswith((".tmp", ".old"))]
+    for p in gone:
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return gone
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

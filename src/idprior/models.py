@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,10 @@ def resolve(spec: str) -> tuple[Path, str | None]:
             f"{spec!r} looks like a Hugging Face hub id, but idprior works offline: download the model "
             f"elsewhere and pass its local folder, or use an alias ({', '.join(ALIASES)})"
         )
-    raise IdpriorError(f"model {spec!r} not found: give a local folder, a .gguf file, or an alias ({', '.join(ALIASES)})")
+    hub_like = os.sep not in spec and "/" not in spec and not spec.startswith((".", "~"))
+    hint = (" (if it is a Hugging Face hub name: idprior works offline and never downloads; download the model "
+            "elsewhere and pass its local folder)") if hub_like else ""
+    raise IdpriorError(f"model {spec!r} not found: give a local folder, a .gguf file, or an alias ({', '.join(ALIASES)}){hint}")
 
 
 def _torch_dtype(name: str):
@@ -104,10 +108,15 @@ def load(spec: str, task=None, *, dtype: str = "float32", trust_remote_code: boo
         raise IdpriorError(f"{folder} is not a Transformer model folder I can read: {_first_line(e)}") from None
     is_decoder = bool(getattr(config, "is_decoder", False)) or config.model_type in ("gpt2", "llama", "qwen2", "mistral")
     torch_dtype = _torch_dtype(dtype)
+    if gguf:
+        kwargs["quantization_config"] = _gguf_dequantized(gguf)
+    kwargs["output_loading_info"] = True
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()  # our own one-line note below replaces the load report
     try:
         if task is not None and task.kind in ("classification", "regression"):
             problem = "regression" if task.kind == "regression" else "single_label_classification"
-            model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
                 str(folder), num_labels=task.num_labels, problem_type=problem, dtype=torch_dtype, **kwargs
             )
             if model.config.pad_token_id is None:
@@ -115,15 +124,47 @@ def load(spec: str, task=None, *, dtype: str = "float32", trust_remote_code: boo
             model.config.id2label = {i: name for i, name in enumerate(task.labels)} or model.config.id2label
             model.config.label2id = {name: i for i, name in enumerate(task.labels)} or model.config.label2id
         elif is_decoder or (task is not None and task.kind == "lm"):
-            model = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, **kwargs)
+            model, info = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch_dtype, **kwargs)
         else:
-            model = transformers.AutoModel.from_pretrained(str(folder), dtype=torch_dtype, **kwargs)
+            model, info = transformers.AutoModel.from_pretrained(str(folder), dtype=torch_dtype, **kwargs)
     except IdpriorError:
         raise
     except Exception as e:  # noqa: BLE001
         raise IdpriorError(f"could not load model weights from {folder}: {_first_line(e)}") from None
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys", []))
+    if missing:
+        shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+        print(f"idprior: newly initialized (not in the checkpoint): {shown}", file=sys.stderr)
+    if gguf:
+        _check_dequantized(model, folder / gguf)
     model.eval()
     return model, tokenizer
+
+
+def _gguf_dequantized(gguf: str):
+    """GgufConfig(dequantize=True): plain nn.Linear weights in `dtype` that we can slice, train and save.
+
+    Without it transformers may keep packed GGUF blocks (when a matmul kernel is installed) and
+    always marks the model as quantized, which save_pretrained refuses.
+    """
+    from transformers import GgufConfig
+
+    return GgufConfig(gguf_file=gguf, dequantize=True)
+
+
+def _check_dequantized(model, path: Path) -> None:
+    """Refuse a GGUF model that still holds packed weights; drop any leftover quantizer marks."""
+    packed = [n for n, m in model.named_modules() if type(m).__name__.lower().startswith("gguf")]
+    packed += [n for n, p in model.named_parameters() if not p.is_floating_point()]
+    if packed:
+        raise IdpriorError(f"{path} loaded with packed GGUF weights ({packed[0]}); idprior needs dequantized weights")
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer.remove_quantization_config(model)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.is_quantized = False
 
 
 def _is_pruned_folder(folder: Path) -> bool:

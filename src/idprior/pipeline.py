@@ -16,6 +16,7 @@ training stage continues from its last checkpoint.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import shutil
@@ -33,6 +34,7 @@ from .errors import IdpriorError
 from .evaluate import evaluate
 from .metrics import greater_is_better, main_metric
 from .plan import PruningPlan, model_cost
+from .preflight import preflight
 from .units import parse_kinds
 
 STAGES = ("finetune", "score", "select", "surgery", "recover", "evaluate", "bench", "report")
@@ -60,7 +62,11 @@ class Run:
                 if saved and {k: v for k, v in saved.items() if k != "out"} != {k: v for k, v in now.items() if k != "out"}:
                     raise IdpriorError(f"--resume: {self.out} was started with a different config; use the same options, --overwrite, or another --out")
         self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            io.remove_leftovers(self.out)  # temp files of writes a crash interrupted
         self.status = io.read_json(status) if status.is_file() else {"config": _comparable(cfg), "stages": {}}
+        if not status.is_file():  # written first: marks the folder as a run, so --resume can compare configs
+            io.write_json(status, self.status)
         io.write_text(self.out / "config.yaml", dump_config(cfg))
         self._data = None
 
@@ -323,6 +329,7 @@ def stage_report(run: Run) -> dict:
 
 def prune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
     """Run every stage of `idprior prune`; returns the output folder."""
+    preflight(cfg, resume=resume, overwrite=overwrite)  # every input problem at once, before anything is written
     torch.manual_seed(cfg.seed)
     run = Run(cfg, resume=resume, overwrite=overwrite)
     _ = run.data  # load and check the data before any heavy work
@@ -350,13 +357,12 @@ def _prune_iterative(run: Run) -> Path:
         cum = cfg.prune.target * r / k_rounds
         current = _measure_total(_load(run, previous)[0], cfg)
         frac = 1 - (1 - cum) * total / current  # of what is left now
-        rcfg = dataclasses.replace(cfg, out=str(base / f"round{r}"),
-                                   prune=dataclasses.replace(cfg.prune, target=max(1e-6, min(frac, 0.999)), iterative=1))
-        sub = Run.__new__(Run)
-        sub.__dict__.update(run.__dict__)
-        sub.cfg, sub.out = rcfg, base / f"round{r}"
-        sub.out.mkdir(parents=True, exist_ok=True)
-        (sub.out / "finetuned").exists() or shutil.copytree(previous, sub.out / "finetuned")
+        sub = copy.copy(run)  # shares the task data and the stage status of the parent run
+        sub.out = base / f"round{r}"
+        sub.cfg = dataclasses.replace(cfg, out=str(sub.out), prune=dataclasses.replace(
+            cfg.prune, target=max(1e-6, min(frac, 0.999)), iterative=1))
+        if not (sub.out / "finetuned").exists():
+            shutil.copytree(previous, sub.out / "finetuned")
         for stage, fn in [("score", stage_score), ("select", stage_select), ("surgery", stage_surgery), ("recover", stage_recover)]:
             if stage == "score" and cfg.prune.method != "snip":
                 continue
@@ -364,8 +370,7 @@ def _prune_iterative(run: Run) -> Path:
         previous = str(sub.out / "pruned")
     for name in ("pruned", "surgery"):
         if not run.done("assemble"):
-            shutil.rmtree(run.path(name), ignore_errors=True)
-            shutil.copytree(base / f"round{k_rounds}" / name, run.path(name))
+            io.copy_dir(base / f"round{k_rounds}" / name, run.path(name))
     plans = [io.read_json(base / f"round{r}" / "plan.json") for r in range(1, k_rounds + 1)]
     io.write_json(run.path("plan.json"), {"rounds": plans, "counts": _sum_counts(plans), "units": []})
     run.mark("assemble", 0.0)
@@ -391,6 +396,7 @@ def _sum_counts(plans: list[dict]) -> dict:
 def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """`idprior finetune`: plain fine-tuning (no SN, no prior) and test metrics -> out/metrics.json."""
     cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, sn=False, prior=False, train=True))
+    preflight(cfg, resume=resume, overwrite=overwrite, prune=False)
     run = Run(cfg, resume=resume, overwrite=overwrite)
     _ = run.data
     _timed(run, "finetune", lambda: stage_finetune(run))

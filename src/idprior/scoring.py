@@ -14,6 +14,7 @@ accumulated over batches) and the identity prior (differentiable, one batch at a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .arch import get_adapter
 from .arch.base import Adapter
+from .errors import IdpriorError
 from .gates import Gates
 from .units import Unit
 
@@ -180,7 +182,21 @@ def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = (
         else:
             for i, v in enumerate(value.tolist()):
                 out[Unit(kind, layer, i)] = float(v)
+    check_finite(out)
     return out
+
+
+def check_finite(scores: dict[Unit, float]) -> None:
+    """Refuse NaN/inf norms: a plan ranked on them would be arbitrary, so stop with the likely cause."""
+    bad = sorted((u for u, v in scores.items() if not math.isfinite(v)), key=Unit.sort_key)
+    if bad:
+        u = bad[0]
+        where = f"{u.kind} unit {u.index} of layer {u.layer}" if u.kind in ("head", "neuron") else f"{u.kind} of layer {u.layer}"
+        raise IdpriorError(
+            f"the function norm of {where} is {scores[u]} ({len(bad)} of {len(scores)} units are not finite): the "
+            "model's activations overflow or its weights hold NaN/inf, most likely a diverged fine-tune (see "
+            "train_log.jsonl; lower train.lr or prune.prior_lambda) or float16 overflow (use --dtype float32)"
+        )
 
 
 def scores_to_json(scores: dict[Unit, float]) -> dict[str, float]:

@@ -4,21 +4,30 @@ The loop knows nothing about pruning. SNIP plugs in through `extra_loss` (the id
 computed from what the gate observers saw during the forward pass) and distillation through
 `teacher`. Runs under `accelerate launch` with the same code as one process.
 
-Checkpoints (in `ckpt_dir`): `model.safetensors`, `optimizer.pt` (read back with
-`weights_only=True`), `rng.safetensors` and `state.json`; written atomically, each epoch and
-every `checkpoint_every` steps. `resume=True` continues from the last complete one, skipping the
-batches already seen in the interrupted epoch (the epoch's order is re-seeded, so it is the same).
+Checkpoints (in `ckpt_dir`): one folder per checkpoint, `e<epoch>-s<step in epoch>/`, holding
+`model.safetensors` (spectral-norm u, v and bounds included: they are buffers), `optimizer.pt`
+(optimizer + scheduler, read back with `weights_only=True`), `rng.safetensors` and `state.json`
+(progress, history, the running loss sums of the epoch, Python's RNG). Each folder is written
+under a temporary name and renamed when complete, so a crash at any moment leaves only complete
+checkpoints; older ones are deleted after the new one is in place. Written each epoch and every
+`checkpoint_every` steps. `resume=True` continues from the newest, skipping the batches already
+seen in the interrupted epoch (the epoch's order is re-seeded, so it is the same) with every RNG
+restored, so a resumed run ends with the same weights as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
+import re
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
@@ -49,10 +58,6 @@ class NonFiniteLoss(IdpriorError):
 
 
 def set_seed(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -148,18 +153,23 @@ def train(
     result = TrainResult()
     state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None, "history": []}
     ckpt = Path(ckpt_dir) if ckpt_dir else None
-    if ckpt and resume and (ckpt / "state.json").is_file():
-        state = _load_checkpoint(ckpt, acc.unwrap_model(model), opt, sched)
+    last = latest_checkpoint(ckpt) if ckpt and resume else None
+    if last is not None:
+        state = _load_checkpoint(last, acc.unwrap_model(model), opt, sched)
     result.history = state["history"]
     t0 = time.perf_counter()
-    log = open(log_path, "a", encoding="utf-8") if log_path and acc.is_main_process else None  # noqa: SIM115
+    log = None
+    if log_path and acc.is_main_process:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        _trim_log(Path(log_path), state["global_step"])  # drop rows past the checkpoint (and a torn last line)
+        log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115
     try:
         while state["global_step"] < total and state["epoch"] < n_epochs:
             epoch = state["epoch"]
             model.train()
             _reseed_order(train_loader, seed, epoch)
-            sums: dict[str, float] = {}
-            count = 0
+            sums: dict[str, float] = dict(state.pop("epoch_sums", {}))  # a resumed epoch keeps its running means
+            count = state.pop("epoch_count", 0)
             bar = tqdm(total=min(steps_per_epoch, total - epoch * steps_per_epoch), initial=state["step_in_epoch"],
                        desc=f"{desc} epoch {epoch + 1}/{n_epochs}", disable=not acc.is_main_process, dynamic_ncols=True,
                        leave=False)
@@ -191,7 +201,13 @@ def train(
                     )
                 acc.backward(loss)
                 if cfg.max_grad_norm > 0:
-                    acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                        raise NonFiniteLoss(
+                            f"{desc}: the gradient norm became {float(grad_norm)} at step {state['global_step']} "
+                            f"(loss {float(loss):.4g}); lower the learning rate (train.lr) or use --dtype float32; "
+                            "the last good checkpoint is kept"
+                        )
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -205,7 +221,10 @@ def train(
                 if log:
                     log.write(json.dumps({"step": state["global_step"], **terms, "lr": sched.get_last_lr()[0]}) + "\n")
                 if ckpt and cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
-                    _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, state)
+                    if log:
+                        log.flush()
+                    _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched,
+                                     {**state, "epoch_sums": sums, "epoch_count": count})
             bar.close()
             row = {"epoch": epoch + 1, "steps": state["global_step"], **{k: v / max(1, count) for k, v in sums.items()}}
             if eval_fn is not None:
@@ -217,7 +236,7 @@ def train(
                 if best is None or (value > best if higher_is_better else value < best):
                     state["best_metric"], state["best_epoch"] = value, epoch + 1
                     if ckpt:
-                        _save_weights(ckpt / "best.safetensors", acc.unwrap_model(model))
+                        _save_best(ckpt, epoch + 1, acc.unwrap_model(model))
                     else:
                         state["_best_weights"] = {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()}
             state["history"].append(row)
@@ -227,14 +246,17 @@ def train(
             state["epoch"] += 1
             state["step_in_epoch"] = 0
             if ckpt:
+                if log:
+                    log.flush()
                 _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, state)
     finally:
         if log:
             log.close()
     model = acc.unwrap_model(model)
     if eval_fn is not None and state["best_epoch"] is not None:
-        if ckpt and (ckpt / "best.safetensors").is_file():
-            model.load_state_dict(load_file(str(ckpt / "best.safetensors")), strict=True)
+        best_file = ckpt / f"best-e{state['best_epoch']:04d}.safetensors" if ckpt else None
+        if best_file is not None and best_file.is_file():
+            model.load_state_dict(load_file(str(best_file)), strict=True)
         elif "_best_weights" in state:
             model.load_state_dict(state.pop("_best_weights"), strict=True)
     model.eval()
@@ -259,20 +281,93 @@ def _save_weights(path: Path, model: torch.nn.Module) -> None:
     io.write_with(path, lambda tmp: save_file(_state_tensors(model), str(tmp)))
 
 
-def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict) -> None:
-    """Weights, optimizer, scheduler and RNG, then state.json last: it marks the checkpoint complete."""
+_CKPT_NAME = re.compile(r"e(\d{4,})-s(\d{7,})")
+
+
+def _ckpt_name(state: dict) -> str:
+    return f"e{state['epoch']:04d}-s{state['step_in_epoch']:07d}"
+
+
+def latest_checkpoint(ckpt: Path | None) -> Path | None:
+    """The newest complete checkpoint folder in `ckpt` (only complete ones carry a final name)."""
+    if ckpt is None or not ckpt.is_dir():
+        return None
+    found = [(tuple(map(int, m.groups())), p) for p in ckpt.iterdir()
+             if (m := _CKPT_NAME.fullmatch(p.name)) and (p / "state.json").is_file()]
+    return max(found)[1] if found else None
+
+
+def _save_best(ckpt: Path, epoch: int, model: torch.nn.Module) -> None:
+    """best-e<epoch>.safetensors; the file named by state["best_epoch"] is the one loaded at the end."""
     ckpt.mkdir(parents=True, exist_ok=True)
-    _save_weights(ckpt / "model.safetensors", model)
-    io.write_with(ckpt / "optimizer.pt", lambda tmp: torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp))
-    io.write_with(ckpt / "rng.safetensors", lambda tmp: save_file({"torch": torch.get_rng_state()}, str(tmp)))
-    io.write_json(ckpt / "state.json", {k: v for k, v in state.items() if not k.startswith("_")})
+    name = f"best-e{epoch:04d}.safetensors"
+    _save_weights(ckpt / name, model)
+    for old in ckpt.glob("best-e*.safetensors"):
+        if old.name != name:
+            old.unlink(missing_ok=True)
 
 
-def _load_checkpoint(ckpt: Path, model, opt, sched) -> dict:
-    state = io.read_json(ckpt / "state.json")
-    model.load_state_dict(load_file(str(ckpt / "model.safetensors")), strict=True)
-    blob = torch.load(ckpt / "optimizer.pt", weights_only=True)
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
+    """Every RNG the loop may draw from: torch (CPU, CUDA), NumPy and Python's `random`."""
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda{i}"] = s
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    version, py_state, gauss_next = random.getstate()
+    extra = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)], "python": [version, list(py_state), gauss_next]}
+    return tensors, extra
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], extra: dict) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("cuda")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    if "numpy" in extra and "numpy_keys" in tensors:
+        kind, pos, has_gauss, gauss = extra["numpy"]
+        np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    if "python" in extra:
+        version, py_state, gauss_next = extra["python"]
+        random.setstate((version, tuple(py_state), gauss_next))
+
+
+def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict) -> None:
+    """Weights, optimizer, scheduler, RNG and progress in one folder that appears complete or not at all."""
+    ckpt.mkdir(parents=True, exist_ok=True)
+    name = _ckpt_name(state)
+    rng, rng_extra = _rng_state()
+    with io.atomic_dir(ckpt / name) as tmp:
+        save_file(_state_tensors(model), str(tmp / "model.safetensors"))
+        torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp / "optimizer.pt")
+        save_file(rng, str(tmp / "rng.safetensors"))
+        io.write_json(tmp / "state.json", {**{k: v for k, v in state.items() if not k.startswith("_")}, "rng": rng_extra})
+    for old in ckpt.iterdir():  # older checkpoints (and leftovers of interrupted writes)
+        if old.name != name and (_CKPT_NAME.fullmatch(old.name) or old.name.startswith(".e")):
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(folder: Path, model, opt, sched) -> dict:
+    state = io.read_json(folder / "state.json")
+    model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
+    blob = torch.load(folder / "optimizer.pt", weights_only=True)
     opt.load_state_dict(blob["opt"])
     sched.load_state_dict(blob["sched"])
-    torch.set_rng_state(load_file(str(ckpt / "rng.safetensors"))["torch"])
+    _set_rng_state(load_file(str(folder / "rng.safetensors")), state.pop("rng", {}))
     return state
+
+
+def _trim_log(path: Path, last_step: int) -> None:
+    """Keep the rows of steps up to `last_step`: the steps a resumed run redoes are logged again."""
+    if not path.is_file():
+        return
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a crash
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            rows.append(line)
+    io.write_text(path, "".join(r + "\n" for r in rows))

@@ -1,0 +1,41 @@
+"""`idprior bench-quality`: run a quality grid (SNIP, ablations, baselines x tasks x targets x seeds).
+
+Fine-tunes once per (task, seed, variant: plain / sn / prior / sn+prior) and prunes every cell
+from the shared fine-tune with the same recovery budget. One JSONL line per finished cell
+(OUT/results.jsonl unless --results); --resume skips every finished cell and continues an
+interrupted one. Turn the results into tables and plots with `idprior report RESULTS.jsonl`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+
+def add_parser(sub):
+    p = sub.add_parser("bench-quality", help="run a resumable quality grid of pruning methods",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example: idprior bench-quality benchmarks/quality_minilm.yaml --out runs/quality --resume")
+    p.add_argument("grid", metavar="GRID.yaml", help="grid file: model, tasks, targets, seeds, methods, budgets")
+    p.add_argument("--out", required=True, help="folder for the fine-tunes and cell run folders")
+    p.add_argument("--results", default=None, help="results JSONL (default OUT/results.jsonl)")
+    p.add_argument("--resume", action="store_true", help="continue a sweep: finished cells are never rerun")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
+    p.add_argument("--stop-after-min", type=float, default=None,
+                   help="start no new cell after this many minutes (finish later with --resume)")
+    return p
+
+
+def run(args) -> int:
+    from ..quality import load_grid, run_grid
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    grid = load_grid(args.grid)
+    deadline = time.time() + 60 * args.stop_after_min if args.stop_after_min else None
+    c = run_grid(grid, args.out, results=args.results, resume=args.resume, deadline=deadline)
+    print(f"done: {c['cells']} cells and {c['dense']} dense rows run, {c['finetune']} fine-tunes, "
+          f"{c['skipped']} finished earlier and skipped")
+    return 0

@@ -1,0 +1,394 @@
+"""Checks before any work starts: every problem with a run's inputs, reported at once.
+
+`preflight(cfg, resume=..., overwrite=...)` runs first in `pipeline.prune` and `pipeline.finetune`.
+It reads only small things (config.json, safetensors headers, the task data) and writes nothing,
+so a run that would fail on a bad input fails in seconds, before fine-tuning, and leaves no output
+folder behind. Problems found together are raised together as one `ConfigError`, one line each.
+A check that needs an earlier one to pass (the model's structure needs a readable config.json) is
+skipped when that one failed.
+
+What is checked: the config fields (again, for configs built in Python), the method, the model
+(found, a Transformer folder of a supported type, safetensors weights that are complete, a
+tokenizer, a task head that fits the task), the task data (every error `load_task` raises, and no
+empty split), `--kinds` and `--target` against the model's structure (a target no plan can reach
+is refused here instead of after fine-tuning), the output folder (occupied, a resume with another
+config, an `--overwrite` that would delete the inputs) and the free disk space.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from . import models
+from .config import RunConfig, validate
+from .errors import ConfigError, IdpriorError
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+GGUF_EXPANSION = 8  # a 4-bit GGUF file holds about 1/8 of its float32 weights
+
+
+@dataclass
+class ModelInfo:
+    folder: Path
+    gguf: str | None
+    config: dict  # config.json ({} for a .gguf file)
+    params: int | None  # from the safetensors headers; None when unknown
+    file_bytes: int
+
+
+def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, prune: bool = True) -> None:
+    """Raise one ConfigError listing every problem found with `cfg`'s inputs; write nothing.
+
+    `prune=False` (plain fine-tuning) skips the pruning checks (method, kinds, target).
+    """
+    problems = list(validate(cfg, raise_=False))
+    config_ok = not problems
+    if prune:
+        problems += check_method(cfg)
+    problems += check_output(cfg, resume=resume, overwrite=overwrite)
+    model_problems, info = check_model(cfg)
+    problems += model_problems
+    data_problems, data = [], None
+    if not (cfg.data.task.strip().lower() == "custom" and not cfg.data.train_file):  # validate() said so already
+        data_problems, data = check_data(cfg)
+    problems += data_problems
+    if info is not None and data is not None:
+        problems += check_head(info, data.task)
+    if prune and info is not None and config_ok and not model_problems:
+        problems += check_structure(cfg, info)
+    if info is not None and not resume and config_ok:
+        problems += check_disk(cfg, info, prune=prune)
+    if problems:
+        raise ConfigError([_one_line(p) for p in dict.fromkeys(problems)])
+
+
+# ---- the method -----------------------------------------------------------------------------------
+
+def check_method(cfg: RunConfig) -> list[str]:
+    from .baselines import METHODS
+
+    p = cfg.prune
+    known = ["snip", *METHODS]
+    if p.method not in known:
+        close = difflib.get_close_matches(p.method, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        return [f"unknown method {p.method!r}{hint}; use one of {', '.join(known)}"]
+    if p.method != "snip" and p.tau is not None:
+        return [f"--tau is a threshold on SNIP's function norms; method {p.method!r} takes --target only"]
+    return []
+
+
+# ---- the output folder ----------------------------------------------------------------------------
+
+def check_output(cfg: RunConfig, *, resume: bool, overwrite: bool) -> list[str]:
+    """The same rules as `pipeline.Run`, checked before anything is written."""
+    if not cfg.out:
+        return []
+    out = Path(cfg.out).expanduser()
+    if out.exists() and not out.is_dir():
+        return [f"output folder {out} is a file; choose a folder with --out"]
+    if out.is_dir() and any(out.iterdir()):
+        if overwrite:
+            return _overwrite_would_delete_inputs(cfg, out)
+        marker = (out / "stages.json").is_file() or (out / "config.yaml").is_file()
+        if not resume:
+            what = "holds another run" if marker else "is not empty"
+            return [f"output folder {out} {what}; pass --resume to continue it, --overwrite to replace it, "
+                    "or choose another --out"]
+        saved = _saved_config(out)
+        if saved is None:
+            return [f"--resume: {out} holds no idprior run (no stages.json or config.yaml); choose the run's "
+                    "folder or another --out"]
+        from .pipeline import _comparable
+
+        changed = _differences(saved, _comparable(cfg))
+        if changed:
+            shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
+            return [f"--resume: {out} was started with a different config ({shown} differ); use the same "
+                    "options, --overwrite, or another --out"]
+        return []
+    parent = _existing_ancestor(out)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return [f"cannot write to {parent} (permission denied); choose another --out"]
+    return []
+
+
+def _saved_config(out: Path) -> dict | None:
+    """The config a run folder was started with: stages.json, else config.yaml (written first)."""
+    try:
+        if (out / "stages.json").is_file():
+            return dict(json.loads((out / "stages.json").read_text(encoding="utf-8")).get("config") or {})
+        if (out / "config.yaml").is_file():
+            saved = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8")) or {}
+            saved.pop("bench", None)
+            return saved
+    except (OSError, ValueError, yaml.YAMLError, AttributeError):
+        return None
+    return None
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (`out` may change: a run folder can be moved)."""
+    keys = [k for k in dict.fromkeys([*saved, *now]) if not (prefix == "" and k in ("out", "bench"))]
+    out = []
+    for k in keys:
+        a, b = saved.get(k), now.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{k}.")
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def _overwrite_would_delete_inputs(cfg: RunConfig, out: Path) -> list[str]:
+    d = cfg.data
+    inputs = {"the model": cfg.model.name, "--data": d.train_file, "--data-validation": d.validation_file,
+              "--data-test": d.test_file, "--data-dir": d.data_dir}
+    problems = []
+    root = out.resolve()
+    for what, value in inputs.items():
+        if value and Path(value).expanduser().exists():
+            path = Path(value).expanduser().resolve()
+            if path == root or root in path.parents:
+                problems.append(f"--overwrite would delete {what} ({value}), which is inside {out}; "
+                                "choose another --out")
+    return problems
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = path.absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+# ---- the model ------------------------------------------------------------------------------------
+
+def check_model(cfg: RunConfig) -> tuple[list[str], ModelInfo | None]:
+    """Found, a Transformer folder of a supported type, complete safetensors, a tokenizer."""
+    from .arch import supported_model_types
+
+    try:
+        folder, gguf = models.resolve(cfg.model.name)
+    except IdpriorError as e:
+        return [str(e)], None
+    if gguf:
+        size = (folder / gguf).stat().st_size
+        return [], ModelInfo(folder, gguf, {}, None, size)
+    problems: list[str] = []
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        return [f"cannot read {folder / 'config.json'} ({_first_line(e)})"], None
+    except json.JSONDecodeError as e:
+        return [f"{folder / 'config.json'} is not valid JSON ({e}); {folder} is not a Transformer model folder"], None
+    if not isinstance(config, dict) or not config.get("model_type"):
+        return [f"{folder / 'config.json'} has no model_type; {folder} is not a Hugging Face Transformer model folder"], None
+    model_type = config["model_type"]
+    if model_type not in supported_model_types():
+        problems.append(f"{folder} is a {model_type!r} model, which idprior cannot prune; supported model types: "
+                        f"{', '.join(supported_model_types())}")
+    try:
+        models._check_weights(folder, None)
+    except IdpriorError as e:
+        problems.append(str(e))
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        problems.append(f"{folder} has no tokenizer ({', '.join(TOKENIZER_FILES[:3])}, ...); save the tokenizer "
+                        "into the model folder with tokenizer.save_pretrained(folder)")
+    params, size = _safetensors_size(folder) if not problems else (None, 0)
+    return problems, ModelInfo(folder, None, config, params, size)
+
+
+def _safetensors_size(folder: Path) -> tuple[int | None, int]:
+    """(parameter count from the headers, bytes on disk) of every *.safetensors file."""
+    params, size = 0, 0
+    for f in sorted(folder.glob("*.safetensors")):
+        size += f.stat().st_size
+        try:
+            with open(f, "rb") as fh:
+                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        except (OSError, ValueError):
+            return None, size
+        for key, value in header.items():
+            if key != "__metadata__":
+                params += math.prod(value.get("shape", [])) if value.get("dtype") in _ST_DTYPE_BYTES else 0
+    return params, size
+
+
+def check_head(info: ModelInfo, task) -> list[str]:
+    """A model folder with a task head must fit the task; language modelling needs a decoder."""
+    from .arch.bert import BertAdapter
+
+    config = info.config
+    if not config:
+        return []
+    archs = config.get("architectures") or []
+    pruned = "idprior_layers" in config
+    has_classifier = any("ForSequenceClassification" in a for a in archs)
+    if task.kind == "lm":
+        if config.get("model_type") in BertAdapter.model_types:
+            return [f"task {task.name} is language modelling, which needs a decoder (gpt2, llama, qwen2, mistral); "
+                    f"{info.folder} is a {config['model_type']} encoder"]
+        if pruned and has_classifier:
+            return [f"{info.folder} is a pruned classifier; task {task.name} needs a language model"]
+        return []
+    if has_classifier:
+        n = config.get("num_labels") or len(config.get("id2label") or {}) or 2
+        if n != task.num_labels:
+            what = f"{task.num_labels} labels" if task.kind == "classification" else "1 output (regression)"
+            return [f"{info.folder} has a task head with {n} outputs but task {task.name} needs {what}; start from "
+                    "the base model (without a task head) or use the task it was fine-tuned on"]
+    elif pruned:
+        return [f"{info.folder} is a pruned model without a classification head; task {task.name} needs one"]
+    return []
+
+
+# ---- the data -------------------------------------------------------------------------------------
+
+def check_data(cfg: RunConfig):
+    """(problems, TaskData or None): every error of `load_task`, plus empty splits."""
+    from .data import load_task
+
+    d = cfg.data
+    files = {k: v for k, v in {"train": d.train_file, "validation": d.validation_file, "test": d.test_file}.items() if v}
+    try:
+        data = load_task(d.task, data_dir=d.data_dir, max_train=d.max_train, max_eval=d.max_eval, seed=cfg.seed,
+                         data_files=files or None, text_column=d.text_column, text_pair_column=d.text_pair_column,
+                         label_column=d.label_column)
+    except ConfigError as e:
+        return list(e.problems), None
+    except IdpriorError as e:
+        return [str(e)], None
+    except (OSError, UnicodeError, csv.Error) as e:  # unreadable files: the user's to fix, not a bug
+        return [f"cannot read the data of task {d.task!r}: {type(e).__name__}: {_first_line(e)}"], None
+    empty = [s for s, ex in data.splits.items() if not ex]
+    if empty:
+        return [f"task {data.task.name}: split(s) {', '.join(empty)} are empty; give more data"], None
+    return [], data
+
+
+# ---- kinds and target against the model's structure -----------------------------------------------
+
+def check_structure(cfg: RunConfig, info: ModelInfo) -> list[str]:
+    """Kinds the model has none of, and a target no plan can reach (one attention and one FFN
+    sub-layer always stay). Uses the layer shapes only: the model is built on the meta device."""
+    from .baselines.layerdrop import ShortGPTMethod, TopLayersMethod
+    from .plan import measure_of, model_cost, sublayer_cost
+    from .units import parse_kinds
+
+    p = cfg.prune
+    try:
+        adapter = _meta_adapter(info, cfg.model.per_query_head)
+    except IdpriorError as e:
+        return [str(e)]
+    except Exception as e:  # noqa: BLE001 - a config transformers cannot build: one line, not a traceback
+        return [f"{info.folder} cannot be built from its config.json ({type(e).__name__}: {_first_line(e)})"]
+    if adapter is None:
+        return []
+    layer_method = p.method in (ShortGPTMethod.name, TopLayersMethod.name)
+    kinds = ("attn", "ffn") if layer_method else parse_kinds(p.kinds)  # layer drops ignore --kinds
+    n = adapter.num_layers
+    attn_layers = [i for i in range(n) if adapter.shape(i).has_attn]
+    ffn_layers = [i for i in range(n) if adapter.shape(i).has_ffn]
+    problems = []
+    for kind in kinds:
+        layers = attn_layers if kind in ("head", "attn") else ffn_layers
+        if not layers:
+            sub = "attention" if kind in ("head", "attn") else "feed-forward"
+            problems.append(f"--kinds {kind}: {info.folder} has no {sub} sub-layers left, so there is no {kind} "
+                            "to prune; choose other kinds")
+    if problems or p.tau is not None:
+        return problems
+
+    def m(cost) -> float:
+        return measure_of(cost, p.measure, p.flops_seq_len)
+
+    total = float(adapter.layer_params()) if p.measure == "encoder_params" else m(model_cost(adapter))
+    removable = 0.0
+    for family, layers, unit in (("attn", attn_layers, "head"), ("ffn", ffn_layers, "neuron")):
+        if not layers or not ({family, unit} & set(kinds)):
+            continue
+        full = [m(sublayer_cost(adapter, family, i)) for i in layers]
+        if unit in kinds:  # the last sub-layer may shrink to one unit
+            keep = [m(adapter.unit_cost(unit, i) + adapter.unit_cost(family, i)) for i in layers]
+        else:
+            keep = full
+        removable += sum(full) - min(keep)
+    reachable = removable / total if total else 0.0
+    if p.target > reachable + 1e-12:
+        return [f"prune.target {p.target:g} is out of reach: with kinds {','.join(kinds)} at most {reachable:.1%} "
+                f"of {p.measure} can be removed (one attention and one FFN sub-layer always stay); lower --target "
+                "or add kinds"]
+    return []
+
+
+def _meta_adapter(info: ModelInfo, per_query_head: bool):
+    """The model's adapter on the meta device (no weights read), reshaped to a pruned folder's layers."""
+    if info.gguf:
+        return None  # the config lives inside the GGUF file; the load itself checks it
+    import torch
+    import transformers
+
+    from .arch import STRUCTURE_KEY, LayerShape, get_adapter
+
+    config = transformers.AutoConfig.from_pretrained(str(info.folder), local_files_only=True, trust_remote_code=False)
+    with torch.device("meta"):
+        model = transformers.AutoModel.from_config(config)
+    adapter = get_adapter(model, per_query_head=per_query_head)
+    shapes = getattr(config, STRUCTURE_KEY, None)
+    if shapes is not None:
+        target = [LayerShape(**s) for s in shapes]
+        adapter.check_target_shapes(target)
+        adapter.reshape_to(target)
+    return adapter
+
+
+# ---- disk space -----------------------------------------------------------------------------------
+
+def check_disk(cfg: RunConfig, info: ModelInfo, *, prune: bool) -> list[str]:
+    """About: weights x (finetuned/ + surgery/ + pruned/ + one being written, per round) + checkpoints."""
+    if info.params is not None:
+        weights = info.params * _DTYPE_BYTES.get(cfg.model.dtype, 4)
+    else:
+        weights = info.file_bytes * (GGUF_EXPANSION if info.gguf else 1)
+    copies = 2 + 3 * cfg.prune.iterative if prune else 2
+    training = cfg.train.epochs > 0 and (cfg.prune.train or not prune) or (prune and cfg.prune.recover_epochs > 0)
+    if training:
+        copies += 4  # checkpoint: weights, two AdamW moments, best weights
+    need = weights * copies
+    where = _existing_ancestor(Path(cfg.out).expanduser())
+    free = shutil.disk_usage(where).free
+    if need > free:
+        return [f"not enough disk space for {cfg.out}: the run needs about {_size(need)} (model weights {_size(weights)} "
+                f"x {copies}: finetuned/, surgery/, pruned/ and checkpoints) but {where} has {_size(free)} free; "
+                "free some space or choose another --out"]
+    return []
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())

@@ -1,0 +1,332 @@
+"""Quality benchmark: SNIP, its ablations and every baseline on one grid, resumable, one JSONL row per cell.
+
+A grid (YAML) names a model, tasks, targets, seeds and methods. The expensive part, fine-tuning,
+is done once per (task, seed, fine-tune variant) and shared by every cell that needs it:
+
+    variant    SN   prior   used by
+    plain      no   no      every baseline, snip-no-sn-no-prior, the "dense" row
+    sn         yes  no      snip-no-prior
+    prior      no   yes     snip-no-sn
+    sn+prior   yes  yes     snip
+
+Each cell (task, seed, method, target) is a pipeline run folder whose `finetuned/` is a symlink
+to its variant's fine-tuned model, on which the pipeline's own stages run in post-training mode
+(score, select, surgery, recover, evaluate): the same code and the same recovery budget for every
+method. A finished cell appends one line to the results JSONL; a rerun skips every key
+(task/seed/method/target) already there, and an interrupted cell or fine-tune resumes from its
+run folder. Loop order is seed-major (seed 0 of every task before seed 1), so a sweep cut short
+leaves complete slices.
+
+    grid = load_grid("benchmarks/quality_minilm.yaml")
+    run_grid(grid, "benchmarks/results/minilm", results="benchmarks/results/quality_minilm.jsonl")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import platform
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from . import io
+from .config import RunConfig, load_config
+from .errors import IdpriorError
+
+# snip-family method -> (sn, prior) of the fine-tune it prunes
+SNIP_METHODS = {"snip": (True, True), "snip-no-sn": (False, True), "snip-no-prior": (True, False),
+                "snip-no-sn-no-prior": (False, False)}
+VARIANTS = {(False, False): "plain", (True, False): "sn", (False, True): "prior", (True, True): "sn+prior"}
+CELL_STAGES = ("score", "select", "surgery", "recover", "evaluate")
+ROW_KEYS = ("key", "task", "seed", "method", "base_method", "target", "variant", "model", "main_metric", "config",
+            "versions", "wall_s", "sizes", "dense", "pruned_no_recovery", "pruned", "compression", "removed", "finished_at")
+GRID_KEYS = {"model", "tasks", "targets", "seeds", "methods", "max_train", "max_eval", "max_length", "train",
+             "recover", "prune", "selection", "set"}
+
+
+def baseline_names() -> tuple[str, ...]:
+    from .baselines import METHODS
+
+    return tuple(METHODS)
+
+
+@dataclass
+class MethodSpec:
+    """One column of the grid: a method (snip-family or baseline) plus its own dotted overrides."""
+
+    name: str
+    method: str
+    overrides: dict = field(default_factory=dict)
+
+
+@dataclass
+class Grid:
+    model: str
+    tasks: list[str]
+    targets: list[float]
+    seeds: list[int]
+    methods: list[MethodSpec]
+    overrides: dict = field(default_factory=dict)  # dotted key -> value, applied to every run
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
+    """Parse a grid YAML (or dict); IdpriorError listing every problem at once."""
+    raw = path_or_dict if isinstance(path_or_dict, dict) else yaml.safe_load(Path(path_or_dict).read_text(encoding="utf-8"))
+    if not isinstance(raw, dict):
+        raise IdpriorError(f"{path_or_dict}: a grid must be a mapping (model:, tasks:, targets:, seeds:, methods:, ...)")
+    problems = [f"unknown grid key {k!r}; valid keys: {', '.join(sorted(GRID_KEYS))}" for k in raw if k not in GRID_KEYS]
+    for k in ("tasks", "targets", "seeds", "methods"):
+        if not isinstance(raw.get(k), list) or not raw.get(k):
+            problems.append(f"grid key {k!r} must be a non-empty list")
+    known = (*SNIP_METHODS, *baseline_names())
+    methods: list[MethodSpec] = []
+    for m in raw.get("methods") or []:
+        spec = MethodSpec(m, m) if isinstance(m, str) else MethodSpec(str(m.get("name")), str(m.get("method", m.get("name"))), dict(m.get("set") or {})) if isinstance(m, dict) else None
+        if spec is None or spec.method not in known:
+            problems.append(f"method {m!r}: use one of {', '.join(known)} or {{name:, method:, set: {{dotted: value}}}}")
+            continue
+        if spec.name == "dense" or spec.name in {s.name for s in methods}:
+            problems.append(f"method name {spec.name!r} is reserved or used twice")
+        sel = (raw.get("selection") or {}).get(spec.name, (raw.get("selection") or {}).get(spec.method))
+        if sel is not None and spec.method not in SNIP_METHODS:
+            problems.append(f"selection for {spec.name!r}: baselines use their own selection rule (see idprior.baselines)")
+        elif sel is not None:
+            spec.overrides = {"prune.selection": sel, **spec.overrides}
+        methods.append(spec)
+    overrides: dict = {}
+    for key in ("max_train", "max_eval", "max_length"):
+        if raw.get(key) is not None:
+            overrides[f"data.{key}"] = raw[key]
+    for section in ("train", "recover", "prune"):
+        for k, v in (raw.get(section) or {}).items():
+            overrides[f"{section}.{k}"] = v
+    overrides.update(raw.get("set") or {})
+    if problems:
+        raise IdpriorError("bad grid:\n  " + "\n  ".join(problems))
+    grid = Grid(model=str(raw.get("model", "minilm-l6")), tasks=[str(t) for t in raw["tasks"]],
+                targets=[float(t) for t in raw["targets"]], seeds=[int(s) for s in raw["seeds"]],
+                methods=methods, overrides=overrides)
+    for spec in grid.methods:  # validate every method's config before any work starts
+        cell_config(grid, grid.tasks[0], grid.seeds[0], spec, grid.targets[0], out="pending")
+    return grid
+
+
+# ---- configs ------------------------------------------------------------------------------------
+
+def _overrides(d: dict) -> list[str]:
+    return [f"{k}={json.dumps(v)}" for k, v in d.items()]
+
+
+def cell_config(grid: Grid, task: str, seed: int, spec: MethodSpec, target: float, *, out: str) -> RunConfig:
+    """The RunConfig of one cell: post-training mode (prune.train=false) on its variant's fine-tune."""
+    base = {"model.name": grid.model, "data.task": task, "seed": seed, "bench.enabled": False, **grid.overrides,
+            "prune.method": "snip" if spec.method in SNIP_METHODS else spec.method, "prune.target": target}
+    if spec.method in SNIP_METHODS:
+        sn, prior = SNIP_METHODS[spec.method]
+        base.update({"prune.sn": sn, "prune.prior": prior})
+    else:
+        base.update({"prune.sn": False, "prune.prior": False})
+    base.update(spec.overrides)
+    base["out"] = out
+    return load_config(None, _overrides(base))
+
+
+def variant_of(cfg: RunConfig) -> str:
+    p = cfg.prune
+    return VARIANTS[(p.sn, p.prior and p.prior_lambda > 0)]
+
+
+def finetune_config(cell: RunConfig, *, out: str) -> tuple[RunConfig, str]:
+    """The fine-tune a cell prunes, with every field that does not change the fine-tune reset,
+    so cells that need the same model map to the same config; returns (config, folder name)."""
+    p = cell.prune
+    sn, prior = p.sn, p.prior and p.prior_lambda > 0
+    default = RunConfig().prune
+    prune = dataclasses.replace(
+        default, sn=sn, prior=prior, train=True, recover_epochs=0,
+        sn_bound=p.sn_bound if sn else default.sn_bound,
+        prior_lambda=p.prior_lambda if prior else 0.0, prior_weight=p.prior_weight if prior else default.prior_weight,
+        prior_warmup=p.prior_warmup if prior else default.prior_warmup, kinds=p.kinds if prior else default.kinds)
+    cfg = dataclasses.replace(cell, prune=prune, recover=RunConfig().recover, out=out)
+    digest = hashlib.sha1(json.dumps(cfg.to_dict() | {"out": None}, sort_keys=True).encode()).hexdigest()[:8]
+    return cfg, f"{VARIANTS[(sn, prior)]}-{digest}"
+
+
+def cells(grid: Grid) -> Iterator[tuple[int, str, float, MethodSpec | None]]:
+    """(seed, task, target, method) in run order: seed-major, a dense row first for each (task, seed)."""
+    for seed in grid.seeds:
+        for task in grid.tasks:
+            yield seed, task, 0.0, None
+            for target in grid.targets:
+                for spec in grid.methods:
+                    yield seed, task, target, spec
+
+
+def cell_key(task: str, seed: int, method: str, target: float) -> str:
+    return f"{task}/{seed}/{method}/{target:g}"
+
+
+def finished_keys(results: str | os.PathLike) -> set[str]:
+    """Keys already in the JSONL (a torn last line from a kill is ignored)."""
+    path = Path(results)
+    keys = set()
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                keys.add(json.loads(line)["key"])
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return keys
+
+
+def append_row(results: str | os.PathLike, row: dict) -> None:
+    """One line per call, flushed and synced, so a kill loses at most the line being written."""
+    path = Path(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(row, default=io._jsonable) + "\n"
+    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
+        text = "\n" + text  # a torn line from a kill stays on its own line
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return {"idprior": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "threads": torch.get_num_threads()}
+
+
+# ---- running ------------------------------------------------------------------------------------
+
+def ensure_finetuned(cell: RunConfig, out: Path, counter: dict | None = None) -> Path:
+    """The fine-tuned folder for this cell's variant; fine-tunes (or resumes) only when missing."""
+    from .pipeline import Run, _timed, stage_finetune
+
+    cfg, name = finetune_config(cell, out="pending")
+    folder = out / "finetune" / cell.data.task / f"seed{cell.seed}" / name
+    cfg = dataclasses.replace(cfg, out=str(folder))
+    run = Run(cfg, resume=True)
+    if not run.done("finetune"):
+        print(f"== fine-tune {cell.data.task} seed {cell.seed} {name}")
+        _timed(run, "finetune", lambda: stage_finetune(run))
+        if counter is not None:
+            counter["finetune"] = counter.get("finetune", 0) + 1
+    return folder
+
+
+def _link_finetuned(cell_dir: Path, ft_dir: Path) -> None:
+    link = cell_dir / "finetuned"
+    if link.is_symlink() or link.exists():
+        return
+    os.symlink(os.path.relpath(ft_dir / "finetuned", cell_dir), link, target_is_directory=True)
+
+
+def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, target: float,
+             counter: dict | None = None) -> dict:
+    """Score/select/surgery/recover/evaluate one cell on its shared fine-tune; returns its JSONL row."""
+    from .pipeline import Run, _timed, stage_evaluate, stage_recover, stage_score, stage_select, stage_surgery
+
+    cell_dir = out / "cells" / task / f"seed{seed}" / spec.name / f"t{target:g}"
+    cfg = cell_config(grid, task, seed, spec, target, out=str(cell_dir))
+    ft_dir = ensure_finetuned(cfg, out, counter)
+    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, train=False))
+    run = Run(cfg, resume=True)
+    _link_finetuned(cell_dir, ft_dir)
+    fns = {"score": stage_score, "select": stage_select, "surgery": stage_surgery, "recover": stage_recover,
+           "evaluate": stage_evaluate}
+    for stage in CELL_STAGES:
+        if stage == "score" and cfg.prune.method != "snip":
+            continue
+        _timed(run, stage, lambda fn=fns[stage]: fn(run))
+    if counter is not None:
+        counter["cells"] = counter.get("cells", 0) + 1
+    metrics = io.read_json(run.path("metrics.json"))
+    ft_stages = io.read_json(ft_dir / "stages.json")["stages"]
+    wall = {"finetune": ft_stages["finetune"]["wall_s"]} | {k: v["wall_s"] for k, v in run.status["stages"].items()}
+    row = {"key": cell_key(task, seed, spec.name, target), "task": task, "seed": seed, "method": spec.name,
+           "base_method": spec.method, "target": target, "variant": variant_of(cfg), "model": grid.model,
+           "main_metric": metrics["main_metric"], "config": cfg.to_dict(), "versions": versions(),
+           "wall_s": wall, "finetune_shared": True, "sizes": metrics["sizes"], "dense": metrics["dense"],
+           "pruned_no_recovery": metrics["pruned_no_recovery"], "pruned": metrics["pruned"],
+           "compression": metrics["compression"], "removed": metrics["plan"],
+           "finetune_dir": os.path.relpath(ft_dir, out), "cell_dir": os.path.relpath(cell_dir, out),
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    for heavy in ("surgery", "pruned"):  # keep scores/plan/metrics, drop the model copies (disk)
+        shutil.rmtree(run.path(heavy), ignore_errors=True)
+    return row
+
+
+def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None = None) -> dict:
+    """The "dense" row of (task, seed): the plain fine-tune, evaluated on validation and test."""
+    from .evaluate import evaluate
+    from .metrics import main_metric
+    from .pipeline import Run, _load
+
+    spec = MethodSpec("dense", "snip-no-sn-no-prior")
+    cfg = cell_config(grid, task, seed, spec, 0.5, out="pending")
+    ft_dir = ensure_finetuned(cfg, out, counter)
+    run = Run(finetune_config(cfg, out=str(ft_dir))[0], resume=True)
+    model, tok = _load(run, str(ft_dir / "finetuned"))
+    t0 = time.perf_counter()
+    scores = {s: evaluate(model, run.task, run.loader(s, tok, train=False), desc=f"dense {s}")
+              for s in ["validation", *run.test_splits()]}
+    from .pipeline import compression
+
+    comp = compression(model, model, cfg.prune.flops_seq_len)
+    if counter is not None:
+        counter["dense"] = counter.get("dense", 0) + 1
+    ft_wall = io.read_json(ft_dir / "stages.json")["stages"]["finetune"]["wall_s"]
+    return {"key": cell_key(task, seed, "dense", 0.0), "task": task, "seed": seed, "method": "dense",
+            "base_method": "dense", "target": 0.0, "variant": "plain", "model": grid.model,
+            "main_metric": main_metric(run.task), "config": run.cfg.to_dict(), "versions": versions(),
+            "wall_s": {"finetune": ft_wall, "evaluate": round(time.perf_counter() - t0, 2)}, "finetune_shared": True,
+            "sizes": run.data.sizes(), "dense": scores, "pruned_no_recovery": scores, "pruned": scores,
+            "compression": comp, "removed": {}, "finetune_dir": os.path.relpath(ft_dir, out), "cell_dir": None,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike | None = None,
+             resume: bool = True, deadline: float | None = None) -> dict:
+    """Run every unfinished cell in order; returns counters {"cells", "dense", "finetune", "skipped"}.
+
+    `results` defaults to OUT/results.jsonl. `deadline` (a time.time() value): start no new cell
+    after it, so a sweep can be sized to a wall-clock budget and continued later with resume.
+    """
+    out = Path(out)
+    results = Path(results) if results else out / "results.jsonl"
+    if not resume and results.is_file() and results.stat().st_size:
+        raise IdpriorError(f"{results} already holds results; pass --resume to continue the sweep, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_text(out / "grid.yaml", yaml.safe_dump(grid.to_dict(), sort_keys=False))
+    done = finished_keys(results)
+    counter = {"cells": 0, "dense": 0, "finetune": 0, "skipped": 0}
+    for seed, task, target, spec in cells(grid):
+        key = cell_key(task, seed, spec.name if spec else "dense", target)
+        if key in done:
+            counter["skipped"] += 1
+            continue
+        if deadline is not None and time.time() > deadline:
+            print(f"deadline reached; stopping before {key} (rerun with --resume to continue)")
+            counter["stopped_at"] = key
+            break
+        print(f"=== cell {key}")
+        row = run_dense(grid, out, task, seed, counter) if spec is None else run_cell(grid, out, task, seed, spec, target, counter)
+        append_row(results, row)
+        done.add(key)
+    return counter

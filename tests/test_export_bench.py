@@ -1,0 +1,143 @@
+"""ONNX export parity (dense and pruned BERT, dynamic axes), the FLOPs count, and the benchmark."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from torch.nn.utils import parametrize
+
+from idprior import spectral
+from idprior.arch import get_adapter
+from idprior.errors import IdpriorError
+from idprior.flops import model_flops
+from idprior.plan import model_cost
+from idprior.surgery import apply_plan, save_pruned
+from tiny_folder import make_tiny_bert_folder
+from tiny_models import tiny_bert
+
+# tiny_bert: 4 layers, hidden 32, 4 heads of 8, FFN 64, 3 labels.
+# Layer 0 keeps 3 heads, layer 1 keeps 2 heads and 60 neurons, layer 2 loses its attention
+# sub-layer, layer 3 its FFN: heads per layer are non-uniform and two sub-layers are gone.
+PLAN = ["head:0:1", "head:1:0", "head:1:2", "neuron:1:3", "neuron:1:10", "neuron:1:11", "neuron:1:40", "attn:2", "ffn:3"]
+
+
+def pruned_bert():
+    model = tiny_bert()
+    apply_plan(model, PLAN)
+    return model
+
+
+def _batch(model, batch: int, seq_len: int, pad: bool):
+    from idprior.export import example_inputs, input_names
+
+    return example_inputs(model, input_names(model), batch, seq_len, seed=3, pad=pad)
+
+
+@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
+def test_onnx_parity_dynamic_axes(tmp_path, pruned):
+    pytest.importorskip("onnxruntime", reason="ONNX export checks need onnxruntime (pip install onnx onnxruntime onnxscript)")
+    pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
+    import onnx
+
+    from idprior.export import check_onnx, export_onnx
+
+    model = pruned_bert() if pruned else tiny_bert()
+    if pruned:  # an SN-parametrized model must be folded by the export itself
+        spectral.attach(model, get_adapter(model))
+        assert any(parametrize.is_parametrized(m) for m in model.modules())
+    path = export_onnx(model, None, tmp_path / "m.onnx", seq_len=16)  # traced at [2, 16]
+    assert not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # atomic: no temporary left behind
+
+    proto = onnx.load(str(path))
+    assert [i.name for i in proto.graph.input] == ["input_ids", "attention_mask", "token_type_ids"]
+    for inp in proto.graph.input:  # both axes symbolic
+        assert all(d.dim_param and not d.dim_value for d in inp.type.tensor_type.shape.dim)
+    assert {op.domain for op in proto.opset_import} <= {"", "ai.onnx"}  # standard operators only: no idprior code
+    # other batch sizes and lengths than the export, with right padding in row 0
+    for batch, seq_len, pad in [(3, 7, True), (5, 33, True), (1, 50, False)]:
+        assert check_onnx(model, path, _batch(model, batch, seq_len, pad)) <= 1e-4
+
+
+def test_require_onnx_names_the_install(monkeypatch):
+    from idprior import export
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
+    with pytest.raises(IdpriorError, match="pip install onnx onnxruntime onnxscript"):
+        export.require_onnx()
+
+
+def test_flops_hand_count():
+    T = 10
+    dense = tiny_bert()
+    f = model_flops(dense, T)
+    # per layer, d = 32, 4 heads x head_dim 8, FFN 64:
+    #   linear entries Q, K, V, O = 4 * 32 * 32 = 4096; W1, W2 = 2 * 32 * 64 = 4096 -> 8192
+    #   linear FLOPs 2 * T * 8192 = 163,840; attention 4 * T^2 * head_dim * heads = 4 * 100 * 8 * 4 = 12,800
+    assert [r["total"] for r in f["layers"]] == [176_640] * 4
+    # head on the [CLS] token only: pooler 32 * 32 + classifier 32 * 3 = 1120 entries -> 2,240
+    assert f["head"] == 2_240 and f["embeddings"] == 0
+    assert f["total"] == 4 * 176_640 + 2_240
+    assert f["layers_total"] == model_cost(get_adapter(dense)).flops(T)
+
+    pruned = pruned_bert()
+    f = model_flops(pruned, T)
+    # layer 0, 3 heads: attention linear 4 * 32 * 24 = 3072, FFN 4096 -> 2T * 7168 = 143,360; scores 4*100*8*3 = 9,600
+    # layer 1, 2 heads, 60 neurons: 4 * 32 * 16 = 2048 + 2 * 32 * 60 = 3840 -> 2T * 5888 = 117,760; scores 6,400
+    # layer 2, no attention: FFN 4096 -> 81,920;  layer 3, 4 heads, no FFN: 4096 -> 81,920 + 12,800
+    assert [r["total"] for r in f["layers"]] == [152_960, 124_160, 81_920, 94_720]
+    assert [(r["heads"], r["ffn_dim"]) for r in f["layers"]] == [(3, 64), (2, 60), (0, 64), (4, 0)]
+    assert f["layers_total"] == model_cost(get_adapter(pruned)).flops(T)
+    assert f["total"] == 152_960 + 124_160 + 81_920 + 94_720 + 2_240
+
+
+def test_benchmark_keys_and_fewer_flops():
+    pytest.importorskip("onnxruntime", reason="the ONNX Runtime leg of the benchmark needs onnxruntime")
+    from idprior.bench import benchmark, format_bench_markdown
+
+    result = benchmark({"dense": tiny_bert(), "pruned": pruned_bert()}, batch_sizes=(2,), seq_lens=(8, 12),
+                       threads=1, repeats=2, warmup=1, exporter="legacy")  # legacy: the fast exporter keeps this test short
+    assert set(result) >= {"environment", "reference", "models", "rows"}
+    assert set(result["environment"]) >= {"cpu", "logical_cores", "threads", "dtype", "torch", "onnxruntime",
+                                          "transformers", "loadavg_start", "loadavg_end"}
+    assert result["environment"]["threads"] == 1 and result["reference"] == "dense"
+    assert len(result["rows"]) == 2 * 2 * 2  # models x backends x lengths
+    assert {r["backend"] for r in result["rows"]} == {"eager", "onnxruntime"}
+    for row in result["rows"]:
+        assert set(row) >= {"model", "backend", "batch_size", "seq_len", "latency_ms_median", "latency_ms_iqr",
+                            "throughput_seq_per_s", "speedup", "flops_ideal_speedup", "fraction_of_ideal", "repeats"}
+        assert row["latency_ms_median"] > 0 and row["repeats"] == 2
+    dense, pruned = result["models"]["dense"], result["models"]["pruned"]
+    for T in ("8", "12"):
+        assert pruned["flops"][T] < dense["flops"][T]
+    assert pruned["params"] < dense["params"] and pruned["onnx_max_abs_diff"] <= 1e-4
+    md = format_bench_markdown(result)
+    assert "| onnxruntime | 2 | 12 | pruned |" in md and "FLOPs-ideal" in md
+
+
+def test_cli_export_and_bench(tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="idprior export needs onnxruntime")
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from idprior.cli.main import main
+
+    dense_dir = make_tiny_bert_folder(tmp_path / "dense")
+    model = BertForSequenceClassification.from_pretrained(str(dense_dir)).eval()
+    apply_plan(model, ["head:0:1", "ffn:1"])
+    save_pruned(model, AutoTokenizer.from_pretrained(str(dense_dir)), tmp_path / "pruned")
+
+    rc = main(["export", str(tmp_path / "pruned"), "--onnx", str(tmp_path / "m.onnx"), "--exporter", "legacy"])
+    assert rc == 0 and (tmp_path / "m.onnx").is_file()
+    assert "max |onnxruntime - pytorch|" in capsys.readouterr().out
+
+    rc = main(["bench", "--dense", str(dense_dir), "--pruned", str(tmp_path / "pruned"), "--batch-sizes", "1",
+               "--seq-lens", "8", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-onnx", "--out", str(tmp_path / "b")])
+    assert rc == 0
+    result = json.loads((tmp_path / "b" / "bench.json").read_text())
+    assert [r["model"] for r in result["rows"]] == ["dense", "pruned"]
+    assert result["command"].startswith("idprior bench --dense")
+    assert (tmp_path / "b" / "bench.md").read_text().startswith("`idprior bench")
+    assert main(["export", str(dense_dir / "missing"), "--onnx", str(tmp_path / "x.onnx")]) == 2
