@@ -19,6 +19,7 @@ Writes benchmarks/results/speed_<model>.json and .md, with this command and the 
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import shlex
 import sys
@@ -45,6 +46,25 @@ MODELS = {  # name -> (short name for files, default target, batch sizes, seq le
     "smollm2-135m": ("smollm2", 0.3, (1, 32), (128,), {128: 4}),
 }
 HEAD_SHARE = 0.3
+
+
+def set_priority(nice: int) -> None:
+    """Raise (negative) or lower this process's CPU priority, for timing on a shared machine.
+
+    Called before torch / ONNX Runtime start their worker threads, which inherit it. With the
+    kernel's autogroup scheduling on, a thread's nice value only counts inside its session's
+    group, so the group's nice (/proc/self/autogroup) is set too.
+    """
+    try:
+        os.nice(nice)
+    except OSError as e:
+        print(f"warning: could not change the nice value by {nice}: {e}", file=sys.stderr)
+    group = Path("/proc/self/autogroup")
+    if group.exists():
+        try:
+            group.write_text(str(nice))
+        except OSError as e:
+            print(f"warning: could not set the autogroup nice value to {nice}: {e}", file=sys.stderr)
 
 
 def load(name: str):
@@ -104,9 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats for every length (default per model)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--round-to", type=int, default=0, help="also measure the neurons plan with FFN widths rounded down to a multiple of N")
+    p.add_argument("--nice", type=int, default=0,
+                   help="change this process's scheduling priority first (e.g. -15 on a shared machine; negative needs root)")
     p.add_argument("--no-onnx", action="store_true")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
+    if args.nice:
+        set_priority(args.nice)
 
     short, target, batch_sizes, seq_lens, repeats = MODELS[args.model]
     target = args.target if args.target is not None else target
@@ -121,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     dense = load(args.model)
     load_s = time.perf_counter() - t0
     adapter = get_adapter(dense)
+    t0 = time.perf_counter()
     scores = magnitude_scores(adapter)
     total = sum(p.numel() for p in dense.parameters())
     plans = {
@@ -131,11 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.round_to:
         plans[f"neurons-round{args.round_to}"] = round_neurons(plans["neurons"], adapter, scores, args.round_to, total)
+    plan_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
     pruned = {}
     for name, plan in plans.items():
-        model = load(args.model)
+        model = copy.deepcopy(dense)
         apply_plan(model, plan.units)
         pruned[f"pruned-{name}"] = model
+    surgery_s = time.perf_counter() - t0
 
     result = benchmark({"dense": dense, **pruned}, batch_sizes=batch_sizes, seq_lens=seq_lens, threads=args.threads,
                        repeats=repeats, warmup=args.warmup, onnx=not args.no_onnx)
@@ -145,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     result["scores"] = ("weight magnitude: Frobenius norm of the weights each unit owns "
                         "(idprior.baselines.magnitude.weight_energies); no data, accuracy not measured")
     result["plans"] = {f"pruned-{k}": plan_summary(v) for k, v in plans.items()}
-    result["load_s"] = round(load_s, 1)
+    result["stage_s"] = {"load": round(load_s, 1), "plans": round(plan_s, 1), "surgery": round(surgery_s, 1),
+                         "benchmark": result["environment"]["wall_s"]}
     result["script_wall_s"] = round(time.perf_counter() - started, 1)
 
     out = Path(args.out_dir)
@@ -165,7 +194,7 @@ def render(result: dict) -> str:
         kept = ", ".join(f"({r['heads']}, {r['ffn']})" for r in plan["kept_per_layer"])
         lines.append(f"| {name} | {c['head']} | {c['neuron']} | {c['attn']} / {c['ffn']} | {kept} |")
     lines += ["", format_bench_markdown(result).rstrip(), "", f"Script wall time {result['script_wall_s']} s "
-              f"(model load {result['load_s']} s)."]
+              f"(stages, s: {result['stage_s']})."]
     return "\n".join(lines) + "\n"
 
 

@@ -59,7 +59,16 @@ def environment(threads: int) -> dict:
         "transformers": _version("transformers"),
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "niceness": os.getpriority(os.PRIO_PROCESS, 0) if hasattr(os, "getpriority") else None,
+        "autogroup": _read("/proc/self/autogroup"),
     }
+
+
+def _read(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
 
 
 def _loadavg() -> list[float] | None:
@@ -236,7 +245,8 @@ def _time_round_robin(runners: dict, repeats: int, warmup: int) -> dict[str, lis
 
 
 def _add_speedups(result: dict) -> None:
-    """speedup = reference latency / latency; ideal = reference FLOPs / FLOPs; fraction = speedup / ideal."""
+    """speedup = reference median latency / median latency (speedup_min: the same with the fastest
+    repeats); ideal = reference FLOPs / FLOPs; fraction = speedup / ideal."""
     ref = result["reference"]
     by_key = {(r["model"], r["backend"], r["batch_size"], r["seq_len"]): r for r in result["rows"]}
     for row in result["rows"]:
@@ -246,6 +256,7 @@ def _add_speedups(result: dict) -> None:
         speedup = base["latency_ms_median"] / row["latency_ms_median"]
         row["flops"] = result["models"][row["model"]]["flops"][T]
         row["speedup"] = speedup
+        row["speedup_min"] = base["latency_ms_min"] / row["latency_ms_min"]  # least disturbed runs: a check on load noise
         row["flops_ideal_speedup"] = ideal
         row["fraction_of_ideal"] = speedup / ideal
 
@@ -273,16 +284,17 @@ def format_bench_markdown(result: dict) -> str:
     lines += [
         "",
         f"Speed-up is relative to `{result['reference']}` on the same backend and shape; FLOPs-ideal = its FLOPs / "
-        "the model's FLOPs; measured/ideal = speed-up / FLOPs-ideal.",
+        "the model's FLOPs; measured/ideal = speed-up / FLOPs-ideal. Speed-up (min) compares the fastest repeats, "
+        "a check on background load.",
         "",
-        "| backend | batch | seq len | model | median ms | IQR ms | seq/s | speed-up | FLOPs-ideal | measured/ideal |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| backend | batch | seq len | model | median ms | IQR ms | seq/s | speed-up | speed-up (min) | FLOPs-ideal | measured/ideal |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = sorted(result["rows"], key=lambda r: (r["backend"], r["batch_size"], r["seq_len"]))
     for r in rows:
         lines.append(
             f"| {r['backend']} | {r['batch_size']} | {r['seq_len']} | {r['model']} | {r['latency_ms_median']:.1f} | "
-            f"{r['latency_ms_iqr']:.1f} | {r['throughput_seq_per_s']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['latency_ms_iqr']:.1f} | {r['throughput_seq_per_s']:.1f} | {r['speedup']:.2f}x | {r['speedup_min']:.2f}x | "
             f"{r['flops_ideal_speedup']:.2f}x | {r['fraction_of_ideal']:.0%} |"
         )
     return "\n".join(lines) + "\n"

@@ -1,7 +1,9 @@
-"""Evaluation: task metrics for classification/regression, perplexity for language modelling."""
+"""Evaluation: task metrics for classification/regression, perplexity for language modelling, and
+greedy sample generations (to compare a dense and a pruned decoder by eye)."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -39,7 +41,7 @@ def lm_nll(model: torch.nn.Module, loader, desc: str = "perplexity") -> tuple[fl
     total, count = 0.0, 0
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, **_no_cache(model)).logits.float()
         labels = batch["labels"][:, 1:]  # [B, T-1]: token t predicts t+1
         mask = labels != -100
         if "attention_mask" in batch:
@@ -51,6 +53,42 @@ def lm_nll(model: torch.nn.Module, loader, desc: str = "perplexity") -> tuple[fl
         count += int(mask.sum())
     model.train(was_training)
     return total, count
+
+
+def _no_cache(model: torch.nn.Module) -> dict:
+    """use_cache=False for decoders: a perplexity pass never reuses the KV cache it would build."""
+    return {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+
+
+SAMPLE_PROMPTS = ("the movie is", "this film is a", "the acting was", "i would not recommend")
+"""Fixed prompts for `generate_samples` (lower case, like the rt-polarity / 20ng texts)."""
+
+
+@torch.no_grad()
+def generate_samples(model: torch.nn.Module, tokenizer, prompts=SAMPLE_PROMPTS, max_new_tokens: int = 24) -> list[dict]:
+    """Greedy continuation of each prompt with the KV cache, one prompt at a time (no padding).
+
+    Fixed prompts and greedy decoding make dense and pruned outputs comparable run to run; the
+    model's own generation defaults (sampling, temperature) are ignored on purpose.
+    """
+    from transformers import GenerationConfig
+
+    was_training = model.training
+    model.eval()
+    device = _device(model)
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    gen_cfg = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                               eos_token_id=eos, pad_token_id=pad)
+    samples = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"].to(device)  # [1, T]
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gen_cfg)
+        new = out[0, ids.shape[1]:]  # [new tokens]
+        samples.append({"prompt": prompt, "completion": tokenizer.decode(new, skip_special_tokens=True),
+                        "new_tokens": int(new.numel())})
+    model.train(was_training)
+    return samples
 
 
 def evaluate(model: torch.nn.Module, task, loader, desc: str = "evaluate") -> dict[str, float]:

@@ -276,20 +276,33 @@ def compression(dense, pruned, seq_len: int) -> dict:
     return {k: {"dense": a, "pruned": b, "removed_fraction": 1 - b / a if a else 0.0} for k, (a, b) in rows.items()} | {"seq_len": seq_len}
 
 
-def stage_evaluate(run: Run) -> dict:
+def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
+    """Dense, pruned-before-recovery and pruned metrics per split; `dense_metrics` ({split: metrics})
+    reuses an earlier evaluation of the same fine-tuned model (the quality grid shares fine-tunes).
+    Without recovery epochs pruned/ holds the surgery weights, so they are evaluated once. LM tasks
+    also get greedy sample generations (KV cache) from dense and pruned."""
     dense, tok = _load(run, finetuned_spec(run))
-    surg = _load(run, str(run.path("surgery")))[0]
+    recovered = run.cfg.prune.recover_epochs > 0
     pruned = _load(run, str(run.path("pruned")))[0]
+    surg = _load(run, str(run.path("surgery")))[0] if recovered else pruned
     out = {"task": run.task.name, "main_metric": main_metric(run.task), "model": run.cfg.model.name,
            "method": run.cfg.prune.method, "target": run.cfg.prune.target, "measure": run.cfg.prune.measure,
            "seed": run.cfg.seed, "sizes": run.data.sizes(), "dense": {}, "pruned_no_recovery": {}, "pruned": {}}
     for split in ["validation", *run.test_splits()]:
         loader = run.loader(split, tok, train=False)
-        out["dense"][split] = evaluate(dense, run.task, loader, desc=f"dense {split}")
-        out["pruned_no_recovery"][split] = evaluate(surg, run.task, loader, desc=f"no-recovery {split}")
+        out["dense"][split] = (dense_metrics[split] if dense_metrics and split in dense_metrics
+                               else evaluate(dense, run.task, loader, desc=f"dense {split}"))
         out["pruned"][split] = evaluate(pruned, run.task, loader, desc=f"pruned {split}")
+        out["pruned_no_recovery"][split] = (evaluate(surg, run.task, loader, desc=f"no-recovery {split}")
+                                            if recovered else out["pruned"][split])
     out["compression"] = compression(dense, pruned, run.cfg.prune.flops_seq_len)
     out["plan"] = io.read_json(run.path("plan.json"))["counts"]
+    if run.task.kind == "lm" and dense.can_generate():
+        from .evaluate import generate_samples
+
+        dense_s, pruned_s = generate_samples(dense, tok), generate_samples(pruned, tok)
+        out["generations"] = [{"prompt": d["prompt"], "dense": d["completion"], "pruned": q["completion"]}
+                              for d, q in zip(dense_s, pruned_s)]
     io.write_json(run.path("metrics.json"), out)
     m = out["main_metric"]
     for split in run.test_splits():
@@ -361,8 +374,8 @@ def _prune_iterative(run: Run) -> Path:
         sub.out = base / f"round{r}"
         sub.cfg = dataclasses.replace(cfg, out=str(sub.out), prune=dataclasses.replace(
             cfg.prune, target=max(1e-6, min(frac, 0.999)), iterative=1))
-        if not (sub.out / "finetuned").exists():
-            shutil.copytree(previous, sub.out / "finetuned")
+        if not (sub.out / "finetuned").exists():  # atomic: a copy cut short by a crash is never reused
+            io.copy_dir(previous, sub.out / "finetuned")
         for stage, fn in [("score", stage_score), ("select", stage_select), ("surgery", stage_surgery), ("recover", stage_recover)]:
             if stage == "score" and cfg.prune.method != "snip":
                 continue

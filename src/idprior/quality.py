@@ -14,8 +14,8 @@ to its variant's fine-tuned model, on which the pipeline's own stages run in pos
 (score, select, surgery, recover, evaluate): the same code and the same recovery budget for every
 method. A finished cell appends one line to the results JSONL; a rerun skips every key
 (task/seed/method/target) already there, and an interrupted cell or fine-tune resumes from its
-run folder. Loop order is seed-major (seed 0 of every task before seed 1), so a sweep cut short
-leaves complete slices.
+run folder. Loop order is seed, then target (grid order), then task, so a sweep cut short
+leaves complete slices (seed 0 of every task and target before seed 1).
 
     grid = load_grid("benchmarks/quality_minilm.yaml")
     run_grid(grid, "benchmarks/results/minilm", results="benchmarks/results/quality_minilm.jsonl")
@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shutil
 import time
 from collections.abc import Iterator
@@ -48,7 +49,7 @@ CELL_STAGES = ("score", "select", "surgery", "recover", "evaluate")
 ROW_KEYS = ("key", "task", "seed", "method", "base_method", "target", "variant", "model", "main_metric", "config",
             "versions", "wall_s", "sizes", "dense", "pruned_no_recovery", "pruned", "compression", "removed", "finished_at")
 GRID_KEYS = {"model", "tasks", "targets", "seeds", "methods", "max_train", "max_eval", "max_length", "train",
-             "recover", "prune", "selection", "set"}
+             "recover", "prune", "selection", "set", "dense_row"}
 
 
 def baseline_names() -> tuple[str, ...]:
@@ -74,6 +75,7 @@ class Grid:
     seeds: list[int]
     methods: list[MethodSpec]
     overrides: dict = field(default_factory=dict)  # dotted key -> value, applied to every run
+    dense_row: bool = True  # false: skip the plain fine-tune's "dense" row (a sweep with no plain variant)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -88,6 +90,8 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
     for k in ("tasks", "targets", "seeds", "methods"):
         if not isinstance(raw.get(k), list) or not raw.get(k):
             problems.append(f"grid key {k!r} must be a non-empty list")
+    problems += [f"task {t!r}: use letters, digits and . _ + - only (it names a folder)"
+                 for t in raw.get("tasks") or [] if not _is_plain_name(str(t))]
     known = (*SNIP_METHODS, *baseline_names())
     methods: list[MethodSpec] = []
     for m in raw.get("methods") or []:
@@ -95,6 +99,8 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
         if spec is None or spec.method not in known:
             problems.append(f"method {m!r}: use one of {', '.join(known)} or {{name:, method:, set: {{dotted: value}}}}")
             continue
+        if not _is_plain_name(spec.name):  # it becomes a folder name under OUT/cells
+            problems.append(f"method name {spec.name!r}: use letters, digits and . _ + - only (it names a folder)")
         if spec.name == "dense" or spec.name in {s.name for s in methods}:
             problems.append(f"method name {spec.name!r} is reserved or used twice")
         sel = (raw.get("selection") or {}).get(spec.name, (raw.get("selection") or {}).get(spec.method))
@@ -115,10 +121,15 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
         raise IdpriorError("bad grid:\n  " + "\n  ".join(problems))
     grid = Grid(model=str(raw.get("model", "minilm-l6")), tasks=[str(t) for t in raw["tasks"]],
                 targets=[float(t) for t in raw["targets"]], seeds=[int(s) for s in raw["seeds"]],
-                methods=methods, overrides=overrides)
+                methods=methods, overrides=overrides, dense_row=bool(raw.get("dense_row", True)))
     for spec in grid.methods:  # validate every method's config before any work starts
         cell_config(grid, grid.tasks[0], grid.seeds[0], spec, grid.targets[0], out="pending")
     return grid
+
+
+def _is_plain_name(name: str) -> bool:
+    """A name that is safe as one path component: never '..', never a separator."""
+    return bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", name)) and ".." not in name
 
 
 # ---- configs ------------------------------------------------------------------------------------
@@ -163,11 +174,13 @@ def finetune_config(cell: RunConfig, *, out: str) -> tuple[RunConfig, str]:
 
 
 def cells(grid: Grid) -> Iterator[tuple[int, str, float, MethodSpec | None]]:
-    """(seed, task, target, method) in run order: seed-major, a dense row first for each (task, seed)."""
+    """(seed, task, target, method) in run order: seed, then target (in grid order), then task, so a
+    sweep cut short holds whole (seed, target) slices over every task; a dense row opens each (task, seed)."""
     for seed in grid.seeds:
-        for task in grid.tasks:
-            yield seed, task, 0.0, None
-            for target in grid.targets:
+        for i, target in enumerate(grid.targets):
+            for task in grid.tasks:
+                if i == 0 and grid.dense_row:
+                    yield seed, task, 0.0, None
                 for spec in grid.methods:
                     yield seed, task, target, spec
 
@@ -230,6 +243,26 @@ def ensure_finetuned(cell: RunConfig, out: Path, counter: dict | None = None) ->
     return folder
 
 
+def dense_metrics(ft_dir: Path) -> dict:
+    """{split: metrics} of a fine-tuned model, evaluated once and kept in its folder (every cell on
+    this fine-tune reports the same dense numbers without re-evaluating them)."""
+    from .evaluate import evaluate
+    from .pipeline import Run, _load
+
+    path = ft_dir / "dense_metrics.json"
+    if path.is_file():
+        return io.read_json(path)["metrics"]
+    from .config import load_config as _load_config
+
+    run = Run(_load_config(str(ft_dir / "config.yaml")), resume=True)
+    model, tok = _load(run, str(ft_dir / "finetuned"))
+    t0 = time.perf_counter()
+    metrics = {s: evaluate(model, run.task, run.loader(s, tok, train=False), desc=f"dense {s}")
+               for s in ["validation", *run.test_splits()]}
+    io.write_json(path, {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 2)})
+    return metrics
+
+
 def _link_finetuned(cell_dir: Path, ft_dir: Path) -> None:
     link = cell_dir / "finetuned"
     if link.is_symlink() or link.exists():
@@ -248,8 +281,9 @@ def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, targ
     cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, train=False))
     run = Run(cfg, resume=True)
     _link_finetuned(cell_dir, ft_dir)
+    dense = dense_metrics(ft_dir)
     fns = {"score": stage_score, "select": stage_select, "surgery": stage_surgery, "recover": stage_recover,
-           "evaluate": stage_evaluate}
+           "evaluate": lambda r: stage_evaluate(r, dense_metrics=dense)}
     for stage in CELL_STAGES:
         if stage == "score" and cfg.prune.method != "snip":
             continue
@@ -265,7 +299,7 @@ def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, targ
            "wall_s": wall, "finetune_shared": True, "sizes": metrics["sizes"], "dense": metrics["dense"],
            "pruned_no_recovery": metrics["pruned_no_recovery"], "pruned": metrics["pruned"],
            "compression": metrics["compression"], "removed": metrics["plan"],
-           "finetune_dir": os.path.relpath(ft_dir, out), "cell_dir": os.path.relpath(cell_dir, out),
+           "out_dir": str(out.resolve()), "finetune_dir": os.path.relpath(ft_dir, out), "cell_dir": os.path.relpath(cell_dir, out),
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for heavy in ("surgery", "pruned"):  # keep scores/plan/metrics, drop the model copies (disk)
         shutil.rmtree(run.path(heavy), ignore_errors=True)
@@ -274,39 +308,34 @@ def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, targ
 
 def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None = None) -> dict:
     """The "dense" row of (task, seed): the plain fine-tune, evaluated on validation and test."""
-    from .evaluate import evaluate
     from .metrics import main_metric
-    from .pipeline import Run, _load
+    from .pipeline import Run, _load, compression
 
-    spec = MethodSpec("dense", "snip-no-sn-no-prior")
-    cfg = cell_config(grid, task, seed, spec, 0.5, out="pending")
+    cfg = cell_config(grid, task, seed, MethodSpec("dense", "snip-no-sn-no-prior"), 0.5, out="pending")
     ft_dir = ensure_finetuned(cfg, out, counter)
+    scores = dense_metrics(ft_dir)
     run = Run(finetune_config(cfg, out=str(ft_dir))[0], resume=True)
-    model, tok = _load(run, str(ft_dir / "finetuned"))
-    t0 = time.perf_counter()
-    scores = {s: evaluate(model, run.task, run.loader(s, tok, train=False), desc=f"dense {s}")
-              for s in ["validation", *run.test_splits()]}
-    from .pipeline import compression
-
-    comp = compression(model, model, cfg.prune.flops_seq_len)
+    model = _load(run, str(ft_dir / "finetuned"))[0]
     if counter is not None:
         counter["dense"] = counter.get("dense", 0) + 1
-    ft_wall = io.read_json(ft_dir / "stages.json")["stages"]["finetune"]["wall_s"]
+    wall = {"finetune": io.read_json(ft_dir / "stages.json")["stages"]["finetune"]["wall_s"],
+            "evaluate": io.read_json(ft_dir / "dense_metrics.json")["wall_s"]}
     return {"key": cell_key(task, seed, "dense", 0.0), "task": task, "seed": seed, "method": "dense",
             "base_method": "dense", "target": 0.0, "variant": "plain", "model": grid.model,
             "main_metric": main_metric(run.task), "config": run.cfg.to_dict(), "versions": versions(),
-            "wall_s": {"finetune": ft_wall, "evaluate": round(time.perf_counter() - t0, 2)}, "finetune_shared": True,
-            "sizes": run.data.sizes(), "dense": scores, "pruned_no_recovery": scores, "pruned": scores,
-            "compression": comp, "removed": {}, "finetune_dir": os.path.relpath(ft_dir, out), "cell_dir": None,
+            "wall_s": wall, "finetune_shared": True, "sizes": run.data.sizes(), "dense": scores,
+            "pruned_no_recovery": scores, "pruned": scores, "compression": compression(model, model, cfg.prune.flops_seq_len),
+            "removed": {}, "out_dir": str(out.resolve()), "finetune_dir": os.path.relpath(ft_dir, out), "cell_dir": None,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike | None = None,
-             resume: bool = True, deadline: float | None = None) -> dict:
+             resume: bool = True, deadline: float | None = None, tasks: list[str] | None = None) -> dict:
     """Run every unfinished cell in order; returns counters {"cells", "dense", "finetune", "skipped"}.
 
     `results` defaults to OUT/results.jsonl. `deadline` (a time.time() value): start no new cell
     after it, so a sweep can be sized to a wall-clock budget and continued later with resume.
+    `tasks`: run only the cells of these tasks (a slice of the grid; the rest stays for later).
     """
     out = Path(out)
     results = Path(results) if results else out / "results.jsonl"
@@ -316,7 +345,12 @@ def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike |
     io.write_text(out / "grid.yaml", yaml.safe_dump(grid.to_dict(), sort_keys=False))
     done = finished_keys(results)
     counter = {"cells": 0, "dense": 0, "finetune": 0, "skipped": 0}
+    unknown = sorted(set(tasks or []) - set(grid.tasks))
+    if unknown:
+        raise IdpriorError(f"--tasks {', '.join(unknown)}: not in the grid's tasks ({', '.join(grid.tasks)})")
     for seed, task, target, spec in cells(grid):
+        if tasks and task not in tasks:
+            continue
         key = cell_key(task, seed, spec.name if spec else "dense", target)
         if key in done:
             counter["skipped"] += 1

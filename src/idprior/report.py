@@ -86,6 +86,19 @@ def _fmt(x) -> str:
     return str(x)
 
 
+def _generations_md(samples: list[dict] | None) -> list[str]:
+    """Greedy continuations of fixed prompts, dense vs pruned (LM tasks only)."""
+    if not samples:
+        return []
+
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|") or "(nothing)"
+
+    lines = ["", "## Sample generations", "", "Greedy decoding with the KV cache, same prompts for both models.", "",
+             "| prompt | dense | pruned |", "|---|---|---|"]
+    return lines + [f"| {cell(s['prompt'])} | {cell(s['dense'])} | {cell(s['pruned'])} |" for s in samples]
+
+
 def write_run_report(out: str | Path) -> Path:
     """report.md (and plots) from the artefacts in a run folder."""
     out = Path(out)
@@ -108,6 +121,7 @@ def write_run_report(out: str | Path) -> Path:
         for k in ("encoder_params", "linear_params", "flops", "total_params"):
             lines.append(f"| {k} | {_fmt(c[k]['dense'])} | {_fmt(c[k]['pruned'])} | {c[k]['removed_fraction']:.1%} |")
         lines += ["", f"Units removed: {metrics.get('plan')}"]
+        lines += _generations_md(metrics.get("generations"))
     if plan.get("warnings"):
         lines += ["", "Warnings: " + "; ".join(plan["warnings"])]
     if bench_md:

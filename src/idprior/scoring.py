@@ -14,6 +14,7 @@ accumulated over batches) and the identity prior (differentiable, one batch at a
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable
 
@@ -158,20 +159,36 @@ def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = (
 
     With `relative=True` each norm is divided by the RMS norm of its layer's input, so that
     layers with larger residual streams (pre-LN decoders) are not favoured.
+
+    Memory: the gate hooks reduce every branch to per-unit sums as soon as it is computed, and
+    under no_grad nothing else keeps a layer's activations, so beyond the weights the peak is
+    about one layer's activations (plus the logits, cut to the last position for causal LMs).
+
+    Several processes: when `torch.distributed` is initialized (e.g. under `accelerate launch`),
+    rank r takes batches r, r + world, ... and the per-unit sums and token counts are all-reduced
+    in float64, so every rank returns the same scores (hence makes the same plan) as one process
+    scoring every batch, up to float64 summation order. Every rank passes the same, unsharded
+    batches (not a loader that `accelerate` has already split).
     """
     adapter = adapter or get_adapter(model)
     kinds = tuple(kinds)
+    rank, world = _rank_world()
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    extra = _lean_forward_kwargs(model)
     with Gates(model, adapter) as gates:
         rec = BranchNorms(model, gates, adapter, kinds).attach()
         try:
-            for batch in tqdm(batches, desc=desc, leave=False, dynamic_ncols=True):
-                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"})
+            for i, batch in enumerate(tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=rank != 0)):
+                if i % world != rank:
+                    continue
+                model(**{k: v.to(device) for k, v in batch.items() if k != "labels"}, **extra)
         finally:
             rec.detach()
     model.train(was_training)
+    if world > 1:
+        _all_reduce(rec, adapter, device)
     out: dict[Unit, float] = {}
     for (kind, layer), value in sorted(rec.norms().items()):
         if relative:
@@ -197,6 +214,49 @@ def check_finite(scores: dict[Unit, float]) -> None:
             "model's activations overflow or its weights hold NaN/inf, most likely a diverged fine-tune (see "
             "train_log.jsonl; lower train.lr or prune.prior_lambda) or float16 overflow (use --dtype float32)"
         )
+
+
+def _lean_forward_kwargs(model: nn.Module) -> dict:
+    """Forward options that skip what scoring never reads: the KV cache, and the logits of all but
+    the last position (a causal LM's [B, T, vocab] logits are 1.6 GB for SmolLM2 at 64 x 128
+    tokens, far more than one layer's activations)."""
+    params = inspect.signature(model.forward).parameters
+    extra = {}
+    if "use_cache" in params:
+        extra["use_cache"] = False
+    if "logits_to_keep" in params:
+        extra["logits_to_keep"] = 1
+    return extra
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _all_reduce(rec: BranchNorms, adapter: Adapter, device: torch.device) -> None:
+    """Sum `rec`'s per-unit sums, input norms and token count over all ranks, in place.
+
+    Every rank lays out the same keys in the same order (a rank that saw no batch contributes
+    zeros of the adapter's shapes), flattens them into one float64 vector and all-reduces it once.
+    """
+    layout: list[tuple[dict, object, int]] = []  # (store, key, length)
+    for layer in range(adapter.num_layers):
+        shape = adapter.shape(layer)
+        sizes = {"head": adapter.num_head_units(layer) if shape.has_attn else 0, "neuron": shape.ffn_dim,
+                 "attn": int(shape.has_attn), "ffn": int(shape.has_ffn)}
+        layout += [(rec.sums, (kind, layer), sizes[kind]) for kind in sorted(rec.kinds) if sizes[kind]]
+        layout.append((rec.input_sq, layer, 1))
+    parts = [store.get(key, torch.zeros(n, dtype=torch.float64, device=device)).reshape(n).double()
+             for store, key, n in layout]
+    flat = torch.cat([*parts, torch.tensor([float(rec.tokens)], dtype=torch.float64, device=device)])  # [sum n + 1]
+    torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+    offset = 0
+    for store, key, n in layout:
+        store[key] = flat[offset:offset + n].clone()
+        offset += n
+    rec.tokens = int(round(float(flat[-1])))
 
 
 def scores_to_json(scores: dict[Unit, float]) -> dict[str, float]:

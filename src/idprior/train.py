@@ -162,7 +162,7 @@ def train(
     if log_path and acc.is_main_process:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         _trim_log(Path(log_path), state["global_step"])  # drop rows past the checkpoint (and a torn last line)
-        log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115
+        log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - append-only log, whole rows, trimmed on resume
     try:
         while state["global_step"] < total and state["epoch"] < n_epochs:
             epoch = state["epoch"]
@@ -195,17 +195,18 @@ def train(
                         terms.update(extra_terms)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(
-                        f"{desc}: loss became {float(loss)} at step {state['global_step']} ({terms}); lower the "
-                        "learning rate (train.lr) or the prior strength (prune.prior_lambda); the last good "
-                        "checkpoint is kept"
+                        f"{desc}: loss became {float(loss.detach())} at step {state['global_step'] + 1}/{total} "
+                        f"(epoch {epoch + 1}, {terms}); lower the learning rate (train.lr) or the prior strength "
+                        "(prune.prior_lambda), or use --dtype float32; the last good checkpoint is kept"
                     )
                 acc.backward(loss)
                 if cfg.max_grad_norm > 0:
                     grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
                     if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
                         raise NonFiniteLoss(
-                            f"{desc}: the gradient norm became {float(grad_norm)} at step {state['global_step']} "
-                            f"(loss {float(loss):.4g}); lower the learning rate (train.lr) or use --dtype float32; "
+                            f"{desc}: the gradient norm became {float(grad_norm)} at step {state['global_step'] + 1}"
+                            f"/{total} (loss {float(loss.detach()):.4g}); lower the learning rate (train.lr) or use "
+                            "--dtype float32; "
                             "the last good checkpoint is kept"
                         )
                 opt.step()
@@ -224,7 +225,7 @@ def train(
                     if log:
                         log.flush()
                     _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched,
-                                     {**state, "epoch_sums": sums, "epoch_count": count})
+                                     {**state, "epoch_sums": sums, "epoch_count": count}, acc=acc)
             bar.close()
             row = {"epoch": epoch + 1, "steps": state["global_step"], **{k: v / max(1, count) for k, v in sums.items()}}
             if eval_fn is not None:
@@ -236,7 +237,7 @@ def train(
                 if best is None or (value > best if higher_is_better else value < best):
                     state["best_metric"], state["best_epoch"] = value, epoch + 1
                     if ckpt:
-                        _save_best(ckpt, epoch + 1, acc.unwrap_model(model))
+                        _save_best(ckpt, epoch + 1, acc.unwrap_model(model), acc=acc)
                     else:
                         state["_best_weights"] = {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()}
             state["history"].append(row)
@@ -248,7 +249,7 @@ def train(
             if ckpt:
                 if log:
                     log.flush()
-                _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, state)
+                _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, state, acc=acc)
     finally:
         if log:
             log.close()
@@ -297,14 +298,18 @@ def latest_checkpoint(ckpt: Path | None) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _save_best(ckpt: Path, epoch: int, model: torch.nn.Module) -> None:
-    """best-e<epoch>.safetensors; the file named by state["best_epoch"] is the one loaded at the end."""
-    ckpt.mkdir(parents=True, exist_ok=True)
-    name = f"best-e{epoch:04d}.safetensors"
-    _save_weights(ckpt / name, model)
-    for old in ckpt.glob("best-e*.safetensors"):
-        if old.name != name:
-            old.unlink(missing_ok=True)
+def _save_best(ckpt: Path, epoch: int, model: torch.nn.Module, acc=None) -> None:
+    """best-e<epoch>.safetensors; the file named by state["best_epoch"] is the one loaded at the end.
+    Written by the main process only (the weights are the same on every rank)."""
+    if acc is None or acc.is_main_process:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        name = f"best-e{epoch:04d}.safetensors"
+        _save_weights(ckpt / name, model)
+        for old in ckpt.glob("best-e*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+    if acc is not None:
+        acc.wait_for_everyone()
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -333,8 +338,16 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], extra: dict) -> None:
         random.setstate((version, tuple(py_state), gauss_next))
 
 
-def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict) -> None:
-    """Weights, optimizer, scheduler, RNG and progress in one folder that appears complete or not at all."""
+def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict, acc=None) -> None:
+    """Weights, optimizer, scheduler, RNG and progress in one folder that appears complete or not at all.
+    Written by the main process only (ranks would race for the folder); the others wait for it."""
+    if acc is None or acc.is_main_process:
+        _write_checkpoint(ckpt, model, opt, sched, state)
+    if acc is not None:
+        acc.wait_for_everyone()
+
+
+def _write_checkpoint(ckpt: Path, model, opt, sched, state: dict) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
     name = _ckpt_name(state)
     rng, rng_extra = _rng_state()

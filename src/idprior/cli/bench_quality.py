@@ -23,6 +23,7 @@ def add_parser(sub):
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's default)")
     p.add_argument("--stop-after-min", type=float, default=None,
                    help="start no new cell after this many minutes (finish later with --resume)")
+    p.add_argument("--tasks", default=None, metavar="T1,T2", help="run only these tasks of the grid")
     return p
 
 
@@ -34,8 +35,9 @@ def run(args) -> int:
 
         torch.set_num_threads(args.threads)
     grid = load_grid(args.grid)
-    deadline = time.time() + 60 * args.stop_after_min if args.stop_after_min else None
-    c = run_grid(grid, args.out, results=args.results, resume=args.resume, deadline=deadline)
+    deadline = time.time() + 60 * args.stop_after_min if args.stop_after_min is not None else None
+    c = run_grid(grid, args.out, results=args.results, resume=args.resume, deadline=deadline,
+                  tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None)
     print(f"done: {c['cells']} cells and {c['dense']} dense rows run, {c['finetune']} fine-tunes, "
           f"{c['skipped']} finished earlier and skipped")
     return 0

@@ -47,6 +47,8 @@ SWITCHES = {
     "no_prior": ("prune.prior", False, "ablation: no identity prior"),
     "no_train": ("prune.train", False, "post-training mode: score and prune the model as given"),
     "distill": ("prune.distill", True, "distil from the unpruned model during recovery"),
+    "per_query_head": ("model.per_query_head", True, "GQA decoders: a head unit is a query-head slot of every "
+                       "KV group (groups stay equal) instead of a whole KV group"),
     "no_bench": ("bench.enabled", False, "skip the speed benchmark"),
     "no_onnx": ("bench.onnx", False, "benchmark PyTorch only"),
 }

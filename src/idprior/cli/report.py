@@ -1,0 +1,60 @@
+"""`idprior report`: tables and plots from a `bench-quality` results JSONL, or a run folder's report.md.
+
+    idprior report benchmarks/results/quality_minilm.jsonl --out benchmarks/results --name quality_minilm
+    idprior report benchmarks/results/tuning.jsonl --tuning
+    idprior report runs/demo            # rewrite report.md (+ plots) of one `idprior prune` run
+
+For a JSONL: NAME.md with mean ± std over seeds per method, task and target (best in bold), and
+NAME_tradeoff.png, NAME_structure.png, NAME_norms.png, NAME_walltimes.png. The plan and
+function-norm plots read the cell folders of the sweep (--runs, default: the folder each row
+records).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..errors import IdpriorError
+
+
+def add_parser(sub):
+    p = sub.add_parser("report", help="markdown tables and plots from quality results (or one run folder)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="RESULTS.jsonl|RUN_DIR", help="results of bench-quality, or an idprior prune --out folder")
+    p.add_argument("--out", default=None, help="folder for NAME.md and the plots (JSONL input; default: beside it)")
+    p.add_argument("--name", default=None, help="file stem (default: the JSONL's stem)")
+    p.add_argument("--runs", default=None, help="the bench-quality --out folder (for plans and function norms)")
+    p.add_argument("--plan", default=None, metavar="KEY", help="cell key task/seed/method/target for the structure plot")
+    p.add_argument("--title", default=None)
+    p.add_argument("--command", default=None, help="the command that produced the results, quoted in the report")
+    p.add_argument("--notes", default=None, metavar="FILE", help="markdown file inserted under the title")
+    p.add_argument("--tuning", action="store_true",
+                   help="the JSONL is a tuning sweep: write NAME.md as prior lambda x selection tables (validation decides)")
+    return p
+
+
+def run(args) -> int:
+    src = Path(args.source)
+    if src.is_dir():
+        from ..report import write_run_report
+
+        print(f"wrote {write_run_report(src)}")
+        return 0
+    if not src.is_file():
+        raise IdpriorError(f"{src} is neither a results JSONL nor a run folder")
+    from ..report_quality import load_rows, write_quality_report, write_tuning_report
+
+    rows = load_rows(src)
+    if not rows:
+        raise IdpriorError(f"{src} holds no result rows (run idprior bench-quality first)")
+    notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else None
+    if args.tuning:
+        path = write_tuning_report(rows, Path(args.out or src.parent) / f"{args.name or src.stem}.md",
+                                   command=args.command, notes=notes)
+        print(f"wrote {path}")
+        return 0
+    path = write_quality_report(rows, args.out or src.parent, name=args.name or src.stem, runs=args.runs,
+                                plan_key=args.plan, command=args.command, title=args.title, notes=notes)
+    print(f"wrote {path}")
+    return 0
