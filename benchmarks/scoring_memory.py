@@ -9,6 +9,13 @@ calibration blocks of lm-rt training text, and read the peak. "lean" is idprior'
 way, which also builds the [B, T, vocab] logits and a KV cache nobody reads. The batch-32 lean
 runs then select a 30% plan and apply surgery with the peak reset again, in float32 and bfloat16.
 The model is converted from GGUF once to a safetensors folder in a temporary directory first.
+
+RSS overstates live tensors: glibc keeps freed blocks in its heap for reuse (its mmap threshold
+rises after large frees), so the peak grows with everything allocated, not only what is alive.
+The "exact" rows run with MALLOC_MMAP_THRESHOLD_=131072, which serves every block over 128 kB by
+mmap and returns it on free, so their peak is close to the live tensors (and the run is slower).
+The weights are memory-mapped by safetensors and only become resident during the first forward,
+so "scoring extra" includes the weights (weights MB) plus the activations.
 Writes benchmarks/results/scoring_memory.json and .md.
 """
 
@@ -38,13 +45,16 @@ from idprior.selection import select  # noqa: E402
 from idprior.surgery import apply_plan, save_pruned  # noqa: E402
 
 SEQ_LEN = 128
-CONFIGS = [  # (batch size, lean, dtype, also measure surgery)
-    (8, True, "float32", False),
-    (32, True, "float32", True),
-    (8, False, "float32", False),
-    (32, False, "float32", False),
-    (32, True, "bfloat16", True),
+CONFIGS = [  # (batch size, lean, dtype, also measure surgery, exact allocator accounting)
+    (8, True, "float32", False, False),
+    (32, True, "float32", True, False),
+    (8, False, "float32", False, False),
+    (32, False, "float32", False, False),
+    (32, True, "bfloat16", True, False),
+    (8, True, "float32", False, True),
+    (32, True, "float32", False, True),
 ]
+EXACT_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}
 
 
 def calibration(tokenizer, blocks: int, batch: int) -> list[dict]:
@@ -66,6 +76,7 @@ def child(folder: str, batch: int, lean: bool, dtype: str, surgery: bool, blocks
     if not lean:
         scoring._lean_forward_kwargs = lambda m: {}
     out = {"batch_size": batch, "lean": lean, "dtype": dtype, "blocks": blocks, "seq_len": SEQ_LEN,
+           "exact_alloc": os.environ.get("MALLOC_MMAP_THRESHOLD_") == EXACT_ENV["MALLOC_MMAP_THRESHOLD_"],
            "weights_mb": round(weights_mb, 1), "peak_reset_works": reset_peak()}
     rss0 = rss_mb()
     reset_peak()
@@ -108,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         model, tok = models.load("smollm2-135m", get_task("lm-rt"))
         save_pruned(model, tok, Path(tmp) / "smollm2")
         del model
-        for batch, lean, dtype, surgery in CONFIGS:
+        for batch, lean, dtype, surgery, exact in CONFIGS:
             cmd = [sys.executable, __file__, "--blocks", str(args.blocks), "--threads", str(args.threads), "--child",
                    str(Path(tmp) / "smollm2"), str(batch), str(int(lean)), dtype, str(int(surgery))]
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+            env = {**os.environ, **(EXACT_ENV if exact else {})}
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
             rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     result = {"command": command, "model": models.ALIASES["smollm2-135m"].description,
@@ -134,12 +146,17 @@ def render(result: dict) -> str:
              "memory is not affected by load).", "",
              "Peak = high-water RSS during the step (reset just before it); extra = peak minus the RSS just before "
              "the step (weights, libraries and data already resident).", "",
-             "| batch | forward | dtype | weights MB | RSS before MB | scoring peak MB | scoring extra MB | scoring s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| batch | forward | dtype | allocator | weights MB | RSS before MB | scoring peak MB | scoring extra MB "
+             "| extra minus weights MB | scoring s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
+        alloc = "exact (mmap > 128 kB)" if r["exact_alloc"] else "glibc default"
+        activations = r["score_extra_mb"] - (r["weights_mb"] if r["dtype"] == "float32" else 0)  # mmap'd fp32 weights
         lines.append(f"| {r['batch_size']} x {r['seq_len']} | {'lean' if r['lean'] else 'full logits + cache'} | "
-                     f"{r['dtype']} | {r['weights_mb']} | {r['rss_before_score_mb']} | {r['score_peak_mb']} | "
-                     f"{r['score_extra_mb']} | {r['score_s']} |")
+                     f"{r['dtype']} | {alloc} | {r['weights_mb']} | {r['rss_before_score_mb']} | {r['score_peak_mb']} | "
+                     f"{r['score_extra_mb']} | {activations:.1f} | {r['score_s']} |")
+    lines += ["", "bfloat16 weights are converted on load (not memory-mapped), so they are resident before scoring "
+              "and nothing is subtracted for them."]
     lines += ["", "Surgery (30% of decoder-layer parameters, SNIP function-norm plan from the scores above):", "",
               "| dtype | weights before MB | weights after MB | RSS before MB | surgery peak MB | extra MB | RSS after MB | dtypes after | s |",
               "|---|---|---|---|---|---|---|---|---|"]

@@ -58,11 +58,14 @@ def test_prune_lm_end_to_end(folders, tmp_path, family):
 
 
 def test_per_query_head_end_to_end(folders, tmp_path):
-    """Query-head slots go from every KV group alike: KV heads stay, groups stay equal."""
+    """Query-head slots go from every KV group alike: KV heads stay, groups stay equal. With one
+    recovery epoch (causal-LM loss) on top, so recovery and the separate no-recovery row run too."""
     out = tmp_path / "run"
     rc = main(["prune", "--model", str(folders["llama"]), *QUICK, "--per-query-head", "--kinds", "head",
-               "--target", "0.1", "--out", str(out)])
+               "--target", "0.1", "--recover-epochs", "1", "--batch-size", "16", "--out", str(out)])
     assert rc == 0
+    recover = json.loads((out / "stages.json").read_text())["stages"]["recover"]
+    assert recover["steps"] >= 1 and math.isfinite(recover["history"][0]["task_loss"])
     plan = json.loads((out / "plan.json").read_text())
     heads = [Unit.parse(u) for u in plan["units"] if u.startswith("head:")]
     assert heads and all(u.index < 2 for u in heads)  # 4 query heads / 2 KV heads = 2 slots

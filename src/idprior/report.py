@@ -35,8 +35,10 @@ def plot_structure(plan: dict, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 1.2 + 0.25 * len(layers)))
     ax.imshow([[h, f] for h, f in zip(heads, ffn)], aspect="auto", cmap="viridis", vmin=0, vmax=1)
     for i, r in enumerate(rows):
-        ax.text(0, i, f"{r['head_units']}/{r['head_units_before']}", ha="center", va="center", color="w", fontsize=8)
-        ax.text(1, i, f"{r['ffn']}/{r['ffn_before']}", ha="center", va="center", color="w", fontsize=8)
+        ax.text(0, i, f"{r['head_units']}/{r['head_units_before']}", ha="center", va="center", fontsize=8,
+                color="k" if heads[i] > 0.6 else "w")  # readable on the bright end of viridis
+        ax.text(1, i, f"{r['ffn']}/{r['ffn_before']}", ha="center", va="center", fontsize=8,
+                color="k" if ffn[i] > 0.6 else "w")
     ax.set_xticks([0, 1], ["head units kept", "FFN neurons kept"])
     ax.set_yticks(range(len(layers)), [f"layer {x}" for x in layers])
     ax.set_title("kept structure per layer")

@@ -102,7 +102,10 @@ def _cell(ms: tuple | None, bold: bool, scale: float) -> str:
     if ms is None or ms[2] == 0:
         return "–"
     m, s, n = ms
-    text = f"{m * scale:.1f} ± {s * scale:.1f} ({n})" if scale != 1 else f"{m:.4f} ± {s:.4f} ({n})"
+    if n == 1:  # no spread to show from one seed
+        text = f"{m * scale:.1f} (1)" if scale != 1 else f"{m:.4f} (1)"
+    else:
+        text = f"{m * scale:.1f} ± {s * scale:.1f} ({n})" if scale != 1 else f"{m:.4f} ± {s:.4f} ({n})"
     return f"**{text}**" if bold else text
 
 
@@ -123,6 +126,22 @@ def metric_table(rows: list[dict], target: float, *, split: str = "test", stage:
             continue
         text = [_cell(cells.get(c), m != "dense" and c in cells and cells[c][0] == best[c], scale) for c in cols]
         lines.append(f"| {m} | " + " | ".join(text) + " |")
+    return lines
+
+
+def variant_table(rows: list[dict], *, split: str = "test") -> list[str]:
+    """The un-pruned fine-tune of each variant (plain / sn / prior / sn+prior): does SN or the prior
+    cost accuracy before anything is removed? One value per (task, seed, variant)."""
+    vals: dict[tuple, dict[tuple, float]] = defaultdict(dict)
+    for r in rows:
+        if split in r.get("dense", {}):
+            vals[(r["variant"], r["task"])][r["seed"]] = float(r["dense"][split][r["main_metric"]])
+    tasks = tasks_of(rows)
+    variants = [v for v in ("plain", "sn", "prior", "sn+prior") if any((v, t) in vals for t in tasks)]
+    lines = ["| fine-tune variant | " + " | ".join(tasks) + " |", "|---|" + "---|" * len(tasks)]
+    for v in variants:
+        cells = [_cell(mean_std(list(vals[(v, t)].values())) if (v, t) in vals else None, False, 100.0) for t in tasks]
+        lines.append(f"| {v} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -296,6 +315,9 @@ def write_quality_report(rows: list[dict], out: str | os.PathLike, *, name: str 
     for t in targets:
         lines += [f"## test, {t:.0%} removed, before recovery (surgery only)", ""]
         lines += metric_table(rows, t, split="test", stage="pruned_no_recovery", higher_is_better=hib) + [""]
+    lines += ["## Dense accuracy of each fine-tune variant (before pruning, test)", "",
+              "plain: no SN, no prior (the baselines, snip-no-sn-no-prior and the dense row); sn: snip-no-prior; "
+              "prior: snip-no-sn; sn+prior: snip.", ""] + variant_table(rows) + [""]
     lines += ["## Measured compression (mean removed fraction)", ""] + compression_table(rows) + [""]
     lines += ["## Units removed (mean count)", ""] + removed_table(rows) + [""]
     lines += ["## Mean wall time per cell (s)", "", "finetune is the shared fine-tune of the method's variant "
