@@ -18,7 +18,7 @@ run folder. Loop order is seed, then target (grid order), then task, so a sweep 
 leaves complete slices (seed 0 of every task and target before seed 1).
 
     grid = load_grid("benchmarks/quality_minilm.yaml")
-    run_grid(grid, "benchmarks/results/minilm", results="benchmarks/results/quality_minilm.jsonl")
+    run_grid(grid, "runs/quality_minilm", results="benchmarks/results/quality_minilm.jsonl")
 """
 
 from __future__ import annotations
