@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import torch
-from tiny_models import tiny_bert
 from torch.nn.utils import parametrize
 from transformers import TrainingArguments
 
 from idprior import spectral
 from idprior.hf import SnipTrainer
+from tiny_models import tiny_bert
 
 
 class _Data(torch.utils.data.Dataset):
