@@ -40,15 +40,6 @@ PAD = 0
 NEW_TOKENS = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run fastest on one thread; more threads only contend on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def build(family: str):
     """(model, per_query_head) for a test family id."""
     return TINY_MODELS[family.removesuffix("-slots")](), family.endswith("-slots")

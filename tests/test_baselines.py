@@ -26,15 +26,6 @@ LAYER_METHODS = {"shortgpt", "top-layers"}
 TINY_TARGET = 1e-4  # removes exactly one unit (or one layer)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread; more threads spin on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def batches(family: str, n: int = 2, size: int = 3, seq: int = 10) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     out = []
