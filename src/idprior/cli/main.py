@@ -13,7 +13,7 @@ import sys
 
 from ..errors import ConfigError, IdpriorError
 
-SUBCOMMANDS = ("finetune", "evaluate", "prune", "score", "export", "bench", "validate", "tasks", "report", "bench_quality")
+SUBCOMMANDS = ("finetune", "evaluate", "prune", "export", "bench", "validate", "tasks", "report", "bench_quality")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,12 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
-        try:
-            mod = importlib.import_module(f".{name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith(f"cli.{name}"):
-                continue  # subcommand not shipped in this build
-            raise
+        mod = importlib.import_module(f".{name}", __package__)
         p = mod.add_parser(sub)
         p.set_defaults(_run=mod.run)
     return parser
