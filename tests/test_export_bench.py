@@ -61,6 +61,30 @@ def test_onnx_parity_dynamic_axes(tmp_path, pruned):
         assert check_onnx(model, path, _batch(model, batch, seq_len, pad)) <= 1e-4
 
 
+def test_ort_session_skips_the_slow_skip_layernorm_fusion(tmp_path):
+    """Our sessions run residual add + LayerNorm unfused (faster on CPU, see DISABLED_ORT_FUSIONS);
+    a default session fuses them, so the check can fail if the option stops taking effect."""
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install onnx onnxruntime onnxscript)")
+    pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
+    import onnx
+    import onnxruntime as ort
+
+    from idprior.export import export_onnx, ort_session
+
+    path = export_onnx(tiny_bert(), None, tmp_path / "m.onnx", seq_len=16)
+    ort_session(path, optimized_path=tmp_path / "ours.onnx")
+    default = ort.SessionOptions()
+    default.optimized_model_filepath = str(tmp_path / "default.onnx")
+    ort.InferenceSession(str(path), default, providers=["CPUExecutionProvider"])
+
+    def ops(name):
+        return {n.op_type for n in onnx.load(str(tmp_path / name)).graph.node}
+
+    assert "SkipLayerNormalization" in ops("default.onnx")
+    assert "SkipLayerNormalization" not in ops("ours.onnx")
+    assert "LayerNormalization" in ops("ours.onnx")
+
+
 def test_require_onnx_names_the_install(monkeypatch):
     from idprior import export
 

@@ -8,7 +8,15 @@ import pytest
 
 from idprior.cli.main import main
 from idprior.quality import ROW_KEYS, load_grid, run_grid
-from idprior.report_quality import aggregate, load_rows, mean_std, metric_table, write_quality_report
+from idprior.report_quality import (
+    aggregate,
+    head_to_head,
+    load_rows,
+    mean_std,
+    metric_table,
+    summary_table,
+    write_quality_report,
+)
 from tiny_folder import make_tiny_bert_folder
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -70,6 +78,23 @@ def test_grid_runs_resumes_and_shares_finetunes(tiny_folder, tmp_path):
     assert [r["key"] for r in load_rows(results)] == [r["key"] for r in rows]
 
 
+def test_grid_shards_split_seed_task_pairs(tiny_folder, tmp_path):
+    """Two shards (run one after the other here) cover the grid once between them, in one results
+    file, and never both fine-tune the same (seed, task) pair."""
+    grid = load_grid(_grid(tiny_folder) | {"tasks": ["rt-polarity", "subj"], "seeds": [0, 1], "targets": [0.5],
+                                           "methods": ["random"], "dense_row": False})
+    out, results = tmp_path / "sweep", tmp_path / "results.jsonl"
+    first = run_grid(grid, out, results=results, shard=(0, 2))
+    second = run_grid(grid, out, results=results, shard=(1, 2))
+    assert (first["cells"], second["cells"], first["skipped"], second["skipped"]) == (2, 2, 0, 0)
+    keys = [r["key"] for r in map(json.loads, results.read_text().splitlines())]
+    # pairs in order (0, rt), (0, subj), (1, rt), (1, subj): shard 0 takes the 1st and 3rd
+    assert keys == ["rt-polarity/0/random/0.5", "rt-polarity/1/random/0.5", "subj/0/random/0.5", "subj/1/random/0.5"]
+    assert first["finetune"] == second["finetune"] == 2
+    assert main(["bench-quality", "g.yaml", "--out", str(out), "--shard", "2/2"]) == 2  # bad shard, before the file
+    assert main(["bench-quality", str(tmp_path / "missing.yaml"), "--out", str(out)]) == 2
+
+
 def test_grid_rejects_bad_entries(tiny_folder):
     from idprior.errors import IdpriorError
 
@@ -110,6 +135,10 @@ def test_report_mean_std_bold_and_plots(tmp_path):
     assert agg[(0.5, "random")]["t2"] == pytest.approx((0.70, 0.05, 3))
     # average ± = std over seeds of the per-seed averages (0.675, 0.745, 0.71) -> 0.035
     assert agg[(0.5, "random")]["average"] == pytest.approx((0.71, 0.035, 3))
+    summary = "\n".join(summary_table(rows))
+    assert "| snip | **72.0 ± 2.0 (3)** |" in summary and "| random | 71.0 ± 3.5 (3) |" in summary
+    # snip vs random: t1 82 vs 72 (+10, a win), t2 62 vs 70 (-8, a loss) -> mean +1.0
+    assert "| random | 1 | 0 | 1 | +1.0 |" in head_to_head(rows, "snip")
     table = "\n".join(metric_table(rows, 0.5))
     assert "| snip | **82.0 ± 2.0 (3)** | 62.0 ± 2.0 (3) | **72.0 ± 2.0 (3)** |" in table
     assert "| random | 72.0 ± 2.0 (3) | **70.0 ± 5.0 (3)** | 71.0 ± 3.5 (3) |" in table
@@ -144,5 +173,16 @@ def test_tuning_report_picks_best_validation(tmp_path):
             r["pruned"]["test"] = {"accuracy": 1.0 - acc}  # test must not decide
             rows.append(r)
     text = write_tuning_report(rows, tmp_path / "tuning.md", command="cmd").read_text()
-    assert "| 0.1 | **77.0 ± 2.8 (2)** | 61.0 ± 1.4 (2) |" in text
+    assert "| λ 0.1, norm | **77.0 ± 2.8 (2)** | **77.0 ± 2.8 (2)** |" in text
+    assert "| λ 0.1, energy-per-cost | 61.0 ± 1.4 (2) | 61.0 ± 1.4 (2) |" in text
     assert "prior_lambda = 0.1, selection = norm" in text
+    # a second task where energy-per-cost wins by more: the average over tasks decides
+    for seed in (0, 1):
+        for (lam, sel), acc in zip([(0.0, "norm"), (0.1, "norm"), (0.1, "energy-per-cost")], (0.5, 0.5, 0.9)):
+            r = _row("subj", seed, f"snip-{lam}-{sel}", 0.5, acc)
+            r["config"] = {"prune": {"prior": lam > 0, "prior_lambda": lam, "selection": sel, "head_share": None,
+                                     "sn": True, "prior_weight": "uniform"}}
+            rows.append(r)
+    text = write_tuning_report(rows, tmp_path / "tuning.md").read_text()
+    assert "| λ 0.1, energy-per-cost | 61.0 ± 1.4 (2) | **90.0 ± 0.0 (2)** | **75.5 ± 0.7 (2)** |" in text
+    assert "prior_lambda = 0.1, selection = energy-per-cost" in text

@@ -198,6 +198,22 @@ def test_selection_hits_target_within_one_unit(measure, mode):
     assert (removed - 0.4) * total <= biggest  # overshoot of at most one unit (a collapse can take a sub-layer)
 
 
+def test_auto_selection_is_the_family_default():
+    """--selection auto: encoders take 30% of the budget from heads (tuned on validation), decoders
+    rank globally by norm; an explicit head_share overrides the family's."""
+    from idprior.pipeline import resolve_selection
+
+    bert, llama = get_adapter(tiny_bert()), get_adapter(tiny_llama())
+    assert resolve_selection("auto", None, bert) == ("share", 0.3)
+    assert resolve_selection("auto", 0.5, bert) == ("share", 0.5)
+    assert resolve_selection("auto", None, llama) == ("norm", None)
+    assert resolve_selection("auto", None, get_adapter(tiny_gpt2())) == ("norm", None)
+    assert resolve_selection("energy-per-cost", None, bert) == ("energy-per-cost", None)
+    mode, share = resolve_selection("auto", None, bert)
+    plan = select(_scores(bert.model), bert, target=0.5, mode=mode, head_share=share)
+    assert plan.counts()["head"] > 0 and plan.counts()["neuron"] > 0 and plan.selection == "share"
+
+
 def test_selection_is_deterministic_and_matches_surgery():
     model = tiny_bert()
     adapter = get_adapter(model)

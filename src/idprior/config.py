@@ -23,7 +23,7 @@ from .errors import ConfigError, IdpriorError
 from .units import KINDS
 
 MEASURES = ("encoder_params", "linear_params", "flops")
-SELECTIONS = ("norm", "norm-per-cost", "energy-per-cost", "share", "relative")
+SELECTIONS = ("auto", "norm", "norm-per-cost", "energy-per-cost", "share", "relative")
 PRIOR_WEIGHTS = ("uniform", "cost")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -72,14 +72,17 @@ class PruneConfig:
     flops_seq_len: int = 128
     tau: float | None = None  # raw function-norm threshold instead of a target
     kinds: str = "head,neuron"
-    selection: str = "norm"
+    # "auto": the model family's default (its adapter's `default_selection`): for encoders
+    # "share" with head_share 0.3, picked on validation (benchmarks/results/tuning.md); for
+    # decoders "norm" (benchmarks/results/smollm2_selection.md).
+    selection: str = "auto"
     head_share: float | None = None  # selection "share": fraction of the budget taken from heads
     score: str = "absolute"  # "relative": divide by the branch input norm
     calib_size: int = 512
     sn: bool = True
     sn_bound: str = "init"  # "init" (each matrix's own sigma at load) or a float
     prior: bool = True
-    prior_lambda: float = 0.1
+    prior_lambda: float = 0.1  # also the tuned value (λ in {0, 0.03, 0.1, 0.3}, tuning.md)
     prior_weight: str = "uniform"
     prior_warmup: float = 0.1  # fraction of steps over which lambda ramps up linearly
     train: bool = True  # False: post-training mode (score and prune an already fine-tuned model)

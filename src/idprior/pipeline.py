@@ -204,6 +204,14 @@ def stage_score(run: Run) -> dict:
     return {"units": len(scores)}
 
 
+def resolve_selection(selection: str, head_share: float | None, adapter) -> tuple[str, float | None]:
+    """"auto" -> the model family's tuned (mode, head_share); an explicit head_share always wins."""
+    if selection == "auto":
+        selection, default_share = adapter.default_selection
+        head_share = head_share if head_share is not None else default_share
+    return selection, head_share
+
+
 def stage_select(run: Run) -> dict:
     from .scoring import scores_from_json
     from .selection import select
@@ -214,9 +222,10 @@ def stage_select(run: Run) -> dict:
     kinds = parse_kinds(p.kinds)
     if p.method == "snip":
         scores = scores_from_json(io.read_json(run.path("scores.json"))["norms"])
+        mode, head_share = resolve_selection(p.selection, p.head_share, adapter)
         plan = select(scores, adapter, target=None if p.tau is not None else p.target, tau=p.tau,
-                      measure=p.measure, seq_len=p.flops_seq_len, mode=p.selection, kinds=kinds,
-                      head_share=p.head_share)
+                      measure=p.measure, seq_len=p.flops_seq_len, mode=mode, kinds=kinds,
+                      head_share=head_share)
     else:
         from .baselines import get_method
 

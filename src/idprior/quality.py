@@ -83,7 +83,16 @@ class Grid:
 
 def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
     """Parse a grid YAML (or dict); IdpriorError listing every problem at once."""
-    raw = path_or_dict if isinstance(path_or_dict, dict) else yaml.safe_load(Path(path_or_dict).read_text(encoding="utf-8"))
+    if isinstance(path_or_dict, dict):
+        raw = path_or_dict
+    else:
+        path = Path(path_or_dict)
+        if not path.is_file():
+            raise IdpriorError(f"grid file {path} not found; pass a YAML grid such as benchmarks/quality_minilm.yaml")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as e:
+            raise IdpriorError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
     if not isinstance(raw, dict):
         raise IdpriorError(f"{path_or_dict}: a grid must be a mapping (model:, tasks:, targets:, seeds:, methods:, ...)")
     problems = [f"unknown grid key {k!r}; valid keys: {', '.join(sorted(GRID_KEYS))}" for k in raw if k not in GRID_KEYS]
@@ -203,16 +212,18 @@ def finished_keys(results: str | os.PathLike) -> set[str]:
 
 
 def append_row(results: str | os.PathLike, row: dict) -> None:
-    """One line per call, flushed and synced, so a kill loses at most the line being written."""
+    """One line per call, synced, so a kill loses at most the line being written."""
     path = Path(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(row, default=io._jsonable) + "\n"
     if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
         text = "\n" + text  # a torn line from a kill stays on its own line
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:  # one write() on an O_APPEND file: lines of concurrent shards never interleave
+        os.write(fd, text.encode("utf-8"))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def versions() -> dict:
@@ -330,12 +341,16 @@ def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None 
 
 
 def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike | None = None,
-             resume: bool = True, deadline: float | None = None, tasks: list[str] | None = None) -> dict:
+             resume: bool = True, deadline: float | None = None, tasks: list[str] | None = None,
+             shard: tuple[int, int] = (0, 1)) -> dict:
     """Run every unfinished cell in order; returns counters {"cells", "dense", "finetune", "skipped"}.
 
     `results` defaults to OUT/results.jsonl. `deadline` (a time.time() value): start no new cell
     after it, so a sweep can be sized to a wall-clock budget and continued later with resume.
     `tasks`: run only the cells of these tasks (a slice of the grid; the rest stays for later).
+    `shard` (i, n): run only the (seed, task) pairs whose index is i mod n, so n processes (one
+    thread each, say) can share a machine and one results file; a fine-tune is never shared
+    between shards, because every cell of a (seed, task) pair belongs to the same shard.
     """
     out = Path(out)
     results = Path(results) if results else out / "results.jsonl"
@@ -348,8 +363,12 @@ def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike |
     unknown = sorted(set(tasks or []) - set(grid.tasks))
     if unknown:
         raise IdpriorError(f"--tasks {', '.join(unknown)}: not in the grid's tasks ({', '.join(grid.tasks)})")
+    index, n_shards = shard
+    if not (n_shards >= 1 and 0 <= index < n_shards):
+        raise IdpriorError(f"--shard {index}/{n_shards}: use I/N with 0 <= I < N, e.g. --shard 0/2 and --shard 1/2")
+    pairs = [(seed, task) for seed in grid.seeds for task in grid.tasks]
     for seed, task, target, spec in cells(grid):
-        if tasks and task not in tasks:
+        if (tasks and task not in tasks) or pairs.index((seed, task)) % n_shards != index:
             continue
         key = cell_key(task, seed, spec.name if spec else "dense", target)
         if key in done:

@@ -65,11 +65,8 @@ def methods_of(rows: list[dict]) -> list[str]:
 
 
 def tasks_of(rows: list[dict]) -> list[str]:
-    seen: list[str] = []
-    for r in rows:
-        if r["task"] not in seen:
-            seen.append(r["task"])
-    return seen
+    """Task names in alphabetical order (rows of concurrent shards arrive in no fixed order)."""
+    return sorted({r["task"] for r in rows})
 
 
 def aggregate(rows: list[dict], *, split: str = "test", stage: str = "pruned") -> dict:
@@ -126,6 +123,51 @@ def metric_table(rows: list[dict], target: float, *, split: str = "test", stage:
             continue
         text = [_cell(cells.get(c), m != "dense" and c in cells and cells[c][0] == best[c], scale) for c in cols]
         lines.append(f"| {m} | " + " | ".join(text) + " |")
+    return lines
+
+
+def summary_table(rows: list[dict], *, split: str = "test", stage: str = "pruned",
+                  higher_is_better: bool = True, scale: float = 100.0) -> list[str]:
+    """Markdown lines: one row per method, one column per target holding the task average
+    (mean of the per-task means; ± over seeds of the per-seed task average); best in bold."""
+    agg = aggregate(rows, split=split, stage=stage)
+    targets = sorted({r["target"] for r in rows if r["method"] != "dense"})
+    methods = methods_of(rows)
+    best = {}
+    for t in targets:
+        vals = [agg[(t, m)]["average"][0] for m in methods if "average" in agg.get((t, m), {})]
+        best[t] = (max if higher_is_better else min)(vals) if vals else None
+    lines = ["| method | " + " | ".join(f"{t:.0%} removed" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+    for m in ["dense", *methods]:
+        cells = [agg.get((t, m), {}).get("average") for t in targets]
+        if all(c is None for c in cells):
+            continue
+        text = [_cell(c, m != "dense" and c is not None and c[0] == best[t], scale) for c, t in zip(cells, targets)]
+        lines.append(f"| {m} | " + " | ".join(text) + " |")
+    return lines
+
+
+def head_to_head(rows: list[dict], method: str = "snip", *, split: str = "test", stage: str = "pruned",
+                 higher_is_better: bool = True, scale: float = 100.0) -> list[str]:
+    """Markdown lines: `method` against every other pruned method over the (task, target) cells both
+    have: wins / ties / losses of the mean over seeds, and the mean difference in points."""
+    agg = aggregate(rows, split=split, stage=stage)
+    tasks = tasks_of(rows)
+    targets = sorted({r["target"] for r in rows if r["method"] != "dense"})
+    sign = 1.0 if higher_is_better else -1.0
+    lines = [f"| {method} vs | wins | ties | losses | mean difference (points) |", "|---|---|---|---|---|"]
+    for other in methods_of(rows):
+        if other == method:
+            continue
+        diffs = []
+        for t in targets:
+            mine, theirs = agg.get((t, method), {}), agg.get((t, other), {})
+            diffs += [sign * (mine[k][0] - theirs[k][0]) * scale for k in tasks if k in mine and k in theirs]
+        if not diffs:
+            continue
+        eps = 1e-9
+        wins, losses = sum(d > eps for d in diffs), sum(d < -eps for d in diffs)
+        lines.append(f"| {other} | {wins} | {len(diffs) - wins - losses} | {losses} | {sum(diffs) / len(diffs):+.1f} |")
     return lines
 
 
@@ -308,6 +350,13 @@ def write_quality_report(rows: list[dict], out: str | os.PathLike, *, name: str 
               f"(versions: {r0.get('versions', {})}). Split sizes of the first row: {r0.get('sizes')}.",
               f"Cells show {metric} × 100 as mean ± std over seeds (sample std), n seeds in parentheses; "
               "best pruned method per column in **bold**; average = mean of the task means.", ""]
+    lines += ["## Summary: test, after recovery, average over tasks", ""]
+    lines += summary_table(rows, higher_is_better=hib) + [""]
+    if "snip" in {r["method"] for r in rows}:
+        lines += ["## SNIP head to head (test, after recovery, one comparison per task and target)", ""]
+        lines += head_to_head(rows, "snip", higher_is_better=hib) + [""]
+    lines += ["## Summary: validation, after recovery, average over tasks", ""]
+    lines += summary_table(rows, split="validation", higher_is_better=hib) + [""]
     for split in ("test", "validation"):
         for t in targets:
             lines += [f"## {split}, {t:.0%} of encoder parameters removed, after recovery", ""]
@@ -362,27 +411,36 @@ def _setting(row: dict) -> tuple[float, str]:
 
 
 def tuning_tables(rows: list[dict]) -> tuple[list[str], tuple[float, str] | None]:
-    """Markdown tables (prior λ x selection; validation after recovery decides) and the best setting."""
+    """Markdown tables, one row per candidate (prior λ, selection) and one column per task plus the
+    average (mean of the per-task means over seeds), and the best setting: the highest average
+    validation accuracy after recovery. Test is shown for information and never decides."""
     rows = [r for r in rows if r["method"] != "dense"]
-    lams = sorted({_setting(r)[0] for r in rows})
+    if not rows:
+        return [], None
     sels = list(dict.fromkeys(_setting(r)[1] for r in rows))
+    settings = sorted({_setting(r) for r in rows}, key=lambda k: (k[0], sels.index(k[1])))
+    by_name = {_setting_name(*k): k for k in settings}
+    order = list(by_name)
+    keyed = [dict(r, method=_setting_name(*_setting(r))) for r in rows]
+    target = rows[0]["target"]
     lines: list[str] = []
-    best = None
+    agg = aggregate(keyed, split="validation", stage="pruned")
+    scored = [(agg[(target, n)]["average"][0], -by_name[n][0], n)
+              for n in order if "average" in agg.get((target, n), {})]
+    best_name = max(scored)[2] if scored else None
     for title, split, stage in (("validation accuracy after recovery (decides)", "validation", "pruned"),
                                 ("validation accuracy before recovery", "validation", "pruned_no_recovery"),
                                 ("test accuracy after recovery (for information; not used to choose)", "test", "pruned")):
-        vals: dict[tuple, list[float]] = defaultdict(list)
-        for r in rows:
-            vals[_setting(r)].append(value(r, split, stage))
-        stats = {k: mean_std(v) for k, v in vals.items()}
-        top = max(stats, key=lambda k: (stats[k][0], -k[0])) if stats else None
-        if best is None:
-            best = top
-        lines += [f"### {title}", "", "| prior λ | " + " | ".join(sels) + " |", "|---|" + "---|" * len(sels)]
-        for lam in lams:
-            lines.append(f"| {lam:g} | " + " | ".join(_cell(stats.get((lam, s)), (lam, s) == top, 100.0) for s in sels) + " |")
-        lines.append("")
-    return lines, best
+        table = metric_table(keyed, target, split=split, stage=stage)
+        # metric_table orders unknown names alphabetically; put candidates in (λ, selection) order
+        head, body = table[:2], {line.split(" | ")[0][2:]: line for line in table[2:]}
+        lines += [f"### {title}", "", head[0].replace("| method |", "| prior λ, selection |"), head[1]]
+        lines += [body[n] for n in order if n in body] + [""]
+    return lines, (by_name[best_name] if best_name else None)
+
+
+def _setting_name(lam: float, sel: str) -> str:
+    return f"λ {lam:g}, {sel}"
 
 
 def write_tuning_report(rows: list[dict], path: str | os.PathLike, *, command: str | None = None,
@@ -396,7 +454,7 @@ def write_tuning_report(rows: list[dict], path: str | os.PathLike, *, command: s
         head += [notes.strip(), ""]
     if command:
         head += ["Command:", "", "```", command, "```", ""]
-    head += [f"Model `{r0['model']}`, task `{r0['task']}`, target {r0['target']:.0%} of encoder parameters, seeds {seeds}, "
+    head += [f"Model `{r0['model']}`, tasks {', '.join(tasks_of(rows))}, target {r0['target']:.0%} of encoder parameters, seeds {seeds}, "
              f"split sizes {r0['sizes']}; SN {'on' if r0['config']['prune']['sn'] else 'off'}; prior weights `{r0['config']['prune']['prior_weight']}`. "
              "Cells: accuracy × 100, mean ± std over seeds (n).", ""]
     dense = [value(r, "validation") for r in rows if r["method"] == "dense"]

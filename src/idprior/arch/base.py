@@ -60,6 +60,8 @@ class Adapter(ABC):
 
     model_types: ClassVar[tuple[str, ...]] = ()
     norm_position: ClassVar[str] = "post"  # "post" (BERT: LN(x + f(x))) or "pre" (x + f(LN(x)))
+    # What `--selection auto` means for this family: (selection mode, head_share or None).
+    default_selection: ClassVar[tuple[str, float | None]] = ("norm", None)
 
     def __init__(self, model: nn.Module, per_query_head: bool = False):
         self.model = model

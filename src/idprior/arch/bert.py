@@ -42,6 +42,8 @@ class RemovedPostLNAttention(nn.Module):
 class BertAdapter(Adapter):
     model_types = ("bert", "roberta", "electra", "xlm-roberta", "camembert")
     norm_position = "post"
+    # tuned on validation on MiniLM-L6 (benchmarks/results/tuning.md)
+    default_selection = ("share", 0.3)
 
     def __init__(self, model: nn.Module, per_query_head: bool = False):
         super().__init__(model, per_query_head)

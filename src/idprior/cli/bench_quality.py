@@ -24,20 +24,31 @@ def add_parser(sub):
     p.add_argument("--stop-after-min", type=float, default=None,
                    help="start no new cell after this many minutes (finish later with --resume)")
     p.add_argument("--tasks", default=None, metavar="T1,T2", help="run only these tasks of the grid")
+    p.add_argument("--shard", default="0/1", metavar="I/N",
+                   help="run the I-th of N slices of the (seed, task) pairs, for N processes sharing a machine "
+                        "and one results file (e.g. two with --threads 1 --shard 0/2 and --shard 1/2)")
     return p
 
 
 def run(args) -> int:
+    from ..errors import IdpriorError
     from ..quality import load_grid, run_grid
 
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+    try:
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
+            raise ValueError
+    except ValueError:
+        raise IdpriorError(f"--shard {args.shard!r}: use I/N with 0 <= I < N, e.g. 0/2 and 1/2") from None
     grid = load_grid(args.grid)
     deadline = time.time() + 60 * args.stop_after_min if args.stop_after_min is not None else None
     c = run_grid(grid, args.out, results=args.results, resume=args.resume, deadline=deadline,
-                  tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None)
+                  tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
+                  shard=shard)
     print(f"done: {c['cells']} cells and {c['dense']} dense rows run, {c['finetune']} fine-tunes, "
           f"{c['skipped']} finished earlier and skipped")
     return 0

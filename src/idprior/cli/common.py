@@ -33,7 +33,8 @@ PRUNE_FLAGS = {
     "measure": ("prune.measure", "encoder_params (default), linear_params or flops"),
     "tau": ("prune.tau", "raw function-norm threshold instead of --target"),
     "kinds": ("prune.kinds", "comma list of unit kinds: head, attn, ffn, neuron"),
-    "selection": ("prune.selection", "norm, norm-per-cost, energy-per-cost, share, relative"),
+    "selection": ("prune.selection", "auto (the model family's tuned default: share 0.3 for encoders, norm for "
+                                     "decoders), norm, norm-per-cost, energy-per-cost, share, relative"),
     "head_share": ("prune.head_share", "with --selection share: fraction of the budget taken from heads"),
     "prior_lambda": ("prune.prior_lambda", "strength of the identity prior"),
     "prior_weight": ("prune.prior_weight", "uniform or cost"),
