@@ -216,8 +216,11 @@ def append_row(results: str | os.PathLike, row: dict) -> None:
     path = Path(results)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(row, default=io._jsonable) + "\n"
-    if path.is_file() and path.stat().st_size and not path.read_bytes().endswith(b"\n"):
-        text = "\n" + text  # a torn line from a kill stays on its own line
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb") as f:  # only the last byte: the file grows by a line per cell
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                text = "\n" + text  # a torn line from a kill stays on its own line
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:  # one write() on an O_APPEND file: lines of concurrent shards never interleave
         os.write(fd, text.encode("utf-8"))
@@ -366,9 +369,9 @@ def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike |
     index, n_shards = shard
     if not (n_shards >= 1 and 0 <= index < n_shards):
         raise IdpriorError(f"--shard {index}/{n_shards}: use I/N with 0 <= I < N, e.g. --shard 0/2 and --shard 1/2")
-    pairs = [(seed, task) for seed in grid.seeds for task in grid.tasks]
+    pair_index = {(seed, task): i for i, (seed, task) in enumerate((s, t) for s in grid.seeds for t in grid.tasks)}
     for seed, task, target, spec in cells(grid):
-        if (tasks and task not in tasks) or pairs.index((seed, task)) % n_shards != index:
+        if (tasks and task not in tasks) or pair_index[(seed, task)] % n_shards != index:
             continue
         key = cell_key(task, seed, spec.name if spec else "dense", target)
         if key in done:

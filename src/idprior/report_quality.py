@@ -106,17 +106,21 @@ def _cell(ms: tuple | None, bold: bool, scale: float) -> str:
     return f"**{text}**" if bold else text
 
 
+def _best(values: list[float], higher_is_better: bool) -> float | None:
+    return (max if higher_is_better else min)(values) if values else None
+
+
 def metric_table(rows: list[dict], target: float, *, split: str = "test", stage: str = "pruned",
-                 higher_is_better: bool = True, scale: float = 100.0) -> list[str]:
-    """Markdown lines: one row per method (dense first), one column per task + average; best in bold."""
+                 higher_is_better: bool = True, scale: float = 100.0, methods: list[str] | None = None,
+                 label: str = "method") -> list[str]:
+    """Markdown lines: one row per method (dense first; `methods` fixes the order), one column per
+    task + average; best in bold."""
     agg = aggregate(rows, split=split, stage=stage)
     cols = [*tasks_of(rows), "average"]
-    methods = methods_of(rows)
-    best = {}
-    for c in cols:
-        vals = [agg[(target, m)][c][0] for m in methods if c in agg.get((target, m), {})]
-        best[c] = (max if higher_is_better else min)(vals) if vals else None
-    lines = ["| method | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    methods = methods if methods is not None else methods_of(rows)
+    best = {c: _best([agg[(target, m)][c][0] for m in methods if c in agg.get((target, m), {})], higher_is_better)
+            for c in cols}
+    lines = [f"| {label} | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     for m in ["dense", *methods]:
         cells = agg.get((target, m))
         if cells is None:
@@ -133,10 +137,8 @@ def summary_table(rows: list[dict], *, split: str = "test", stage: str = "pruned
     agg = aggregate(rows, split=split, stage=stage)
     targets = sorted({r["target"] for r in rows if r["method"] != "dense"})
     methods = methods_of(rows)
-    best = {}
-    for t in targets:
-        vals = [agg[(t, m)]["average"][0] for m in methods if "average" in agg.get((t, m), {})]
-        best[t] = (max if higher_is_better else min)(vals) if vals else None
+    best = {t: _best([agg[(t, m)]["average"][0] for m in methods if "average" in agg.get((t, m), {})], higher_is_better)
+            for t in targets}
     lines = ["| method | " + " | ".join(f"{t:.0%} removed" for t in targets) + " |", "|---|" + "---|" * len(targets)]
     for m in ["dense", *methods]:
         cells = [agg.get((t, m), {}).get("average") for t in targets]
@@ -431,11 +433,8 @@ def tuning_tables(rows: list[dict]) -> tuple[list[str], tuple[float, str] | None
     for title, split, stage in (("validation accuracy after recovery (decides)", "validation", "pruned"),
                                 ("validation accuracy before recovery", "validation", "pruned_no_recovery"),
                                 ("test accuracy after recovery (for information; not used to choose)", "test", "pruned")):
-        table = metric_table(keyed, target, split=split, stage=stage)
-        # metric_table orders unknown names alphabetically; put candidates in (λ, selection) order
-        head, body = table[:2], {line.split(" | ")[0][2:]: line for line in table[2:]}
-        lines += [f"### {title}", "", head[0].replace("| method |", "| prior λ, selection |"), head[1]]
-        lines += [body[n] for n in order if n in body] + [""]
+        lines += [f"### {title}", ""]
+        lines += metric_table(keyed, target, split=split, stage=stage, methods=order, label="prior λ, selection") + [""]
     return lines, (by_name[best_name] if best_name else None)
 
 
