@@ -229,10 +229,10 @@ def _add_metadata(path: Path, model: nn.Module, exporter: str) -> None:
 
 # ONNX Runtime graph rewrites we turn off on CPU. SkipLayerNormFusion merges "residual add +
 # LayerNorm" into one SkipLayerNormalization kernel; in onnxruntime 1.32 (fp32, CPU) that kernel
-# took ~10 ms per call on a [32, 128, 384] MiniLM-L6 activation vs ~1 ms for the plain
-# LayerNormalization it replaces, i.e. 8% of the dense and 13% of the 50%-pruned model's run time
-# (op profile, batch 32 x 128, 1 thread). The cost does not shrink with pruning, so it capped the
-# pruned model's speed-up; without the fusion both models are faster and the outputs are the same.
+# took 7.8 ms per call on a [32, 128, 384] MiniLM-L6 activation vs 0.8 ms for the plain
+# LayerNormalization it replaces, i.e. 8% of the dense and 15% of the 50%-pruned model's kernel
+# time (benchmarks/results/ort_profile.md, 1 thread). The cost does not shrink with pruning, so it
+# capped the pruned model's speed-up; without the fusion both models are faster, same outputs.
 DISABLED_ORT_FUSIONS = ("SkipLayerNormFusion",)
 
 
