@@ -35,8 +35,9 @@ def _batch(model, batch: int, seq_len: int, pad: bool):
     return example_inputs(model, input_names(model), batch, seq_len, seed=3, pad=pad)
 
 
-@pytest.mark.parametrize("pruned", [False, True], ids=["dense", "pruned"])
-def test_onnx_parity_dynamic_axes(tmp_path, pruned):
+@pytest.mark.parametrize("pruned,attention", [(False, "auto"), (True, "auto"), (True, "eager")],
+                         ids=["dense", "pruned", "pruned-eager-attention"])
+def test_onnx_parity_dynamic_axes(tmp_path, pruned, attention):
     pytest.importorskip("onnxruntime", reason="ONNX export checks need onnxruntime (pip install onnx onnxruntime onnxscript)")
     pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
     import onnx
@@ -47,7 +48,7 @@ def test_onnx_parity_dynamic_axes(tmp_path, pruned):
     if pruned:  # an SN-parametrized model must be folded by the export itself
         spectral.attach(model, get_adapter(model))
         assert any(parametrize.is_parametrized(m) for m in model.modules())
-    path = export_onnx(model, None, tmp_path / "m.onnx", seq_len=16)  # traced at [2, 16]
+    path = export_onnx(model, None, tmp_path / "m.onnx", seq_len=16, attention=attention)  # traced at [2, 16]
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]  # atomic: no temporary left behind
 
@@ -56,9 +57,26 @@ def test_onnx_parity_dynamic_axes(tmp_path, pruned):
     for inp in proto.graph.input:  # both axes symbolic
         assert all(d.dim_param and not d.dim_value for d in inp.type.tensor_type.shape.dim)
     assert {op.domain for op in proto.opset_import} <= {"", "ai.onnx"}  # standard operators only: no idprior code
+    # encoders: one fused Attention node per kept attention sub-layer by default, none in eager form
+    n_attention = sum(node.op_type == "Attention" for node in proto.graph.node)
+    assert n_attention == (0 if attention == "eager" else 3 if pruned else 4)
+    assert {m.key: m.value for m in proto.metadata_props}["attention"] == ("eager" if attention == "eager" else "fused")
     # other batch sizes and lengths than the export, with right padding in row 0
     for batch, seq_len, pad in [(3, 7, True), (5, 33, True), (1, 50, False)]:
         assert check_onnx(model, path, _batch(model, batch, seq_len, pad)) <= 1e-4
+
+
+def test_fused_attention_needs_dynamo_and_opset_23():
+    from idprior.export import attention_mode
+
+    model = tiny_bert()
+    assert attention_mode(model, "dynamo", None) == ("fused", 23)
+    assert attention_mode(model, "dynamo", 18) == ("eager", 18)  # an explicit older opset falls back
+    assert attention_mode(model, "legacy", None) == ("eager", None)
+    with pytest.raises(IdpriorError, match="attention='fused' needs the dynamo exporter"):
+        attention_mode(model, "legacy", None, "fused")
+    with pytest.raises(IdpriorError, match="unknown attention mode"):
+        attention_mode(model, "dynamo", None, "flash")
 
 
 def test_ort_session_skips_the_slow_skip_layernorm_fusion(tmp_path):
@@ -140,6 +158,22 @@ def test_benchmark_keys_and_fewer_flops():
     assert pruned["params"] < dense["params"] and pruned["onnx_max_abs_diff"] <= 1e-4
     md = format_bench_markdown(result)
     assert "| onnxruntime | 2 | 12 | pruned |" in md and "FLOPs-ideal" in md
+    assert "ONNX export: legacy exporter, attention eager" in md
+
+
+def test_timing_blocks_alternate_and_start_with_an_untimed_run():
+    """Each block is an untimed lead-in (here one call) then timed calls; blocks alternate over the
+    models, the order reversed every other round."""
+    from idprior.bench import _time_blocks
+
+    calls = []
+    runners = {name: (lambda n=name: calls.append(n)) for name in ("dense", "pruned")}
+    times = _time_blocks(runners, repeats=7, warmup=1, block=5, lead_in_s=0.0)
+    assert {k: len(v) for k, v in times.items()} == {"dense": 7, "pruned": 7}
+    expected = (["dense", "pruned"]  # warm-up
+                + ["dense"] * 6 + ["pruned"] * 6  # round 0: lead-in + 5 timed each
+                + ["pruned"] * 3 + ["dense"] * 3)  # round 1, reversed: lead-in + the 2 left
+    assert calls == expected
 
 
 def test_cli_export_and_bench(tmp_path, capsys):

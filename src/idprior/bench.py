@@ -2,10 +2,15 @@
 
 All models run in one process on the same random token batch (no padding), in PyTorch eager
 (fp32, `torch.inference_mode()`) and in ONNX Runtime (CPUExecutionProvider, `threads` intra-op
-threads). Repeats are taken round-robin over the models (dense, pruned, dense, pruned, ...,
-the order reversed every other round), so a change in background load during the run hits every
+threads). Repeats are taken in short blocks that alternate over the models (a block of dense,
+of pruned, of pruned, of dense, ...), so a change in background load during the run hits every
 model alike and the measured ratio stays fair even on a shared machine; the load average at the
-start and end is recorded too. Latency is the median over repeats with its inter-quartile range.
+start and end is recorded too. Every block starts with untimed runs for at least `LEAD_IN_S`:
+each ONNX Runtime session has its own thread pool, and right after a switch between sessions
+the next session ran slowly (on 2 cores, MiniLM-L6 with six sessions: batch-1 latency of the
+pruned model 15 ms instead of 9.4 ms with no lead-in, 9.4 ms with 50 ms or more of lead-in; at
+batch 32 the measured speed-up fell from 1.80x to 1.67x). The lead-in takes that transient out.
+Latency is the median over repeats with its inter-quartile range.
 """
 
 from __future__ import annotations
@@ -121,6 +126,7 @@ def benchmark(
     workdir: str | os.PathLike | None = None,
     reference: str | None = None,
     exporter: str = "dynamo",
+    attention: str = "auto",
 ) -> dict:
     """Time every model (eager, and ONNX Runtime if `onnx`) at every batch size x sequence length.
 
@@ -128,11 +134,12 @@ def benchmark(
     are relative to, normally the dense one. `repeats` may map a sequence length to its own
     count (long sequences are slow). `threads` (default: torch's current setting) is used for
     torch and for ONNX Runtime's intra-op pool. ONNX files go to `workdir` (default: a temporary
-    folder, deleted afterwards). Spectral-norm parametrizations are folded in place first.
+    folder, deleted afterwards); `exporter` and `attention` as in `export_onnx`. Spectral-norm parametrizations are folded in place first.
     Returns {"environment", "reference", "models", "rows"}; every row is one (model, backend,
     batch, seq_len) with latency, throughput, and speed-up measured vs FLOPs-ideal.
     """
     from .export import (
+        attention_mode,
         example_inputs,
         export_onnx,
         input_names,
@@ -162,6 +169,7 @@ def benchmark(
     started = time.perf_counter()
     result: dict = {"environment": environment(threads), "reference": reference, "models": {}, "rows": []}
     result["environment"]["loadavg_start"] = _loadavg()
+    result["environment"]["onnx_exporter"] = exporter
     for model in models.values():
         fold(model)
         model.eval()
@@ -177,9 +185,10 @@ def benchmark(
             for name, model in tqdm(models.items(), desc="export onnx", leave=False):
                 path = Path(workdir) / f"{_safe_name(name)}.onnx"
                 t0 = time.perf_counter()
-                export_onnx(model, None, path, exporter=exporter)
+                export_onnx(model, None, path, exporter=exporter, attention=attention)
                 info = result["models"][name]
                 info["onnx_export_s"] = round(time.perf_counter() - t0, 2)
+                info["onnx_attention"], info["onnx_opset"] = attention_mode(model, exporter, None, attention)
                 info["onnx_mb"] = round(path.stat().st_size / 2**20, 2)
                 parity_batch = example_inputs(model, input_names(model), batch=3, seq_len=24, seed=1, pad=True)
                 check = parity(model, path, parity_batch)
@@ -205,7 +214,7 @@ def benchmark(
                     session = sessions[name]
                     feed = ort_feed(session, full)
                     runners[name] = (lambda s=session, f=feed: s.run(["logits"], f))
-            times = _time_round_robin(runners, n_rep, warmup)
+            times = _time_blocks(runners, n_rep, warmup)
             for name in names:
                 result["rows"].append({"model": name, "backend": backend, "batch_size": batch, "seq_len": seq_len,
                                        **_stats(times[name], batch)})
@@ -231,18 +240,32 @@ def _eager_runner(model: nn.Module, inputs: dict[str, torch.Tensor]):
     return run
 
 
-def _time_round_robin(runners: dict, repeats: int, warmup: int) -> dict[str, list[float]]:
-    """Warm every runner up, then time one call of each per round, alternating the order."""
+BLOCK = 5  # timed runs per block in `_time_blocks`
+LEAD_IN_S = 0.1  # untimed running before each block (at least one call)
+
+
+def _time_blocks(runners: dict, repeats: int, warmup: int, block: int = BLOCK,
+                 lead_in_s: float = LEAD_IN_S) -> dict[str, list[float]]:
+    """Warm every runner up, then time `repeats` calls of each in blocks of `block`.
+
+    The blocks alternate over the runners, the order reversed every other round, and each block
+    starts with untimed calls for `lead_in_s` seconds, at least one (see the module docstring).
+    """
     for run in runners.values():
         for _ in range(warmup):
             run()
     times: dict[str, list[float]] = {name: [] for name in runners}
     order = list(runners)
-    for r in range(repeats):
+    for r in range(-(-repeats // block)):  # ceil(repeats / block) rounds
         for name in order if r % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
-            runners[name]()
-            times[name].append(time.perf_counter() - t0)
+            runners[name]()  # untimed lead-in
+            while time.perf_counter() - t0 < lead_in_s:
+                runners[name]()
+            for _ in range(min(block, repeats - len(times[name]))):
+                t0 = time.perf_counter()
+                runners[name]()
+                times[name].append(time.perf_counter() - t0)
     return times
 
 
@@ -272,9 +295,16 @@ def format_bench_markdown(result: dict) -> str:
         f"transformers {env['transformers']}, Python {env['python']}.",
         f"Load average (1/5/15 min) at start {env.get('loadavg_start')}, at end {env.get('loadavg_end')}; "
         f"benchmark wall time {env.get('wall_s')} s.",
-        "Inputs: the same random token batch for every model, no padding. Repeats round-robin over the models.",
-        "",
+        f"Inputs: the same random token batch for every model, no padding. Repeats in alternating blocks of {BLOCK} "
+        f"per model, each after {LEAD_IN_S:g} s (at least one call) of untimed runs.",
     ]
+    onnx_modes = sorted({(i["onnx_attention"], i["onnx_opset"]) for i in result["models"].values() if "onnx_attention" in i},
+                        key=str)
+    if onnx_modes:
+        modes = "; ".join(f"attention {a}, opset {o or 'exporter default'}" for a, o in onnx_modes)
+        lines.append(f"ONNX export: {env.get('onnx_exporter', 'dynamo')} exporter, {modes}; ONNX Runtime CPU provider, "
+                     "all graph optimizations except idprior.export.DISABLED_ORT_FUSIONS.")
+    lines.append("")
     seq_lens = sorted({r["seq_len"] for r in result["rows"]}) or sorted(int(t) for t in next(iter(result["models"].values()))["flops"])
     header = ("| model | params | encoder params | " + " | ".join(f"GFLOPs/seq @T={t}" for t in seq_lens)
               + " | ONNX max abs diff (largest logit) |")

@@ -8,8 +8,16 @@ torch's supported path (the TorchScript exporter is deprecated since torch 2.9),
 traced Python constants (the TorchScript trace bakes in `is_causal` / padding checks of the
 transformers mask code, with warnings), and on MiniLM-L6 its graph ran faster in ONNX Runtime.
 It is slower to export (about 15 s for MiniLM-L6 on 2 cores). `exporter="legacy"` keeps the
-TorchScript exporter as a fallback. Either way an encoder's attention is traced in its eager
-form (see `_eager_attention`), which ONNX Runtime runs faster than the decomposed SDPA.
+TorchScript exporter as a fallback.
+
+Attention (`attention=`). With the dynamo exporter an encoder's SDPA is exported at opset 23 as
+the single ONNX `Attention` operator ("fused"): scores, mask, softmax and the value product in
+one ONNX Runtime kernel, and fewer elementwise kernels whose cost does not shrink with pruning
+(benchmarks/results/onnx_attention.md). At a lower opset, or with the legacy exporter, the
+attention is traced in its eager form ("eager": matmul, additive mask, softmax, matmul), which
+ONNX Runtime runs faster than SDPA's opset-18 decomposition (see `_attention_impl`).
+Decoders keep their own attention implementation at the exporter's default opset. Running a
+fused file needs onnxruntime >= 1.23 (its CPU kernel for the opset-23 `Attention` operator).
 
 The exported file holds plain ONNX operators only: it runs in ONNX Runtime without idprior.
 Inputs: `input_ids`, `attention_mask` and, when the model's forward takes it (and the tokenizer
@@ -36,6 +44,8 @@ from . import io
 from .errors import IdpriorError
 
 EXPORTERS = ("dynamo", "legacy")
+ATTENTION = ("auto", "fused", "eager")
+FUSED_ATTENTION_OPSET = 23  # first ONNX opset with the Attention operator
 PARITY_TOL = 1e-4
 INSTALL_HINT = "pip install onnx onnxruntime onnxscript"
 
@@ -114,20 +124,25 @@ def _quiet():
 
 
 @contextlib.contextmanager
-def _eager_attention(model: nn.Module):
-    """Encoders: trace the plain attention (matmul, additive mask, softmax, matmul), not SDPA.
+def _attention_impl(model: nn.Module, attention: str):
+    """Trace the attention implementation that `attention` names, then restore the model's own.
 
-    Same function; but the SDPA decomposition in ONNX masks every head's scores with `Where`
-    and adds a NaN guard (`IsNaN` + `Where`) that the eager path does not need. On MiniLM-L6
-    (batch 32, length 128, 2 threads) the eager-attention graph ran 12% (dense) to 16% (pruned)
-    faster in ONNX Runtime, with the same 1e-8 parity. Decoders keep their own attention (their
-    ONNX speed with eager attention was not measured; parity on SmolLM2-135M was the same,
-    1e-4 to 6e-4 on logits up to ~34, with either).
+    "fused": SDPA, which the dynamo exporter writes as one ONNX `Attention` node at opset >= 23.
+    "eager": the plain attention (matmul, additive mask, softmax, matmul). Below opset 23 SDPA
+    decomposes into a graph that masks every head's scores with `Where` and adds a NaN guard
+    (`IsNaN` + `Where`); on MiniLM-L6 (batch 32, length 128, 2 threads) the eager graph ran 12%
+    (dense) to 16% (pruned) faster than that in ONNX Runtime, with the same 1e-8 parity.
+    "native": whatever the model is set to.
     """
+    want = {"fused": "sdpa", "eager": "eager"}.get(attention)
     old = getattr(model.config, "_attn_implementation", None)
-    switch = old not in (None, "eager") and hasattr(model, "set_attn_implementation") and not _is_decoder(model)
+    switch = want is not None and old != want and hasattr(model, "set_attn_implementation")
     if switch:
-        model.set_attn_implementation("eager")
+        try:
+            model.set_attn_implementation(want)
+        except (ValueError, ImportError) as e:
+            raise IdpriorError(f"{type(model).__name__} cannot use {want} attention for export ({e}); "
+                               "try --attention auto") from e
     try:
         yield
     finally:
@@ -145,17 +160,38 @@ def _eval_mode(model: nn.Module):
         model.train(was_training)
 
 
+def attention_mode(model: nn.Module, exporter: str, opset: int | None, attention: str = "auto") -> tuple[str, int | None]:
+    """Resolve `attention` ("auto" / "fused" / "eager") and the opset to export at.
+
+    "auto" is "fused" for encoders with the dynamo exporter when `opset` is unset or at least 23,
+    else "eager"; decoders keep their own attention ("native") unless "fused" or "eager" is asked for.
+    """
+    if attention not in ATTENTION:
+        raise IdpriorError(f"unknown attention mode {attention!r}; use one of {', '.join(ATTENTION)}")
+    fused_ok = exporter == "dynamo" and (opset is None or opset >= FUSED_ATTENTION_OPSET)
+    if attention == "fused" and not fused_ok:
+        raise IdpriorError(f"attention='fused' needs the dynamo exporter and opset >= {FUSED_ATTENTION_OPSET} "
+                           f"(got exporter={exporter!r}, opset={opset}); use attention='eager' or drop --opset")
+    if attention == "auto":
+        attention = "native" if _is_decoder(model) else ("fused" if fused_ok else "eager")
+    if attention == "fused":
+        return attention, opset or FUSED_ATTENTION_OPSET
+    return attention, opset
+
+
 def export_onnx(model: nn.Module, tokenizer, out_path: str | os.PathLike, *, opset: int | None = None,
-                seq_len: int = 16, exporter: str = "dynamo") -> Path:
+                seq_len: int = 16, exporter: str = "dynamo", attention: str = "auto") -> Path:
     """Export `model` (encoder classifier or decoder LM, dense or pruned) to `out_path`, atomically.
 
     Spectral-norm parametrizations are folded into plain weights first, in place (an exported
     model never contains SN code). The example batch is [2, seq_len]: neither axis may be 1,
-    because the dynamo exporter specializes size-1 dimensions.
+    because the dynamo exporter specializes size-1 dimensions. `attention` picks how attention
+    is exported (see the module docstring and `attention_mode`).
     """
     require_onnx(runtime=False)
     if exporter not in EXPORTERS:
         raise IdpriorError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
+    attention, opset = attention_mode(model, exporter, opset, attention)
     if seq_len < 2:
         raise IdpriorError(f"seq_len must be at least 2 for export (got {seq_len}); size-1 axes would not stay dynamic")
     from . import spectral
@@ -169,7 +205,7 @@ def export_onnx(model: nn.Module, tokenizer, out_path: str | os.PathLike, *, ops
     inputs = example_inputs(model, names, batch=2, seq_len=seq_len)
     wrapper = _LogitsOnly(model, names).eval()
     out_path = Path(out_path)
-    with _eval_mode(model), _eager_attention(model), torch.inference_mode(False), torch.no_grad(), _quiet(), \
+    with _eval_mode(model), _attention_impl(model, attention), torch.inference_mode(False), torch.no_grad(), _quiet(), \
             io.atomic_path(out_path) as tmp:
         try:
             if exporter == "dynamo":
@@ -181,9 +217,10 @@ def export_onnx(model: nn.Module, tokenizer, out_path: str | os.PathLike, *, ops
         except Exception as e:  # noqa: BLE001 - exporter failures become one-line user errors
             other = "legacy" if exporter == "dynamo" else "dynamo"
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise IdpriorError(f"ONNX export with the {exporter} exporter failed ({first}); try exporter={other!r} "
-                               f"(CLI: --exporter {other})") from e
-        _add_metadata(tmp, model, exporter)
+            fix = ("attention='eager' (CLI: --attention eager)" if attention == "fused"
+                   else f"exporter={other!r} (CLI: --exporter {other})")
+            raise IdpriorError(f"ONNX export with the {exporter} exporter failed ({first}); try {fix}") from e
+        _add_metadata(tmp, model, exporter, attention)
     return out_path
 
 
@@ -208,7 +245,7 @@ def _export_legacy(wrapper: nn.Module, inputs: dict[str, torch.Tensor], path: Pa
     )
 
 
-def _add_metadata(path: Path, model: nn.Module, exporter: str) -> None:
+def _add_metadata(path: Path, model: nn.Module, exporter: str, attention: str) -> None:
     """Record what was exported (idprior version, per-layer structure) in the ONNX metadata."""
     import onnx
 
@@ -218,6 +255,7 @@ def _add_metadata(path: Path, model: nn.Module, exporter: str) -> None:
     meta = {
         "producer": "idprior",
         "exporter": exporter,
+        "attention": attention,
         "model_type": model.config.model_type,
         STRUCTURE_KEY: json.dumps(getattr(model.config, STRUCTURE_KEY, None)),
     }
@@ -230,7 +268,7 @@ def _add_metadata(path: Path, model: nn.Module, exporter: str) -> None:
 # ONNX Runtime graph rewrites we turn off on CPU. SkipLayerNormFusion merges "residual add +
 # LayerNorm" into one SkipLayerNormalization kernel; in onnxruntime 1.32 (fp32, CPU) that kernel
 # took 7.8 ms per call on a [32, 128, 384] MiniLM-L6 activation vs 0.8 ms for the plain
-# LayerNormalization it replaces, i.e. 8% of the dense and 15% of the 50%-pruned model's kernel
+# LayerNormalization it replaces, i.e. 9% of the dense and 15% of the 50%-pruned model's kernel
 # time (benchmarks/results/ort_profile.md, 1 thread). The cost does not shrink with pruning, so it
 # capped the pruned model's speed-up; without the fusion both models are faster, same outputs.
 DISABLED_ORT_FUSIONS = ("SkipLayerNormFusion",)

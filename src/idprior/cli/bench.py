@@ -41,6 +41,8 @@ def add_parser(sub):
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     p.add_argument("--no-onnx", action="store_true", help="PyTorch eager only (no ONNX export / ONNX Runtime)")
     p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo", help="ONNX exporter (default dynamo)")
+    p.add_argument("--attention", choices=("auto", "fused", "eager"), default="auto",
+                   help="how attention is exported: auto (default; encoders: fused at opset 23, decoders: their own), fused (one ONNX Attention node per layer, opset >= 23), eager (matmul, mask, softmax, matmul)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for bench.json and bench.md")
     return p
 
@@ -80,7 +82,7 @@ def run(args) -> int:
     dense = load_dense_like(args.dense, next(iter(pruned.values())))
     result = benchmark({"dense": dense, **pruned}, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens,
                        threads=args.threads, repeats=args.repeats, warmup=args.warmup, onnx=not args.no_onnx,
-                       exporter=args.exporter)
+                       exporter=args.exporter, attention=args.attention)
     result["command"] = "idprior bench " + " ".join(_argv_echo(args))
     result["inputs"] = {"dense": args.dense, "pruned": list(args.pruned)}
     out = Path(args.out)

@@ -28,6 +28,8 @@ def add_parser(sub):
                    help="sequence length of the example batch used for tracing (default 16); every length works afterwards")
     p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
                    help="torch.export-based exporter (default) or the older TorchScript one, as a fallback")
+    p.add_argument("--attention", choices=("auto", "fused", "eager"), default="auto",
+                   help="how attention is exported: auto (default; encoders: fused at opset 23, decoders: their own), fused (one ONNX Attention node per layer, opset >= 23), eager (matmul, mask, softmax, matmul)")
     p.add_argument("--tol", type=float, default=1e-4,
                    help="largest allowed |logits difference| / max(1, largest |logit|) (default 1e-4)")
     return p
@@ -62,7 +64,8 @@ def run(args) -> int:
 
     require_onnx()
     model, tok = load_with_head(args.model)
-    path = export_onnx(model, tok, args.onnx, opset=args.opset, seq_len=args.seq_len, exporter=args.exporter)
+    path = export_onnx(model, tok, args.onnx, opset=args.opset, seq_len=args.seq_len, exporter=args.exporter,
+                       attention=args.attention)
     names = input_names(model, tok)
     shapes = [(3, args.seq_len + 8, True), (1, 2 * args.seq_len + 1, False)]
     checks = [parity(model, path, example_inputs(model, names, b, t, seed=1, pad=pad)) for b, t, pad in shapes]

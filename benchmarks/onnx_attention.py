@@ -1,0 +1,125 @@
+"""ONNX Runtime latency of MiniLM-L6, dense vs 50% pruned, with attention exported two ways.
+
+    python benchmarks/onnx_attention.py --nice -15
+
+`eager`: the attention traced as matmul, additive mask, softmax, matmul (idprior's export
+before opset 23). `fused`: SDPA exported at opset 23 as one ONNX `Attention` node per layer
+(idprior's default for encoders now). The dense model and the two 50% weight-magnitude plans of
+benchmarks/speed.py (neurons only; heads + neurons) are exported both ways, and all six ONNX
+Runtime sessions are timed in one process in alternating blocks (same inputs; idprior.bench's
+scheme), so the two modes are compared on the same machine state. Writes benchmarks/results/onnx_attention.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import speed  # noqa: E402
+
+from idprior import io  # noqa: E402
+from idprior.arch import get_adapter  # noqa: E402
+from idprior.bench import _loadavg, _stats, _time_blocks, environment  # noqa: E402
+from idprior.export import attention_mode, export_onnx, input_names, ort_feed, ort_session, parity  # noqa: E402
+from idprior.export import example_inputs as make_inputs  # noqa: E402
+from idprior.flops import model_flops  # noqa: E402
+from idprior.selection import select  # noqa: E402
+from idprior.surgery import apply_plan  # noqa: E402
+
+MODES = ("eager", "fused")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--shapes", default="32x128,1x128", help="comma list of BATCHxLENGTH (default 32x128,1x128)")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--nice", type=int, default=0, help="as in benchmarks/speed.py")
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    if args.nice:
+        speed.set_priority(args.nice)
+    command = "python benchmarks/onnx_attention.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+    torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    dense = speed.load("minilm-l6")
+    adapter = get_adapter(dense)
+    scores = speed.magnitude_scores(adapter)
+    total = sum(q.numel() for q in dense.parameters())
+    models = {"dense": dense}
+    for name, mode in (("pruned-neurons", "norm"), ("pruned-heads+neurons", "share")):
+        plan = select(scores, adapter, target=0.5, mode=mode, head_share=speed.HEAD_SHARE, kinds=("head", "neuron"),
+                      method="magnitude", total_params=total)
+        models[name] = copy.deepcopy(dense)
+        apply_plan(models[name], plan.units)
+
+    result = {"command": command, "environment": environment(args.threads), "loadavg_start": _loadavg(),
+              "models": {}, "rows": []}
+    check = make_inputs(dense, input_names(dense), batch=3, seq_len=24, seed=1, pad=True)
+    sessions = {}
+    with tempfile.TemporaryDirectory(prefix="idprior-attn-") as tmp:
+        for name, model in models.items():
+            info = result["models"][name] = {"gflops": {str(t): model_flops(model, t)["total"] / 1e9 for _, t in shapes}}
+            for mode in MODES:
+                path = export_onnx(model, None, Path(tmp) / f"{name}-{mode}.onnx", attention=mode)
+                info[f"{mode}_opset"] = attention_mode(model, "dynamo", None, mode)[1] or "exporter default"
+                info[f"{mode}_max_abs_diff"] = parity(model, path, check)["max_abs_diff"]
+                sessions[(name, mode)] = ort_session(path, args.threads)
+        for batch, seq_len in shapes:
+            ids = torch.randint(0, dense.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(batch))
+            full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+            feeds = {key: ort_feed(s, full) for key, s in sessions.items()}
+            runners = {key: (lambda s=s, f=feeds[key]: s.run(["logits"], f)) for key, s in sessions.items()}
+            times = _time_blocks(runners, args.repeats, args.warmup)
+            for (name, mode), seconds in times.items():
+                result["rows"].append({"model": name, "attention": mode, "batch_size": batch, "seq_len": seq_len,
+                                       **_stats(seconds, batch)})
+    result["loadavg_end"] = _loadavg()
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out_dir)
+    io.write_json(out / "onnx_attention.json", result)
+    io.write_text(out / "onnx_attention.md", render(result))
+    print(render(result))
+    return 0
+
+
+def render(result: dict) -> str:
+    env = result["environment"]
+    lines = ["# ONNX Runtime: attention exported eager vs fused (MiniLM-L6, dense vs 50% pruned)", "", "Command:", "",
+             "```", result["command"], "```", "",
+             f"Machine: {env['cpu']}, {env['usable_cores']} usable cores; {env['threads']} intra-op threads; fp32; "
+             f"torch {env['torch']}, onnxruntime {env['onnxruntime']}, transformers {env['transformers']}. "
+             f"Load average at start {result['loadavg_start']}, at end {result['loadavg_end']}; wall {result['wall_s']} s. "
+             "All six sessions timed per shape in alternating blocks of 5 after 0.1 s of untimed runs (median of repeats); "
+             "same random tokens, no padding.", "",
+             "| model | GFLOPs/seq | max abs diff vs PyTorch, eager / fused |", "|---|---|---|"]
+    for name, info in result["models"].items():
+        gflops = ", ".join(f"{v:.3f} @T={t}" for t, v in info["gflops"].items())
+        lines.append(f"| {name} | {gflops} | {info['eager_max_abs_diff']:.1e} / {info['fused_max_abs_diff']:.1e} |")
+    lines += ["", "| batch x length | model | eager ms | fused ms | fused / eager | speed-up eager | speed-up fused | "
+              "FLOPs-ideal | measured/ideal eager | measured/ideal fused |", "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = {(r["batch_size"], r["seq_len"], r["model"], r["attention"]): r["latency_ms_median"] for r in result["rows"]}
+    for batch, seq_len in dict.fromkeys((r["batch_size"], r["seq_len"]) for r in result["rows"]):
+        for name, info in result["models"].items():
+            ms = {m: rows[(batch, seq_len, name, m)] for m in MODES}
+            up = {m: rows[(batch, seq_len, "dense", m)] / ms[m] for m in MODES}
+            ideal = result["models"]["dense"]["gflops"][str(seq_len)] / info["gflops"][str(seq_len)]
+            lines.append(f"| {batch} x {seq_len} | {name} | {ms['eager']:.1f} | {ms['fused']:.1f} | "
+                         f"{ms['fused'] / ms['eager']:.2f} | {up['eager']:.2f}x | {up['fused']:.2f}x | {ideal:.2f}x | "
+                         f"{up['eager'] / ideal:.0%} | {up['fused'] / ideal:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
