@@ -24,8 +24,11 @@ def tiny_folder(tmp_path_factory):
 
 def test_prune_cli_writes_every_artefact(tiny_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    rc = main(["prune", "--model", str(tiny_folder), *QUICK, "--target", "0.4", "--out", str(out)])
+    rc = main(["prune", "--model", str(tiny_folder), *QUICK, "--target", "0.4", "--set", "recover.batch_size=8",
+               "--out", str(out)])
     assert rc == 0
+    stages = json.loads((out / "stages.json").read_text())["stages"]
+    assert (stages["finetune"]["steps"], stages["recover"]["steps"]) == (48 // 16, 48 // 8)  # each its own batch size
     for name in ("config.yaml", "stages.json", "scores.json", "plan.json", "metrics.json", "report.md",
                  "finetuned/model.safetensors", "surgery/model.safetensors", "pruned/model.safetensors", "pruned/config.json"):
         assert (out / name).exists(), name
@@ -38,9 +41,10 @@ def test_prune_cli_writes_every_artefact(tiny_folder, tmp_path, capsys):
                                                                             "recover", "evaluate", "report"}
     assert "test accuracy" in capsys.readouterr().out
     # a second run into the same folder is refused, resume skips every finished stage
-    assert main(["prune", "--model", str(tiny_folder), *QUICK, "--target", "0.4", "--out", str(out)]) == 2
+    again = ["prune", "--model", str(tiny_folder), *QUICK, "--target", "0.4", "--set", "recover.batch_size=8", "--out", str(out)]
+    assert main(again) == 2
     before = (out / "plan.json").read_bytes()
-    assert main(["prune", "--model", str(tiny_folder), *QUICK, "--target", "0.4", "--out", str(out), "--resume"]) == 0
+    assert main([*again, "--resume"]) == 0
     assert (out / "plan.json").read_bytes() == before
 
 

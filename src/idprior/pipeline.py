@@ -260,7 +260,8 @@ def stage_recover(run: Run) -> dict:
         teacher = _load(run, finetuned_spec(run))[0] if p.distill else None
         tcfg = dataclasses.replace(cfg.recover, epochs=p.recover_epochs)
         metric = main_metric(run.task)
-        result = train(model, run.loader("train", tok, train=True), tcfg, seed=cfg.seed + 1,
+        loader = run.loader("train", tok, train=True, batch_size=tcfg.batch_size)  # recover.batch_size, not train's
+        result = train(model, loader, tcfg, seed=cfg.seed + 1,
                        eval_fn=_eval_fn(run, tok) if tcfg.eval_each_epoch else None, main_metric=metric,
                        higher_is_better=greater_is_better(metric), teacher=teacher, distill_alpha=p.distill_alpha,
                        distill_temperature=p.distill_temperature, ckpt_dir=run.path("ckpt_recover"),
