@@ -13,7 +13,6 @@ scheme), so the two modes are compared on the same machine state. Writes benchma
 from __future__ import annotations
 
 import argparse
-import copy
 import shlex
 import sys
 import tempfile
@@ -26,13 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
 
 from idprior import io  # noqa: E402
-from idprior.arch import get_adapter  # noqa: E402
 from idprior.bench import _loadavg, _stats, _time_blocks, environment  # noqa: E402
 from idprior.export import attention_mode, export_onnx, input_names, ort_feed, ort_session, parity  # noqa: E402
 from idprior.export import example_inputs as make_inputs  # noqa: E402
 from idprior.flops import model_flops  # noqa: E402
-from idprior.selection import select  # noqa: E402
-from idprior.surgery import apply_plan  # noqa: E402
 
 MODES = ("eager", "fused")
 
@@ -54,15 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
 
     dense = speed.load("minilm-l6")
-    adapter = get_adapter(dense)
-    scores = speed.magnitude_scores(adapter)
-    total = sum(q.numel() for q in dense.parameters())
     models = {"dense": dense}
     for name, mode in (("pruned-neurons", "norm"), ("pruned-heads+neurons", "share")):
-        plan = select(scores, adapter, target=0.5, mode=mode, head_share=speed.HEAD_SHARE, kinds=("head", "neuron"),
-                      method="magnitude", total_params=total)
-        models[name] = copy.deepcopy(dense)
-        apply_plan(models[name], plan.units)
+        models[name] = speed.pruned_copy(dense, speed.magnitude_plan(dense, 0.5, mode))
 
     result = {"command": command, "environment": environment(args.threads), "loadavg_start": _loadavg(),
               "models": {}, "rows": []}

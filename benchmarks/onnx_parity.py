@@ -19,7 +19,6 @@ benchmarks/results/onnx_parity.{json,md}.
 from __future__ import annotations
 
 import argparse
-import copy
 import shlex
 import sys
 import tempfile
@@ -32,11 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
 
 from idprior import io  # noqa: E402
-from idprior.arch import get_adapter  # noqa: E402
 from idprior.bench import environment  # noqa: E402
 from idprior.export import _LogitsOnly, example_inputs, export_onnx, input_names, ort_feed, ort_session  # noqa: E402
-from idprior.selection import select  # noqa: E402
-from idprior.surgery import apply_plan  # noqa: E402
 
 BATCHES = ((3, 24, True), (1, 33, False))  # (batch, length, left-pad row 0): the shapes `idprior export` checks
 
@@ -67,12 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     torch.set_num_threads(2)
     dense = speed.load(args.model)
-    adapter = get_adapter(dense)
-    total = sum(q.numel() for q in dense.parameters())
-    plan = select(speed.magnitude_scores(adapter), adapter, target=args.target, mode="norm", kinds=("head", "neuron"),
-                  method="magnitude", total_params=total)
-    pruned = copy.deepcopy(dense)
-    apply_plan(pruned, plan.units)
+    pruned = speed.pruned_copy(dense, speed.magnitude_plan(dense, args.target, "norm"))
     result = {"command": command, "environment": environment(2), "model": args.model, "target": args.target, "rows": []}
     with tempfile.TemporaryDirectory(prefix="idprior-parity-") as tmp:
         for name, model in (("dense", dense), (f"pruned-{args.target:g}", pruned)):

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import copy
 import json
 import shlex
 import sys
@@ -28,11 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
 
 from idprior import io  # noqa: E402
-from idprior.arch import get_adapter  # noqa: E402
 from idprior.bench import environment  # noqa: E402
 from idprior.export import DISABLED_ORT_FUSIONS, export_onnx  # noqa: E402
-from idprior.selection import select  # noqa: E402
-from idprior.surgery import apply_plan  # noqa: E402
 
 
 def profile(path: Path, threads: int, repeats: int, disabled: tuple[str, ...], prefix: str) -> dict:
@@ -80,12 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/ort_profile.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     torch.set_num_threads(args.threads)
     dense = speed.load("minilm-l6")
-    adapter = get_adapter(dense)
-    total = sum(p.numel() for p in dense.parameters())
-    plan = select(speed.magnitude_scores(adapter), adapter, target=0.5, mode="share", head_share=speed.HEAD_SHARE,
-                  kinds=("head", "neuron"), method="magnitude", total_params=total)
-    pruned = copy.deepcopy(dense)
-    apply_plan(pruned, plan.units)
+    pruned = speed.pruned_copy(dense, speed.magnitude_plan(dense, 0.5, "share"))
     result = {"command": command, "environment": environment(args.threads), "batch": 32, "seq_len": 128, "profiles": {}}
     with tempfile.TemporaryDirectory(prefix="idprior-ortprof-") as tmp:
         for name, model in (("dense", dense), ("pruned", pruned)):

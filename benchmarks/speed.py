@@ -89,6 +89,22 @@ def magnitude_scores(adapter) -> dict[Unit, float]:
     return scores
 
 
+def magnitude_plan(dense, target: float, mode: str) -> PruningPlan:
+    """The weight-magnitude plan removing `target` of encoder params: mode "norm" (a global
+    threshold; FFN neurons in practice) or "share" (HEAD_SHARE of the budget from heads)."""
+    adapter = get_adapter(dense)
+    total = sum(p.numel() for p in dense.parameters())
+    return select(magnitude_scores(adapter), adapter, target=target, mode=mode, head_share=HEAD_SHARE,
+                  kinds=("head", "neuron"), method="magnitude", total_params=total)
+
+
+def pruned_copy(dense, plan: PruningPlan):
+    """A physically pruned deep copy of `dense` (the dense model is left as it is)."""
+    model = copy.deepcopy(dense)
+    apply_plan(model, plan.units)
+    return model
+
+
 def round_neurons(plan: PruningPlan, adapter, scores: dict[Unit, float], multiple: int, total_params: int) -> PruningPlan:
     """Remove more of each layer's lowest-score neurons until its kept FFN width is a multiple of `multiple`."""
     units = set(plan.units)
@@ -148,21 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     scores = magnitude_scores(adapter)
     total = sum(p.numel() for p in dense.parameters())
-    plans = {
-        "neurons": select(scores, adapter, target=target, mode="norm", kinds=("head", "neuron"), method="magnitude",
-                          total_params=total),
-        "heads+neurons": select(scores, adapter, target=target, mode="share", head_share=HEAD_SHARE,
-                                kinds=("head", "neuron"), method="magnitude", total_params=total),
-    }
+    plans = {"neurons": magnitude_plan(dense, target, "norm"), "heads+neurons": magnitude_plan(dense, target, "share")}
     if args.round_to:
         plans[f"neurons-round{args.round_to}"] = round_neurons(plans["neurons"], adapter, scores, args.round_to, total)
     plan_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     pruned = {}
     for name, plan in plans.items():
-        model = copy.deepcopy(dense)
-        apply_plan(model, plan.units)
-        pruned[f"pruned-{name}"] = model
+        pruned[f"pruned-{name}"] = pruned_copy(dense, plan)
     surgery_s = time.perf_counter() - t0
 
     result = benchmark({"dense": dense, **pruned}, batch_sizes=batch_sizes, seq_lens=seq_lens, threads=args.threads,
