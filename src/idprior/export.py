@@ -170,8 +170,9 @@ def attention_mode(model: nn.Module, exporter: str, opset: int | None, attention
         raise IdpriorError(f"unknown attention mode {attention!r}; use one of {', '.join(ATTENTION)}")
     fused_ok = exporter == "dynamo" and (opset is None or opset >= FUSED_ATTENTION_OPSET)
     if attention == "fused" and not fused_ok:
+        fix = "exporter='dynamo' (--exporter dynamo)" if exporter != "dynamo" else f"opset >= {FUSED_ATTENTION_OPSET} or no --opset"
         raise IdpriorError(f"attention='fused' needs the dynamo exporter and opset >= {FUSED_ATTENTION_OPSET} "
-                           f"(got exporter={exporter!r}, opset={opset}); use attention='eager' or drop --opset")
+                           f"(got exporter={exporter!r}, opset={opset}); use {fix}, or attention='eager' (--attention eager)")
     if attention == "auto":
         attention = "native" if _is_decoder(model) else ("fused" if fused_ok else "eager")
     if attention == "fused":
