@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import ATTENTION_HELP
+
 
 def _int_list(text: str) -> tuple[int, ...]:
     try:
@@ -41,8 +43,7 @@ def add_parser(sub):
     p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
     p.add_argument("--no-onnx", action="store_true", help="PyTorch eager only (no ONNX export / ONNX Runtime)")
     p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo", help="ONNX exporter (default dynamo)")
-    p.add_argument("--attention", choices=("auto", "fused", "eager"), default="auto",
-                   help="how attention is exported: auto (default; encoders: fused at opset 23, decoders: their own), fused (one ONNX Attention node per layer, opset >= 23), eager (matmul, mask, softmax, matmul)")
+    p.add_argument("--attention", choices=("auto", "fused", "eager"), default="auto", help=ATTENTION_HELP)
     p.add_argument("--out", required=True, metavar="DIR", help="folder for bench.json and bench.md")
     return p
 

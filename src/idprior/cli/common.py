@@ -27,6 +27,9 @@ RUN_FLAGS = {
     "out": ("out", "output folder"),
     "dtype": ("model.dtype", "float32, bfloat16 or float16"),
 }
+ATTENTION_HELP = ("how attention is exported to ONNX: auto (default; encoders fused at opset 23, decoders their "
+                  "own), fused (one ONNX Attention node per layer, opset >= 23), eager (matmul, mask, softmax, matmul)")
+
 PRUNE_FLAGS = {
     "method": ("prune.method", "snip (default) or a baseline: random, magnitude, michel, fisher, shortgpt, top-layers"),
     "target": ("prune.target", "fraction of --measure to remove, in (0, 1)"),

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import ATTENTION_HELP
+
 
 def add_parser(sub):
     p = sub.add_parser(
@@ -28,8 +30,7 @@ def add_parser(sub):
                    help="sequence length of the example batch used for tracing (default 16); every length works afterwards")
     p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo",
                    help="torch.export-based exporter (default) or the older TorchScript one, as a fallback")
-    p.add_argument("--attention", choices=("auto", "fused", "eager"), default="auto",
-                   help="how attention is exported: auto (default; encoders: fused at opset 23, decoders: their own), fused (one ONNX Attention node per layer, opset >= 23), eager (matmul, mask, softmax, matmul)")
+    p.add_argument("--attention", choices=("auto", "fused", "eager"), default="auto", help=ATTENTION_HELP)
     p.add_argument("--tol", type=float, default=1e-4,
                    help="largest allowed |logits difference| / max(1, largest |logit|) (default 1e-4)")
     return p
