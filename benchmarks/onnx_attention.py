@@ -24,13 +24,43 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
 
-from idprior import io  # noqa: E402
 from idprior.bench import _loadavg, _stats, _time_blocks, environment  # noqa: E402
 from idprior.export import attention_mode, export_onnx, input_names, ort_feed, ort_session, parity  # noqa: E402
 from idprior.export import example_inputs as make_inputs  # noqa: E402
 from idprior.flops import model_flops  # noqa: E402
 
 MODES = ("eager", "fused")
+
+
+def minilm_models() -> dict:
+    """MiniLM-L6 dense and its two 50% weight-magnitude plans of benchmarks/speed.py, pruned."""
+    dense = speed.load("minilm-l6")
+    models = {"dense": dense}
+    for name, mode in (("pruned-neurons", "norm"), ("pruned-heads+neurons", "share")):
+        models[name] = speed.pruned_copy(dense, speed.magnitude_plan(dense, 0.5, mode))
+    return models
+
+
+def export_both_ways(models: dict, tmp: str, threads: int, info: dict) -> dict:
+    """An ONNX Runtime session per (model, attention mode); parity and opset go into info[model]."""
+    sessions = {}
+    for name, model in models.items():
+        check = make_inputs(model, input_names(model), batch=3, seq_len=24, seed=1, pad=True)
+        entry = info.setdefault(name, {})
+        for mode in MODES:
+            path = export_onnx(model, None, Path(tmp) / f"{name}-{mode}.onnx", attention=mode)
+            entry[f"{mode}_opset"] = attention_mode(model, "dynamo", None, mode)[1] or "exporter default"
+            entry[f"{mode}_max_abs_diff"] = parity(model, path, check)["max_abs_diff"]
+            sessions[(name, mode)] = ort_session(path, threads)
+    return sessions
+
+
+def ort_runners(sessions: dict, dense, batch: int, seq_len: int) -> dict:
+    """One zero-argument callable per session, all on the same random [batch, seq_len] tokens."""
+    ids = torch.randint(0, dense.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(batch))
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    feeds = {key: ort_feed(s, full) for key, s in sessions.items()}
+    return {key: (lambda s=s, f=feeds[key]: s.run(["logits"], f)) for key, s in sessions.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,38 +79,22 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    dense = speed.load("minilm-l6")
-    models = {"dense": dense}
-    for name, mode in (("pruned-neurons", "norm"), ("pruned-heads+neurons", "share")):
-        models[name] = speed.pruned_copy(dense, speed.magnitude_plan(dense, 0.5, mode))
-
+    models = minilm_models()
+    dense = models["dense"]
     result = {"command": command, "environment": environment(args.threads), "loadavg_start": _loadavg(),
               "models": {}, "rows": []}
-    check = make_inputs(dense, input_names(dense), batch=3, seq_len=24, seed=1, pad=True)
-    sessions = {}
     with tempfile.TemporaryDirectory(prefix="idprior-attn-") as tmp:
+        sessions = export_both_ways(models, tmp, args.threads, result["models"])
         for name, model in models.items():
-            info = result["models"][name] = {"gflops": {str(t): model_flops(model, t)["total"] / 1e9 for _, t in shapes}}
-            for mode in MODES:
-                path = export_onnx(model, None, Path(tmp) / f"{name}-{mode}.onnx", attention=mode)
-                info[f"{mode}_opset"] = attention_mode(model, "dynamo", None, mode)[1] or "exporter default"
-                info[f"{mode}_max_abs_diff"] = parity(model, path, check)["max_abs_diff"]
-                sessions[(name, mode)] = ort_session(path, args.threads)
+            result["models"][name]["gflops"] = {str(t): model_flops(model, t)["total"] / 1e9 for _, t in shapes}
         for batch, seq_len in shapes:
-            ids = torch.randint(0, dense.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(batch))
-            full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-            feeds = {key: ort_feed(s, full) for key, s in sessions.items()}
-            runners = {key: (lambda s=s, f=feeds[key]: s.run(["logits"], f)) for key, s in sessions.items()}
-            times = _time_blocks(runners, args.repeats, args.warmup)
+            times = _time_blocks(ort_runners(sessions, dense, batch, seq_len), args.repeats, args.warmup)
             for (name, mode), seconds in times.items():
                 result["rows"].append({"model": name, "attention": mode, "batch_size": batch, "seq_len": seq_len,
                                        **_stats(seconds, batch)})
     result["loadavg_end"] = _loadavg()
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out_dir)
-    io.write_json(out / "onnx_attention.json", result)
-    io.write_text(out / "onnx_attention.md", render(result))
-    print(render(result))
+    speed.publish(args.out_dir, "onnx_attention", result, render(result))
     return 0
 
 

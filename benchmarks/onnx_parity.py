@@ -30,7 +30,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
 
-from idprior import io  # noqa: E402
 from idprior.bench import environment  # noqa: E402
 from idprior.export import _LogitsOnly, example_inputs, export_onnx, input_names, ort_feed, ort_session  # noqa: E402
 
@@ -88,10 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch32_1thread_vs_2threads": max_diff(fp32_1t, fp32, keep),
                 })
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    out = Path(args.out_dir)
-    io.write_json(out / "onnx_parity.json", result)
-    io.write_text(out / "onnx_parity.md", render(result))
-    print(render(result))
+    speed.publish(args.out_dir, "onnx_parity", result, render(result))
     return 0
 
 

@@ -26,7 +26,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
 
-from idprior import io  # noqa: E402
 from idprior.bench import environment  # noqa: E402
 from idprior.export import DISABLED_ORT_FUSIONS, export_onnx  # noqa: E402
 
@@ -84,10 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, disabled in (("default", ()), ("idprior", DISABLED_ORT_FUSIONS)):
                 result["profiles"][f"{name}/{label}"] = profile(path, args.threads, args.repeats, disabled,
                                                                 str(Path(tmp) / f"{name}_{label}"))
-    out = Path(args.out_dir)
-    io.write_json(out / "ort_profile.json", result)
-    io.write_text(out / "ort_profile.md", render(result))
-    print(render(result))
+    speed.publish(args.out_dir, "ort_profile", result, render(result))
     return 0
 
 

@@ -105,6 +105,14 @@ def pruned_copy(dense, plan: PruningPlan):
     return model
 
 
+def publish(out_dir: str | Path, stem: str, result: dict, markdown: str) -> None:
+    """Write OUT_DIR/STEM.json and STEM.md (atomically) and print the markdown."""
+    out = Path(out_dir)
+    io.write_json(out / f"{stem}.json", result)
+    io.write_text(out / f"{stem}.md", markdown)
+    print(markdown)
+
+
 def round_neurons(plan: PruningPlan, adapter, scores: dict[Unit, float], multiple: int, total_params: int) -> PruningPlan:
     """Remove more of each layer's lowest-score neurons until its kept FFN width is a multiple of `multiple`."""
     units = set(plan.units)
@@ -186,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                          "benchmark": result["environment"]["wall_s"]}
     result["script_wall_s"] = round(time.perf_counter() - started, 1)
 
-    out = Path(args.out_dir)
-    io.write_json(out / f"speed_{short}.json", result)
-    io.write_text(out / f"speed_{short}.md", render(result))
-    print(render(result))
+    publish(args.out_dir, f"speed_{short}", result, render(result))
     return 0
 
 

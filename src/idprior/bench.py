@@ -7,9 +7,10 @@ of pruned, of pruned, of dense, ...), so a change in background load during the 
 model alike and the measured ratio stays fair even on a shared machine; the load average at the
 start and end is recorded too. Every block starts with untimed runs for at least `LEAD_IN_S`:
 each ONNX Runtime session has its own thread pool, and right after a switch between sessions
-the next session ran slowly (on 2 cores, MiniLM-L6 with six sessions: batch-1 latency of the
-pruned model 15 ms instead of 9.4 ms with no lead-in, 9.4 ms with 50 ms or more of lead-in; at
-batch 32 the measured speed-up fell from 1.80x to 1.67x). The lead-in takes that transient out.
+the next session ran slowly. On 2 cores with six MiniLM-L6 sessions, one call each in strict
+alternation put a pruned model's batch-1 latency at 34 ms instead of 9.5 ms and its batch-32
+speed-up at 1.68x instead of 1.77x (benchmarks/results/timing_leadin.md). The lead-in takes
+that transient out.
 Latency is the median over repeats with its inter-quartile range.
 """
 
@@ -134,7 +135,8 @@ def benchmark(
     are relative to, normally the dense one. `repeats` may map a sequence length to its own
     count (long sequences are slow). `threads` (default: torch's current setting) is used for
     torch and for ONNX Runtime's intra-op pool. ONNX files go to `workdir` (default: a temporary
-    folder, deleted afterwards); `exporter` and `attention` as in `export_onnx`. Spectral-norm parametrizations are folded in place first.
+    folder, deleted afterwards); `exporter` and `attention` as in `export_onnx`. Spectral-norm
+    parametrizations are folded in place first.
     Returns {"environment", "reference", "models", "rows"}; every row is one (model, backend,
     batch, seq_len) with latency, throughput, and speed-up measured vs FLOPs-ideal.
     """
