@@ -48,6 +48,7 @@ class DataConfig:
     label_column: str | None = None
     max_train: int | None = None  # subset the training split (seeded) for quick runs
     max_eval: int | None = None
+    max_validation: int | None = None  # validation only (default: max_eval); test keeps max_eval
     max_length: int = 128  # tokens per example (classification) / block size (LM)
 
 
@@ -293,6 +294,7 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}")
     need(d.max_train is None or d.max_train >= 1, f"data.max_train must be >= 1, got {d.max_train}")
     need(d.max_eval is None or d.max_eval >= 1, f"data.max_eval must be >= 1, got {d.max_eval}")
+    need(d.max_validation is None or d.max_validation >= 1, f"data.max_validation must be >= 1, got {d.max_validation}")
     if d.task == "custom":
         need(d.train_file is not None, "data.train_file is required for task 'custom' (a CSV/TSV/JSONL file)")
         need(d.text_column is not None, "data.text_column is required for task 'custom'")

@@ -93,9 +93,49 @@ def generate_samples(model: torch.nn.Module, tokenizer, prompts=SAMPLE_PROMPTS, 
 
 def evaluate(model: torch.nn.Module, task, loader, desc: str = "evaluate") -> dict[str, float]:
     """The task's metrics on one split (loader built by `data.collate`)."""
+    return evaluate_with_predictions(model, task, loader, desc)[0]
+
+
+def evaluate_with_predictions(model: torch.nn.Module, task, loader,
+                              desc: str = "evaluate") -> tuple[dict[str, float], dict[str, np.ndarray] | None]:
+    """Metrics plus the per-example outputs behind them, in loader order, so that two models scored
+    on the same examples can be compared example by example (paired statistics).
+
+    Classification: {"pred": int16 class ids, "label": int16, "gold_logprob": float32 log p(gold)};
+    regression: {"pred": float32, "label": float32}; language modelling: None (perplexity only).
+    """
     if task.kind == "lm":
         total, count = lm_nll(model, loader, desc)
-        return {"perplexity": math.exp(total / max(1, count)), "nll": total / max(1, count), "tokens": count}
+        return {"perplexity": math.exp(total / max(1, count)), "nll": total / max(1, count), "tokens": count}, None
     logits, labels = predict(model, loader, desc)
-    preds = logits[:, 0] if task.kind == "regression" else logits.argmax(-1)
-    return compute_metrics(task, preds, labels)
+    if task.kind == "regression":
+        preds = logits[:, 0]
+        per = {"pred": preds.astype(np.float32), "label": labels.astype(np.float32)}
+    else:
+        preds = logits.argmax(-1)
+        logp = torch.log_softmax(torch.from_numpy(logits).double(), dim=-1).numpy()  # [N, K]
+        gold = labels.astype(np.int64)
+        per = {"pred": preds.astype(np.int16), "label": gold.astype(np.int16),
+               "gold_logprob": logp[np.arange(len(gold)), gold].astype(np.float32)}
+    return compute_metrics(task, preds, labels), per
+
+
+def save_predictions(path, predictions: dict[str, dict[str, np.ndarray]]) -> None:
+    """{name: per-example arrays} -> one safetensors file with keys "name/field" (written atomically)."""
+    from safetensors.numpy import save_file
+
+    from . import io
+
+    flat = {f"{name}/{k}": np.ascontiguousarray(v) for name, arrays in predictions.items() if arrays for k, v in arrays.items()}
+    io.write_with(path, lambda tmp: save_file(flat, str(tmp)))
+
+
+def load_predictions(path) -> dict[str, dict[str, np.ndarray]]:
+    """Inverse of `save_predictions`."""
+    from safetensors.numpy import load_file
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in load_file(str(path)).items():
+        name, field = key.rsplit("/", 1)
+        out.setdefault(name, {})[field] = value
+    return out

@@ -31,7 +31,7 @@ from .arch import get_adapter
 from .config import RunConfig, dump_config
 from .data import load_task
 from .errors import IdpriorError
-from .evaluate import evaluate
+from .evaluate import evaluate, evaluate_with_predictions, save_predictions
 from .metrics import greater_is_better, main_metric
 from .plan import PruningPlan, model_cost
 from .preflight import preflight
@@ -92,6 +92,12 @@ class Run:
                 data_files=files or None, text_column=d.text_column, text_pair_column=d.text_pair_column,
                 label_column=d.label_column,
             )
+            if d.max_validation is not None and "validation" in self._data.splits:
+                from .data.tasks import TaskData, subsample
+
+                val = TaskData(self._data.task, {"validation": self._data.splits["validation"]})
+                self._data.splits["validation"] = subsample(val, max_train=None, max_eval=d.max_validation,
+                                                            seed=self.cfg.seed).splits["validation"]
         return self._data
 
     @property
@@ -298,13 +304,22 @@ def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
     out = {"task": run.task.name, "main_metric": main_metric(run.task), "model": run.cfg.model.name,
            "method": run.cfg.prune.method, "target": run.cfg.prune.target, "measure": run.cfg.prune.measure,
            "seed": run.cfg.seed, "sizes": run.data.sizes(), "dense": {}, "pruned_no_recovery": {}, "pruned": {}}
+    per_example: dict = {}  # "stage.split" -> per-example outputs, for paired comparisons (predictions.safetensors)
     for split in ["validation", *run.test_splits()]:
         loader = run.loader(split, tok, train=False)
-        out["dense"][split] = (dense_metrics[split] if dense_metrics and split in dense_metrics
-                               else evaluate(dense, run.task, loader, desc=f"dense {split}"))
-        out["pruned"][split] = evaluate(pruned, run.task, loader, desc=f"pruned {split}")
-        out["pruned_no_recovery"][split] = (evaluate(surg, run.task, loader, desc=f"no-recovery {split}")
-                                            if recovered else out["pruned"][split])
+        if dense_metrics and split in dense_metrics:
+            out["dense"][split] = dense_metrics[split]
+        else:
+            out["dense"][split], per_example[f"dense.{split}"] = evaluate_with_predictions(dense, run.task, loader, f"dense {split}")
+        out["pruned"][split], per_example[f"pruned.{split}"] = evaluate_with_predictions(pruned, run.task, loader, f"pruned {split}")
+        if recovered:
+            out["pruned_no_recovery"][split], per_example[f"pruned_no_recovery.{split}"] = evaluate_with_predictions(
+                surg, run.task, loader, f"no-recovery {split}")
+        else:
+            out["pruned_no_recovery"][split] = out["pruned"][split]
+            per_example[f"pruned_no_recovery.{split}"] = per_example[f"pruned.{split}"]
+    if any(v is not None for v in per_example.values()):
+        save_predictions(run.path("predictions.safetensors"), per_example)
     out["compression"] = compression(dense, pruned, run.cfg.prune.flops_seq_len)
     out["plan"] = io.read_json(run.path("plan.json"))["counts"]
     if run.task.kind == "lm" and dense.can_generate():

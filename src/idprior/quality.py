@@ -19,6 +19,16 @@ leaves complete slices (seed 0 of every task and target before seed 1).
 
     grid = load_grid("benchmarks/quality_minilm.yaml")
     run_grid(grid, "runs/quality_minilm", results="benchmarks/results/quality_minilm.jsonl")
+
+**Paired grids** (`paired: true`, e.g. benchmarks/quality_paired.yaml) remove the between-method
+variance that independent fine-tunes add. Per (task, seed) there is one plain fine-tune, the
+*shared start* (`train:`); every method continues from it with the same number of further steps
+(`continue:`): SNIP its SN + identity-prior phase, its ablations their own phases, every baseline a
+plain continuation of equal length (the control). A method with `from: start` is applied post hoc
+to the shared start itself (no further steps). Every cell saves its per-example predictions
+(RESULTS_preds/...), so `idprior report` compares methods example by example with confidence
+intervals (see `paired.py`). Loop order for paired grids is target, then seed, then task, so the
+primary target is finished for every (task, seed) before the secondary targets start.
 """
 
 from __future__ import annotations
@@ -48,8 +58,9 @@ VARIANTS = {(False, False): "plain", (True, False): "sn", (False, True): "prior"
 CELL_STAGES = ("score", "select", "surgery", "recover", "evaluate")
 ROW_KEYS = ("key", "task", "seed", "method", "base_method", "target", "variant", "model", "main_metric", "config",
             "versions", "wall_s", "sizes", "dense", "pruned_no_recovery", "pruned", "compression", "removed", "finished_at")
-GRID_KEYS = {"model", "tasks", "targets", "seeds", "methods", "max_train", "max_eval", "max_length", "train",
-             "recover", "prune", "selection", "set", "dense_row"}
+GRID_KEYS = {"model", "tasks", "targets", "seeds", "methods", "max_train", "max_eval", "max_validation", "max_length",
+             "train", "recover", "prune", "selection", "set", "dense_row", "paired", "continue"}
+METHOD_KEYS = {"name", "method", "set", "targets", "from"}
 
 
 def baseline_names() -> tuple[str, ...]:
@@ -65,6 +76,8 @@ class MethodSpec:
     name: str
     method: str
     overrides: dict = field(default_factory=dict)
+    targets: list[float] | None = None  # None: every target of the grid
+    start: str = "continued"  # paired grids: "continued" (after the further steps) or "start" (post hoc, no steps)
 
 
 @dataclass
@@ -76,6 +89,8 @@ class Grid:
     methods: list[MethodSpec]
     overrides: dict = field(default_factory=dict)  # dotted key -> value, applied to every run
     dense_row: bool = True  # false: skip the plain fine-tune's "dense" row (a sweep with no plain variant)
+    paired: bool = False  # shared start + equal further steps for every method (see the module docstring)
+    continue_train: dict = field(default_factory=dict)  # paired: TrainConfig fields of the further steps
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -103,11 +118,14 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
                  for t in raw.get("tasks") or [] if not _is_plain_name(str(t))]
     known = (*SNIP_METHODS, *baseline_names())
     methods: list[MethodSpec] = []
+    paired = bool(raw.get("paired", False))
     for m in raw.get("methods") or []:
-        spec = MethodSpec(m, m) if isinstance(m, str) else MethodSpec(str(m.get("name")), str(m.get("method", m.get("name"))), dict(m.get("set") or {})) if isinstance(m, dict) else None
+        spec = _method_spec(m, problems)
         if spec is None or spec.method not in known:
             problems.append(f"method {m!r}: use one of {', '.join(known)} or {{name:, method:, set: {{dotted: value}}}}")
             continue
+        if spec.start == "start" and not paired:
+            problems.append(f"method {spec.name!r}: 'from: start' needs a paired grid (paired: true)")
         if not _is_plain_name(spec.name):  # it becomes a folder name under OUT/cells
             problems.append(f"method name {spec.name!r}: use letters, digits and . _ + - only (it names a folder)")
         if spec.name == "dense" or spec.name in {s.name for s in methods}:
@@ -119,9 +137,14 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
             spec.overrides = {"prune.selection": sel, **spec.overrides}
         methods.append(spec)
     overrides: dict = {}
-    for key in ("max_train", "max_eval", "max_length"):
+    for key in ("max_train", "max_eval", "max_validation", "max_length"):
         if raw.get(key) is not None:
             overrides[f"data.{key}"] = raw[key]
+    continue_train = dict(raw.get("continue") or {})
+    if paired and not continue_train:
+        problems.append("a paired grid needs a 'continue:' section (the further steps every method gets, e.g. {epochs: 1})")
+    if continue_train and not paired:
+        problems.append("'continue:' is only meaningful with paired: true")
     for section in ("train", "recover", "prune"):
         for k, v in (raw.get(section) or {}).items():
             overrides[f"{section}.{k}"] = v
@@ -130,10 +153,29 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
         raise IdpriorError("bad grid:\n  " + "\n  ".join(problems))
     grid = Grid(model=str(raw.get("model", "minilm-l6")), tasks=[str(t) for t in raw["tasks"]],
                 targets=[float(t) for t in raw["targets"]], seeds=[int(s) for s in raw["seeds"]],
-                methods=methods, overrides=overrides, dense_row=bool(raw.get("dense_row", True)))
+                methods=methods, overrides=overrides, dense_row=bool(raw.get("dense_row", True)), paired=paired,
+                continue_train=continue_train)
     for spec in grid.methods:  # validate every method's config before any work starts
-        cell_config(grid, grid.tasks[0], grid.seeds[0], spec, grid.targets[0], out="pending")
+        cfg = cell_config(grid, grid.tasks[0], grid.seeds[0], spec, (spec.targets or grid.targets)[0], out="pending")
+        if paired:
+            continuation_config(grid, cfg, Path("pending"))
     return grid
+
+
+def _method_spec(m, problems: list[str]) -> MethodSpec | None:
+    """A grid `methods:` entry: a name, or {name, method, set, targets, from}."""
+    if isinstance(m, str):
+        return MethodSpec(m, m)
+    if not isinstance(m, dict):
+        return None
+    problems += [f"method {m.get('name')!r}: unknown key {k!r}; valid keys: {', '.join(sorted(METHOD_KEYS))}"
+                 for k in m if k not in METHOD_KEYS]
+    start = str(m.get("from", "continued"))
+    if start not in ("continued", "start"):
+        problems.append(f"method {m.get('name')!r}: from must be 'start' or 'continued', got {start!r}")
+    targets = m.get("targets")
+    return MethodSpec(str(m.get("name")), str(m.get("method", m.get("name"))), dict(m.get("set") or {}),
+                      [float(t) for t in targets] if targets else None, start)
 
 
 def _is_plain_name(name: str) -> bool:
@@ -178,20 +220,72 @@ def finetune_config(cell: RunConfig, *, out: str) -> tuple[RunConfig, str]:
         prior_lambda=p.prior_lambda if prior else 0.0, prior_weight=p.prior_weight if prior else default.prior_weight,
         prior_warmup=p.prior_warmup if prior else default.prior_warmup, kinds=p.kinds if prior else default.kinds)
     cfg = dataclasses.replace(cell, prune=prune, recover=RunConfig().recover, out=out)
-    digest = hashlib.sha1(json.dumps(cfg.to_dict() | {"out": None}, sort_keys=True).encode()).hexdigest()[:8]
-    return cfg, f"{VARIANTS[(sn, prior)]}-{digest}"
+    return cfg, f"{VARIANTS[(sn, prior)]}-{finetune_digest(cell)}"
+
+
+def finetune_digest(cfg: RunConfig, model_name: str | None = None) -> str:
+    """A short hash of exactly the fields that change a fine-tune: model, data, training, seed, and the
+    SN / prior settings in use. Selection, recovery and other post-fine-tune fields are left out, so a
+    change of default selection no longer splits cells that prune the same model (an earlier bug).
+    A target-driven prior (`prior_mode` "proximal") depends on the target and measure too."""
+    p = cfg.prune
+    prior = p.prior and p.prior_lambda > 0
+    d = dataclasses.asdict(p)
+    keep: dict = {"sn": p.sn, "prior": prior}
+    if p.sn:
+        keep["sn_bound"] = p.sn_bound
+    if prior:
+        keep |= {k: v for k, v in d.items() if k.startswith("prior")} | {"kinds": p.kinds}
+        if d.get("prior_mode", "loss") != "loss":
+            keep |= {"target": p.target, "measure": p.measure, "flops_seq_len": p.flops_seq_len}
+    model = dataclasses.asdict(cfg.model) | ({"name": model_name} if model_name is not None else {})
+    blob = {"model": model, "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
+            "seed": cfg.seed, "prune": keep}
+    return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def start_config(cell: RunConfig, *, out: str) -> tuple[RunConfig, str]:
+    """Paired grids: the shared start of a (task, seed), a plain fine-tune (no SN, no prior)."""
+    plain = dataclasses.replace(cell, prune=dataclasses.replace(cell.prune, sn=False, prior=False))
+    cfg, name = finetune_config(plain, out=out)
+    return cfg, "start-" + name.split("-", 1)[1]
+
+
+def continuation_config(grid: Grid, cell: RunConfig, start_dir: Path, *, out: str = "pending") -> tuple[RunConfig, str]:
+    """Paired grids: the further steps a cell's method gets from the shared start (`continue:` on top
+    of `train:`), with the cell's own SN / prior settings; (config, folder name)."""
+    ft, name = finetune_config(cell, out=out)
+    try:
+        train = dataclasses.replace(cell.train, **grid.continue_train)
+    except TypeError as e:
+        raise IdpriorError(f"grid 'continue:' section: {e}; use TrainConfig fields (epochs, lr, batch_size, ...)") from None
+    model = dataclasses.replace(ft.model, name=str(start_dir / "finetuned"))
+    cfg = dataclasses.replace(ft, model=model, train=train)
+    # the hash names the start by its folder name, not its absolute path, so moved sweeps still match
+    return cfg, f"{name.split('-')[0]}-{finetune_digest(cfg, model_name=start_dir.name)}"
 
 
 def cells(grid: Grid) -> Iterator[tuple[int, str, float, MethodSpec | None]]:
     """(seed, task, target, method) in run order: seed, then target (in grid order), then task, so a
     sweep cut short holds whole (seed, target) slices over every task; a dense row opens each (task, seed)."""
+    if grid.paired:  # the primary target for every (seed, task) first, then the secondary ones
+        for i, target in enumerate(grid.targets):
+            for seed in grid.seeds:
+                for task in grid.tasks:
+                    if i == 0 and grid.dense_row:
+                        yield seed, task, 0.0, None
+                    for spec in grid.methods:
+                        if spec.targets is None or target in spec.targets:
+                            yield seed, task, target, spec
+        return
     for seed in grid.seeds:
         for i, target in enumerate(grid.targets):
             for task in grid.tasks:
                 if i == 0 and grid.dense_row:
                     yield seed, task, 0.0, None
                 for spec in grid.methods:
-                    yield seed, task, target, spec
+                    if spec.targets is None or target in spec.targets:
+                        yield seed, task, target, spec
 
 
 def cell_key(task: str, seed: int, method: str, target: float) -> str:
@@ -241,38 +335,70 @@ def versions() -> dict:
 
 # ---- running ------------------------------------------------------------------------------------
 
-def ensure_finetuned(cell: RunConfig, out: Path, counter: dict | None = None) -> Path:
-    """The fine-tuned folder for this cell's variant; fine-tunes (or resumes) only when missing."""
+def _finetune_into(cfg: RunConfig, folder: Path, label: str, counter: dict | None) -> Path:
+    """Run (or resume) the finetune stage of `cfg` in `folder` unless it finished earlier."""
     from .pipeline import Run, _timed, stage_finetune
 
-    cfg, name = finetune_config(cell, out="pending")
-    folder = out / "finetune" / cell.data.task / f"seed{cell.seed}" / name
-    cfg = dataclasses.replace(cfg, out=str(folder))
-    run = Run(cfg, resume=True)
+    run = Run(dataclasses.replace(cfg, out=str(folder)), resume=True)
     if not run.done("finetune"):
-        print(f"== fine-tune {cell.data.task} seed {cell.seed} {name}")
+        print(f"== fine-tune {label}")
         _timed(run, "finetune", lambda: stage_finetune(run))
         if counter is not None:
             counter["finetune"] = counter.get("finetune", 0) + 1
     return folder
 
 
-def dense_metrics(ft_dir: Path) -> dict:
+def weights_sha256(folder: Path) -> str:
+    """sha256 of a saved model's weights file (the shared-start check: every continuation of a
+    (task, seed) records the start it loaded, and they must all be the same bytes)."""
+    h = hashlib.sha256()
+    with open(folder / "model.safetensors", "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def ensure_finetuned(cell: RunConfig, out: Path, counter: dict | None = None, *, grid: Grid | None = None,
+                     start_only: bool = False) -> Path:
+    """The fine-tuned folder a cell prunes; fine-tunes (or resumes) only what is missing.
+
+    Unpaired grids: one fine-tune per variant from the pretrained model. Paired grids: the shared
+    start of (task, seed), then this cell's continuation from it (`start_only`: the start itself)."""
+    seed_dir = out / "finetune" / cell.data.task / f"seed{cell.seed}"
+    if grid is None or not grid.paired:
+        cfg, name = finetune_config(cell, out="pending")
+        return _finetune_into(cfg, seed_dir / name, f"{cell.data.task} seed {cell.seed} {name}", counter)
+    cfg, name = start_config(cell, out="pending")
+    start = _finetune_into(cfg, seed_dir / name, f"{cell.data.task} seed {cell.seed} shared start", counter)
+    if start_only:
+        return start
+    cfg, name = continuation_config(grid, cell, start)
+    folder = _finetune_into(cfg, seed_dir / name, f"{cell.data.task} seed {cell.seed} {name} (from the start)", counter)
+    if not (folder / "start.json").is_file():
+        io.write_json(folder / "start.json", {"start": os.path.relpath(start, folder),
+                                              "sha256": weights_sha256(start / "finetuned")})
+    return folder
+
+
+def dense_metrics(ft_dir: Path, with_predictions: bool = False) -> dict:
     """{split: metrics} of a fine-tuned model, evaluated once and kept in its folder (every cell on
-    this fine-tune reports the same dense numbers without re-evaluating them)."""
-    from .evaluate import evaluate
+    this fine-tune reports the same dense numbers without re-evaluating them); its per-example
+    outputs go to dense_predictions.safetensors beside them."""
+    from .evaluate import evaluate_with_predictions, save_predictions
     from .pipeline import Run, _load
 
     path = ft_dir / "dense_metrics.json"
-    if path.is_file():
+    if path.is_file() and (not with_predictions or (ft_dir / "dense_predictions.safetensors").is_file()):
         return io.read_json(path)["metrics"]
     from .config import load_config as _load_config
 
     run = Run(_load_config(str(ft_dir / "config.yaml")), resume=True)
     model, tok = _load(run, str(ft_dir / "finetuned"))
     t0 = time.perf_counter()
-    metrics = {s: evaluate(model, run.task, run.loader(s, tok, train=False), desc=f"dense {s}")
-               for s in ["validation", *run.test_splits()]}
+    metrics, per = {}, {}
+    for s in ["validation", *run.test_splits()]:
+        metrics[s], per[f"dense.{s}"] = evaluate_with_predictions(model, run.task, run.loader(s, tok, train=False), f"dense {s}")
+    save_predictions(ft_dir / "dense_predictions.safetensors", per)
     io.write_json(path, {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 2)})
     return metrics
 
@@ -284,18 +410,41 @@ def _link_finetuned(cell_dir: Path, ft_dir: Path) -> None:
     os.symlink(os.path.relpath(ft_dir / "finetuned", cell_dir), link, target_is_directory=True)
 
 
+def predictions_dir(results: Path) -> Path:
+    """Where a results JSONL keeps its cells' per-example predictions: RESULTS_preds/ beside it."""
+    return results.parent / f"{results.stem}_preds"
+
+
+def _keep_predictions(src: Path, results: Path | None, name: str) -> str | None:
+    """Copy a predictions file next to the results (path recorded relative to the results' folder)."""
+    if results is None or not src.is_file():
+        return None
+    dst = predictions_dir(results) / name
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    io.write_with(dst, lambda tmp: shutil.copyfile(src, tmp))
+    return os.path.relpath(dst, results.parent)
+
+
+def _start_info(ft_dir: Path) -> dict:
+    start = ft_dir / "start.json"
+    if start.is_file():
+        info = io.read_json(start)
+        return {"start_sha256": info["sha256"], "start_dir": os.path.normpath(os.path.join(ft_dir.name, info["start"]))}
+    return {}
+
+
 def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, target: float,
-             counter: dict | None = None) -> dict:
+             counter: dict | None = None, results: Path | None = None) -> dict:
     """Score/select/surgery/recover/evaluate one cell on its shared fine-tune; returns its JSONL row."""
     from .pipeline import Run, _timed, stage_evaluate, stage_recover, stage_score, stage_select, stage_surgery
 
     cell_dir = out / "cells" / task / f"seed{seed}" / spec.name / f"t{target:g}"
     cfg = cell_config(grid, task, seed, spec, target, out=str(cell_dir))
-    ft_dir = ensure_finetuned(cfg, out, counter)
+    ft_dir = ensure_finetuned(cfg, out, counter, grid=grid, start_only=spec.start == "start")
     cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, train=False))
     run = Run(cfg, resume=True)
     _link_finetuned(cell_dir, ft_dir)
-    dense = dense_metrics(ft_dir)
+    dense = dense_metrics(ft_dir, with_predictions=grid.paired)
     fns = {"score": stage_score, "select": stage_select, "surgery": stage_surgery, "recover": stage_recover,
            "evaluate": lambda r: stage_evaluate(r, dense_metrics=dense)}
     for stage in CELL_STAGES:
@@ -307,40 +456,72 @@ def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, targ
     metrics = io.read_json(run.path("metrics.json"))
     ft_stages = io.read_json(ft_dir / "stages.json")["stages"]
     wall = {"finetune": ft_stages["finetune"]["wall_s"]} | {k: v["wall_s"] for k, v in run.status["stages"].items()}
+    variant = ("start" if spec.start == "start" else variant_of(cfg)) if grid.paired else variant_of(cfg)
     row = {"key": cell_key(task, seed, spec.name, target), "task": task, "seed": seed, "method": spec.name,
-           "base_method": spec.method, "target": target, "variant": variant_of(cfg), "model": grid.model,
+           "base_method": spec.method, "target": target, "variant": variant, "model": grid.model,
            "main_metric": metrics["main_metric"], "config": cfg.to_dict(), "versions": versions(),
            "wall_s": wall, "finetune_shared": True, "sizes": metrics["sizes"], "dense": metrics["dense"],
            "pruned_no_recovery": metrics["pruned_no_recovery"], "pruned": metrics["pruned"],
            "compression": metrics["compression"], "removed": metrics["plan"],
-           "out_dir": str(out.resolve()), "finetune_dir": os.path.relpath(ft_dir, out), "cell_dir": os.path.relpath(cell_dir, out),
+           "finetune_dir": os.path.relpath(ft_dir, out), "cell_dir": os.path.relpath(cell_dir, out),
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if grid.paired:
+        stem = f"{task}/seed{seed}"
+        row |= {"paired": True, "from": spec.start, **_start_info(ft_dir),
+                "predictions": _keep_predictions(run.path("predictions.safetensors"), results,
+                                                 f"{stem}/{spec.name}_t{target:g}.safetensors"),
+                "dense_predictions": _keep_predictions(ft_dir / "dense_predictions.safetensors", results,
+                                                       f"{stem}/dense_{ft_dir.name}.safetensors"),
+                "prior_log": _prior_log_summary(ft_dir)}
     for heavy in ("surgery", "pruned"):  # keep scores/plan/metrics, drop the model copies (disk)
         shutil.rmtree(run.path(heavy), ignore_errors=True)
     return row
 
 
-def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None = None) -> dict:
-    """The "dense" row of (task, seed): the plain fine-tune, evaluated on validation and test."""
+def _prior_log_summary(ft_dir: Path) -> dict | None:
+    """First and last logged values of the fine-tune's prior terms (is the prior acting?)."""
+    log = ft_dir / "train_log.jsonl"
+    if not log.is_file():
+        return None
+    rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+    keys = [k for k in (rows[0] if rows else {}) if k not in ("step", "lr")]
+    if not rows or keys == ["task_loss"]:
+        return None
+    return {"steps": len(rows), "first": {k: rows[0][k] for k in keys}, "last": {k: rows[-1].get(k) for k in keys}}
+
+
+def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None = None,
+              results: Path | None = None) -> dict:
+    """The "dense" row of (task, seed): the plain fine-tune (paired grids: the shared start), evaluated
+    on validation and test."""
     from .metrics import main_metric
     from .pipeline import Run, _load, compression
 
     cfg = cell_config(grid, task, seed, MethodSpec("dense", "snip-no-sn-no-prior"), 0.5, out="pending")
-    ft_dir = ensure_finetuned(cfg, out, counter)
-    scores = dense_metrics(ft_dir)
-    run = Run(finetune_config(cfg, out=str(ft_dir))[0], resume=True)
+    ft_dir = ensure_finetuned(cfg, out, counter, grid=grid, start_only=True)
+    scores = dense_metrics(ft_dir, with_predictions=grid.paired)
+    run = Run(io_config(ft_dir), resume=True)
     model = _load(run, str(ft_dir / "finetuned"))[0]
     if counter is not None:
         counter["dense"] = counter.get("dense", 0) + 1
     wall = {"finetune": io.read_json(ft_dir / "stages.json")["stages"]["finetune"]["wall_s"],
             "evaluate": io.read_json(ft_dir / "dense_metrics.json")["wall_s"]}
-    return {"key": cell_key(task, seed, "dense", 0.0), "task": task, "seed": seed, "method": "dense",
-            "base_method": "dense", "target": 0.0, "variant": "plain", "model": grid.model,
-            "main_metric": main_metric(run.task), "config": run.cfg.to_dict(), "versions": versions(),
-            "wall_s": wall, "finetune_shared": True, "sizes": run.data.sizes(), "dense": scores,
-            "pruned_no_recovery": scores, "pruned": scores, "compression": compression(model, model, cfg.prune.flops_seq_len),
-            "removed": {}, "out_dir": str(out.resolve()), "finetune_dir": os.path.relpath(ft_dir, out), "cell_dir": None,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    row = {"key": cell_key(task, seed, "dense", 0.0), "task": task, "seed": seed, "method": "dense",
+           "base_method": "dense", "target": 0.0, "variant": "start" if grid.paired else "plain", "model": grid.model,
+           "main_metric": main_metric(run.task), "config": run.cfg.to_dict(), "versions": versions(),
+           "wall_s": wall, "finetune_shared": True, "sizes": run.data.sizes(), "dense": scores,
+           "pruned_no_recovery": scores, "pruned": scores, "compression": compression(model, model, cfg.prune.flops_seq_len),
+           "removed": {}, "finetune_dir": os.path.relpath(ft_dir, out), "cell_dir": None,
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    if grid.paired:
+        row |= {"paired": True, "dense_predictions": _keep_predictions(
+            ft_dir / "dense_predictions.safetensors", results, f"{task}/seed{seed}/dense_{ft_dir.name}.safetensors")}
+    return row
+
+
+def io_config(ft_dir: Path) -> RunConfig:
+    """The config a fine-tune folder was made with."""
+    return load_config(str(ft_dir / "config.yaml"))
 
 
 def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike | None = None,
@@ -382,7 +563,8 @@ def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike |
             counter["stopped_at"] = key
             break
         print(f"=== cell {key}")
-        row = run_dense(grid, out, task, seed, counter) if spec is None else run_cell(grid, out, task, seed, spec, target, counter)
+        row = (run_dense(grid, out, task, seed, counter, results) if spec is None
+               else run_cell(grid, out, task, seed, spec, target, counter, results))
         append_row(results, row)
         done.add(key)
     return counter

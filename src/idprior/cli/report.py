@@ -4,7 +4,11 @@
     idprior report benchmarks/results/tuning.jsonl --tuning
     idprior report runs/demo            # rewrite report.md (+ plots) of one `idprior prune` run
 
-For a JSONL: NAME.md with mean ± std over seeds per method, task and target (best in bold), and
+For a paired grid's JSONL (bench-quality with `paired: true`): NAME.md with paired differences and
+their confidence intervals (reference method against every other, before and after recovery, test and
+validation, per task, minimum detectable difference) and NAME_paired.png; see idprior.paired.
+
+For another JSONL: NAME.md with mean ± std over seeds per method, task and target (best in bold), and
 NAME_tradeoff.png, NAME_structure.png, NAME_norms.png, NAME_walltimes.png. The plan and
 function-norm plots read the cell folders of the sweep (--runs, default: the folder each row
 records).
@@ -29,6 +33,10 @@ def add_parser(sub):
     p.add_argument("--title", default=None)
     p.add_argument("--command", default=None, help="the command that produced the results, quoted in the report")
     p.add_argument("--notes", default=None, metavar="FILE", help="markdown file inserted under the title")
+    p.add_argument("--reference", default="snip",
+                   help="paired grids: the method compared against every other one (default snip)")
+    p.add_argument("--baseline", default="fisher",
+                   help="paired grids: the baseline every method is also compared with (default fisher)")
     p.add_argument("--tuning", action="store_true",
                    help="the JSONL is a tuning sweep: write NAME.md as prior lambda x selection tables (validation decides)")
     return p
@@ -49,6 +57,13 @@ def run(args) -> int:
     if not rows:
         raise IdpriorError(f"{src} holds no result rows (run idprior bench-quality first)")
     notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else None
+    if any(r.get("paired") for r in rows):
+        from ..report_paired import write_paired_report
+
+        path = write_paired_report(rows, src, args.out or src.parent, name=args.name or src.stem,
+                                   reference=args.reference, baseline=args.baseline, command=args.command, notes=notes)
+        print(f"wrote {path}")
+        return 0
     if args.tuning:
         path = write_tuning_report(rows, Path(args.out or src.parent) / f"{args.name or src.stem}.md",
                                    command=args.command, notes=notes)

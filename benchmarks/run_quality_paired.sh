@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The exact command sequence behind benchmarks/results/quality_paired.{jsonl,md,_paired.png} and
+# benchmarks/results/quality_paired_preds/: two one-thread shards of the paired grid sharing one
+# results file, then the report. Resumable: rerunning continues where it stopped (finished cells are
+# never redone; an interrupted fine-tune resumes from its checkpoint). STOP_MIN limits the wall time
+# of this call (the rest is done by the next call).
+set -u
+cd "$(dirname "$0")/.."
+command -v idprior >/dev/null || . .venv/bin/activate
+mkdir -p runs
+stop=()
+[ -n "${STOP_MIN:-}" ] && stop=(--stop-after-min "$STOP_MIN")
+for i in 0 1; do
+  idprior bench-quality benchmarks/quality_paired.yaml --out runs/quality_paired \
+      --results benchmarks/results/quality_paired.jsonl --threads 1 --resume --shard "$i/2" "${stop[@]}" \
+      > "runs/quality_paired_shard$i.log" 2>&1 &
+done
+wait
+idprior report benchmarks/results/quality_paired.jsonl --out benchmarks/results \
+    --command "bash benchmarks/run_quality_paired.sh"

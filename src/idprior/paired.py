@@ -1,0 +1,178 @@
+"""Paired statistics for the quality benchmark: is method A better than method B, and by how much?
+
+Every cell of a paired grid (see `quality.py`) scores the same evaluation examples, and every
+method of a (task, seed) starts from the same fine-tune, so a comparison is a *paired* difference:
+per cell d = acc_A - acc_B (in points), and per example whether A and B were right.
+
+    mean difference over cells with two 95% intervals:
+      t         Student t over cells (cells are the units of replication; their spread includes
+                the evaluation-set noise as well as the seed-to-seed variation);
+      bootstrap two-level percentile bootstrap: resample cells, then the examples inside each
+                chosen cell (A and B resampled together), `n_boot` times;
+    wins / losses / ties over cells, and per cell an exact McNemar test (two-sided binomial on the
+    discordant examples) counted as significant wins and losses at 5%;
+    the minimum detectable difference at 80% power of a two-sided 5% t-test over these cells:
+      MDE = (t_{0.975, n-1} + t_{0.80, n-1}) * sd(d) / sqrt(n).
+
+Accuracy only (classification). `B = "@dense"` compares A with the dense model it pruned (each
+cell's own fine-tune), e.g. "how much does SNIP lose before recovery".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DENSE = "@dense"
+
+
+@dataclass
+class PairedCell:
+    """One (task, seed, target): per-example correctness of A and B on the same examples."""
+
+    task: str
+    seed: int
+    target: float
+    a: np.ndarray  # [N] bool
+    b: np.ndarray  # [N] bool
+
+    @property
+    def diff(self) -> float:
+        """acc_A - acc_B in points."""
+        return 100.0 * (float(self.a.mean()) - float(self.b.mean()))
+
+    @property
+    def discordant(self) -> tuple[int, int]:
+        """(A right and B wrong, A wrong and B right)."""
+        return int((self.a & ~self.b).sum()), int((~self.a & self.b).sum())
+
+
+def t_interval(diffs: Iterable[float], level: float = 0.95) -> tuple[float, float, float]:
+    """(mean, low, high) of a Student t interval over cells; (mean, nan, nan) for fewer than two."""
+    from scipy import stats
+
+    d = np.asarray(list(diffs), dtype=float)
+    mean = float(d.mean()) if d.size else math.nan
+    if d.size < 2:
+        return mean, math.nan, math.nan
+    half = float(stats.t.ppf(0.5 + level / 2, d.size - 1)) * float(d.std(ddof=1)) / math.sqrt(d.size)
+    return mean, mean - half, mean + half
+
+
+def bootstrap_interval(cells: list[PairedCell], level: float = 0.95, n_boot: int = 4000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Two-level percentile bootstrap of the mean difference (points): cells with replacement, then
+    examples within each cell. A cell's per-example differences take the values +1, -1 and 0, so
+    resampling its examples is one multinomial draw of those three counts."""
+    if not cells:
+        return math.nan, math.nan
+    rng = np.random.default_rng(seed)
+    n = np.array([len(c.a) for c in cells])
+    plus_minus = np.array([c.discordant for c in cells], dtype=float)  # [C, 2]
+    probs = np.column_stack([plus_minus / n[:, None], 1 - plus_minus.sum(1) / n])  # [C, 3]
+    means = np.empty(n_boot)
+    for b in range(n_boot):
+        pick = rng.integers(0, len(cells), len(cells))
+        counts = np.array([rng.multinomial(n[i], probs[i]) for i in pick])  # [C, 3]
+        means[b] = np.mean((counts[:, 0] - counts[:, 1]) / n[pick])
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return 100.0 * float(lo), 100.0 * float(hi)
+
+
+def mcnemar_p(a: np.ndarray, b: np.ndarray) -> float:
+    """Exact two-sided McNemar p-value (binomial test on the discordant examples); 1.0 if none."""
+    from scipy import stats
+
+    n10, n01 = int((a & ~b).sum()), int((~a & b).sum())
+    if n10 + n01 == 0:
+        return 1.0
+    return float(stats.binomtest(n10, n10 + n01, 0.5).pvalue)
+
+
+def min_detectable(sd: float, n: int, level: float = 0.95, power: float = 0.8) -> float:
+    """Smallest true mean difference a two-sided t-test over `n` cells detects with `power`."""
+    from scipy import stats
+
+    if n < 2 or not math.isfinite(sd):
+        return math.nan
+    return (float(stats.t.ppf(0.5 + level / 2, n - 1)) + float(stats.t.ppf(power, n - 1))) * sd / math.sqrt(n)
+
+
+@dataclass
+class Comparison:
+    a: str
+    b: str
+    target: float
+    endpoint: str  # "pruned_no_recovery" (before recovery) or "pruned" (after recovery)
+    split: str
+    cells: list[PairedCell] = field(default_factory=list)
+
+    def summary(self, n_boot: int = 4000) -> dict:
+        """Every statistic of the module docstring; n_boot=0 skips the bootstrap."""
+        d = [c.diff for c in self.cells]
+        mean, lo, hi = t_interval(d)
+        blo, bhi = bootstrap_interval(self.cells, n_boot=n_boot) if self.cells and n_boot else (math.nan, math.nan)
+        sd = float(np.std(d, ddof=1)) if len(d) > 1 else math.nan
+        sig = [(c.diff, mcnemar_p(c.a, c.b)) for c in self.cells]
+        return {"a": self.a, "b": self.b, "target": self.target, "endpoint": self.endpoint, "split": self.split,
+                "cells": len(d), "mean": mean, "t_low": lo, "t_high": hi, "boot_low": blo, "boot_high": bhi,
+                "sd": sd, "mde": min_detectable(sd, len(d)),
+                "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d), "ties": sum(x == 0 for x in d),
+                "sig_wins": sum(x > 0 and p < 0.05 for x, p in sig), "sig_losses": sum(x < 0 and p < 0.05 for x, p in sig),
+                "examples": int(sum(len(c.a) for c in self.cells))}
+
+    def by_task(self) -> dict[str, Comparison]:
+        out: dict[str, Comparison] = {}
+        for c in self.cells:
+            out.setdefault(c.task, Comparison(self.a, self.b, self.target, self.endpoint, self.split)).cells.append(c)
+        return out
+
+
+Loader = Callable[[str], dict[str, dict[str, np.ndarray]]]
+
+
+def correctness(preds: dict[str, dict[str, np.ndarray]], name: str) -> np.ndarray | None:
+    """[N] bool (pred == label) of entry `name` ("stage.split") of a predictions file."""
+    entry = preds.get(name)
+    if entry is None or "label" not in entry:
+        return None
+    return entry["pred"].astype(np.int64) == entry["label"].astype(np.int64)
+
+
+def compare(rows: list[dict], a: str, b: str, *, target: float, endpoint: str = "pruned_no_recovery",
+            split: str = "test", root: str | Path = ".", load: Loader | None = None) -> Comparison:
+    """Pair every (task, seed) cell of method `a` at `target` with method `b` (or with its own dense
+    model when b == "@dense"), from the per-example predictions the rows point to (relative to `root`)."""
+    from .evaluate import load_predictions
+
+    root = Path(root)
+    cache: dict[str, dict] = {}
+
+    def preds(rel: str | None) -> dict:
+        if rel is None:
+            return {}
+        if rel not in cache:
+            cache[rel] = (load or (lambda r: load_predictions(root / r)))(rel)
+        return cache[rel]
+
+    by_key = {(r["task"], r["seed"], r["method"], float(r["target"])): r for r in rows if r.get("predictions")}
+    comp = Comparison(a, b, target, endpoint, split)
+    for (task, seed, method, t), row in sorted(by_key.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        if method != a or not math.isclose(t, target):
+            continue
+        ca = correctness(preds(row["predictions"]), f"{endpoint}.{split}")
+        if b == DENSE:
+            cb = correctness(preds(row.get("dense_predictions")), f"dense.{split}")
+        else:
+            other = by_key.get((task, seed, b, t))
+            cb = correctness(preds(other["predictions"]), f"{endpoint}.{split}") if other else None
+        if ca is None or cb is None:
+            continue
+        if ca.shape != cb.shape:
+            raise ValueError(f"{task}/{seed}: {a} and {b} were scored on different examples ({ca.shape} vs {cb.shape})")
+        comp.cells.append(PairedCell(task, seed, t, ca, cb))
+    return comp

@@ -1,0 +1,215 @@
+"""`idprior report` for paired grids: paired differences with confidence intervals (see `paired.py`).
+
+    NAME.md          primary endpoint (accuracy before recovery, test) of the reference method against
+                     every other method and its own dense model, per target; the same on validation
+                     (where defaults are chosen) and after recovery; per-task rows; every method against
+                     fisher; mean accuracies; whether the prior acted; wall times
+    NAME_paired.png  the differences with their 95% t intervals
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import io
+from .paired import DENSE, Comparison, compare
+from .report import _plt, _save
+
+ENDPOINTS = {"pruned_no_recovery": "before recovery", "pruned": "after recovery"}
+
+
+def _fmt(x: float, digits: int = 2, sign: bool = True) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
+
+
+def _methods(rows: list[dict]) -> list[str]:
+    seen: list[str] = []
+    for r in rows:
+        if r["method"] != "dense" and r["method"] not in seen:
+            seen.append(r["method"])
+    return seen
+
+
+def _targets(rows: list[dict]) -> list[float]:
+    seen: list[float] = []
+    for r in rows:
+        if r["method"] != "dense" and float(r["target"]) not in seen:
+            seen.append(float(r["target"]))
+    return seen
+
+
+def comparison_table(comps: list[Comparison], n_boot: int) -> list[str]:
+    lines = ["| comparison | target | cells | mean diff (pts) | t 95% CI | bootstrap 95% CI | wins / losses / ties "
+             "| McNemar sig. wins / losses | MDE (80% power) |", "|---|---|---|---|---|---|---|---|---|"]
+    for c in comps:
+        if not c.cells:
+            continue
+        s = c.summary(n_boot=n_boot)
+        b = "its own dense model" if c.b == DENSE else c.b
+        lines.append(f"| {c.a} − {b} | {c.target:g} | {s['cells']} | **{_fmt(s['mean'])}** | "
+                     f"[{_fmt(s['t_low'])}, {_fmt(s['t_high'])}] | [{_fmt(s['boot_low'])}, {_fmt(s['boot_high'])}] | "
+                     f"{s['wins']} / {s['losses']} / {s['ties']} | {s['sig_wins']} / {s['sig_losses']} | "
+                     f"{_fmt(s['mde'], sign=False)} |")
+    return lines
+
+
+def accuracy_table(rows: list[dict], split: str) -> list[str]:
+    """Mean ± sd over cells of each method's accuracy, before and after recovery, per target."""
+    lines = ["| method | target | cells | dense it pruned | before recovery | after recovery |", "|---|---|---|---|---|---|"]
+    for t in _targets(rows):
+        for m in _methods(rows):
+            sel = [r for r in rows if r["method"] == m and math.isclose(float(r["target"]), t)]
+            if not sel:
+                continue
+            cols = []
+            for stage in ("dense", "pruned_no_recovery", "pruned"):
+                v = [100 * r[stage][split][r["main_metric"]] for r in sel if split in r[stage]]
+                cols.append(f"{np.mean(v):.2f} ± {np.std(v, ddof=1) if len(v) > 1 else 0:.2f}" if v else "–")
+            lines.append(f"| {m} | {t:g} | {len(sel)} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def prior_table(rows: list[dict]) -> list[str]:
+    """First and last logged prior terms of the fine-tunes the snip-family cells pruned."""
+    lines = ["| method | target | cells | logged terms: first step → last step (mean over cells) |", "|---|---|---|---|"]
+    for t in _targets(rows):
+        for m in _methods(rows):
+            logs = [r["prior_log"] for r in rows if r["method"] == m and math.isclose(float(r["target"]), t) and r.get("prior_log")]
+            if not logs:
+                continue
+            keys = [k for k in logs[0]["first"] if k != "task_loss"]
+            parts = []
+            for k in keys:
+                first = [x["first"].get(k) for x in logs if isinstance(x["first"].get(k), (int, float))]
+                last = [x["last"].get(k) for x in logs if isinstance(x["last"].get(k), (int, float))]
+                if first and last:
+                    parts.append(f"{k} {np.mean(first):.4g} → {np.mean(last):.4g}")
+            lines.append(f"| {m} | {t:g} | {len(logs)} | {'; '.join(parts) or '–'} |")
+    return lines
+
+
+def removed_table(rows: list[dict]) -> list[str]:
+    lines = ["| method | target | heads removed | neurons removed | attention sub-layers | FFN sub-layers |", "|---|---|---|---|---|---|"]
+    for t in _targets(rows):
+        for m in _methods(rows):
+            sel = [r["removed"] for r in rows if r["method"] == m and math.isclose(float(r["target"]), t)]
+            if sel:
+                cols = [f"{np.mean([s.get(k, 0) for s in sel]):.1f}" for k in ("head", "neuron", "attn", "ffn")]
+                lines.append(f"| {m} | {t:g} | " + " | ".join(cols) + " |")
+    return lines
+
+
+def wall_table(rows: list[dict]) -> list[str]:
+    stages: list[str] = []
+    for r in rows:
+        stages += [s for s in r.get("wall_s", {}) if s not in stages]
+    lines = ["| method | cells | " + " | ".join(stages) + " |", "|---|---|" + "---|" * len(stages)]
+    for m in ["dense", *_methods(rows)]:
+        sel = [r["wall_s"] for r in rows if r["method"] == m]
+        if sel:
+            lines.append(f"| {m} | {len(sel)} | " + " | ".join(
+                f"{np.mean([w[s] for w in sel if s in w]):.1f}" if any(s in w for w in sel) else "–" for s in stages) + " |")
+    return lines
+
+
+def plot_differences(comps: list[Comparison], path: Path, title: str) -> Path:
+    """Mean paired differences with 95% t intervals, one line per comparison."""
+    plt = _plt()
+    comps = [c for c in comps if len(c.cells) > 1]
+    fig, ax = plt.subplots(figsize=(7, 0.4 * len(comps) + 1.4))
+    for i, c in enumerate(comps):
+        s = c.summary(n_boot=0)
+        ax.errorbar(s["mean"], i, xerr=[[s["mean"] - s["t_low"]], [s["t_high"] - s["mean"]]], fmt="o", color="C0", capsize=3)
+    ax.axvline(0, color="grey", lw=1)
+    ax.set_yticks(range(len(comps)))
+    ax.set_yticklabels([f"{c.a} − {'dense' if c.b == DENSE else c.b} @ {c.target:g}" for c in comps], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("accuracy difference (points), mean over cells, 95% t interval")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+    return path
+
+
+def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str | os.PathLike, *, name: str,
+                        reference: str = "snip", baseline: str = "fisher", command: str | None = None,
+                        notes: str | None = None, n_boot: int = 4000) -> Path:
+    """NAME.md + NAME_paired.png from the rows of a paired grid (predictions are read relative to
+    the results file's folder)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    root = Path(results).parent
+    cells = [r for r in rows if r.get("paired") and r["method"] != "dense"]
+    methods, targets = _methods(cells), _targets(cells)
+    if reference not in methods:
+        reference = methods[0]
+    others = [m for m in methods if m != reference]
+
+    def comps(a: str, bs: list[str], endpoint: str, split: str) -> list[Comparison]:
+        return [compare(cells, a, b, target=t, endpoint=endpoint, split=split, root=root)
+                for t in targets for b in [*bs, DENSE]]
+
+    primary = comps(reference, others, "pruned_no_recovery", "test")
+    tasks = sorted({r["task"] for r in cells})
+    seeds = sorted({r["seed"] for r in cells})
+    sizes = {r["task"]: r["sizes"] for r in cells}
+    cfg = cells[0]["config"]
+    lines = [f"# {name}: paired quality benchmark", ""]
+    if command:
+        lines += ["```", command, "```", ""]
+    if notes:
+        lines += [notes.strip(), ""]
+    lines += [
+        f"Model {cells[0]['model']}; tasks {', '.join(tasks)}; seeds {', '.join(map(str, seeds))}; "
+        f"{len(cells)} cells. Per (task, seed) every method starts from one shared plain fine-tune and gets the same "
+        f"further steps (SNIP: its SN + identity-prior phase; baselines: a plain continuation), so differences are "
+        f"paired: same start, same examples. Evaluation sizes per task (validation / test): "
+        + "; ".join(f"{t} {sizes[t].get('validation')} / {sizes[t].get('test')}" for t in tasks)
+        + f". Max length {cfg['data']['max_length']} tokens, {cfg['data'].get('max_train')} training examples.",
+        "",
+        "How to read: a difference is reference − other in accuracy points, per cell (task, seed), averaged over "
+        "cells. *t 95% CI*: Student t over cells. *Bootstrap*: two-level percentile bootstrap (cells, then examples "
+        "within a cell), 4,000 draws. *McNemar*: exact test per cell on the discordant examples, counted at p < 0.05. "
+        "*MDE*: the smallest true mean difference this many cells detect with 80% power (two-sided 5% t-test), from "
+        "the observed spread of the differences. Defaults are chosen on validation; test is reported once.",
+        "",
+        f"## Primary: accuracy before recovery, test ({reference} against every method)", "",
+        *comparison_table(primary, n_boot), "",
+        f"![paired differences]({name}_paired.png)", "",
+        "## Before recovery, validation", "",
+        *comparison_table(comps(reference, others, "pruned_no_recovery", "validation"), n_boot), "",
+        "## Secondary: after the fixed recovery, test", "",
+        *comparison_table(comps(reference, others, "pruned", "test"), n_boot), "",
+    ]
+    if baseline in methods:
+        lines += [f"## Every method against {baseline} (before recovery, test)", "",
+                  *comparison_table([compare(cells, m, baseline, target=t, root=root) for t in targets
+                                     for m in methods if m != baseline], n_boot), "",
+                  f"## Per task: {reference} − {baseline}, before recovery, test", "", "| task | " + " | ".join(
+                      f"target {t:g}: mean [t 95% CI] (cells)" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+        per_t = {t: compare(cells, reference, baseline, target=t, root=root).by_task() for t in targets}
+        for task in tasks:
+            cols = []
+            for t in targets:
+                c = per_t[t].get(task)
+                s = c.summary(n_boot=0) if c else None
+                cols.append(f"{_fmt(s['mean'])} [{_fmt(s['t_low'])}, {_fmt(s['t_high'])}] ({s['cells']})" if s else "–")
+            lines.append(f"| {task} | " + " | ".join(cols) + " |")
+        lines.append("")
+    lines += ["## Accuracy per method (mean ± sd over cells, test)", "", *accuracy_table(cells, "test"), "",
+              "## Accuracy per method (validation)", "", *accuracy_table(cells, "validation"), "",
+              "## Is the prior acting? (logged terms of the fine-tunes the cells pruned)", "", *prior_table(cells), "",
+              "## Units removed (mean over cells)", "", *removed_table(cells), "",
+              "## Wall time per stage (s, mean over cells; finetune = the fine-tune the cell pruned)", "",
+              *wall_table(rows), ""]
+    plot_differences(primary, out / f"{name}_paired.png", f"{reference} − other, before recovery, test")
+    path = out / f"{name}.md"
+    io.write_text(path, "\n".join(lines))
+    return path

@@ -1,0 +1,178 @@
+"""The paired quality benchmark: shared start, per-example predictions, and its statistics."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from idprior.cli.main import main
+from idprior.evaluate import load_predictions
+from idprior.paired import (
+    DENSE,
+    Comparison,
+    PairedCell,
+    bootstrap_interval,
+    compare,
+    mcnemar_p,
+    min_detectable,
+    t_interval,
+)
+from idprior.quality import load_grid, run_grid, weights_sha256
+from tiny_folder import make_tiny_bert_folder
+
+# ---- statistics on hand-computed examples ------------------------------------------------------
+
+def _cell(a_right: int, b_right: int, both: int, n: int, task="t", seed=0) -> PairedCell:
+    """n examples: `a_right` only A right, `b_right` only B right, `both` both right, rest both wrong."""
+    a = np.zeros(n, bool)
+    b = np.zeros(n, bool)
+    a[:a_right] = True
+    b[a_right:a_right + b_right] = True
+    a[a_right + b_right:a_right + b_right + both] = True
+    b[a_right + b_right:a_right + b_right + both] = True
+    return PairedCell(task, seed, 0.5, a, b)
+
+
+def test_t_interval_matches_hand_computation():
+    # diffs 1, 2, 3: mean 2, sd 1, half-width t_{0.975,2} * 1 / sqrt(3) = 4.302653 / 1.732051 = 2.484138
+    mean, lo, hi = t_interval([1.0, 2.0, 3.0])
+    assert mean == pytest.approx(2.0)
+    assert (lo, hi) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-5)
+    # contains the true mean 2, excludes a wrong value 5
+    assert lo < 2 < hi and not lo < 5 < hi
+    assert math.isnan(t_interval([1.0])[1])
+
+
+def test_paired_cell_difference_and_mcnemar():
+    c = _cell(a_right=10, b_right=2, both=50, n=100)
+    assert c.diff == pytest.approx(8.0)  # 60% - 52%
+    assert c.discordant == (10, 2)
+    # exact two-sided binomial on 12 discordant pairs split 10 / 2: 2 * P(X <= 2 | n=12, p=1/2) = 2 * 79 / 4096
+    assert mcnemar_p(c.a, c.b) == pytest.approx(2 * 79 / 4096)
+    assert mcnemar_p(c.a, c.a) == 1.0
+
+
+def test_bootstrap_interval_contains_the_truth_and_excludes_zero_when_clear():
+    # five cells of 1,000 examples, A better by 3 points in each (30 vs 0 discordant)
+    cells = [_cell(30, 0, 700, 1000, seed=s) for s in range(5)]
+    lo, hi = bootstrap_interval(cells, n_boot=2000, seed=1)
+    assert lo < 3.0 < hi and lo > 0
+    # no difference at all: the interval holds 0
+    tied = [_cell(20, 20, 700, 1000, seed=s) for s in range(5)]
+    lo, hi = bootstrap_interval(tied, n_boot=2000, seed=1)
+    assert lo < 0 < hi
+
+
+def test_min_detectable_difference():
+    # n = 20, sd = 2: (t_{.975,19} + t_{.80,19}) * 2 / sqrt(20) = (2.093024 + 0.860951) * 0.447214
+    assert min_detectable(2.0, 20) == pytest.approx((2.093024 + 0.860951) * 2 / math.sqrt(20), abs=1e-4)
+    assert min_detectable(2.0, 80) < min_detectable(2.0, 20)
+
+
+def test_comparison_summary_counts_wins_losses_and_significance():
+    comp = Comparison("a", "b", 0.5, "pruned_no_recovery", "test",
+                      [_cell(30, 0, 500, 1000, seed=0), _cell(0, 30, 500, 1000, seed=1), _cell(5, 5, 500, 1000, seed=2)])
+    s = comp.summary(n_boot=0)
+    assert (s["wins"], s["losses"], s["ties"]) == (1, 1, 1)
+    assert (s["sig_wins"], s["sig_losses"]) == (1, 1)
+    assert s["mean"] == pytest.approx(0.0) and s["cells"] == 3 and s["examples"] == 3000
+
+
+# ---- the harness on a tiny model ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_bert_folder(tmp_path_factory.mktemp("tinyp") / "bert")
+
+
+def _paired_grid(model) -> dict:
+    return {"model": str(model), "paired": True, "tasks": ["rt-polarity"], "targets": [0.5, 0.3], "seeds": [0],
+            "methods": ["snip", {"name": "snip-no-prior", "method": "snip-no-prior", "targets": [0.5]},
+                        "random", {"name": "norm-start", "method": "snip-no-sn-no-prior", "from": "start", "targets": [0.5]}],
+            "max_train": 48, "max_eval": 24, "max_validation": 16, "max_length": 16,
+            "train": {"epochs": 1, "batch_size": 16, "eval_each_epoch": False},
+            "continue": {"epochs": 1, "lr": 1e-4},
+            "recover": {"batch_size": 16, "eval_each_epoch": False},
+            "prune": {"calib_size": 16, "recover_epochs": 1}}
+
+
+def test_paired_grid_shares_one_start_and_keeps_predictions(tiny_folder, tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(_paired_grid(tiny_folder)))
+    out, results = tmp_path / "sweep", tmp_path / "res" / "paired.jsonl"
+    assert main(["bench-quality", str(grid_file), "--out", str(out), "--results", str(results)]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    # primary target first for every pair, per-method targets respected
+    assert [r["key"] for r in rows] == ["rt-polarity/0/dense/0", "rt-polarity/0/snip/0.5", "rt-polarity/0/snip-no-prior/0.5",
+                                        "rt-polarity/0/random/0.5", "rt-polarity/0/norm-start/0.5",
+                                        "rt-polarity/0/snip/0.3", "rt-polarity/0/random/0.3"]
+    by = {(r["method"], r["target"]): r for r in rows}
+    seed_dir = out / "finetune" / "rt-polarity" / "seed0"
+    starts = [p for p in seed_dir.iterdir() if p.name.startswith("start-")]
+    assert len(starts) == 1
+    start_sha = weights_sha256(starts[0] / "finetuned")
+    # the baseline's control and SNIP's prior phase continue from byte-identical weights
+    snip, rand = by[("snip", 0.5)], by[("random", 0.5)]
+    assert snip["start_sha256"] == rand["start_sha256"] == by[("snip-no-prior", 0.5)]["start_sha256"] == start_sha
+    assert snip["variant"] == "sn+prior" and rand["variant"] == "plain" and by[("snip-no-prior", 0.5)]["variant"] == "sn"
+    assert len({snip["finetune_dir"], rand["finetune_dir"], by[("snip-no-prior", 0.5)]["finetune_dir"]}) == 3
+    # continuations got the same number of further steps
+    steps = {json.loads((out / r["finetune_dir"] / "stages.json").read_text())["stages"]["finetune"]["steps"]
+             for r in (snip, rand, by[("snip-no-prior", 0.5)])}
+    assert steps == {3}  # 48 examples / batch 16, one epoch
+    # a post-hoc method prunes the start itself
+    assert by[("norm-start", 0.5)]["finetune_dir"] == rows[0]["finetune_dir"] == str(starts[0].relative_to(out))
+    assert by[("norm-start", 0.5)]["variant"] == "start"
+    # per-example predictions for every cell, on the same examples, consistent with the metrics
+    for r in rows[1:]:
+        preds = load_predictions(results.parent / r["predictions"])
+        for split, n in (("validation", 16), ("test", 24)):
+            for stage in ("pruned_no_recovery", "pruned"):
+                p = preds[f"{stage}.{split}"]
+                assert p["pred"].shape == (n,) and p["gold_logprob"].shape == (n,)
+                assert (p["gold_logprob"] <= 0).all()
+                acc = float((p["pred"] == p["label"]).mean())
+                assert acc == pytest.approx(r[stage][split]["accuracy"])
+        dense = load_predictions(results.parent / r["dense_predictions"])["dense.test"]
+        assert float((dense["pred"] == dense["label"]).mean()) == pytest.approx(r["dense"]["test"]["accuracy"])
+        assert not any(str(v).startswith("/") for k, v in r.items() if k.endswith("_dir") or k.endswith("predictions"))
+    # the comparison pairs cells and the report states the statistics
+    comp = compare(rows, "snip", "random", target=0.5, root=results.parent)
+    assert len(comp.cells) == 1 and comp.cells[0].a.shape == (24,)
+    assert len(compare(rows, "snip", DENSE, target=0.5, root=results.parent).cells) == 1
+    assert main(["report", str(results), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "paired.md").read_text()
+    assert "snip − random" in text and "MDE" in text and "its own dense model" in text
+    assert (tmp_path / "rep" / "paired_paired.png").read_bytes()[:4] == b"\x89PNG"
+
+    # a rerun recomputes nothing
+    c = run_grid(load_grid(grid_file), out, results=results)
+    assert (c["cells"], c["finetune"], c["skipped"]) == (0, 0, 7)
+
+
+def test_finetune_folder_does_not_depend_on_selection(tiny_folder):
+    """The bug behind issue 13: a change of default selection split the fine-tune cache."""
+    from idprior.quality import MethodSpec, cell_config, finetune_config
+
+    grid = load_grid(_paired_grid(tiny_folder))
+    a = cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", {"prune.selection": "norm"}), 0.5, out="x")
+    b = cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", {"prune.selection": "share", "prune.head_share": 0.3}), 0.5, out="y")
+    assert finetune_config(a, out="p")[1] == finetune_config(b, out="p")[1]
+    c = cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", {"prune.prior_lambda": 0.3}), 0.5, out="x")
+    assert finetune_config(a, out="p")[1] != finetune_config(c, out="p")[1]
+
+
+def test_paired_grid_errors(tiny_folder):
+    from idprior.errors import IdpriorError
+
+    bad = _paired_grid(tiny_folder)
+    del bad["continue"]
+    with pytest.raises(IdpriorError, match="continue"):
+        load_grid(bad)
+    bad = _paired_grid(tiny_folder) | {"paired": False}
+    with pytest.raises(IdpriorError, match="from: start"):
+        load_grid(bad)
