@@ -23,7 +23,8 @@ from .errors import ConfigError, IdpriorError
 from .units import KINDS
 
 MEASURES = ("encoder_params", "linear_params", "flops")
-SELECTIONS = ("auto", "norm", "norm-per-cost", "energy-per-cost", "share", "relative")
+SELECTIONS = ("auto", "norm", "norm-per-cost", "energy-per-cost", "share", "relative", "prior")
+PRIOR_MODES = ("loss", "proximal")
 PRIOR_WEIGHTS = ("uniform", "cost")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -86,6 +87,16 @@ class PruneConfig:
     prior_lambda: float = 0.1  # also the tuned value (λ in {0, 0.03, 0.1, 0.3}, tuning.md)
     prior_weight: str = "uniform"
     prior_warmup: float = 0.1  # fraction of steps over which lambda ramps up linearly
+    # "loss": λ Σ c_u ‖f_u‖ added to the task loss (prior_lambda, prior_weight, prior_warmup; measured
+    # inert under Adam). "proximal": a soft-threshold of each unit's function norm after every
+    # optimizer step, its strength λ driven so that the target fraction of `measure` reaches the
+    # identity on a cubic schedule (proximal.py; prior_lambda/weight/warmup are not used).
+    prior_mode: str = "loss"
+    prior_lambda0: float = 0.01  # proximal: starting λ (unitless: 0.01 = 1% of a mean unit norm per step)
+    prior_gamma: float = 1.0  # proximal: reweighting exponent (1: small units pulled harder; 0: plain)
+    prior_ramp: float = 0.75  # proximal: fraction of the fine-tune over which the schedule reaches the target
+    prior_gain: float = 0.5  # proximal: controller gain κ (0 keeps λ at prior_lambda0)
+    prior_head_share: float | None = None  # proximal: share of the target taken by heads (None: free)
     train: bool = True  # False: post-training mode (score and prune an already fine-tuned model)
     iterative: int = 1
     recover_epochs: float = 1.0
@@ -319,6 +330,13 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(pr.prior_lambda >= 0 and math.isfinite(pr.prior_lambda), f"prune.prior_lambda must be >= 0, got {pr.prior_lambda}")
     need(pr.prior_weight in PRIOR_WEIGHTS, f"prune.prior_weight must be one of {', '.join(PRIOR_WEIGHTS)}, got {pr.prior_weight!r}")
     need(0 <= pr.prior_warmup <= 1, f"prune.prior_warmup must be in [0, 1], got {pr.prior_warmup}")
+    need(pr.prior_mode in PRIOR_MODES, f"prune.prior_mode must be one of {', '.join(PRIOR_MODES)}, got {pr.prior_mode!r}")
+    need(0 < pr.prior_lambda0 <= 1, f"prune.prior_lambda0 must be in (0, 1], got {pr.prior_lambda0}")
+    need(0 <= pr.prior_gamma <= 4, f"prune.prior_gamma must be in [0, 4], got {pr.prior_gamma}")
+    need(0 < pr.prior_ramp <= 1, f"prune.prior_ramp must be in (0, 1], got {pr.prior_ramp}")
+    need(0 <= pr.prior_gain <= 10, f"prune.prior_gain must be in [0, 10], got {pr.prior_gain}")
+    need(pr.prior_head_share is None or 0 <= pr.prior_head_share <= 1,
+         f"prune.prior_head_share must be in [0, 1], got {pr.prior_head_share}")
     need(pr.iterative >= 1, f"prune.iterative must be >= 1, got {pr.iterative}")
     need(pr.recover_epochs >= 0, f"prune.recover_epochs must be >= 0, got {pr.recover_epochs}")
     need(0 <= pr.distill_alpha <= 1, f"prune.distill_alpha must be in [0, 1], got {pr.distill_alpha}")

@@ -154,6 +154,7 @@ def stage_finetune(run: Run) -> dict:
     from . import spectral
     from .gates import Gates
     from .prior import IdentityPrior
+    from .proximal import ProximalPrior
     from .surgery import save_pruned
     from .train import train
 
@@ -164,19 +165,26 @@ def stage_finetune(run: Run) -> dict:
         adapter = get_adapter(model, per_query_head=cfg.model.per_query_head)
         if p.sn:
             info["sn_matrices"] = spectral.attach(model, adapter, p.sn_bound)
-        gates = prior = None
-        if p.prior and p.prior_lambda > 0:
+        gates = prior = prox = None
+        if p.prior and p.prior_mode == "proximal":
+            gates = Gates(model, adapter).attach()
+            prox = ProximalPrior(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
+                                 seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
+                                 gain=p.prior_gain, head_share=p.prior_head_share)
+        elif p.prior and p.prior_lambda > 0:
             gates = Gates(model, adapter).attach()
             prior = IdentityPrior(model, adapter, gates, parse_kinds(p.kinds), lam=p.prior_lambda,
                                   weight=p.prior_weight, warmup=p.prior_warmup)
         metric = main_metric(run.task)
         result = train(model, run.loader("train", tok, train=True), cfg.train, seed=cfg.seed,
                        eval_fn=_eval_fn(run, tok) if cfg.train.eval_each_epoch else None, main_metric=metric,
-                       higher_is_better=greater_is_better(metric), extra_loss=prior,
+                       higher_is_better=greater_is_better(metric), extra_loss=prior, post_step=prox,
                        ckpt_dir=run.path("ckpt_finetune"), resume=run.resume, desc="finetune",
                        log_path=run.path("train_log.jsonl"))
         if prior is not None:
             prior.detach()
+        if prox is not None:
+            prox.detach()
         if gates is not None:
             gates.detach()
         spectral.fold(model)

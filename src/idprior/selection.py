@@ -6,7 +6,10 @@ Modes (how units of different kinds are compared; the open design question of DE
   energy-per-cost  squared norm divided by cost;
   relative         norm divided by its sub-layer's output norm (needs attn/ffn scores);
   share            per-kind rankings, `head_share` of the budget taken from heads, the rest from
-                   the other kinds.
+                   the other kinds;
+  prior            norm divided by the median non-zero norm of its kind: after the proximal prior
+                   the units it drove to exactly zero come first, and the rest compare heads and
+                   neurons on one relative scale.
 The threshold tau is the key of the last unit removed: every unit with a smaller key is removed,
 and the target is overshot by at most that one unit. Collapse: the last head of a layer takes the
 whole attention sub-layer with it, the last neuron the whole FFN. Ties break by (layer, kind,
@@ -16,6 +19,7 @@ unit is skipped and the plan says so in `warnings`.
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 
 from .arch.base import Adapter
@@ -31,6 +35,10 @@ def _key_fn(mode: str, scores: dict[Unit, float], cost_of):
         return lambda u: scores[u] / max(cost_of(u), 1e-30)
     if mode == "energy-per-cost":
         return lambda u: scores[u] ** 2 / max(cost_of(u), 1e-30)
+    if mode == "prior":
+        med = {k: statistics.median([v for u, v in scores.items() if u.kind == k and v > 0] or [1.0])
+               for k in {u.kind for u in scores}}
+        return lambda u: scores[u] / max(med[u.kind], 1e-30)
     if mode == "relative":
         def rel(u: Unit) -> float:
             ref_kind = "attn" if u.kind in ("head", "attn") else "ffn"

@@ -1,13 +1,15 @@
 """A short fine-tuning loop of our own: AdamW, linear warm-up/decay, clipping, checkpoints, resume.
 
-The loop knows nothing about pruning. SNIP plugs in through `extra_loss` (the identity prior,
-computed from what the gate observers saw during the forward pass) and distillation through
+The loop knows nothing about pruning. SNIP plugs in through `extra_loss` (the loss-term identity
+prior, computed from what the gate observers saw during the forward pass) or `post_step` (the
+proximal prior, which edits the weights after each optimizer step), and distillation through
 `teacher`. Runs under `accelerate launch` with the same code as one process.
 
 Checkpoints (in `ckpt_dir`): one folder per checkpoint, `e<epoch>-s<step in epoch>/`, holding
 `model.safetensors` (spectral-norm u, v and bounds included: they are buffers), `optimizer.pt`
 (optimizer + scheduler, read back with `weights_only=True`), `rng.safetensors` and `state.json`
-(progress, history, the running loss sums of the epoch, Python's RNG). Each folder is written
+(progress, history, the running loss sums of the epoch, Python's RNG) and, when `post_step` has a
+`state_dict()`, its state: plain values in `state.json`, tensors in `post_step.safetensors`. Each folder is written
 under a temporary name and renamed when complete, so a crash at any moment leaves only complete
 checkpoints; older ones are deleted after the new one is in place. Written each epoch and every
 `checkpoint_every` steps. `resume=True` continues from the newest, skipping the batches already
@@ -39,6 +41,7 @@ from .config import TrainConfig
 from .errors import IdpriorError
 
 ExtraLoss = Callable[[torch.nn.Module, dict, int, int], tuple[torch.Tensor, dict]]
+PostStep = Callable[[torch.nn.Module, int, int], dict]  # (model, step, total) -> log terms
 
 
 @dataclass
@@ -124,6 +127,7 @@ def train(
     main_metric: str | None = None,
     higher_is_better: bool = True,
     extra_loss: ExtraLoss | None = None,
+    post_step: PostStep | None = None,
     teacher: torch.nn.Module | None = None,
     distill_alpha: float = 0.5,
     distill_temperature: float = 2.0,
@@ -133,7 +137,12 @@ def train(
     log_path: str | Path | None = None,
     accelerator=None,
 ) -> TrainResult:
-    """Fine-tune `model` in place; with `eval_fn`, keep (and finally load) the best epoch's weights."""
+    """Fine-tune `model` in place; with `eval_fn`, keep (and finally load) the best epoch's weights.
+
+    `post_step(model, step, total)` runs after every `opt.step()` (before the scheduler moves the
+    learning rate); its dict of floats joins the step's log row. If it has `state_dict()` /
+    `load_state_dict()`, that state is checkpointed and restored on resume.
+    """
     from accelerate import Accelerator
 
     acc = accelerator or Accelerator(cpu=not torch.cuda.is_available())
@@ -155,7 +164,7 @@ def train(
     ckpt = Path(ckpt_dir) if ckpt_dir else None
     last = latest_checkpoint(ckpt) if ckpt and resume else None
     if last is not None:
-        state = _load_checkpoint(last, acc.unwrap_model(model), opt, sched)
+        state = _load_checkpoint(last, acc.unwrap_model(model), opt, sched, post_step)
     result.history = state["history"]
     t0 = time.perf_counter()
     log = None
@@ -210,6 +219,8 @@ def train(
                             "the last good checkpoint is kept"
                         )
                 opt.step()
+                if post_step is not None:
+                    terms.update(post_step(acc.unwrap_model(model), state["global_step"], total))
                 sched.step()
                 opt.zero_grad(set_to_none=True)
                 state["global_step"] += 1
@@ -225,7 +236,7 @@ def train(
                     if log:
                         log.flush()
                     _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched,
-                                     {**state, "epoch_sums": sums, "epoch_count": count}, acc=acc)
+                                     {**state, "epoch_sums": sums, "epoch_count": count}, acc=acc, post_step=post_step)
             bar.close()
             row = {"epoch": epoch + 1, "steps": state["global_step"], **{k: v / max(1, count) for k, v in sums.items()}}
             if eval_fn is not None:
@@ -249,7 +260,7 @@ def train(
             if ckpt:
                 if log:
                     log.flush()
-                _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, state, acc=acc)
+                _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, state, acc=acc, post_step=post_step)
     finally:
         if log:
             log.close()
@@ -338,31 +349,51 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], extra: dict) -> None:
         random.setstate((version, tuple(py_state), gauss_next))
 
 
-def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict, acc=None) -> None:
+def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict, acc=None, post_step=None) -> None:
     """Weights, optimizer, scheduler, RNG and progress in one folder that appears complete or not at all.
     Written by the main process only (ranks would race for the folder); the others wait for it."""
     if acc is None or acc.is_main_process:
-        _write_checkpoint(ckpt, model, opt, sched, state)
+        _write_checkpoint(ckpt, model, opt, sched, state, post_step)
     if acc is not None:
         acc.wait_for_everyone()
 
 
-def _write_checkpoint(ckpt: Path, model, opt, sched, state: dict) -> None:
+def _write_checkpoint(ckpt: Path, model, opt, sched, state: dict, post_step=None) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
     name = _ckpt_name(state)
     rng, rng_extra = _rng_state()
+    post_plain, post_tensors = _post_step_state(post_step)
     with io.atomic_dir(ckpt / name) as tmp:
         save_file(_state_tensors(model), str(tmp / "model.safetensors"))
         torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp / "optimizer.pt")
         save_file(rng, str(tmp / "rng.safetensors"))
-        io.write_json(tmp / "state.json", {**{k: v for k, v in state.items() if not k.startswith("_")}, "rng": rng_extra})
+        if post_tensors:
+            save_file(post_tensors, str(tmp / "post_step.safetensors"))
+        extra = {"post_step": post_plain} if post_plain is not None else {}
+        io.write_json(tmp / "state.json", {**{k: v for k, v in state.items() if not k.startswith("_")}, **extra, "rng": rng_extra})
     for old in ckpt.iterdir():  # older checkpoints (and leftovers of interrupted writes)
         if old.name != name and (_CKPT_NAME.fullmatch(old.name) or old.name.startswith(".e")):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _load_checkpoint(folder: Path, model, opt, sched) -> dict:
+def _post_step_state(post_step) -> tuple[dict | None, dict[str, torch.Tensor]]:
+    """`post_step.state_dict()` split into JSON values and tensors (None if it keeps no state)."""
+    if post_step is None or not hasattr(post_step, "state_dict"):
+        return None, {}
+    full = post_step.state_dict()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in full.items() if torch.is_tensor(v)}
+    return {k: v for k, v in full.items() if not torch.is_tensor(v)}, tensors
+
+
+def _load_checkpoint(folder: Path, model, opt, sched, post_step=None) -> dict:
     state = io.read_json(folder / "state.json")
+    post_plain = state.pop("post_step", None)
+    if post_step is not None and hasattr(post_step, "load_state_dict"):
+        if post_plain is None:
+            raise IdpriorError(f"checkpoint {folder} holds no state for the post-step hook (the prior); "
+                               "resume with the same settings or start over with --overwrite")
+        tensors = folder / "post_step.safetensors"
+        post_step.load_state_dict({**post_plain, **(load_file(str(tensors)) if tensors.is_file() else {})})
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     blob = torch.load(folder / "optimizer.pt", weights_only=True)
     opt.load_state_dict(blob["opt"])

@@ -1,0 +1,339 @@
+"""The proximal identity prior (`prune.prior_mode: proximal`): a group soft-threshold of every
+unit's function norm after each optimizer step, with a strength driven to the pruning target.
+
+Why not a loss term: `task_loss + λ Σ c_u ‖f_u‖` under Adam is inert (Adam normalises each
+weight's step, and the normalised weights make the pull ~1e-5 per unit; DESIGN.md §1). Like AdamW
+decouples weight decay, this prior acts on the weights directly, after `opt.step()`:
+
+  unit output weights  w_u: the out-projection columns of a head unit (every query head it owns),
+                       or column j of the FFN out-projection for neuron j;
+  function norm        ‖f_u‖² = tr(W_uᵀ W_u · M_u) with M_u the EMA (over training batches) of the
+                       per-token second moment of the branch input (head context / activation a_j),
+                       so the norm is exact for the *current* weights, right after the Adam step;
+  proximal step        w_u ← w_u · max(0, 1 − δ_u / ‖f_u‖): f_u is linear in w_u, so this is an
+                       exact soft-threshold ‖f_u‖ ← max(0, ‖f_u‖ − δ_u); units at or below δ_u
+                       land exactly at the identity (f_u = 0), and the task gradient, through
+                       Adam, can regrow a unit only by a step larger than its threshold;
+  strength             δ_u = λ · ω_u · F̄_k, F̄_k the mean norm of kind k at the phase start (so
+                       λ is unitless: 0.01 = 1% of a typical unit per step), ω_u = (F̄_k / (‖f_u‖ +
+                       ε F̄_k))^γ (γ = 1: reweighted group lasso, small units pulled harder);
+  controller           the fraction of the prune measure carried by units at the identity
+                       (‖f_u‖ ≤ 1e-3 F̄_k; costs and the collapse rule from `plan.removed_cost`)
+                       should follow s(t) = target (1 − (1 − t/T_r)³), then hold; each step
+                       λ ← clip(λ · exp(κ (s(t) − frac_H) / target), λ_min, λ_max), where frac_H
+                       also counts the units the current λ drives to zero within H = `horizon` ·
+                       steps (a unit needs many steps to fall, so integrating on the lagging
+                       fraction alone overshoots: measured on tiny BERT, 0.63-0.72 for a 0.5 target
+                       without the lead, 0.56 with H = 0.2). With `head_share` h, heads and
+                       neurons get a λ each, tracking h·s and (1−h)·s.
+
+With spectral normalization the modified tensor is the parametrization's `original` (what the
+optimizer owns); the norm uses the effective weight original · min(1, c/σ) with the stored σ
+estimate, so the threshold is exact while SN does not bind (shrinking columns only lowers σ).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .arch.base import Adapter
+from .errors import IdpriorError
+from .gates import Gates
+from .plan import measure_of, model_cost, removed_cost
+from .scoring import BranchNorms
+from .spectral import BoundedSpectralNorm, sn_modules
+from .units import Unit
+
+PROX_KINDS = ("head", "neuron")
+
+
+class ActivationMoments(BranchNorms):
+    """Gate observer: second moments of the branch inputs on the current training batch.
+
+    `moments[("head", l)]` is [U, k*dh, k*dh] (Σ over real tokens of c_u c_uᵀ, c_u the unit's
+    concatenated query-head contexts), `moments[("neuron", l)]` is [F] (Σ a_j²). Weight-free, so
+    the prior can evaluate ‖f_u‖ with the weights as they are after the optimizer step. Sums
+    restart at every training forward; eval forwards (validation during training) are ignored.
+    """
+
+    def __init__(self, model: nn.Module, gates: Gates, adapter: Adapter, kinds: Iterable[str] = PROX_KINDS):
+        super().__init__(model, gates, adapter, kinds, differentiable=False)
+        self.moments: dict[tuple[str, int], torch.Tensor] = {}
+
+    def reset(self) -> None:
+        super().reset()
+        self.moments.clear()
+
+    def _on_forward(self, module, args, kwargs):
+        self.active = module.training
+        if self.active:
+            self.reset()
+            super()._on_forward(module, args, kwargs)
+
+    def unit_layout(self, layer: int, n_heads: int) -> tuple[torch.Tensor, int]:
+        """Permutation putting each head unit's query heads side by side, and the unit count."""
+        return self._unit_layout(layer, n_heads)
+
+    def _layer_input(self, layer: int):
+        return lambda module, args, kwargs: None  # the residual-stream norm is not needed here
+
+    def __call__(self, layer: int, site: str, x: torch.Tensor, module: nn.Module) -> None:
+        if not self.active:
+            return
+        x = x.detach()
+        mask = self.gates.token_mask
+        if mask is not None and mask.shape == x.shape[:2]:
+            x = x * mask[..., None].to(x.dtype)  # padding tokens contribute nothing (mask² = mask)
+        if site == "heads" and "head" in self.kinds:
+            dh = self.adapter.head_dim
+            b, t = x.shape[:2]
+            n_heads = x.shape[-1] // dh
+            perm, n_units = self._unit_layout(layer, n_heads)
+            ctx = x.view(b, t, n_heads, dh)[:, :, perm.to(x.device)].reshape(b * t, n_units, -1)  # [BT, U, k*dh]
+            ctx = ctx.float().transpose(0, 1)  # [U, BT, k*dh]
+            self._add(self.moments, ("head", layer), ctx.transpose(1, 2) @ ctx)  # [U, k*dh, k*dh], summed in float64
+        elif site == "neurons" and "neuron" in self.kinds:
+            self._add(self.moments, ("neuron", layer), (x.float() ** 2).sum(dim=(0, 1)))  # [F]
+
+
+class _Stored:
+    """Stands in for a module so that `adapter.out_weight` gives its [out, in] view of `weight`."""
+
+    def __init__(self, weight: torch.Tensor):
+        self.weight = weight
+
+
+def stored_out_weight(adapter: Adapter, module: nn.Module) -> tuple[torch.Tensor, float]:
+    """([out, in] view of the tensor the optimizer owns, scalar that the forward multiplies it by).
+
+    Without SN that is `module.weight` and 1. With bounded SN it is the parametrization's
+    `original` and min(1, c/σ̂) from the stored power-iteration vectors: reading `module.weight`
+    instead would run an extra power-iteration step in training mode and edit a computed copy.
+    """
+    if not parametrize.is_parametrized(module, "weight"):
+        return adapter.out_weight(module), 1.0
+    original = module.parametrizations.weight.original
+    scale = 1.0
+    for p in module.parametrizations.weight:
+        if not isinstance(p, BoundedSpectralNorm):
+            raise IdpriorError(f"the proximal prior supports only idprior's spectral norm on output projections, found {type(p).__name__}")
+        sigma = float(p.sigma(original))
+        scale *= min(1.0, float(p.bound) / max(sigma, p.eps))
+    return adapter.out_weight(_Stored(original)), scale
+
+
+def sn_clip_fraction(model: nn.Module) -> float:
+    """Fraction of SN-parametrized matrices whose σ estimate exceeds their bound (SN binding)."""
+    mods = sn_modules(model)
+    if not mods:
+        return 0.0
+    clipped = sum(float(sn.sigma(m.parametrizations.weight.original)) > float(sn.bound) for m, sn in mods)
+    return clipped / len(mods)
+
+
+class ProximalPrior:
+    """Callable as `post_step(model, step, total) -> log terms` for `train.train`, after `opt.step()`.
+
+    `lam0`, `gamma`, `ramp` (T_r as a fraction of the phase) and `gain` (κ) are the config fields
+    `prior_lambda0`, `prior_gamma`, `prior_ramp`, `prior_gain`; `gain=0` keeps λ fixed at `lam0`.
+    `ema` smooths the activation moments over batches; `eps` bounds the reweighting at
+    (1/eps)^γ; a unit is "at the identity" once ‖f_u‖ <= `zero_tol` · F̄_k.
+    """
+
+    def __init__(self, model: nn.Module, adapter: Adapter, gates: Gates, *, target: float,
+                 kinds: Iterable[str] = PROX_KINDS, measure: str = "encoder_params", seq_len: int = 128,
+                 lam0: float = 0.01, gamma: float = 1.0, ramp: float = 0.75, gain: float = 0.5,
+                 head_share: float | None = None, ema: float = 0.9, eps: float = 0.1, zero_tol: float = 1e-3,
+                 lam_min: float = 1e-5, lam_max: float = 1.0, horizon: float = 0.2):
+        self.model, self.adapter = model, adapter
+        self.kinds = tuple(k for k in PROX_KINDS if k in tuple(kinds))
+        if not self.kinds:
+            raise IdpriorError(f"the proximal prior acts on heads and neurons; kinds {tuple(kinds)} have neither")
+        self.target, self.measure, self.seq_len = target, measure, seq_len
+        self.gamma, self.ramp, self.gain, self.ema, self.eps, self.zero_tol = gamma, ramp, gain, ema, eps, zero_tol
+        self.lam_min, self.lam_max, self.horizon = lam_min, lam_max, horizon
+        self.head_share = head_share if len(self.kinds) == 2 else None
+        self.lam = {g: float(lam0) for g in (("head", "neuron") if self.head_share is not None else ("all",))}
+        # the whole of the measure, as selection.select counts it (encoder params include the norms)
+        self.total = (float(adapter.layer_params()) if measure == "encoder_params"
+                      else measure_of(model_cost(adapter), measure, seq_len))
+        self.fbar: dict[str, float] = {}  # F̄_k, set at the first step of the phase
+        self.ema_m: dict[tuple[str, int], torch.Tensor] = {}  # EMA of per-token moments (float64)
+        self.norms: dict[tuple[str, int], torch.Tensor] = {}  # ‖f_u‖ right after the last step
+        self.deltas: dict[tuple[str, int], torch.Tensor] = {}  # δ_u of the last step
+        self._frac_cache: dict[tuple, float] = {}
+        self.recorder = ActivationMoments(model, gates, adapter, self.kinds).attach()
+
+    # ---- norms and the proximal step ---------------------------------------------------------
+    def _sites(self):
+        for layer in range(self.adapter.num_layers):
+            for kind in self.kinds:
+                module = self.adapter.attn_out_proj(layer) if kind == "head" else self.adapter.ffn_out_proj(layer)
+                if module is not None:
+                    yield kind, layer, module
+
+    def _update_ema(self) -> None:
+        rec = self.recorder
+        if not rec.moments:
+            raise IdpriorError("the proximal prior ran before any training forward (attach it before training)")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            _all_reduce_moments(rec)  # every rank must shrink the same weights by the same factors
+        n = max(1, rec.tokens)
+        for key, m in rec.moments.items():
+            old = self.ema_m.get(key)
+            self.ema_m[key] = m / n if old is None else self.ema * old + (1 - self.ema) * (m / n)
+        rec.reset()
+
+    def _norm(self, kind: str, layer: int, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """(‖f_u‖ with the current weights [n_units] float64, [out, in] view of the stored weight)."""
+        w, scale = stored_out_weight(self.adapter, module)
+        wd, m = w.detach().double(), self.ema_m[(kind, layer)]
+        if kind == "head":
+            dh = self.adapter.head_dim
+            perm, n_units = self.recorder.unit_layout(layer, wd.shape[1] // dh)
+            wu = wd.reshape(wd.shape[0], -1, dh)[:, perm.to(wd.device)].reshape(wd.shape[0], n_units, -1)  # [D, U, k*dh]
+            sq = (torch.einsum("dui,duj->uij", wu, wu) * m).sum(dim=(1, 2))  # tr(W_uᵀW_u M_u): [U]
+        else:
+            sq = (wd**2).sum(0) * m  # ‖W2[:, j]‖² E[a_j²]: [F]
+        return scale * sq.clamp(min=0).sqrt(), w
+
+    def _shrink(self, kind: str, layer: int, w: torch.Tensor, alpha: torch.Tensor) -> None:
+        """w_u ← α_u w_u on the unit's output columns, in place in the stored parameter."""
+        if kind == "head":
+            owner = self.adapter.head_unit_of_query_heads(layer).to(alpha.device)  # [n_heads] -> unit
+            alpha = alpha[owner].repeat_interleave(self.adapter.head_dim)  # [n_heads*dh], one per column
+        w.mul_(alpha.to(w.dtype)[None, :])  # [out, in] * [in]
+
+    @torch.no_grad()
+    def __call__(self, model: nn.Module, step: int, total: int) -> dict:
+        self._update_ema()
+        current = {(k, layer): self._norm(k, layer, module) for k, layer, module in self._sites()}
+        if not self.fbar:
+            for kind in self.kinds:
+                mean = float(torch.cat([n for (k, _), (n, _) in current.items() if k == kind]).mean())
+                if not mean > 0:
+                    raise IdpriorError(f"every {kind} unit has a zero or non-finite function norm ({mean}) at the start of the prior phase")
+                self.fbar[kind] = mean
+        for (kind, layer), (norm, w) in current.items():
+            fbar, lam = self.fbar[kind], self.lam[self._group(kind)]
+            delta = lam * fbar * (fbar / (norm + self.eps * fbar)) ** self.gamma  # δ_u = λ ω_u F̄_k
+            alpha = torch.where(norm > delta, 1 - delta / norm.clamp(min=1e-300), torch.zeros_like(norm))
+            self._shrink(kind, layer, w, alpha)
+            self.norms[(kind, layer)] = norm * alpha  # = max(0, ‖f_u‖ − δ_u), exactly what the shrink did
+            self.deltas[(kind, layer)] = delta
+        fracs = self.fractions()
+        lead = self.fractions(self._bound_for_identity(self.horizon * total))
+        sched = self.schedule(step, total)
+        self.control(lead, sched)
+        return self._terms(model, fracs, lead, sched)
+
+    # ---- target and controller ----------------------------------------------------------------
+    def _group(self, kind: str) -> str:
+        return "all" if "all" in self.lam else kind
+
+    def _share(self, group: str) -> float:
+        if group == "all":
+            return 1.0
+        return self.head_share if group == "head" else 1.0 - self.head_share
+
+    def identity_units(self, kind: str | None = None) -> list[Unit]:
+        """Units whose norm after the last step is at the identity (<= zero_tol · F̄_k), sorted."""
+        out = []
+        for (k, layer), n in self.norms.items():
+            if kind in (None, k):
+                out += [Unit(k, layer, i) for i in (n <= self.zero_tol * self.fbar[k]).nonzero().flatten().tolist()]
+        return sorted(out, key=Unit.sort_key)
+
+    def _at_identity(self) -> dict[tuple[str, int], torch.Tensor]:
+        return {(k, layer): n <= self.zero_tol * self.fbar[k] for (k, layer), n in self.norms.items()}
+
+    def _bound_for_identity(self, steps: float) -> dict[tuple[str, int], torch.Tensor]:
+        """Units at the identity or that the current λ takes there within `steps` steps, were the
+        loss not to resist: dn/dt = −λ F̄ (F̄ / (n + εF̄))^γ falls from n to 0 in
+        ((n + εF̄)^(γ+1) − (εF̄)^(γ+1)) / ((γ+1) λ F̄^(γ+1)) steps."""
+        out = {}
+        for (kind, layer), n in self.norms.items():
+            fbar, lam, g1 = self.fbar[kind], self.lam[self._group(kind)], self.gamma + 1
+            fall = (((n / fbar + self.eps) ** g1 - self.eps**g1) / (g1 * lam))  # in steps
+            out[(kind, layer)] = (n <= self.zero_tol * fbar) | (fall <= steps)
+        return out
+
+    def fractions(self, at: dict[tuple[str, int], torch.Tensor] | None = None) -> dict[str, float]:
+        """Fraction of the measure carried by the units flagged in `at` (default: at the identity),
+        per controller group ("all", or "head" and "neuron").
+
+        Costs come from `plan.removed_cost` (collapse rule included); they depend only on how many
+        units of each layer are flagged, so they are cached on those counts.
+        """
+        at = self._at_identity() if at is None else at
+        per_kind = {}
+        for kind in self.kinds:
+            key = (kind, *(int(m.sum()) for (k, _), m in at.items() if k == kind))
+            if key not in self._frac_cache:
+                units = [Unit(kind, layer, i) for (k, layer), m in at.items() if k == kind
+                         for i in m.nonzero().flatten().tolist()]
+                if len(self._frac_cache) > 256:
+                    self._frac_cache.clear()
+                self._frac_cache[key] = measure_of(removed_cost(self.adapter, units), self.measure, self.seq_len) / self.total
+            per_kind[kind] = self._frac_cache[key]
+        return {g: sum(per_kind.values()) if g == "all" else per_kind[g] for g in self.lam}
+
+    def schedule(self, step: int, total: int) -> float:
+        """s(t) = target (1 − (1 − t/T_r)³) for t < T_r, then target; t = steps done."""
+        t = (step + 1) / max(1.0, self.ramp * total)
+        return self.target * (1 - (1 - min(1.0, t)) ** 3)
+
+    def control(self, fracs: dict[str, float], sched: float) -> None:
+        """Multiplicative integral control: log λ integrates the error relative to the target."""
+        for g in self.lam:
+            share = self._share(g)
+            err = (sched * share - fracs[g]) / (self.target * max(share, 0.05))
+            self.lam[g] = min(self.lam_max, max(self.lam_min, self.lam[g] * math.exp(self.gain * err)))
+
+    def _terms(self, model: nn.Module, fracs: dict[str, float], lead: dict[str, float], sched: float) -> dict:
+        terms = {"lambda": sum(self.lam.values()) / len(self.lam), "prior_identity_frac": sum(fracs.values()),
+                 "prior_bound_frac": sum(lead.values()), "prior_schedule": sched, "sn_clip_frac": sn_clip_fraction(model)}
+        if "all" not in self.lam:
+            terms.update({f"lambda_{g}": v for g, v in self.lam.items()})
+        for kind in self.kinds:
+            zeros = sum(int((n == 0).sum()) for (k, _), n in self.norms.items() if k == kind)
+            # mean δ_u / F̄_k over the units still away from zero (at zero, ω_u sits at its cap)
+            deltas = torch.cat([d[n > 0] for (k, _), d in self.deltas.items() if k == kind
+                                for n in (self.norms[(k, _)],)])
+            terms[f"prior_zero_{kind}"] = float(zeros)
+            terms[f"prior_delta_{kind}"] = float(deltas.mean()) / self.fbar[kind] if deltas.numel() else 0.0
+        return terms
+
+    # ---- checkpointing ----------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """λ, F̄ and the EMA moments: what a resumed run needs to continue bit-identically."""
+        state: dict = {"lam": dict(self.lam), "fbar": dict(self.fbar)}
+        state.update({f"ema.{kind}.{layer}": m for (kind, layer), m in self.ema_m.items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.lam = {g: float(v) for g, v in state["lam"].items()}
+        self.fbar = {k: float(v) for k, v in state["fbar"].items()}
+        device = next(p for p in self.model.parameters()).device
+        self.ema_m = {}
+        for name, m in state.items():
+            if name.startswith("ema."):
+                _, kind, layer = name.split(".")
+                self.ema_m[(kind, int(layer))] = m.to(device=device, dtype=torch.float64)
+
+    def detach(self) -> None:
+        self.recorder.detach()
+
+
+def _all_reduce_moments(rec: ActivationMoments) -> None:
+    """Sum the batch moments and token count over ranks (same keys on every rank: same model)."""
+    for key in sorted(rec.moments):
+        torch.distributed.all_reduce(rec.moments[key], op=torch.distributed.ReduceOp.SUM)
+    tokens = torch.tensor([float(rec.tokens)], dtype=torch.float64, device=next(iter(rec.moments.values())).device)
+    torch.distributed.all_reduce(tokens, op=torch.distributed.ReduceOp.SUM)
+    rec.tokens = int(round(float(tokens)))
