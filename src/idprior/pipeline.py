@@ -57,9 +57,10 @@ class Run:
                 what = "holds another run" if status.is_file() else "is not empty"
                 raise IdpriorError(f"output folder {self.out} {what}; pass --resume to continue it, --overwrite to replace it, or choose another --out")
             elif status.is_file():
+                from .preflight import _differences
+
                 saved = io.read_json(status).get("config", {})
-                now = _comparable(cfg)
-                if saved and {k: v for k, v in saved.items() if k != "out"} != {k: v for k, v in now.items() if k != "out"}:
+                if saved and _differences(saved, _comparable(cfg)):
                     raise IdpriorError(f"--resume: {self.out} was started with a different config; use the same options, --overwrite, or another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         if resume:

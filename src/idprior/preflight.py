@@ -139,14 +139,23 @@ def _saved_config(out: Path) -> dict | None:
     return None
 
 
-def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ (`out` may change: a run folder can be moved)."""
+def _differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ (`out` may change: a run folder can be moved). A key the saved
+    config lacks is no difference while it holds its default: a field added to idprior after the run
+    started, left at its default, does not change what the run computes."""
+    if defaults is None and prefix == "":
+        from .config import RunConfig
+
+        defaults = RunConfig().to_dict()
+    defaults = defaults or {}
     keys = [k for k in dict.fromkeys([*saved, *now]) if not (prefix == "" and k in ("out", "bench"))]
     out = []
     for k in keys:
         a, b = saved.get(k), now.get(k)
+        if k not in saved and k in defaults and b == defaults[k]:
+            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.")
+            out += _differences(a, b, f"{prefix}{k}.", defaults.get(k) if isinstance(defaults.get(k), dict) else {})
         elif a != b:
             out.append(f"{prefix}{k}")
     return out

@@ -203,22 +203,35 @@ def cell_config(grid: Grid, task: str, seed: int, spec: MethodSpec, target: floa
     return load_config(None, _overrides(base))
 
 
+def prior_on(p) -> bool:
+    """Whether a fine-tune with these prune settings applies an identity prior (as stage_finetune does)."""
+    return bool(p.prior and (p.prior_mode == "proximal" or p.prior_lambda > 0))
+
+
+LOSS_PRIOR_FIELDS = ("prior_lambda", "prior_weight", "prior_warmup")
+PROXIMAL_PRIOR_FIELDS = ("prior_mode", "prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain", "prior_head_share",
+                         "target", "measure", "flops_seq_len")
+
+
+def _prior_fields(p) -> tuple[str, ...]:
+    """The prune fields a fine-tune's prior depends on (the proximal prior is driven by the target)."""
+    return (*PROXIMAL_PRIOR_FIELDS, "kinds") if p.prior_mode == "proximal" else (*LOSS_PRIOR_FIELDS, "kinds")
+
+
 def variant_of(cfg: RunConfig) -> str:
     p = cfg.prune
-    return VARIANTS[(p.sn, p.prior and p.prior_lambda > 0)]
+    return VARIANTS[(p.sn, prior_on(p))]
 
 
 def finetune_config(cell: RunConfig, *, out: str) -> tuple[RunConfig, str]:
     """The fine-tune a cell prunes, with every field that does not change the fine-tune reset,
     so cells that need the same model map to the same config; returns (config, folder name)."""
     p = cell.prune
-    sn, prior = p.sn, p.prior and p.prior_lambda > 0
+    sn, prior = p.sn, prior_on(p)
     default = RunConfig().prune
-    prune = dataclasses.replace(
-        default, sn=sn, prior=prior, train=True, recover_epochs=0,
-        sn_bound=p.sn_bound if sn else default.sn_bound,
-        prior_lambda=p.prior_lambda if prior else 0.0, prior_weight=p.prior_weight if prior else default.prior_weight,
-        prior_warmup=p.prior_warmup if prior else default.prior_warmup, kinds=p.kinds if prior else default.kinds)
+    prune = dataclasses.replace(default, sn=sn, prior=prior, train=True, recover_epochs=0,
+                                sn_bound=p.sn_bound if sn else default.sn_bound,
+                                **({k: getattr(p, k) for k in _prior_fields(p)} if prior else {"prior_lambda": 0.0}))
     cfg = dataclasses.replace(cell, prune=prune, recover=RunConfig().recover, out=out)
     return cfg, f"{VARIANTS[(sn, prior)]}-{finetune_digest(cell)}"
 
@@ -229,15 +242,12 @@ def finetune_digest(cfg: RunConfig, model_name: str | None = None) -> str:
     change of default selection no longer splits cells that prune the same model (an earlier bug).
     A target-driven prior (`prior_mode` "proximal") depends on the target and measure too."""
     p = cfg.prune
-    prior = p.prior and p.prior_lambda > 0
-    d = dataclasses.asdict(p)
+    prior = prior_on(p)
     keep: dict = {"sn": p.sn, "prior": prior}
     if p.sn:
         keep["sn_bound"] = p.sn_bound
     if prior:
-        keep |= {k: v for k, v in d.items() if k.startswith("prior")} | {"kinds": p.kinds}
-        if d.get("prior_mode", "loss") != "loss":
-            keep |= {"target": p.target, "measure": p.measure, "flops_seq_len": p.flops_seq_len}
+        keep |= {k: getattr(p, k) for k in _prior_fields(p)}
     model = dataclasses.asdict(cfg.model) | ({"name": model_name} if model_name is not None else {})
     blob = {"model": model, "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
             "seed": cfg.seed, "prune": keep}
