@@ -142,7 +142,8 @@ class ProximalPrior:
     `lam0`, `gamma`, `ramp` (T_r as a fraction of the phase) and `gain` (κ) are the config fields
     `prior_lambda0`, `prior_gamma`, `prior_ramp`, `prior_gain`; `gain=0` keeps λ fixed at `lam0`.
     `ema` smooths the activation moments over batches; `eps` bounds the reweighting at
-    (1/eps)^γ; a unit is "at the identity" once ‖f_u‖ <= `zero_tol` · F̄_k.
+    (1/eps)^γ; a unit is "at the identity" once ‖f_u‖ <= `zero_tol` · F̄_k; `horizon` (a fraction
+    of the phase, keep it under 1 − ramp so that bound units land before the end) is the lead H.
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, gates: Gates, *, target: float,
