@@ -58,9 +58,9 @@ def test_unknown_task_suggests_closest_name():
 
 
 def test_load_task_rejects_misplaced_arguments(tmp_path):
-    with pytest.raises(IdpriorError, match="only apply to task 'custom'"):
+    with pytest.raises(IdpriorError, match="--data only apply to --task custom"):
         load_task("rt-polarity", data_files={"train": "x.csv"})
-    with pytest.raises(IdpriorError, match="drop data_dir"):
+    with pytest.raises(IdpriorError, match="drop --data-dir"):
         load_task("rt-polarity", data_dir=tmp_path)
     with pytest.raises(IdpriorError, match="max_train must be a positive integer"):
         load_task("rt-polarity", max_train=0)

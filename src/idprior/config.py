@@ -51,6 +51,7 @@ class DataConfig:
     max_eval: int | None = None
     max_validation: int | None = None  # validation only (default: max_eval); test keeps max_eval
     max_length: int = 128  # tokens per example (classification) / block size (LM)
+    problem_type: str | None = None  # task "custom": "classification" or "regression"; None infers it
 
 
 @dataclass
@@ -306,10 +307,11 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(d.max_train is None or d.max_train >= 1, f"data.max_train must be >= 1, got {d.max_train}")
     need(d.max_eval is None or d.max_eval >= 1, f"data.max_eval must be >= 1, got {d.max_eval}")
     need(d.max_validation is None or d.max_validation >= 1, f"data.max_validation must be >= 1, got {d.max_validation}")
-    if d.task == "custom":
-        need(d.train_file is not None, "data.train_file is required for task 'custom' (a CSV/TSV/JSONL file)")
-        need(d.text_column is not None, "data.text_column is required for task 'custom'")
-        need(d.label_column is not None, "data.label_column is required for task 'custom'")
+    if d.task == "custom":  # the columns default to "text" and "label"
+        need(d.train_file is not None, "task 'custom' needs a training file: pass --data FILE (CSV/TSV/JSONL; "
+             "data.train_file in a config)")
+    need(d.problem_type in (None, "classification", "regression"),
+         f"--problem-type (data.problem_type) must be classification or regression, got {d.problem_type!r}")
     pr = cfg.prune
     need(0 < pr.target < 1, f"prune.target must be in (0, 1) (a fraction to remove), got {pr.target}")
     need(pr.measure in MEASURES, f"prune.measure must be one of {', '.join(MEASURES)}, got {pr.measure!r}")

@@ -95,6 +95,52 @@ def copy_dir(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
     return Path(dst)
 
 
+def create_exclusive(path: str | os.PathLike, text: str) -> bool:
+    """Create `path` holding `text` unless it exists; False when it does. The file appears complete or
+    not at all: written under a temporary name, then hard-linked, which fails if `path` exists (O_EXCL's
+    guarantee without a moment in which a reader sees an empty file). Where hard links are not
+    supported it falls back to O_EXCL itself."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError:  # no hard links on this file system
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        return True
+    finally:
+        os.unlink(tmp)
+
+
+def writable_problem(target: str | os.PathLike, what: str) -> str | None:
+    """Why `target` (a file to be written atomically) cannot be written, or None. Probes by creating and
+    removing a temporary folder in the nearest existing ancestor, which also catches read-only file
+    systems and root-owned paths that `os.access` reports as writable to root."""
+    target = Path(target).expanduser()
+    if target.is_dir():
+        return f"{what} {target} is a folder; give a file path inside it, e.g. {target / 'out'}"
+    parent = target.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if parent.exists() and not parent.is_dir():
+        return f"{what} {target}: {parent} is a file, not a folder; choose another path"
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".idprior-probe.", dir=parent))
+    except OSError as e:
+        return f"{what} {target} cannot be written ({e.strerror or type(e).__name__} in {parent}); choose another path"
+    return None
+
+
 def remove_leftovers(folder: str | os.PathLike) -> list[Path]:
     """Delete what interrupted atomic writes left in `folder` (top level only); returns them."""
     folder = Path(folder)

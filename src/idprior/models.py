@@ -94,6 +94,7 @@ def load(spec: str, task=None, *, dtype: str = "float32", trust_remote_code: boo
         from .surgery import load_pruned_with_tokenizer
 
         model, tok = load_pruned_with_tokenizer(folder)
+        _check_label_order(model.config, task, folder)
         return model.to(_torch_dtype(dtype)), tok
     _check_weights(folder, gguf)
     try:
@@ -106,6 +107,7 @@ def load(spec: str, task=None, *, dtype: str = "float32", trust_remote_code: boo
         config = transformers.AutoConfig.from_pretrained(str(folder), **kwargs)
     except Exception as e:  # noqa: BLE001
         raise IdpriorError(f"{folder} is not a Transformer model folder I can read: {_first_line(e)}") from None
+    _check_label_order(config, task, folder)
     is_decoder = bool(getattr(config, "is_decoder", False)) or config.model_type in ("gpt2", "llama", "qwen2", "mistral")
     torch_dtype = _torch_dtype(dtype)
     if gguf:
@@ -139,8 +141,38 @@ def load(spec: str, task=None, *, dtype: str = "float32", trust_remote_code: boo
         print(f"idprior: newly initialized (not in the checkpoint): {shown}", file=sys.stderr)
     if gguf:
         _check_dequantized(model, folder / gguf)
+        check_finite(model, folder / gguf)
     model.eval()
     return model, tokenizer
+
+
+def _check_label_order(config, task, folder: Path) -> None:
+    """Refuse to rename a classifier's head rows: its own label names must be the task's, in order.
+
+    The CLI and the pipeline renumber the data first (`data.align_labels`); this catches API users.
+    """
+    from .data.labels import model_labels
+
+    own = model_labels(config)
+    if task is None or task.kind != "classification" or own is None or tuple(task.labels) == own:
+        return
+    raise IdpriorError(
+        f"{folder} is a classifier with labels ({', '.join(own)}) and task {task.name} has ({', '.join(task.labels)}); "
+        "loading it would rename its outputs: renumber the data with idprior.data.align_labels(data, "
+        "idprior.data.model_labels(config)) first"
+    )
+
+
+def check_finite(model, where) -> None:
+    """Refuse weights that hold NaN or inf: spectral normalization, scoring and training would fail later
+    with an unrelated error (an SVD that does not converge)."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not bool(torch.isfinite(p).all()):
+            bad = int((~torch.isfinite(p)).sum())
+            raise IdpriorError(f"{where} holds non-finite weights ({bad} NaN/inf values in {name}): the checkpoint is "
+                               "corrupt or from a diverged fine-tune; use a healthy checkpoint")
 
 
 def _gguf_dequantized(gguf: str):

@@ -26,15 +26,16 @@ from pathlib import Path
 
 import torch
 
-from . import io, models
+from . import io, lock, models
 from .arch import get_adapter
 from .config import RunConfig, dump_config
 from .data import load_task
+from .data.labels import align_labels, labels_of_spec
 from .errors import IdpriorError
 from .evaluate import evaluate, evaluate_with_predictions, save_predictions
 from .metrics import greater_is_better, main_metric
 from .plan import PruningPlan, model_cost
-from .preflight import preflight
+from .preflight import _differences, preflight
 from .units import parse_kinds
 
 STAGES = ("finetune", "score", "select", "surgery", "recover", "evaluate", "bench", "report")
@@ -50,19 +51,25 @@ class Run:
         self.out = Path(cfg.out)
         self.resume = resume
         status = self.out / "stages.json"
-        if self.out.exists() and any(self.out.iterdir()):
-            if overwrite:
-                shutil.rmtree(self.out)
-            elif not resume:
+        if resume and overwrite:
+            raise IdpriorError("--resume and --overwrite contradict each other (continue the run, or delete it): "
+                               "give one of them")
+        occupied = self.out.is_dir() and any(p.name != lock.NAME for p in self.out.iterdir())
+        if occupied and not overwrite:
+            if not resume:
                 what = "holds another run" if status.is_file() else "is not empty"
                 raise IdpriorError(f"output folder {self.out} {what}; pass --resume to continue it, --overwrite to replace it, or choose another --out")
             elif status.is_file():
-                from .preflight import _differences
-
                 saved = io.read_json(status).get("config", {})
-                if saved and _differences(saved, _comparable(cfg)):
+                now = _comparable(cfg)
+                if saved and _differences(saved, now):  # a key added since the run started (None) is no difference
                     raise IdpriorError(f"--resume: {self.out} was started with a different config; use the same options, --overwrite, or another --out")
         self.out.mkdir(parents=True, exist_ok=True)
+        self.lock = lock.Lock(self.out).acquire()  # before --overwrite deletes anything: never under a live run
+        if occupied and overwrite:
+            for entry in self.out.iterdir():
+                if entry.name != lock.NAME:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         if resume:
             io.remove_leftovers(self.out)  # temp files of writes a crash interrupted
         self.status = io.read_json(status) if status.is_file() else {"config": _comparable(cfg), "stages": {}}
@@ -70,6 +77,24 @@ class Run:
             io.write_json(status, self.status)
         io.write_text(self.out / "config.yaml", dump_config(cfg))
         self._data = None
+
+    def close(self) -> None:
+        """Release the run folder's lock (also done at interpreter exit)."""
+        self.lock.release()
+
+    def resume_note(self) -> str:
+        """Where a resumed run continues: the finished stages and the training checkpoint, if any."""
+        from .train import latest_checkpoint
+
+        done = list(self.status["stages"])
+        if not done and not any(self.out.glob("ckpt_*")):
+            return f"resuming {self.out}: nothing finished yet, starting from the beginning"
+        parts = [f"resuming {self.out}: finished stage(s) {', '.join(done) if done else 'none'}"]
+        for ckpt in sorted(self.out.glob("ckpt_*")):
+            last = latest_checkpoint(ckpt)
+            if last is not None:
+                parts.append(f"training continues from checkpoint {last.relative_to(self.out)}")
+        return "; ".join(parts)
 
     # stage bookkeeping
     def done(self, stage: str) -> bool:
@@ -91,7 +116,7 @@ class Run:
             self._data = load_task(
                 d.task, data_dir=d.data_dir, max_train=d.max_train, max_eval=d.max_eval, seed=self.cfg.seed,
                 data_files=files or None, text_column=d.text_column, text_pair_column=d.text_pair_column,
-                label_column=d.label_column,
+                label_column=d.label_column, problem_type=d.problem_type,
             )
             if d.max_validation is not None and "validation" in self._data.splits:
                 from .data.tasks import TaskData, subsample
@@ -99,6 +124,7 @@ class Run:
                 val = TaskData(self._data.task, {"validation": self._data.splits["validation"]})
                 self._data.splits["validation"] = subsample(val, max_train=None, max_eval=d.max_validation,
                                                             seed=self.cfg.seed).splits["validation"]
+            self._data = align_labels(self._data, labels_of_spec(self.cfg.model.name), self.cfg.model.name)
         return self._data
 
     @property
@@ -379,16 +405,21 @@ def prune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> P
     preflight(cfg, resume=resume, overwrite=overwrite)  # every input problem at once, before anything is written
     torch.manual_seed(cfg.seed)
     run = Run(cfg, resume=resume, overwrite=overwrite)
-    _ = run.data  # load and check the data before any heavy work
-    if cfg.prune.iterative > 1:
-        return _prune_iterative(run)
-    for stage, fn in [("finetune", stage_finetune), ("score", stage_score), ("select", stage_select),
-                      ("surgery", stage_surgery), ("recover", stage_recover), ("evaluate", stage_evaluate),
-                      ("bench", stage_bench), ("report", stage_report)]:
-        if stage == "score" and cfg.prune.method != "snip":
-            continue
-        _timed(run, stage, lambda fn=fn: fn(run))
-    return run.out
+    try:
+        if resume:
+            print(run.resume_note())
+        _ = run.data  # load and check the data before any heavy work
+        if cfg.prune.iterative > 1:
+            return _prune_iterative(run)
+        for stage, fn in [("finetune", stage_finetune), ("score", stage_score), ("select", stage_select),
+                          ("surgery", stage_surgery), ("recover", stage_recover), ("evaluate", stage_evaluate),
+                          ("bench", stage_bench), ("report", stage_report)]:
+            if stage == "score" and cfg.prune.method != "snip":
+                continue
+            _timed(run, stage, lambda fn=fn: fn(run))
+        return run.out
+    finally:
+        run.close()
 
 
 def _prune_iterative(run: Run) -> Path:
@@ -445,12 +476,17 @@ def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -
     cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, sn=False, prior=False, train=True))
     preflight(cfg, resume=resume, overwrite=overwrite, prune=False)
     run = Run(cfg, resume=resume, overwrite=overwrite)
-    _ = run.data
-    _timed(run, "finetune", lambda: stage_finetune(run))
-    model, tok = _load(run, finetuned_spec(run))
-    metrics = {"task": run.task.name, "model": cfg.model.name, "seed": cfg.seed, "sizes": run.data.sizes()}
-    for split in ["validation", *run.test_splits()]:
-        metrics[split] = evaluate(model, run.task, run.loader(split, tok, train=False), desc=f"eval {split}")
-    metrics["stages"] = run.status["stages"]
-    io.write_json(run.path("metrics.json"), metrics)
-    return metrics
+    try:
+        if resume:
+            print(run.resume_note())
+        _ = run.data
+        _timed(run, "finetune", lambda: stage_finetune(run))
+        model, tok = _load(run, finetuned_spec(run))
+        metrics = {"task": run.task.name, "model": cfg.model.name, "seed": cfg.seed, "sizes": run.data.sizes()}
+        for split in ["validation", *run.test_splits()]:
+            metrics[split] = evaluate(model, run.task, run.loader(split, tok, train=False), desc=f"eval {split}")
+        metrics["stages"] = run.status["stages"]
+        io.write_json(run.path("metrics.json"), metrics)
+        return metrics
+    finally:
+        run.close()

@@ -8,11 +8,13 @@ A check that needs an earlier one to pass (the model's structure needs a readabl
 skipped when that one failed.
 
 What is checked: the config fields (again, for configs built in Python), the method, the model
-(found, a Transformer folder of a supported type, safetensors weights that are complete, a
-tokenizer, a task head that fits the task), the task data (every error `load_task` raises, and no
-empty split), `--kinds` and `--target` against the model's structure (a target no plan can reach
-is refused here instead of after fine-tuning), the output folder (occupied, a resume with another
-config, an `--overwrite` that would delete the inputs) and the free disk space.
+(found, a Transformer folder of a supported type, safetensors weights that are complete and finite,
+a tokenizer, a task head that fits the task and whose label names are the data's, `--max-length`
+within its positions), the task data (every error `load_task` raises, and no empty split), `--kinds`
+and `--target` against the model's structure (a target no plan can reach is refused here instead of
+after fine-tuning), the output folder (locked by a live run, occupied, a resume with another config,
+`--resume` with `--overwrite`, an `--overwrite` that would delete the inputs) and the free disk
+space. `check_evaluation` does the model checks for `idprior evaluate`.
 """
 
 from __future__ import annotations
@@ -64,8 +66,11 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     if not (cfg.data.task.strip().lower() == "custom" and not cfg.data.train_file):  # validate() said so already
         data_problems, data = check_data(cfg)
     problems += data_problems
+    if info is not None and not model_problems:
+        problems += check_max_length(cfg.data.max_length, info)
+        problems += check_finite_weights(info)
     if info is not None and data is not None:
-        problems += check_head(info, data.task)
+        problems += check_head(info, data.task, data)
     if prune and info is not None and config_ok and not model_problems:
         problems += check_structure(cfg, info)
     if info is not None and not resume and config_ok:
@@ -94,12 +99,19 @@ def check_method(cfg: RunConfig) -> list[str]:
 
 def check_output(cfg: RunConfig, *, resume: bool, overwrite: bool) -> list[str]:
     """The same rules as `pipeline.Run`, checked before anything is written."""
+    from . import lock
+
+    if resume and overwrite:
+        return ["--resume and --overwrite contradict each other (continue the run, or delete it): give one of them"]
     if not cfg.out:
         return []
     out = Path(cfg.out).expanduser()
     if out.exists() and not out.is_dir():
         return [f"output folder {out} is a file; choose a folder with --out"]
-    if out.is_dir() and any(out.iterdir()):
+    busy = lock.in_use(out) if out.is_dir() else None
+    if busy:
+        return [busy]
+    if out.is_dir() and any(p.name != lock.NAME for p in out.iterdir()):
         if overwrite:
             return _overwrite_would_delete_inputs(cfg, out)
         marker = (out / "stages.json").is_file() or (out / "config.yaml").is_file()
@@ -236,9 +248,11 @@ def _safetensors_size(folder: Path) -> tuple[int | None, int]:
     return params, size
 
 
-def check_head(info: ModelInfo, task) -> list[str]:
-    """A model folder with a task head must fit the task; language modelling needs a decoder."""
+def check_head(info: ModelInfo, task, data=None) -> list[str]:
+    """A model folder with a task head must fit the task; language modelling needs a decoder. A
+    classifier with label names must have the data's labels (`data`, renumbered later onto its ids)."""
     from .arch.bert import BertAdapter
+    from .data.labels import _shown, align_labels, model_labels
 
     config = info.config
     if not config:
@@ -254,14 +268,108 @@ def check_head(info: ModelInfo, task) -> list[str]:
             return [f"{info.folder} is a pruned classifier; task {task.name} needs a language model"]
         return []
     if has_classifier:
+        own = model_labels(config)
+        if own is not None and data is not None and task.kind == "classification":
+            try:
+                align_labels(data, own, str(info.folder))
+            except IdpriorError as e:
+                return [str(e)]
+            return []
         n = config.get("num_labels") or len(config.get("id2label") or {}) or 2
         if n != task.num_labels:
             what = f"{task.num_labels} labels" if task.kind == "classification" else "1 output (regression)"
-            return [f"{info.folder} has a task head with {n} outputs but task {task.name} needs {what}; start from "
-                    "the base model (without a task head) or use the task it was fine-tuned on"]
+            found = f" (labels found in the data: {_shown(task.labels)})" if task.kind == "classification" else ""
+            return [f"{info.folder} has a task head with {n} outputs but task {task.name} needs {what}{found}; start "
+                    "from the base model (without a task head) or use the task it was fine-tuned on"]
     elif pruned:
         return [f"{info.folder} is a pruned model without a classification head; task {task.name} needs one"]
     return []
+
+
+def check_evaluation(spec: str, data, max_length: int) -> list[str]:
+    """`idprior evaluate`: a readable model with the head the task needs (a classifier for
+    classification and regression, a causal LM for language modelling). Any other head would be
+    created at random on load, and its scores would mean nothing."""
+    task = data.task
+    try:
+        folder, gguf = models.resolve(spec)
+    except IdpriorError as e:
+        return [str(e)]
+    lm_tasks = "a language-modelling task (lm-rt, lm-20ng)"
+    if gguf:
+        if task.kind == "lm":
+            return []
+        return [f"{spec} is a causal language model (.gguf) without a classification head, but task {task.name} "
+                f"needs a classifier: evaluate it on {lm_tasks}, or fine-tune it first (idprior finetune)"]
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        models._check_weights(folder, None)
+    except IdpriorError as e:
+        return [str(e)]
+    except (OSError, ValueError) as e:
+        return [f"cannot read {folder / 'config.json'} ({_first_line(e)}); {folder} is not a Transformer model folder"]
+    info = ModelInfo(folder, None, config if isinstance(config, dict) else {}, None, 0)
+    problems = check_max_length(max_length, info) + check_finite_weights(info)
+    archs = info.config.get("architectures") or []
+    name = ", ".join(archs) or str(info.config.get("model_type"))
+    classifier = any("ForSequenceClassification" in a for a in archs)
+    causal = any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+    if task.kind == "lm" and classifier:
+        problems.append(f"{folder} is a classifier ({name}), but task {task.name} is language modelling and needs a "
+                        "causal language model: evaluate it on a classification task, or give a language model")
+    elif task.kind != "lm" and not classifier:
+        what = "a causal language model" if causal else "a model without a task head"
+        alt = f", or this model on {lm_tasks}" if causal else ""
+        problems.append(f"{folder} is {what} ({name}), but task {task.name} needs a fine-tuned classifier (a new "
+                        f"head would be random): evaluate a classifier such as RUN/pruned or RUN/finetuned{alt}")
+    else:
+        problems += check_head(info, task, data)
+    return problems
+
+
+def check_max_length(max_length: int, info: ModelInfo) -> list[str]:
+    """`--max-length` within the model's position embeddings (beyond them a forward pass fails with an
+    index error, or a rotary model runs outside the lengths it was trained on)."""
+    config = info.config
+    key = next((k for k in ("max_position_embeddings", "n_positions", "n_ctx")
+                if isinstance(config.get(k), int) and not isinstance(config.get(k), bool)), None)
+    if key is None:
+        return []
+    limit = config[key]
+    if config.get("model_type") in ("roberta", "xlm-roberta", "camembert"):  # positions start after the pad id
+        limit -= int(config.get("pad_token_id") or 1) + 1
+    if max_length > limit:
+        return [f"--max-length {max_length} is more than {info.folder} can take: it has {limit} positions ({key} "
+                f"in config.json); use --max-length {limit} or less"]
+    return []
+
+
+def check_finite_weights(info: ModelInfo) -> list[str]:
+    """No NaN/inf in the weights: one would surface much later as an unrelated error (spectral
+    normalization's SVD, NaN scores). Reads each safetensors tensor once; GGUF files are checked
+    when they are dequantized (`models.load`)."""
+    if info.gguf:
+        return []
+    import torch
+    from safetensors import safe_open
+
+    bad: list[tuple[str, str, int]] = []
+    for f in sorted(info.folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt") as h:
+                names = h.keys()  # a safetensors handle, not a dict: it cannot be iterated
+                for key in names:
+                    t = h.get_tensor(key)
+                    if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                        bad.append((f.name, key, int((~torch.isfinite(t)).sum())))
+        except Exception:  # noqa: BLE001 - unreadable files are reported by check_model
+            return []
+    if not bad:
+        return []
+    name, key, n = bad[0]
+    more = f" and {len(bad) - 1} more tensor(s)" if len(bad) > 1 else ""
+    return [f"{info.folder / name} holds non-finite weights ({n} NaN/inf values in {key}{more}): the checkpoint is "
+            "corrupt or from a diverged fine-tune; use a healthy checkpoint"]
 
 
 # ---- the data -------------------------------------------------------------------------------------
@@ -275,7 +383,7 @@ def check_data(cfg: RunConfig):
     try:
         data = load_task(d.task, data_dir=d.data_dir, max_train=d.max_train, max_eval=d.max_eval, seed=cfg.seed,
                          data_files=files or None, text_column=d.text_column, text_pair_column=d.text_pair_column,
-                         label_column=d.label_column)
+                         label_column=d.label_column, problem_type=d.problem_type)
     except ConfigError as e:
         return list(e.problems), None
     except IdpriorError as e:

@@ -68,7 +68,7 @@ def plot_norms(norms: dict[str, float], path: Path, removed: set[str] | None = N
 
 def plot_stage_times(stages: dict, path: Path) -> Path:
     plt = _plt()
-    names = [k for k in stages if k != "report"]
+    names = [k for k in stages if k != "report" and not stages[k].get("skipped")]
     secs = [stages[k].get("wall_s", 0) for k in names]
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * len(names)))
     ax.barh(names, secs, color="tab:gray")
@@ -86,6 +86,31 @@ def _fmt(x) -> str:
     if isinstance(x, int):
         return f"{x:,}"
     return str(x)
+
+
+UNIT_NAMES = {"head": ("head", "heads"), "neuron": ("FFN neuron", "FFN neurons"),
+              "attn": ("attention sub-layer", "attention sub-layers"), "ffn": ("FFN sub-layer", "FFN sub-layers")}
+
+
+def _counts(counts: dict, names: dict | None = None) -> str:
+    """{'train': 48, 'test': 24} -> 'train 48, test 24'; with `names` ({'head': ('head', 'heads')}):
+    '3 heads, 1 FFN sub-layer' (a report, not a Python dict repr)."""
+    parts = []
+    for k, v in counts.items():
+        if names is None:
+            parts.append(f"{k} {_fmt(v)}")
+        else:
+            one, many = names.get(k, (k, k))
+            parts.append(f"{_fmt(v)} {one if v == 1 else many}")
+    return ", ".join(parts)
+
+
+def _stage_time(info: dict) -> str:
+    """Seconds, or why the stage did not run (a skipped benchmark is not a 0.0 s one)."""
+    if info.get("skipped"):
+        reason = str(info["skipped"]).replace("bench.enabled is false", "--no-bench")
+        return f"skipped ({reason})"
+    return f"{info.get('wall_s', 0):.1f}"
 
 
 def _generations_md(samples: list[dict] | None) -> list[str]:
@@ -113,7 +138,7 @@ def write_run_report(out: str | Path) -> Path:
         m = metrics["main_metric"]
         lines += [f"Model `{metrics['model']}`, task `{metrics['task']}`, method `{metrics['method']}`, target "
                   f"{metrics['target']:.0%} of {metrics['measure']}, seed {metrics['seed']}. "
-                  f"Split sizes: {metrics['sizes']}.", "", "## Quality", "",
+                  f"Split sizes: {_counts(metrics['sizes'])}.", "", "## Quality", "",
                   f"| split | dense {m} | pruned, no recovery | pruned |", "|---|---|---|---|"]
         for split, d in metrics["dense"].items():
             lines.append(f"| {split} | {_fmt(d[m])} | {_fmt(metrics['pruned_no_recovery'][split][m])} | {_fmt(metrics['pruned'][split][m])} |")
@@ -122,7 +147,7 @@ def write_run_report(out: str | Path) -> Path:
                   "| measure | dense | pruned | removed |", "|---|---|---|---|"]
         for k in ("encoder_params", "linear_params", "flops", "total_params"):
             lines.append(f"| {k} | {_fmt(c[k]['dense'])} | {_fmt(c[k]['pruned'])} | {c[k]['removed_fraction']:.1%} |")
-        lines += ["", f"Units removed: {metrics.get('plan')}"]
+        lines += ["", f"Units removed: {_counts({k: v for k, v in (metrics.get('plan') or {}).items() if v}, UNIT_NAMES) or 'none'}."]
         lines += _generations_md(metrics.get("generations"))
     if plan.get("warnings"):
         lines += ["", "Warnings: " + "; ".join(plan["warnings"])]
@@ -130,7 +155,7 @@ def write_run_report(out: str | Path) -> Path:
         lines += ["", "## Speed", "", bench_md.strip()]
     if stages:
         lines += ["", "## Stage wall times", "", "| stage | seconds |", "|---|---|"]
-        lines += [f"| {k} | {v.get('wall_s', 0):.1f} |" for k, v in stages.items()]
+        lines += [f"| {k} | {_stage_time(v)} |" for k, v in stages.items()]
     plots = []
     if plan.get("structure"):
         plots.append(("Kept structure", plot_structure(plan, out / "structure.png")))

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from ..config import RunConfig, load_config
+from ..errors import ConfigError
 
 # flag -> dotted config key (values are parsed as YAML scalars, like `--set`)
 RUN_FLAGS = {
     "model": ("model.name", "model: alias (minilm-l6, smollm2-135m), local HF folder, or .gguf file"),
     "task": ("data.task", "task name (idprior tasks lists them) or 'custom' with --data"),
     "data_dir": ("data.data_dir", "local GLUE folder in the official TSV layout"),
-    "data": ("data.train_file", "user CSV/TSV/JSONL training file (task custom)"),
+    "data": ("data.train_file", "user CSV/TSV/JSONL training file (implies --task custom)"),
     "data_validation": ("data.validation_file", "user validation file (task custom)"),
     "data_test": ("data.test_file", "user test file (task custom)"),
-    "text_column": ("data.text_column", "text column of the user files"),
+    "text_column": ("data.text_column", "text column of the user files (default: text)"),
     "text_pair_column": ("data.text_pair_column", "second text column for pair tasks"),
-    "label_column": ("data.label_column", "label column of the user files"),
+    "label_column": ("data.label_column", "label column of the user files (default: label)"),
+    "problem_type": ("data.problem_type", "what the label column of the user files is: classification or "
+                                          "regression (default: inferred; a numeric column with a few other "
+                                          "values is refused until you say)"),
     "max_train": ("data.max_train", "use at most N training examples (seeded subset)"),
     "max_eval": ("data.max_eval", "use at most N examples per evaluation split"),
     "max_length": ("data.max_length", "tokens per example (LM: block size)"),
@@ -73,7 +78,17 @@ def add_run_args(p: argparse.ArgumentParser, prune: bool = False) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """The run config of the flags; `--data` alone means `--task custom`, and `--tau` with `--target` is
+    refused (the threshold would silently win over the target)."""
     overrides = list(args.overrides)
+    if getattr(args, "data", None) is not None and getattr(args, "task", None) is None:
+        print("idprior: --data given without --task: using --task custom", file=sys.stderr)
+        args.task = "custom"
+    given = {o.split("=", 1)[0].strip() for o in overrides if "=" in o and o.split("=", 1)[1].strip() not in ("", "null")}
+    given |= {key for name, (key, _) in PRUNE_FLAGS.items() if getattr(args, name, None) is not None}
+    if {"prune.tau", "prune.target"} <= given:
+        raise ConfigError(["--tau and --target both given: --tau removes every unit under a threshold and would "
+                           "ignore --target; give one of them"])
     for name, (key, _) in {**RUN_FLAGS, **PRUNE_FLAGS}.items():
         value = getattr(args, name, None)
         if value is not None:

@@ -1,17 +1,35 @@
-"""`idprior evaluate`: the task metrics of a (pruned or dense) model on one or more splits."""
+"""`idprior evaluate`: the task metrics of a (pruned or dense) model on one or more splits.
+
+Your own data works as in `idprior prune`: `--data FILE` (which implies `--task custom`) is read
+with the same fixed split seed, so `--split test` is the same 10% test split the run was scored
+on; `--data-test FILE` evaluates on a file of its own. A classifier with label names keeps its
+ids: the data's labels are matched to them by name.
+"""
 
 from __future__ import annotations
 
+import argparse
 import json
+import sys
 from pathlib import Path
 
 
 def add_parser(sub):
-    p = sub.add_parser("evaluate", help="evaluate a model folder on a task", description=__doc__)
+    p = sub.add_parser("evaluate", help="evaluate a model folder on a task", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       epilog="example: idprior evaluate runs/rt50/pruned --data reviews.csv --split validation,test")
     p.add_argument("model", help="model folder (e.g. RUN/pruned), .gguf file or alias")
-    p.add_argument("--task", required=True, help="task name (idprior tasks)")
+    p.add_argument("--task", default=None, help="task name (idprior tasks), or custom with --data (the default then)")
     p.add_argument("--split", default="test", help="split(s), comma-separated (default: test)")
     p.add_argument("--data-dir", help="local GLUE folder")
+    p.add_argument("--data", default=None, metavar="FILE", help="your CSV/TSV/JSONL file (implies --task custom)")
+    p.add_argument("--data-validation", default=None, metavar="FILE", help="your validation file")
+    p.add_argument("--data-test", default=None, metavar="FILE", help="your test file")
+    p.add_argument("--text-column", default=None, help="text column of your files (default: text)")
+    p.add_argument("--text-pair-column", default=None, help="second text column for pair tasks")
+    p.add_argument("--label-column", default=None, help="label column of your files (default: label)")
+    p.add_argument("--problem-type", default=None, choices=("classification", "regression"),
+                   help="what the label column is (default: inferred)")
     p.add_argument("--max-eval", type=int, help="evaluate on at most N examples")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
@@ -19,18 +37,63 @@ def add_parser(sub):
     return p
 
 
+def _load_data(args, task: str):
+    import csv
+
+    from ..data import load_task
+    from ..errors import IdpriorError
+
+    files = {k: v for k, v in {"train": args.data, "validation": args.data_validation, "test": args.data_test}.items() if v}
+    try:
+        return load_task(task, data_dir=args.data_dir, max_eval=args.max_eval, data_files=files or None,
+                         text_column=args.text_column, text_pair_column=args.text_pair_column,
+                         label_column=args.label_column, problem_type=args.problem_type)
+    except (OSError, UnicodeError, csv.Error) as e:  # unreadable files: the user's to fix, not a bug
+        raise IdpriorError(f"cannot read the data of task {task!r}: {type(e).__name__}: "
+                           f"{(str(e).strip().splitlines() or [''])[0][:200]}") from None
+
+
 def run(args) -> int:
     from .. import io, models
-    from ..data import load_task, make_dataloader, make_lm_dataloader
-    from ..errors import IdpriorError
+    from ..data import make_dataloader, make_lm_dataloader
+    from ..data.labels import align_labels, labels_of_spec
+    from ..errors import ConfigError, IdpriorError
     from ..evaluate import evaluate
+    from ..preflight import check_evaluation
 
-    data = load_task(args.task, data_dir=args.data_dir, max_eval=args.max_eval)
+    if args.max_length < 2 or args.batch_size < 1 or (args.max_eval is not None and args.max_eval < 1):
+        raise IdpriorError("--max-length must be >= 2, --batch-size and --max-eval >= 1")
+    task = args.task
+    if task is None:
+        if not (args.data or args.data_test):
+            raise IdpriorError("give --task NAME (idprior tasks lists them), or --data FILE for your own data")
+        print("idprior: --data given without --task: using --task custom", file=sys.stderr)
+        task = "custom"
+    if task.strip().lower() == "custom" and not args.data and args.data_test:
+        args.data = args.data_test  # one labelled file to evaluate on: its own train split is not used
+    metrics_path = Path(args.out) / "metrics.json" if args.out else None
+    if metrics_path is not None:  # checked first: a finished evaluation must not fail at the last write
+        out = metrics_path.parent
+        if out.exists() and not out.is_dir():
+            raise IdpriorError(f"--out {out} is a file; give a folder for metrics.json")
+        if metrics_path.is_dir():
+            raise IdpriorError(f"--out {out} holds a folder named metrics.json; remove it or choose another --out")
+        problem = io.writable_problem(metrics_path, "--out")
+        if problem:
+            raise IdpriorError(problem)
+    data = _load_data(args, task)
+    problems = check_evaluation(args.model, data, args.max_length)
+    if problems:
+        raise ConfigError(problems)
+    data = align_labels(data, labels_of_spec(args.model), args.model)
     model, tok = models.load(args.model, data.task)
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    missing = [s for s in splits if s not in data.splits]
+    if missing or not splits:
+        raise IdpriorError(f"task {data.task.name} has no split {', '.join(map(repr, missing)) or repr(args.split)}; "
+                           f"splits: {', '.join(data.splits)}")
     results = {}
-    for split in [s.strip() for s in args.split.split(",") if s.strip()]:
-        if split not in data.splits:
-            raise IdpriorError(f"task {data.task.name} has no split {split!r}; splits: {', '.join(data.splits)}")
+    for split in splits:
         ex = data.splits[split]
         if data.task.kind == "lm":
             loader = make_lm_dataloader(ex, tok, batch_size=args.batch_size, block_size=args.max_length)
@@ -38,7 +101,7 @@ def run(args) -> int:
             loader = make_dataloader(ex, tok, data.task, batch_size=args.batch_size, max_length=args.max_length, shuffle=False)
         results[split] = evaluate(model, data.task, loader, desc=f"eval {split}")
     out = {"model": args.model, "task": data.task.name, **results}
-    if args.out:
-        io.write_json(Path(args.out) / "metrics.json", out)
+    if metrics_path is not None:
+        io.write_json(metrics_path, out)
     print(json.dumps(out, indent=2))
     return 0

@@ -19,6 +19,7 @@ SUBCOMMANDS = ("finetune", "evaluate", "prune", "export", "bench", "validate", "
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="idprior",
+        allow_abbrev=False,  # `--data` must never be read as an abbreviation of `--data-dir`, nor the reverse
         description="Structured pruning of Transformers with SNIP (spectral-normalized identity prior), "
         "reconstructed from the abstract of Lin et al., Findings of EMNLP 2020.",
     )
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in SUBCOMMANDS:
         mod = importlib.import_module(f".{name}", __package__)
         p = mod.add_parser(sub)
+        p.allow_abbrev = False  # read at parse time: an abbreviated flag is an error, never a guess
         p.set_defaults(_run=mod.run)
     return parser
 

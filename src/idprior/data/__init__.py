@@ -4,9 +4,11 @@
 listing tasks stays fast.
 """
 
+from idprior.data.labels import align_labels, model_labels
 from idprior.data.tasks import Task, TaskData, get_task, list_tasks, load_task
 
-__all__ = ["Task", "TaskData", "get_task", "list_tasks", "load_task", "make_dataloader", "make_lm_dataloader"]
+__all__ = ["Task", "TaskData", "align_labels", "get_task", "list_tasks", "load_task", "make_dataloader",
+           "make_lm_dataloader", "model_labels"]
 
 
 def __getattr__(name: str):

@@ -4,11 +4,19 @@ Formats by extension: `.csv` (standard CSV quoting, header row), `.tsv` (header 
 separated, no quoting: the GLUE convention; use CSV or JSONL for texts with tabs or newlines),
 `.jsonl` / `.json` (one JSON object per line; `.json` may also be one array of objects).
 
-Labels: when every training label is a number, there are more than 10 distinct values and at
-least one is not an integer, the task is regression. Otherwise it is classification and the label
-names are the sorted unique training labels (numerically when all are numbers, so ids 0..k-1 stay
-0..k-1; integer-valued numbers are named "3", not "3.0"). Validation and test labels must belong to
-the training label space.
+Columns default to `text` and `label` (and no text pair); `--text-column` & co. name others.
+
+Labels: `problem_type` ("classification" / "regression", CLI `--problem-type`) says what the label
+column is; without it the type is inferred: regression when every training label is a number,
+there are more than 10 distinct values and at least one is not an integer, else classification.
+A column that is mostly numbers with a few other values (`NaN`, `abc`, a shifted column) is refused
+instead of being read as dozens of classes: naming the problem type is the fix. Classification
+label names are the sorted unique training labels (numerically when all are numbers, so ids
+0..k-1 stay 0..k-1; integer-valued numbers are named "3", not "3.0"); a classifier that already
+has label names keeps its own ids (see `labels.py`). Validation and test labels must belong to the
+training label space. A JSON list or object as a label (multi-label data) is refused, and so is a
+CSV/TSV row with more fields than the header (a stray tab or unquoted comma in the text would
+otherwise shift the label).
 
 Splits: a split without a file is carved from the training file with a fixed seed, 10% of it each
 (stratified for classification), so a train file alone gives 80/10/10.
@@ -27,7 +35,10 @@ from idprior.data.tasks import SPLIT_SEED, Task, TaskData, carve, tenth
 from idprior.errors import IdpriorError
 
 SPLITS = ("train", "validation", "test")
+PROBLEM_TYPES = ("classification", "regression")
 REGRESSION_MIN_VALUES = 10
+MOSTLY_NUMERIC = 0.5  # inference: at least this share of numbers, and some non-numbers, is refused
+_EXTRA = "\x00extra"  # DictReader key of the fields beyond the header
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 
@@ -37,8 +48,11 @@ def load_custom(
     text_column: str | None = None,
     text_pair_column: str | None = None,
     label_column: str | None = None,
+    problem_type: str | None = None,
 ) -> TaskData:
     """Read the user's files into a classification or regression task (see the module docstring)."""
+    if problem_type is not None and problem_type not in PROBLEM_TYPES:
+        raise IdpriorError(f"--problem-type must be classification or regression, got {problem_type!r}")
     text_column = text_column or "text"
     label_column = label_column or "label"
     files = {k: v for k, v in (data_files or {}).items() if v is not None}
@@ -51,12 +65,11 @@ def load_custom(
 
     raw = {split: _read_rows(Path(files[split]), columns) for split in SPLITS if split in files}
     train_path = Path(files["train"])
-    train_labels = [label for (_, _, label), _ in raw["train"]]
-    regression = _is_regression(train_labels)
+    regression = _problem_is_regression(raw["train"], problem_type, train_path, label_column)
     if regression:
         label_names: tuple[str, ...] = ()
     else:
-        label_names = _label_space(train_labels)
+        label_names = _label_space([label for (_, _, label), _ in raw["train"]])
         if len(label_names) < 2:
             raise IdpriorError(
                 f"{train_path} has a single label ({label_names[0]!r}) in column '{label_column}': "
@@ -117,6 +130,8 @@ def _metrics(regression: bool, num_labels: int) -> tuple[str, ...]:
 
 def _read_rows(path: Path, columns: list[str]) -> list[tuple[tuple, int]]:
     """((text, text_pair or None, raw label), line number) for every data row of `path`."""
+    if path.is_dir():
+        raise IdpriorError(f"data file {path} is a folder: give a CSV, TSV or JSONL file with --data")
     if not path.is_file():
         raise IdpriorError(f"data file {path} does not exist: check the path given with --data")
     suffix = path.suffix.lower()
@@ -124,6 +139,8 @@ def _read_rows(path: Path, columns: list[str]) -> list[tuple[tuple, int]]:
         records = _read_delimited(path, suffix)
     elif suffix in (".jsonl", ".json", ".ndjson"):
         records = _read_json(path)
+    elif path.is_dir():
+        raise IdpriorError(f"data file {path} is a folder: give a CSV, TSV or JSONL file with --data")
     else:
         raise IdpriorError(f"data file {path} has an unknown format '{suffix}': use .csv, .tsv or .jsonl")
     if not records:
@@ -131,12 +148,16 @@ def _read_rows(path: Path, columns: list[str]) -> list[tuple[tuple, int]]:
     text_column, label_column = columns[0], columns[-1]
     pair_column = columns[1] if len(columns) == 3 else None
     rows = []
+    flags = {text_column: "--text-column", label_column: "--label-column"}
+    if pair_column:
+        flags[pair_column] = "--text-pair-column"
     for record, line in records:
         missing = [c for c in columns if c not in record]
         if missing:
+            which = " / ".join(dict.fromkeys(flags[c] for c in missing))
             raise IdpriorError(
                 f"{path} line {line} has no column {', '.join(map(repr, missing))} "
-                f"(it has {', '.join(map(repr, record))}): set --text-column / --text-pair-column / --label-column"
+                f"(it has {', '.join(map(repr, record))}): name the right one with {which}"
             )
         text = _text(record[text_column], path, line, text_column)
         pair = _text(record[pair_column], path, line, pair_column) if pair_column else None
@@ -144,6 +165,13 @@ def _read_rows(path: Path, columns: list[str]) -> list[tuple[tuple, int]]:
         if label is None or (isinstance(label, str) and not label.strip()):
             raise IdpriorError(
                 f"{path} line {line} has no label in column '{label_column}': fill it in or drop the row"
+            )
+        if isinstance(label, (list, dict)):
+            what = "list" if isinstance(label, list) else "object"
+            raise IdpriorError(
+                f"{path} line {line} has a JSON {what} as its label in column '{label_column}' "
+                f"({json.dumps(label)[:60]}): give one label per row, a string or a number (multi-label data "
+                "is not supported)"
             )
         rows.append(((text, pair, label), line))
     return rows
@@ -156,10 +184,21 @@ def _read_delimited(path: Path, suffix: str) -> list[tuple[dict, int]]:
             reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         else:
             reader = csv.DictReader(f)
+        reader.restkey = _EXTRA
         if reader.fieldnames is None:
             return []
-        # A cell missing at the end of a row reads as None (reported as "no value" below).
-        return [({k: v for k, v in row.items() if k is not None}, reader.line_num) for row in reader]
+        rows = []
+        # A cell missing at the end of a row reads as None (reported as "no value" below); a cell too
+        # many means the row's text holds the delimiter, and every later column is shifted.
+        for row in reader:
+            if any((v or "").strip() for v in row.get(_EXTRA, ())):  # empty trailing cells shift nothing
+                n, m = len(reader.fieldnames) + len(row[_EXTRA]), len(reader.fieldnames)
+                fix = ("a tab inside the text? TSV has no quoting: remove tabs from the texts or use CSV/JSONL"
+                       if suffix == ".tsv" else 'a comma inside the text? put such texts in double quotes')
+                raise IdpriorError(f"{path} line {reader.line_num} has {n} fields but the header has {m}: {fix}")
+            row.pop(_EXTRA, None)
+            rows.append((row, reader.line_num))
+        return rows
 
 
 def _read_json(path: Path) -> list[tuple[dict, int]]:
@@ -213,6 +252,34 @@ def _number(value) -> float | None:
     return None
 
 
+def _problem_is_regression(rows: list, problem_type: str | None, path: Path, column: str) -> bool:
+    """The label column's problem type: as given, else inferred; mixed numeric columns are refused."""
+    labels = [(label, line) for (_, _, label), line in rows]
+    if problem_type == "classification":
+        return False
+    bad = [(line, label) for label, line in labels if _number(label) is None]
+    if problem_type == "regression":
+        if bad:
+            raise IdpriorError(
+                f"{path} has labels in column '{column}' that are not numbers ({_rows(bad)}), but --problem-type is "
+                "regression: fix or drop those rows"
+            )
+        return True
+    if bad and len(bad) < len(labels) and len(labels) - len(bad) >= MOSTLY_NUMERIC * len(labels):
+        raise IdpriorError(
+            f"{path} column '{column}' holds numbers except {_rows(bad)}: fix or drop those rows, or say what the "
+            "column is with --problem-type regression (numbers only) or --problem-type classification (every "
+            "value a class name)"
+        )
+    return _is_regression([label for label, _ in labels])
+
+
+def _rows(bad: list[tuple[int, object]], shown: int = 5) -> str:
+    """'line 7 ('NaN'), line 19 ('abc') and 3 more rows'."""
+    text = ", ".join(f"line {line} ({value!r})" for line, value in bad[:shown])
+    return text + (f" and {len(bad) - shown} more rows" if len(bad) > shown else "")
+
+
 def _is_regression(labels: list) -> bool:
     numbers = [_number(v) for v in labels]
     if any(x is None for x in numbers):
@@ -241,7 +308,8 @@ def _convert_label(value, regression: bool, names: tuple[str, ...], path: Path, 
         x = _number(value)
         if x is None:
             raise IdpriorError(
-                f"{path} line {line} label {value!r} in column '{column}' is not a number (regression task)"
+                f"{path} line {line} label {value!r} in column '{column}' is not a number, and the task is "
+                "regression (numeric training labels, or --problem-type regression): fix or drop the row"
             )
         return x
     key = _label_key(value)

@@ -181,34 +181,39 @@ def load_task(
     text_column: str | None = None,
     text_pair_column: str | None = None,
     label_column: str | None = None,
+    problem_type: str | None = None,
 ) -> TaskData:
     """Load a task's splits, then subsample train (`seed`) and the evaluation splits (fixed seed).
 
-    `data_dir` is the local GLUE folder (GLUE tasks only); `data_files` and the column names are
-    for task "custom" only.
+    `data_dir` is the local GLUE folder (GLUE tasks only); `data_files`, the column names and
+    `problem_type` are for task "custom" only. Messages name the CLI flags (`--data`, ...), which
+    is how most users pass these.
     """
     _check_limit("max_train", max_train)
     _check_limit("max_eval", max_eval)
     custom_args = {
-        "data_files": data_files,
-        "text_column": text_column,
-        "text_pair_column": text_pair_column,
-        "label_column": label_column,
+        "--data": data_files,
+        "--text-column": text_column,
+        "--text-pair-column": text_pair_column,
+        "--label-column": label_column,
+        "--problem-type": problem_type,
     }
     if name.strip().lower() == CUSTOM:
         from idprior.data import custom
 
         if data_dir is not None:
-            raise IdpriorError("task 'custom' reads data_files, not data_dir: pass the files with --data")
+            raise IdpriorError("task 'custom' reads your files, not --data-dir: pass the files with --data")
         data = custom.load_custom(
-            data_files, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column
+            data_files, text_column=text_column, text_pair_column=text_pair_column, label_column=label_column,
+            problem_type=problem_type,
         )
     else:
         task = get_task(name)
         given = [k for k, v in custom_args.items() if v is not None]
         if given:
             raise IdpriorError(
-                f"{', '.join(given)} only apply to task 'custom', not '{task.name}': drop them"
+                f"{', '.join(given)} only apply to --task custom (your own files), not '{task.name}': drop them, "
+                "or pass --task custom"
             )
         if task in GLUE_TASKS:
             from idprior.data import glue
@@ -217,7 +222,7 @@ def load_task(
         else:
             if data_dir is not None:
                 raise IdpriorError(
-                    f"task '{task.name}' reads its data from an installed package: drop data_dir / --data-dir"
+                    f"task '{task.name}' reads its data from an installed package: drop --data-dir"
                 )
             from idprior.data import offline
 
