@@ -2,10 +2,13 @@
 
 The ONNX file has inputs input_ids, attention_mask (and token_type_ids for BERT-style models)
 with dynamic batch and sequence axes, and one output, logits; it runs in ONNX Runtime without
-idprior. After export the logits of ONNX Runtime and PyTorch are compared on two random batches
-of other shapes than the export one (one of them padded); the command fails if they differ by
-more than --tol (1e-4) times max(1, largest |logit|): absolute for classifiers, relative for
-LMs, whose logits are large enough for float32 rounding alone to reach 1e-4.
+idprior. With --onnx-dir the output is a folder in Hugging Face Optimum's ONNX layout
+(model.onnx, config.json, tokenizer files; with --quantize int8 also model_quantized.onnx).
+An existing file or folder is replaced only if idprior export wrote it. After export the logits
+of ONNX Runtime and PyTorch are compared on two random batches of other shapes than the export
+one (one of them padded); the command fails if they differ by more than --tol (1e-4) times
+max(1, largest |logit|): absolute for classifiers, relative for LMs, whose logits are large
+enough for float32 rounding alone to reach 1e-4.
 """
 
 from __future__ import annotations
@@ -19,12 +22,20 @@ def add_parser(sub):
     p = sub.add_parser(
         "export", help="export a pruned (or dense) model folder to ONNX and check parity",
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: idprior export runs/sst2/pruned --onnx runs/sst2/model.onnx",
+        epilog="examples: idprior export runs/sst2/pruned --onnx runs/sst2/model.onnx\n"
+               "          idprior export runs/sst2/pruned --onnx-dir runs/sst2/onnx --quantize int8",
     )
     p.add_argument("model", metavar="MODEL_DIR",
                    help="folder written by idprior (RUN/pruned), any local HF folder with a task head, "
                         "a .gguf file or an alias such as smollm2-135m")
-    p.add_argument("--onnx", required=True, metavar="OUT.onnx", help="where to write the ONNX file (atomically)")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--onnx", metavar="OUT.onnx", help="where to write the ONNX file (atomically)")
+    out.add_argument("--onnx-dir", metavar="OUT_DIR",
+                     help="write a deployable folder in Hugging Face Optimum's layout instead: model.onnx, config.json "
+                          "and the tokenizer files (atomically)")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="with --onnx-dir: also write model_quantized.onnx, dynamic int8 weights (onnxruntime "
+                        "quantize_dynamic); its outputs differ from model.onnx by more than --tol")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's own default)")
     p.add_argument("--seq-len", type=int, default=16,
                    help="sequence length of the example batch used for tracing (default 16); every length works afterwards")
@@ -61,12 +72,28 @@ def load_with_head(spec: str):
 
 def run(args) -> int:
     from ..errors import IdpriorError
-    from ..export import example_inputs, export_onnx, input_names, parity, require_onnx
+    from ..export import (
+        ONNX_FILE,
+        QUANTIZED_FILE,
+        example_inputs,
+        export_onnx,
+        export_onnx_dir,
+        input_names,
+        parity,
+        require_onnx,
+    )
 
     require_onnx()
+    if args.quantize and not args.onnx_dir:
+        raise IdpriorError("--quantize writes model_quantized.onnx into an ONNX folder; add --onnx-dir OUT_DIR")
     model, tok = load_with_head(args.model)
-    path = export_onnx(model, tok, args.onnx, opset=args.opset, seq_len=args.seq_len, exporter=args.exporter,
-                       attention=args.attention)
+    options = dict(opset=args.opset, seq_len=args.seq_len, exporter=args.exporter, attention=args.attention)
+    if args.onnx_dir:
+        folder = export_onnx_dir(model, tok, args.onnx_dir, quantize=args.quantize, **options)
+        path = folder / ONNX_FILE
+        print(f"wrote {folder}: {', '.join(sorted(p.name for p in folder.iterdir()))}")
+    else:
+        path = export_onnx(model, tok, args.onnx, **options)
     names = input_names(model, tok)
     shapes = [(3, args.seq_len + 8, True), (1, 2 * args.seq_len + 1, False)]
     checks = [parity(model, path, example_inputs(model, names, b, t, seed=1, pad=pad)) for b, t, pad in shapes]
@@ -80,4 +107,9 @@ def run(args) -> int:
     if not diff <= args.tol * scale:
         raise IdpriorError(f"ONNX parity failed: max difference {diff:.2e} > {args.tol:g} x {scale:.3g}; "
                            "try --exporter legacy, or report the model")
+    if args.quantize:
+        quantized = [parity(model, path.with_name(QUANTIZED_FILE), example_inputs(model, names, b, t, seed=1, pad=pad))
+                     for b, t, pad in shapes]
+        print(f"{QUANTIZED_FILE}: max |int8 onnxruntime - pytorch| logits difference "
+              f"{max(c['max_abs_diff'] for c in quantized):.2e} (not held to --tol; measure accuracy on your task)")
     return 0
