@@ -48,6 +48,9 @@ ATTENTION = ("auto", "fused", "eager")
 FUSED_ATTENTION_OPSET = 23  # first ONNX opset with the Attention operator
 PARITY_TOL = 1e-4
 INSTALL_HINT = "pip install onnx onnxruntime onnxscript"
+ONNX_FILE = "model.onnx"  # names in a deployable folder (Optimum's layout)
+QUANTIZED_FILE = "model_quantized.onnx"
+QUANTIZE = ("int8",)
 
 
 def require_onnx(runtime: bool = True) -> None:
@@ -193,6 +196,8 @@ def export_onnx(model: nn.Module, tokenizer, out_path: str | os.PathLike, *, ops
     if exporter not in EXPORTERS:
         raise IdpriorError(f"unknown exporter {exporter!r}; use one of {', '.join(EXPORTERS)}")
     attention, opset = attention_mode(model, exporter, opset, attention)
+    out_path = Path(out_path)
+    check_replaceable_file(out_path)
     if seq_len < 2:
         raise IdpriorError(f"seq_len must be at least 2 for export (got {seq_len}); size-1 axes would not stay dynamic")
     from . import spectral
@@ -205,7 +210,6 @@ def export_onnx(model: nn.Module, tokenizer, out_path: str | os.PathLike, *, ops
     names = input_names(model, tokenizer)
     inputs = example_inputs(model, names, batch=2, seq_len=seq_len)
     wrapper = _LogitsOnly(model, names).eval()
-    out_path = Path(out_path)
     with _eval_mode(model), _attention_impl(model, attention), torch.inference_mode(False), torch.no_grad(), _quiet(), \
             io.atomic_path(out_path) as tmp:
         try:
@@ -223,6 +227,74 @@ def export_onnx(model: nn.Module, tokenizer, out_path: str | os.PathLike, *, ops
             raise IdpriorError(f"ONNX export with the {exporter} exporter failed ({first}); try {fix}") from e
         _add_metadata(tmp, model, exporter, attention)
     return out_path
+
+
+def check_replaceable_file(path: Path) -> None:
+    """Refuse to overwrite a file that is not an ONNX model idprior exported (its metadata says so)."""
+    if not path.exists() and not path.is_symlink():
+        return
+    if path.is_dir():
+        raise IdpriorError(f"{path} is a folder; pass a file path such as {path / ONNX_FILE}, or use --onnx-dir")
+    try:
+        import onnx
+
+        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    except Exception:  # noqa: BLE001 - not a readable ONNX file: not ours
+        meta = {}
+    if meta.get("producer") != "idprior":
+        raise IdpriorError(f"{path} exists and was not written by idprior export, so it is not replaced; "
+                           "write to another path or move that file away first")
+
+
+def export_onnx_dir(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, quantize: str | None = None,
+                    **kwargs) -> Path:
+    """Write a deployable folder in Hugging Face Optimum's ONNX layout, atomically.
+
+    `model.onnx` (see `export_onnx`, which gets `kwargs`), `config.json`, the tokenizer files
+    (+ `generation_config.json` for decoders), and with `quantize="int8"` also
+    `model_quantized.onnx` (dynamic int8 weights, ONNX Runtime's `quantize_dynamic`), the name
+    Optimum's quantizer gives it. The folder runs with onnxruntime and a tokenizer alone. An existing
+    `out_dir` is replaced only if it is an ONNX folder idprior wrote (see model_folder).
+    """
+    from .model_folder import ONNX, check_replaceable, write_manifest
+
+    if quantize not in (None, *QUANTIZE):
+        raise IdpriorError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANTIZE)} or none")
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, ONNX, "export to a new or empty folder, or move those files away first")
+    with io.atomic_dir(out_dir) as tmp:
+        export_onnx(model, tokenizer, tmp / ONNX_FILE, **kwargs)
+        if quantize == "int8":
+            quantize_int8(tmp / ONNX_FILE, tmp / QUANTIZED_FILE)
+        model.config.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if _is_decoder(model) and generation is not None:
+            generation.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_manifest(tmp, ONNX)
+    return out_dir
+
+
+def quantize_int8(src: str | os.PathLike, dst: str | os.PathLike) -> Path:
+    """Dynamic int8 quantization of the MatMul / Gemm weights of `src`, written to `dst` atomically.
+
+    Only MatMul and Gemm: ONNX Runtime's quantizer also rewrites nodes named `Attention` into its
+    own QAttention, which it gets wrong for the standard opset-23 Attention of a fused export
+    (onnxruntime 1.32: "Unrecognized attribute: is_causal for operator QAttention").
+    """
+    require_onnx()
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # it logs a pre-processing suggestion on every call
+    try:
+        with io.atomic_path(dst) as tmp:
+            quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
+    finally:
+        root.setLevel(level)
+    return Path(dst)
 
 
 def _export_dynamo(wrapper: nn.Module, inputs: dict[str, torch.Tensor], path: Path, opset: int | None) -> None:

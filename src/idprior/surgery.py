@@ -5,8 +5,11 @@ heads / neurons). A layer that loses every head unit loses its attention sub-lay
 every neuron loses its FFN (the collapse rule), so no zero-width Linear ever exists.
 
 Saved folder = `config.json` (with `idprior_layers`, the per-layer shapes) + `model.safetensors`
-(+ tokenizer, + `plan.json`). `load_pruned` rebuilds the full-size architecture from the config,
-reshapes it to `idprior_layers` and loads the weights strictly.
+(+ tokenizer, + `plan.json`), + `modeling_idprior.py` / `auto_map`, `README.md` and the
+`idprior.json` manifest (see model_folder.py). `load_pruned` (no remote code) rebuilds the
+full-size architecture from the config, reshapes it to `idprior_layers` and loads the weights
+strictly; stock transformers with `trust_remote_code=True` does the same through the folder's
+modeling file.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from torch.nn.utils import parametrize
 
 from .arch import STRUCTURE_KEY, Adapter, LayerShape, get_adapter
 from .errors import IdpriorError
-from .io import atomic_dir, read_json, write_json
+from .io import atomic_dir, read_json, write_json, write_text
 from .units import Cost, Unit
 
 ATTN_IMPL_KEY = "idprior_attn_implementation"  # config attribute: attention kernel the model was saved with
@@ -131,18 +134,30 @@ def apply_plan(model: nn.Module, removed_units: Iterable[Unit | str], adapter: A
 
 # ---- saving and loading -----------------------------------------------------------------------------
 def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, plan: dict | None = None) -> Path:
-    """Write `model` (+ tokenizer, + plan.json) as a Hugging Face folder, atomically, safetensors only."""
+    """Write `model` (+ tokenizer, + plan.json) as a Hugging Face folder, atomically, safetensors only.
+
+    The folder also gets `modeling_idprior.py` with an `auto_map` in config.json (so stock
+    transformers loads it with `trust_remote_code=True`, no idprior needed), a `README.md` model
+    card, and the `idprior.json` manifest. An existing `out_dir` is replaced only if idprior wrote
+    everything in it; otherwise IdpriorError, and nothing is deleted.
+    """
+    from .model_folder import PRUNED, add_remote_code, check_replaceable, model_card, write_manifest
+
     _refuse_parametrizations(model, "save")
+    out_dir = Path(out_dir)
+    check_replaceable(out_dir, PRUNED, "save to a new or empty folder, or move those files away first")
     adapter = get_adapter(model)
     adapter.sync_config()
     setattr(model.config, ATTN_IMPL_KEY, getattr(model.config, "_attn_implementation", None))
-    out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if plan is not None:
             write_json(tmp / "plan.json", plan)
+        classes = add_remote_code(model, tmp)
+        write_text(tmp / "README.md", model_card(model, classes, plan))
+        write_manifest(tmp, PRUNED)
     return out_dir
 
 
