@@ -233,6 +233,8 @@ def check_replaceable_file(path: Path) -> None:
     """Refuse to overwrite a file that is not an ONNX model idprior exported (its metadata says so)."""
     if not path.exists() and not path.is_symlink():
         return
+    if path.is_file() and not path.is_symlink() and path.stat().st_size == 0:
+        return  # nothing to lose (also the placeholder of an atomic write)
     if path.is_dir():
         raise IdpriorError(f"{path} is a folder; pass a file path such as {path / ONNX_FILE}, or use --onnx-dir")
     try:
