@@ -23,6 +23,7 @@ from torch import nn
 from idprior.arch import STRUCTURE_KEY, get_adapter, supported_model_types
 from idprior.errors import IdpriorError
 from idprior.gates import Gates
+from idprior.plan import MEASURE_NAMES, measure_of, model_cost, unit_costs
 from idprior.surgery import (
     apply_plan,
     count_params,
@@ -206,6 +207,24 @@ def test_collapse_and_layer_params():
     assert not adapter.shape(0).has_attn and adapter.attn_out_proj(0) is None
     assert not adapter.shape(1).has_ffn and adapter.ffn_out_proj(1) is None
     assert adapter.sn_targets(0) == [(adapter._ffn_in(0), "linear"), (adapter.ffn_out_proj(0), "linear")]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_unit_costs_add_up_to_the_model(family):
+    """`plan.unit_costs` (what a cost-weighted prior weighs by): heads and neurons plus the parts no unit
+    owns, or the whole sub-layers, add up to the model's cost in every measure; removed sub-layers have none."""
+    model, per_query_head = build(family)
+    adapter = get_adapter(model, per_query_head=per_query_head)
+    apply_plan(model, [Unit("attn", 1), Unit("ffn", 2), Unit("head", 0, 0)], adapter)
+    for measure in MEASURE_NAMES:
+        full = measure_of(model_cost(adapter), measure, 16)
+        members = unit_costs(adapter, ("head", "neuron"), measure, 16)
+        unowned = sum(measure_of(adapter.unit_cost(k, i), measure, 16) for k in ("attn", "ffn")
+                      for i in range(adapter.num_layers))
+        assert sum(n * c for n, c in members.values()) + unowned == full
+        whole = unit_costs(adapter, ("attn", "ffn"), measure, 16)
+        assert all(n == 1 for n, _ in whole.values()) and sum(c for _, c in whole.values()) == full
+    assert ("attn", 1) not in whole and ("ffn", 2) not in whole and members[("head", 0)][0] == adapter.num_head_units(0)
 
 
 def test_slot_units_share_query_slots_across_groups():

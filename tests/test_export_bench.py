@@ -176,6 +176,32 @@ def test_timing_blocks_alternate_and_start_with_an_untimed_run():
     assert calls == expected
 
 
+@pytest.mark.parametrize("argv", [
+    ["--dense", "d", "--pruned", "runs/a b/pruned", "--out", "o"],
+    ["--dense", "d", "--pruned", "a", "--pruned", "b", "--batch-sizes", "2,4", "--seq-lens", "8", "--threads", "3",
+     "--repeats", "2", "--warmup", "0", "--no-onnx", "--exporter", "legacy", "--attention", "eager", "--out", "o"],
+])
+def test_bench_command_line_records_every_option(argv):
+    """bench.json's command parses back to the same options, and names every option that has a value
+    (defaults included: a run with the default exporter must say so)."""
+    import argparse
+    import shlex
+
+    from idprior.cli.bench import add_parser, command_line
+
+    parser = argparse.ArgumentParser()
+    bench = add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *argv])
+    command = command_line(args)
+    words = shlex.split(command)
+    assert words[:2] == ["idprior", "bench"]
+    assert vars(parser.parse_args(words[1:])) == vars(args)
+    for action in bench._actions:
+        value = getattr(args, action.dest, None)
+        if action.option_strings and value not in (None, False) and action.dest != "help":
+            assert action.option_strings[0] in words, action.option_strings[0]
+
+
 def test_cli_export_and_bench(tmp_path, capsys):
     pytest.importorskip("onnxruntime", reason="idprior export needs onnxruntime")
     from transformers import AutoTokenizer, BertForSequenceClassification

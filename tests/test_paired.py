@@ -181,13 +181,12 @@ def test_paired_grid_errors(tiny_folder):
 def test_resume_accepts_a_field_added_later_at_its_default():
     """A grid's fine-tunes outlive code changes: a config field added after a run started, left at
     its default, must not block --resume; a changed value still does."""
-    from idprior.config import load_config
-    from idprior.pipeline import _comparable
-    from idprior.preflight import _differences
+    from idprior.config import comparable, load_config
+    from idprior.preflight import config_differences
 
-    now = _comparable(load_config(None, ["out=x"]))
+    now = comparable(load_config(None, ["out=x"]))
     saved = json.loads(json.dumps(now))
     del saved["prune"]["prior_mode"]
-    assert _differences(saved, now) == []
-    changed = _comparable(load_config(None, ["out=x", "prune.prior_mode=proximal"]))
-    assert _differences(saved, changed) == ["prune.prior_mode"]
+    assert config_differences(saved, now) == []
+    changed = comparable(load_config(None, ["out=x", "prune.prior_mode=proximal"]))
+    assert config_differences(saved, changed) == ["prune.prior_mode"]

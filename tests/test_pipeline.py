@@ -55,9 +55,17 @@ def test_same_seed_same_plan_bytes(tiny_folder, tmp_path):
     assert (tmp_path / "a" / "plan.json").read_bytes() == (tmp_path / "b" / "plan.json").read_bytes()
 
 
+def _log_keys(path) -> set[str]:
+    """Every key of a training log (train_log.jsonl / recover_log.jsonl); empty when there is none."""
+    if not path.is_file():
+        return set()
+    return {k for line in path.read_text().splitlines() for k in json.loads(line)}
+
+
 @pytest.mark.parametrize("extra", [["--no-sn", "--no-prior"], ["--no-train"], ["--iterative", "2", "--no-sn"],
                                    ["--selection", "share", "--head-share", "0.3", "--distill"]])
 def test_prune_variants(tiny_folder, tmp_path, extra):
+    """Each option shows in the artefacts, so an option that were ignored would fail here."""
     out = tmp_path / "run"
     assert main(["prune", "--model", str(tiny_folder), *QUICK, "--target", "0.3", "--out", str(out), *extra]) == 0
     m = json.loads((out / "metrics.json").read_text())
@@ -65,6 +73,45 @@ def test_prune_variants(tiny_folder, tmp_path, extra):
     x = torch.randint(5, 50, (2, 7))
     with torch.no_grad():
         assert load_pruned(out / "pruned")(input_ids=x).logits.shape == (2, 2)
+    finetune = json.loads((out / "stages.json").read_text())["stages"]["finetune"]
+    trained = "--no-train" not in extra
+    assert ("steps" in finetune) == trained
+    assert ("sn_matrices" in finetune) == (trained and "--no-sn" not in extra)
+    assert ("prior" in _log_keys(out / "train_log.jsonl")) == (trained and "--no-prior" not in extra)
+    if "--iterative" in extra:
+        rounds = [json.loads((out / f"round{r}" / "plan.json").read_text()) for r in (1, 2)]
+        assert all(p["units"] for p in rounds) and not (out / "round3").exists()
+        assert json.loads((out / "plan.json").read_text())["rounds"] == rounds
+        recover_logs = [out / f"round{r}" / "recover_log.jsonl" for r in (1, 2)]
+    else:
+        recover_logs = [out / "recover_log.jsonl"]
+    assert all(log.is_file() for log in recover_logs)
+    assert all(("distill_loss" in _log_keys(log)) == ("--distill" in extra) for log in recover_logs)
+    if "--selection" in extra:
+        assert json.loads((out / "plan.json").read_text())["selection"] == "share"
+
+
+def test_distill_loss():
+    """Zero when the student matches the teacher, positive otherwise, scaled by T^2 (Hinton et al.:
+    soft-target gradients keep their size), and LM tokens outside the attention mask do not count."""
+    from idprior.train import distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    teacher, student = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    assert distill_loss(teacher, teacher, 2.0).abs() < 1e-6
+    assert distill_loss(student, teacher, 2.0) > 0
+    kl = torch.nn.functional.kl_div(torch.log_softmax(student / 3.0, -1), torch.log_softmax(teacher / 3.0, -1),
+                                    log_target=True, reduction="batchmean")
+    torch.testing.assert_close(distill_loss(student, teacher, 3.0), 9.0 * kl)
+    # LM logits [B, T, V]: a masked token may differ arbitrarily without changing the loss
+    teacher, student = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+    other = student.clone()
+    other[mask == 0] = torch.randn(3, 7, generator=g) * 10
+    torch.testing.assert_close(distill_loss(other, teacher, 2.0, mask), distill_loss(student, teacher, 2.0, mask))
+    assert distill_loss(teacher, teacher, 2.0, mask).abs() < 1e-6
+    per_token = [distill_loss(student[b, t], teacher[b, t], 2.0) for b, t in ((0, 0), (0, 1), (1, 0))]
+    torch.testing.assert_close(distill_loss(student, teacher, 2.0, mask), torch.stack(per_token).mean())
 
 
 def test_finetune_and_evaluate_cli(tiny_folder, tmp_path):

@@ -116,12 +116,11 @@ ROWS = "text,label\n" + "".join(f"{w} film number {i},{'pos' if i % 2 else 'neg'
 def started_run(e: Env, argv: list[str], extra_files: bool = True) -> None:
     """Make e.out look like a run started with `argv` (stages.json and config.yaml, as Run writes)."""
     from idprior.cli.common import config_from_args
-    from idprior.config import dump_config
-    from idprior.pipeline import _comparable
+    from idprior.config import comparable, dump_config
 
     cfg = config_from_args(build_parser().parse_args([*argv, "--out", str(e.out)]))
     e.out.mkdir(parents=True)
-    (e.out / "stages.json").write_text(json.dumps({"config": _comparable(cfg), "stages": {"finetune": {"wall_s": 1.0}}}))
+    (e.out / "stages.json").write_text(json.dumps({"config": comparable(cfg), "stages": {"finetune": {"wall_s": 1.0}}}))
     (e.out / "config.yaml").write_text(dump_config(cfg))
     if extra_files:
         (e.out / "scores.json").write_text("{}")

@@ -9,7 +9,7 @@ from idprior import spectral
 from idprior.arch import get_adapter
 from idprior.errors import IdpriorError
 from idprior.gates import Gates
-from idprior.plan import measure_of, model_cost, sublayer_cost
+from idprior.plan import measure_of, removed_cost, sublayer_cost
 from idprior.prior import IdentityPrior
 from idprior.scoring import score
 from idprior.selection import select
@@ -267,13 +267,17 @@ def test_tau_removes_exactly_the_units_below_it():
     assert all(s[u] < tau for u in plan.units)
 
 
-def test_share_mode_splits_budget():
+@pytest.mark.parametrize("head_share", [0.2, 0.7])
+def test_share_mode_splits_budget(head_share):
+    """Heads (and attention sub-layers) give `head_share` of the removed measure, the rest the FFNs,
+    up to one unit's overshoot in each pool (a collapse adds the sub-layer's unowned parts)."""
     model = tiny_llama()
     adapter = get_adapter(model)
-    plan = select(_scores(model), adapter, target=0.5, mode="share", head_share=0.3)
-    full = model_cost(adapter)
-    head_params = sum(adapter.unit_cost("head", u.layer).params for u in plan.units if u.kind == "head")
-    head_params += sum(sublayer_cost(adapter, "attn", u.layer).params for u in plan.units if u.kind == "attn")
-    assert head_params > 0
+    plan = select(_scores(model), adapter, target=0.5, mode="share", head_share=head_share)
+    removed = removed_cost(adapter, plan.units).params
+    from_heads = removed_cost(adapter, [u for u in plan.units if u.kind in ("head", "attn")]).params
     assert plan.measures["removed_fraction"]["encoder_params"] >= 0.5
-    assert full.params >= head_params
+    assert removed == plan.measures["before"]["encoder_params"] - plan.measures["after"]["encoder_params"]
+    last_unit = max((adapter.unit_cost(kind, i) + adapter.unit_cost(sub, i)).params
+                    for kind, sub in (("head", "attn"), ("neuron", "ffn")) for i in range(adapter.num_layers))
+    assert abs(from_heads / removed - head_share) <= 2 * last_unit / removed

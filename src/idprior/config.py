@@ -357,3 +357,10 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
 
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def comparable(cfg: RunConfig) -> dict:
+    """The config as a run folder records it for `--resume` to compare: benchmark settings may change."""
+    d = cfg.to_dict()
+    d.pop("bench", None)
+    return d

@@ -28,14 +28,14 @@ import torch
 
 from . import io, lock, models
 from .arch import get_adapter
-from .config import RunConfig, dump_config
+from .config import RunConfig, comparable, dump_config
 from .data import load_task
 from .data.labels import align_labels, labels_of_spec
 from .errors import IdpriorError
 from .evaluate import evaluate, evaluate_with_predictions, save_predictions
 from .metrics import greater_is_better, main_metric
-from .plan import PruningPlan, model_cost
-from .preflight import _differences, preflight
+from .plan import PruningPlan, measure_total, measure_totals
+from .preflight import config_differences, preflight
 from .units import parse_kinds
 
 STAGES = ("finetune", "score", "select", "surgery", "recover", "evaluate", "bench", "report")
@@ -61,8 +61,8 @@ class Run:
                 raise IdpriorError(f"output folder {self.out} {what}; pass --resume to continue it, --overwrite to replace it, or choose another --out")
             elif status.is_file():
                 saved = io.read_json(status).get("config", {})
-                now = _comparable(cfg)
-                if saved and _differences(saved, now):  # a key added since the run started (None) is no difference
+                now = comparable(cfg)
+                if saved and config_differences(saved, now):  # a key added since the run started (at its default) is no difference
                     raise IdpriorError(f"--resume: {self.out} was started with a different config; use the same options, --overwrite, or another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock = lock.Lock(self.out).acquire()  # before --overwrite deletes anything: never under a live run
@@ -72,7 +72,7 @@ class Run:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         if resume:
             io.remove_leftovers(self.out)  # temp files of writes a crash interrupted
-        self.status = io.read_json(status) if status.is_file() else {"config": _comparable(cfg), "stages": {}}
+        self.status = io.read_json(status) if status.is_file() else {"config": comparable(cfg), "stages": {}}
         if not status.is_file():  # written first: marks the folder as a run, so --resume can compare configs
             io.write_json(status, self.status)
         io.write_text(self.out / "config.yaml", dump_config(cfg))
@@ -146,12 +146,6 @@ class Run:
 
     def test_splits(self) -> list[str]:
         return [s for s in self.data.splits if s.startswith("test")]
-
-
-def _comparable(cfg: RunConfig) -> dict:
-    d = cfg.to_dict()
-    d.pop("bench", None)  # benchmark settings may change on resume
-    return d
 
 
 def _timed(run: Run, stage: str, fn: Callable[[], dict | None]) -> None:
@@ -316,14 +310,9 @@ def stage_recover(run: Run) -> dict:
 
 def compression(dense, pruned, seq_len: int) -> dict:
     """Every measure, measured on the two real models (not predicted from the plan)."""
-    da, pa = get_adapter(dense), get_adapter(pruned)
-    dc, pc = model_cost(da), model_cost(pa)
-    rows = {
-        "encoder_params": (da.layer_params(), pa.layer_params()),
-        "linear_params": (dc.linear, pc.linear),
-        "flops": (dc.flops(seq_len), pc.flops(seq_len)),
-        "total_params": (sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in pruned.parameters())),
-    }
+    d, q = measure_totals(get_adapter(dense), seq_len), measure_totals(get_adapter(pruned), seq_len)
+    rows = {k: (d[k], q[k]) for k in d}
+    rows["total_params"] = (sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in pruned.parameters()))
     return {k: {"dense": a, "pruned": b, "removed_fraction": 1 - b / a if a else 0.0} for k, (a, b) in rows.items()} | {"seq_len": seq_len}
 
 
@@ -458,9 +447,7 @@ def _prune_iterative(run: Run) -> Path:
 
 
 def _measure_total(model, cfg: RunConfig) -> float:
-    a = get_adapter(model)
-    c = model_cost(a)
-    return {"encoder_params": a.layer_params(), "linear_params": c.linear, "flops": c.flops(cfg.prune.flops_seq_len)}[cfg.prune.measure]
+    return measure_total(get_adapter(model), cfg.prune.measure, cfg.prune.flops_seq_len)
 
 
 def _sum_counts(plans: list[dict]) -> dict:

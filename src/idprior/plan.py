@@ -6,6 +6,10 @@ Measures, all over the transformer layers only (embeddings and task head exclude
   flops           forward FLOPs for one sequence of `seq_len` tokens.
 Costs come from the adapter, so a plan's "after" numbers are exact predictions that the surgery
 tests check against the real pruned model.
+
+This module is the one home of the rules that selection, surgery, preflight, the pipeline and the
+baselines must agree on: the collapse rule (`collapses`), what a removal frees (`removal_cost`,
+`removed_cost`), and the measure totals that targets are fractions of (`measure_total`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,12 @@ from pathlib import Path
 
 from . import io
 from .arch.base import Adapter
+from .errors import IdpriorError
 from .units import Cost, Unit
 
 MEASURE_NAMES = ("encoder_params", "linear_params", "flops")
+SUBLAYER = {"head": "attn", "attn": "attn", "neuron": "ffn", "ffn": "ffn"}  # the sub-layer a unit belongs to
+MEMBER = {"attn": "head", "ffn": "neuron"}  # the units a sub-layer is made of
 
 
 def measure_of(cost: Cost, measure: str, seq_len: int) -> float:
@@ -31,12 +38,60 @@ def measure_of(cost: Cost, measure: str, seq_len: int) -> float:
     raise ValueError(f"unknown measure {measure!r}")
 
 
+# ---- the collapse rule and what a removal frees ---------------------------------------------------
+def unit_count(adapter: Adapter, sublayer: str, layer: int) -> int:
+    """Head units ("attn") or neurons ("ffn") the layer has now; 0 once that sub-layer is gone."""
+    shape = adapter.shape(layer)
+    if sublayer == "attn":
+        return adapter.num_head_units(layer) if shape.has_attn else 0
+    return shape.ffn_dim
+
+
+def collapses(adapter: Adapter, kind: str, layer: int, count: int = 1) -> bool:
+    """The collapse rule: removing `count` units of `kind` takes the whole sub-layer when none of its
+    heads (neurons) would be left, so no zero-width Linear ever exists; `attn`/`ffn` always do."""
+    sub = SUBLAYER[kind]
+    return kind == sub or count >= unit_count(adapter, sub, layer)
+
+
+def removal_cost(adapter: Adapter, kind: str, layer: int, count: int = 1) -> Cost:
+    """Cost freed by removing `count` units of `kind` from `layer` as it is now, collapse included
+    (a whole sub-layer also frees the parts no unit owns, `unit_cost("attn"/"ffn")`). Zero for a
+    sub-layer that is already gone."""
+    sub = SUBLAYER[kind]
+    n = unit_count(adapter, sub, layer)
+    if n == 0:
+        return Cost()
+    member = adapter.unit_cost(MEMBER[sub], layer)
+    if collapses(adapter, kind, layer, count):
+        return member.scale(n) + adapter.unit_cost(sub, layer)
+    return member.scale(count)
+
+
 def sublayer_cost(adapter: Adapter, kind: str, layer: int) -> Cost:
     """Cost of a whole present sub-layer ("attn" or "ffn"); zero if already removed."""
-    shape = adapter.shape(layer)
-    if kind == "attn":
-        return adapter.unit_cost("head", layer).scale(adapter.num_head_units(layer)) + adapter.unit_cost("attn", layer) if shape.has_attn else Cost()
-    return adapter.unit_cost("neuron", layer).scale(shape.ffn_dim) + adapter.unit_cost("ffn", layer) if shape.has_ffn else Cost()
+    return removal_cost(adapter, kind, layer)
+
+
+def own_cost(adapter: Adapter, kind: str, layer: int) -> Cost:
+    """What one unit owns by itself (no collapse): a head's or neuron's share, or a whole sub-layer.
+    The cost that cost-aware rankings and cost-weighted priors divide or weight by."""
+    return sublayer_cost(adapter, kind, layer) if kind == SUBLAYER[kind] else adapter.unit_cost(kind, layer)
+
+
+def unit_costs(adapter: Adapter, kinds: Iterable[str], measure: str = "encoder_params",
+               seq_len: int = 128) -> dict[tuple[str, int], tuple[int, float]]:
+    """{(kind, layer): (number of units, `measure` of one unit's `own_cost`)} for every present
+    sub-layer, layer by layer, kinds in the given order (a whole sub-layer counts as one unit)."""
+    kinds = tuple(kinds)
+    out: dict[tuple[str, int], tuple[int, float]] = {}
+    for layer in range(adapter.num_layers):
+        for kind in kinds:
+            n = unit_count(adapter, SUBLAYER[kind], layer)
+            if n:
+                out[(kind, layer)] = (1 if kind == SUBLAYER[kind] else n,
+                                      measure_of(own_cost(adapter, kind, layer), measure, seq_len))
+    return out
 
 
 def model_cost(adapter: Adapter) -> Cost:
@@ -46,53 +101,110 @@ def model_cost(adapter: Adapter) -> Cost:
     return total
 
 
-def normalize(adapter: Adapter, units: Iterable[Unit]) -> list[Unit]:
-    """Apply the collapse rule: every head of a layer -> `attn`, every neuron -> `ffn`; drop units
-    inside a removed sub-layer. Sorted, deterministic."""
-    units = set(units)
-    out: set[Unit] = set()
-    for layer in range(adapter.num_layers):
-        shape = adapter.shape(layer)
-        heads = {u for u in units if u.layer == layer and u.kind == "head"}
-        neurons = {u for u in units if u.layer == layer and u.kind == "neuron"}
-        if shape.has_attn:
-            if Unit("attn", layer) in units or len(heads) >= adapter.num_head_units(layer):
-                out.add(Unit("attn", layer))
-            else:
-                out |= heads
-        if shape.has_ffn:
-            if Unit("ffn", layer) in units or len(neurons) >= shape.ffn_dim:
-                out.add(Unit("ffn", layer))
-            else:
-                out |= neurons
+def measure_totals(adapter: Adapter, seq_len: int) -> dict[str, int]:
+    """Every measure of the model as it is now: what targets and removed fractions are fractions of.
+    encoder_params is read from the modules (it includes LayerNorms that no unit owns)."""
+    full = model_cost(adapter)
+    return {"encoder_params": adapter.layer_params(), "linear_params": full.linear, "flops": full.flops(seq_len)}
+
+
+def measure_total(adapter: Adapter, measure: str, seq_len: int) -> float:
+    """One entry of `measure_totals`."""
+    if measure not in MEASURE_NAMES:
+        raise ValueError(f"unknown measure {measure!r}")
+    return float(measure_totals(adapter, seq_len)[measure])
+
+
+def reachable_fraction(adapter: Adapter, kinds: Iterable[str], measure: str, seq_len: int) -> float:
+    """The largest fraction of `measure` a plan of `kinds` can remove: one attention and one FFN
+    sub-layer always stay, shrunk to one head unit (neuron) when that kind may go."""
+    kinds = set(kinds)
+    removable = 0.0
+    for sub, member in MEMBER.items():
+        layers = [i for i in range(adapter.num_layers) if unit_count(adapter, sub, i)]
+        if not layers or not ({sub, member} & kinds):
+            continue
+        full = [measure_of(sublayer_cost(adapter, sub, i), measure, seq_len) for i in layers]
+        if member in kinds:  # the last sub-layer may shrink to one unit
+            gone = [measure_of(removal_cost(adapter, member, i, unit_count(adapter, sub, i) - 1), measure, seq_len)
+                    for i in layers]
+            keep = [f - g for f, g in zip(full, gone)]
+        else:
+            keep = full
+        removable += sum(full) - min(keep)
+    total = measure_total(adapter, measure, seq_len)
+    return removable / total if total else 0.0
+
+
+@dataclass
+class LayerRemoval:
+    """What a plan removes from one layer, collapse applied: whole sub-layers, else indices."""
+
+    attn: bool = False
+    ffn: bool = False
+    heads: set[int] = field(default_factory=set)
+    neurons: set[int] = field(default_factory=set)
+
+
+def layer_removals(adapter: Adapter, units: Iterable[Unit | str], *, strict: bool = False) -> dict[int, LayerRemoval]:
+    """Group `units` per layer and apply the collapse rule; a unit of a sub-layer that is already gone
+    is dropped. `strict` (surgery) raises IdpriorError on a unit the model does not have; otherwise
+    units of missing layers are ignored."""
+    out: dict[int, LayerRemoval] = {}
+    for unit in units:
+        unit = Unit.parse(unit) if isinstance(unit, str) else unit
+        if not 0 <= unit.layer < adapter.num_layers:
+            if strict:
+                raise IdpriorError(f"unit {unit}: layer {unit.layer} does not exist; the model has {adapter.num_layers} layers")
+            continue
+        r = out.setdefault(unit.layer, LayerRemoval())
+        if unit.kind in MEMBER:
+            setattr(r, unit.kind, True)
+            continue
+        count = unit_count(adapter, SUBLAYER[unit.kind], unit.layer)
+        if strict and not 0 <= unit.index < count:
+            raise IdpriorError(
+                f"unit {unit} does not exist: layer {unit.layer} now has {count} {unit.kind} units; "
+                "make the plan from the model you prune"
+            )
+        (r.heads if unit.kind == "head" else r.neurons).add(unit.index)
+    for layer, r in out.items():
+        for sub, indices in (("attn", r.heads), ("ffn", r.neurons)):
+            if not unit_count(adapter, sub, layer):
+                setattr(r, sub, False)
+                indices.clear()
+            elif getattr(r, sub) or collapses(adapter, MEMBER[sub], layer, len(indices)):
+                setattr(r, sub, True)
+                indices.clear()
+    return out
+
+
+def normalize(adapter: Adapter, units: Iterable[Unit | str]) -> list[Unit]:
+    """The plan's units as stored: collapse applied, units inside a removed sub-layer dropped. Sorted."""
+    out: list[Unit] = []
+    for layer, r in layer_removals(adapter, units).items():
+        out += [Unit(sub, layer) for sub in ("attn", "ffn") if getattr(r, sub)]
+        out += [Unit("head", layer, i) for i in r.heads] + [Unit("neuron", layer, i) for i in r.neurons]
     return sorted(out, key=Unit.sort_key)
 
 
-def removed_cost(adapter: Adapter, units: Iterable[Unit]) -> Cost:
+def removed_cost(adapter: Adapter, units: Iterable[Unit | str], *, strict: bool = False) -> Cost:
+    """Total cost that removing `units` frees (what `surgery.apply_plan` takes out, exactly)."""
     total = Cost()
-    for u in normalize(adapter, units):
-        if u.kind in ("attn", "ffn"):
-            total = total + sublayer_cost(adapter, u.kind, u.layer)
-        else:
-            total = total + adapter.unit_cost(u.kind, u.layer)
+    for layer, r in layer_removals(adapter, units, strict=strict).items():
+        total = total + (removal_cost(adapter, "attn", layer) if r.attn else removal_cost(adapter, "head", layer, len(r.heads)))
+        total = total + (removal_cost(adapter, "ffn", layer) if r.ffn else removal_cost(adapter, "neuron", layer, len(r.neurons)))
     return total
 
 
 def measures(adapter: Adapter, units: Iterable[Unit], seq_len: int, total_params: int) -> dict:
     """Every measure before and after removing `units` (exact, from unit costs)."""
-    units = list(units)
-    full = model_cost(adapter)
     gone = removed_cost(adapter, units)
-    before = {
-        "encoder_params": adapter.layer_params(),
-        "linear_params": full.linear,
-        "flops": full.flops(seq_len),
-        "total_params": total_params,
-    }
+    before = {**measure_totals(adapter, seq_len), "total_params": total_params}
     after = {
         "encoder_params": before["encoder_params"] - gone.params,
-        "linear_params": full.linear - gone.linear,
-        "flops": full.flops(seq_len) - gone.flops(seq_len),
+        "linear_params": before["linear_params"] - gone.linear,
+        "flops": before["flops"] - gone.flops(seq_len),
         "total_params": total_params - gone.params,
     }
     removed = {k: (1 - after[k] / before[k]) if before[k] else 0.0 for k in before}
@@ -154,19 +266,17 @@ class PruningPlan:
 
 
 def structure_after(adapter: Adapter, units: Iterable[Unit]) -> list[dict]:
-    units = normalize(adapter, units)
+    """Per layer: head units and FFN neurons before and after removing `units`."""
+    removals = layer_removals(adapter, units)
     rows = []
     for layer in range(adapter.num_layers):
-        s = adapter.shape(layer)
-        heads_gone = sum(1 for u in units if u.layer == layer and u.kind == "head")
-        neurons_gone = sum(1 for u in units if u.layer == layer and u.kind == "neuron")
-        attn_gone = Unit("attn", layer) in units or not s.has_attn
-        ffn_gone = Unit("ffn", layer) in units or not s.has_ffn
+        r = removals.get(layer, LayerRemoval())
+        heads, ffn = unit_count(adapter, "attn", layer), unit_count(adapter, "ffn", layer)
         rows.append({
             "layer": layer,
-            "head_units": 0 if attn_gone else adapter.num_head_units(layer) - heads_gone,
-            "head_units_before": adapter.num_head_units(layer) if s.has_attn else 0,
-            "ffn": 0 if ffn_gone else s.ffn_dim - neurons_gone,
-            "ffn_before": s.ffn_dim,
+            "head_units": 0 if r.attn else heads - len(r.heads),
+            "head_units_before": heads,
+            "ffn": 0 if r.ffn else ffn - len(r.neurons),
+            "ffn_before": ffn,
         })
     return rows

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from . import models
-from .config import RunConfig, validate
+from .config import RunConfig, comparable, validate
 from .errors import ConfigError, IdpriorError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -123,9 +123,7 @@ def check_output(cfg: RunConfig, *, resume: bool, overwrite: bool) -> list[str]:
         if saved is None:
             return [f"--resume: {out} holds no idprior run (no stages.json or config.yaml); choose the run's "
                     "folder or another --out"]
-        from .pipeline import _comparable
-
-        changed = _differences(saved, _comparable(cfg))
+        changed = config_differences(saved, comparable(cfg))
         if changed:
             shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
             return [f"--resume: {out} was started with a different config ({shown} differ); use the same "
@@ -151,7 +149,7 @@ def _saved_config(out: Path) -> dict | None:
     return None
 
 
-def _differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+def config_differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
     """Dotted keys whose values differ (`out` may change: a run folder can be moved). A key the saved
     config lacks is no difference while it holds its default: a field added to idprior after the run
     started, left at its default, does not change what the run computes."""
@@ -167,7 +165,7 @@ def _differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None
         if k not in saved and k in defaults and b == defaults[k]:
             continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{k}.", defaults.get(k) if isinstance(defaults.get(k), dict) else {})
+            out += config_differences(a, b, f"{prefix}{k}.", defaults.get(k) if isinstance(defaults.get(k), dict) else {})
         elif a != b:
             out.append(f"{prefix}{k}")
     return out
@@ -402,7 +400,7 @@ def check_structure(cfg: RunConfig, info: ModelInfo) -> list[str]:
     """Kinds the model has none of, and a target no plan can reach (one attention and one FFN
     sub-layer always stay). Uses the layer shapes only: the model is built on the meta device."""
     from .baselines.layerdrop import ShortGPTMethod, TopLayersMethod
-    from .plan import measure_of, model_cost, sublayer_cost
+    from .plan import reachable_fraction
     from .units import parse_kinds
 
     p = cfg.prune
@@ -428,22 +426,7 @@ def check_structure(cfg: RunConfig, info: ModelInfo) -> list[str]:
                             "to prune; choose other kinds")
     if problems or p.tau is not None:
         return problems
-
-    def m(cost) -> float:
-        return measure_of(cost, p.measure, p.flops_seq_len)
-
-    total = float(adapter.layer_params()) if p.measure == "encoder_params" else m(model_cost(adapter))
-    removable = 0.0
-    for family, layers, unit in (("attn", attn_layers, "head"), ("ffn", ffn_layers, "neuron")):
-        if not layers or not ({family, unit} & set(kinds)):
-            continue
-        full = [m(sublayer_cost(adapter, family, i)) for i in layers]
-        if unit in kinds:  # the last sub-layer may shrink to one unit
-            keep = [m(adapter.unit_cost(unit, i) + adapter.unit_cost(family, i)) for i in layers]
-        else:
-            keep = full
-        removable += sum(full) - min(keep)
-    reachable = removable / total if total else 0.0
+    reachable = reachable_fraction(adapter, kinds, p.measure, p.flops_seq_len)
     if p.target > reachable + 1e-12:
         return [f"prune.target {p.target:g} is out of reach: with kinds {','.join(kinds)} at most {reachable:.1%} "
                 f"of {p.measure} can be removed (one attention and one FFN sub-layer always stay); lower --target "

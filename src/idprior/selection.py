@@ -24,8 +24,21 @@ from collections.abc import Iterable
 
 from .arch.base import Adapter
 from .errors import IdpriorError
-from .plan import PruningPlan, measure_of, measures, model_cost, normalize, structure_after, sublayer_cost
-from .units import Cost, Unit
+from .plan import (
+    MEMBER,
+    SUBLAYER,
+    PruningPlan,
+    collapses,
+    measure_of,
+    measure_total,
+    measures,
+    normalize,
+    own_cost,
+    removal_cost,
+    structure_after,
+    unit_count,
+)
+from .units import Unit
 
 
 def _key_fn(mode: str, scores: dict[Unit, float], cost_of):
@@ -51,13 +64,13 @@ def _key_fn(mode: str, scores: dict[Unit, float], cost_of):
 
 
 class _State:
-    """Which units are gone so far, with the collapse and protection rules."""
+    """Which units are gone so far, with the protection rule; costs and collapse come from `plan`."""
 
     def __init__(self, adapter: Adapter, measure: str, seq_len: int):
         self.adapter, self.measure, self.seq_len = adapter, measure, seq_len
-        n = adapter.num_layers
-        self.heads_left = [adapter.num_head_units(i) if adapter.shape(i).has_attn else 0 for i in range(n)]
-        self.neurons_left = [adapter.shape(i).ffn_dim for i in range(n)]
+        layers = range(adapter.num_layers)
+        self.left = {sub: [unit_count(adapter, sub, i) for i in layers] for sub in MEMBER}  # units left per layer
+        self.taken = {sub: [0] * adapter.num_layers for sub in MEMBER}  # head units / neurons taken per layer
         self.removed: list[Unit] = []
         self.amount = 0.0
         self.warnings: list[str] = []
@@ -67,36 +80,25 @@ class _State:
 
     def gain(self, u: Unit) -> float | None:
         """Measure removed by taking `u` now; None if it is already gone or protected."""
-        a = self.adapter
-        if u.kind in ("head", "attn"):
-            if self.heads_left[u.layer] == 0:
-                return None
-            collapse = u.kind == "attn" or self.heads_left[u.layer] == 1
-            if collapse and sum(1 for h in self.heads_left if h > 0) == 1:
-                return None  # would remove the model's last attention sub-layer
-            if u.kind == "attn":
-                return self._m(a.unit_cost("head", u.layer).scale(self.heads_left[u.layer]) + a.unit_cost("attn", u.layer))
-            return self._m(a.unit_cost("head", u.layer) + (a.unit_cost("attn", u.layer) if collapse else Cost()))
-        if self.neurons_left[u.layer] == 0:
+        sub, layer = SUBLAYER[u.kind], u.layer
+        left = self.left[sub]
+        if left[layer] == 0:
             return None
-        collapse = u.kind == "ffn" or self.neurons_left[u.layer] == 1
-        if collapse and sum(1 for f in self.neurons_left if f > 0) == 1:
-            return None  # would remove the model's last FFN sub-layer
-        if u.kind == "ffn":
-            return self._m(a.unit_cost("neuron", u.layer).scale(self.neurons_left[u.layer]) + a.unit_cost("ffn", u.layer))
-        return self._m(a.unit_cost("neuron", u.layer) + (a.unit_cost("ffn", u.layer) if collapse else Cost()))
+        taken = self.taken[sub][layer]
+        if collapses(self.adapter, u.kind, layer, taken + 1) and sum(1 for n in left if n > 0) == 1:
+            return None  # would remove the model's last attention (FFN) sub-layer
+        before = removal_cost(self.adapter, MEMBER[sub], layer, taken)
+        return self._m(removal_cost(self.adapter, u.kind, layer, taken + 1)) - self._m(before)
 
     def take(self, u: Unit, gain: float) -> None:
         self.removed.append(u)
         self.amount += gain
-        if u.kind == "head":
-            self.heads_left[u.layer] -= 1
-        elif u.kind == "attn":
-            self.heads_left[u.layer] = 0
-        elif u.kind == "neuron":
-            self.neurons_left[u.layer] -= 1
+        sub = SUBLAYER[u.kind]
+        if u.kind == sub:
+            self.left[sub][u.layer] = 0
         else:
-            self.neurons_left[u.layer] = 0
+            self.left[sub][u.layer] -= 1
+            self.taken[sub][u.layer] += 1
 
 
 def select(
@@ -119,22 +121,16 @@ def select(
     if target is not None and not 0 <= target < 1:
         raise IdpriorError(f"target must be in [0, 1), got {target}; it is the fraction of {measure} to remove")
     kinds = tuple(kinds)
-    present = {Unit("attn", i) for i in range(adapter.num_layers) if adapter.shape(i).has_attn}
-    present |= {Unit("ffn", i) for i in range(adapter.num_layers) if adapter.shape(i).has_ffn}
-    cands = [u for u in scores if u.kind in kinds and (u.kind in ("attn", "ffn") and u in present
-             or u.kind == "head" and Unit("attn", u.layer) in present and u.index < adapter.num_head_units(u.layer)
-             or u.kind == "neuron" and Unit("ffn", u.layer) in present and u.index < adapter.shape(u.layer).ffn_dim)]
+    cands = [u for u in scores if u.kind in kinds and _present(adapter, u)]
     if not cands:
         raise IdpriorError(f"no scored units of kinds {','.join(kinds)} in this model; check --kinds")
 
     def cost_of(u: Unit) -> float:
-        if u.kind in ("attn", "ffn"):
-            return measure_of(sublayer_cost(adapter, u.kind, u.layer), measure, seq_len)
-        return measure_of(adapter.unit_cost(u.kind, u.layer), measure, seq_len)
+        return measure_of(own_cost(adapter, u.kind, u.layer), measure, seq_len)
 
     key = _key_fn(mode, scores, cost_of)
     order = sorted(cands, key=lambda u: (key(u), *u.sort_key()))
-    total = measure_of(model_cost(adapter), measure, seq_len) if measure != "encoder_params" else float(adapter.layer_params())
+    total = measure_total(adapter, measure, seq_len)
     state = _State(adapter, measure, seq_len)
     last_key = None
     if tau is not None:
@@ -177,6 +173,14 @@ def select(
         measures=measures(adapter, units, seq_len, total_params), structure=structure_after(adapter, units),
         warnings=state.warnings,
     )
+
+
+def _present(adapter: Adapter, u: Unit) -> bool:
+    """The model has `u` now (a scored unit may be gone after an earlier round's surgery)."""
+    if not 0 <= u.layer < adapter.num_layers:
+        return False
+    n = unit_count(adapter, SUBLAYER[u.kind], u.layer)
+    return n > 0 and (u.kind in MEMBER or u.index < n)
 
 
 def _greedy(state: _State, order: list[Unit], key, budget: float) -> float | None:

@@ -18,7 +18,6 @@ import contextlib
 import os
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,7 +27,8 @@ from torch.nn.utils import parametrize
 from .arch import STRUCTURE_KEY, Adapter, LayerShape, get_adapter
 from .errors import IdpriorError
 from .io import atomic_dir, read_json, write_json, write_text
-from .units import Cost, Unit
+from .plan import layer_removals, removed_cost
+from .units import Unit
 
 ATTN_IMPL_KEY = "idprior_attn_implementation"  # config attribute: attention kernel the model was saved with
 WEIGHTS_NAME = "model.safetensors"
@@ -37,61 +37,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 
 
 # ---- plans ----------------------------------------------------------------------------------------
-@dataclass
-class _LayerPlan:
-    attn: bool = False  # whole attention sub-layer goes (explicitly or by collapse)
-    ffn: bool = False
-    heads: set[int] = field(default_factory=set)
-    neurons: set[int] = field(default_factory=set)
-
-
-def _as_unit(unit: Unit | str) -> Unit:
-    return Unit.parse(unit) if isinstance(unit, str) else unit
-
-
-def _layer_plans(adapter: Adapter, removed_units: Iterable[Unit | str]) -> dict[int, _LayerPlan]:
-    """Validate the units against the current model and group them per layer, applying the collapse rule."""
-    plans: dict[int, _LayerPlan] = {}
-    for unit in map(_as_unit, removed_units):
-        if not 0 <= unit.layer < adapter.num_layers:
-            raise IdpriorError(f"unit {unit}: layer {unit.layer} does not exist; the model has {adapter.num_layers} layers")
-        plan = plans.setdefault(unit.layer, _LayerPlan())
-        if unit.kind in ("attn", "ffn"):
-            setattr(plan, unit.kind, True)
-            continue
-        count = adapter.num_head_units(unit.layer) if unit.kind == "head" else adapter.shape(unit.layer).ffn_dim
-        if not 0 <= unit.index < count:
-            raise IdpriorError(
-                f"unit {unit} does not exist: layer {unit.layer} now has {count} {unit.kind} units; "
-                "make the plan from the model you prune"
-            )
-        (plan.heads if unit.kind == "head" else plan.neurons).add(unit.index)
-    for layer, plan in plans.items():
-        if plan.heads and len(plan.heads) == adapter.num_head_units(layer):
-            plan.attn = True
-        if plan.neurons and len(plan.neurons) == adapter.shape(layer).ffn_dim:
-            plan.ffn = True
-    return plans
-
-
-def removed_cost(model: nn.Module, removed_units: Iterable[Unit | str], adapter: Adapter | None = None) -> Cost:
-    """Total cost (params, linear weights, query heads) that `apply_plan` would remove."""
-    adapter = adapter if adapter is not None else get_adapter(model)
-    total = Cost()
-    for layer, plan in _layer_plans(adapter, removed_units).items():
-        if plan.attn:
-            total += adapter.unit_cost("head", layer).scale(adapter.num_head_units(layer))
-            total += adapter.unit_cost("attn", layer)
-        else:
-            total += adapter.unit_cost("head", layer).scale(len(plan.heads))
-        if plan.ffn:
-            total += adapter.unit_cost("neuron", layer).scale(adapter.shape(layer).ffn_dim)
-            total += adapter.unit_cost("ffn", layer)
-        else:
-            total += adapter.unit_cost("neuron", layer).scale(len(plan.neurons))
-    return total
-
-
 def count_params(model: nn.Module) -> int:
     """Parameters of the model, tied weights counted once."""
     return sum(p.numel() for p in model.parameters())
@@ -99,7 +44,8 @@ def count_params(model: nn.Module) -> int:
 
 def predicted_params(model: nn.Module, removed_units: Iterable[Unit | str], adapter: Adapter | None = None) -> int:
     """Number of parameters the model will have after `apply_plan(model, removed_units)`."""
-    return count_params(model) - removed_cost(model, removed_units, adapter).params
+    adapter = adapter if adapter is not None else get_adapter(model)
+    return count_params(model) - removed_cost(adapter, removed_units, strict=True).params
 
 
 def _refuse_parametrizations(model: nn.Module, action: str) -> None:
@@ -116,7 +62,7 @@ def apply_plan(model: nn.Module, removed_units: Iterable[Unit | str], adapter: A
     """Remove `removed_units` physically, in place; returns `model` with its config synced."""
     _refuse_parametrizations(model, "prune")
     adapter = adapter if adapter is not None else get_adapter(model)
-    plans = _layer_plans(adapter, removed_units)  # validates everything before the first change
+    plans = layer_removals(adapter, removed_units, strict=True)  # validates everything before the first change
     for layer in sorted(plans):
         plan = plans[layer]
         if plan.attn:

@@ -18,7 +18,7 @@ import torch
 
 from ..arch.base import Adapter
 from ..errors import IdpriorError
-from ..plan import PruningPlan, measure_of, measures, model_cost, normalize, structure_after, sublayer_cost
+from ..plan import PruningPlan, measure_of, measure_total, measures, normalize, structure_after, sublayer_cost
 from ..units import Unit
 from .base import Method, check_batches, to_device
 
@@ -60,7 +60,7 @@ def drop_layers(adapter: Adapter, order: list[int], keys: list[float], *, target
     """Drop whole layers in `order` until `target` of `measure` is removed; `keys[l]` is recorded as tau."""
     if not 0 <= target < 1:
         raise IdpriorError(f"target must be in [0, 1), got {target}; it is the fraction of {measure} to remove")
-    total = float(adapter.layer_params()) if measure == "encoder_params" else measure_of(model_cost(adapter), measure, seq_len)
+    total = measure_total(adapter, measure, seq_len)
     shapes = adapter.shapes()
     attn_left = sum(s.has_attn for s in shapes)
     ffn_left = sum(s.has_ffn for s in shapes)

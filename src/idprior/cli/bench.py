@@ -84,7 +84,7 @@ def run(args) -> int:
     result = benchmark({"dense": dense, **pruned}, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens,
                        threads=args.threads, repeats=args.repeats, warmup=args.warmup, onnx=not args.no_onnx,
                        exporter=args.exporter, attention=args.attention)
-    result["command"] = "idprior bench " + " ".join(_argv_echo(args))
+    result["command"] = command_line(args)
     result["inputs"] = {"dense": args.dense, "pruned": list(args.pruned)}
     out = Path(args.out)
     md = format_bench_markdown(result)
@@ -95,7 +95,11 @@ def run(args) -> int:
     return 0
 
 
-def _argv_echo(args) -> list[str]:
+def command_line(args) -> str:
+    """`idprior bench ...` with every option at the value this run used, defaults included, so the
+    recorded line reproduces the run even after a default changes (quoted for a POSIX shell)."""
+    import shlex
+
     parts = ["--dense", args.dense]
     for folder in args.pruned:
         parts += ["--pruned", folder]
@@ -105,4 +109,5 @@ def _argv_echo(args) -> list[str]:
     parts += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     if args.no_onnx:
         parts.append("--no-onnx")
-    return parts + ["--out", args.out]
+    parts += ["--exporter", args.exporter, "--attention", args.attention, "--out", args.out]
+    return shlex.join(["idprior", "bench", *parts])
