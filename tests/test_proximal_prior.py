@@ -297,3 +297,29 @@ def test_config_fields_are_validated():
     text = str(e.value)
     for field in ("prior_mode", "prior_lambda0", "prior_ramp", "prior_gain", "prior_head_share", "prior_gamma"):
         assert f"prune.{field} must" in text
+
+
+@pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2])
+def test_a_fully_zeroed_sublayer_loses_its_bias_and_equals_the_collapsed_model(make):
+    """When every head (neuron) of a layer reaches zero, surgery removes the whole sub-layer, bias included;
+    the prior clears the bias too, so the model with its units at zero still equals the pruned one."""
+    model = no_dropout(make()).train()
+    prior, adapter, gates = make_prior(model, lam0=0.05, gain=0.0)
+    with torch.no_grad():
+        for mod in (adapter.attn_out_proj(0), adapter.ffn_out_proj(0)):
+            adapter.out_weight(mod).mul_(1e-4)  # every unit of layer 0 far below the threshold
+            mod.bias.normal_()
+        model(**batch())
+    prior(model, 0, 10)
+    prior.detach()
+    gates.detach()
+    assert not prior.norms[("head", 0)].any() and not prior.norms[("neuron", 0)].any()
+    assert not adapter.attn_out_proj(0).bias.any() and not adapter.ffn_out_proj(0).bias.any()
+    assert adapter.attn_out_proj(1).bias.any()  # other layers keep theirs
+    zero = [Unit(k, layer, i) for (k, layer), n in prior.norms.items() for i in (n == 0).nonzero().flatten().tolist()]
+    model.eval()
+    pruned = apply_plan(copy.deepcopy(model), zero)
+    assert not adapter.shape(0).has_attn or get_adapter(pruned).shape(0).has_attn is False
+    b = batch(seed=1)
+    with torch.no_grad():
+        assert torch.allclose(model(**b).logits, pruned(**b).logits, atol=1e-5)

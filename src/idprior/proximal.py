@@ -101,6 +101,14 @@ class ActivationMoments(BranchNorms):
             self._add(self.moments, ("neuron", layer), (x.float() ** 2).sum(dim=(0, 1)))  # [F]
 
 
+def _clear_bias(module: nn.Module) -> None:
+    """Every unit of the sub-layer is at the identity: its output bias goes as well, because surgery's
+    collapse rule removes the whole sub-layer, bias included (post-LN: LN(x + b) is not LN(x)), and a
+    model with its units at zero must equal the pruned model."""
+    if getattr(module, "bias", None) is not None:
+        module.bias.zero_()
+
+
 class _Stored:
     """Stands in for a module so that `adapter.out_weight` gives its [out, in] view of `weight`."""
 
@@ -213,7 +221,8 @@ class ProximalPrior:
     @torch.no_grad()
     def __call__(self, model: nn.Module, step: int, total: int) -> dict:
         self._update_ema()
-        current = {(k, layer): self._norm(k, layer, module) for k, layer, module in self._sites()}
+        modules = {(k, layer): module for k, layer, module in self._sites()}
+        current = {key: self._norm(*key, module) for key, module in modules.items()}
         if not self.fbar:
             for kind in self.kinds:
                 mean = float(torch.cat([n for (k, _), (n, _) in current.items() if k == kind]).mean())
@@ -225,6 +234,8 @@ class ProximalPrior:
             delta = lam * fbar * (fbar / (norm + self.eps * fbar)) ** self.gamma  # δ_u = λ ω_u F̄_k
             alpha = torch.where(norm > delta, 1 - delta / norm.clamp(min=1e-300), torch.zeros_like(norm))
             self._shrink(kind, layer, w, alpha)
+            if not bool((alpha > 0).any()):
+                _clear_bias(modules[(kind, layer)])
             self.norms[(kind, layer)] = norm * alpha  # = max(0, ‖f_u‖ − δ_u), exactly what the shrink did
             self.deltas[(kind, layer)] = delta
         fracs = self.fractions()
