@@ -108,7 +108,7 @@ def native(tmp_path_factory):
     env.update(HF_MODULES_CACHE=str(root / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     spec = json.dumps({"folders": FOLDERS, "text": TEXT, "prompt": PROMPT})
     proc = subprocess.run([sys.executable, "-c", CHILD, str(root), spec], cwd=root, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=1200)  # a hang guard; ~20 s on an idle machine
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     return root, result, load_file(str(root / "child_logits.safetensors"))
