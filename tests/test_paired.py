@@ -91,7 +91,7 @@ def tiny_folder(tmp_path_factory):
 
 def _paired_grid(model) -> dict:
     return {"model": str(model), "paired": True, "tasks": ["rt-polarity"], "targets": [0.5, 0.3], "seeds": [0],
-            "methods": ["snip", {"name": "snip-no-prior", "method": "snip-no-prior", "targets": [0.5]},
+            "methods": ["snip", {"name": "snip-no-prior", "method": "snip-no-prior", "targets": [0.5], "seeds": [0]},
                         "random", {"name": "norm-start", "method": "snip-no-sn-no-prior", "from": "start", "targets": [0.5]}],
             "max_train": 48, "max_eval": 24, "max_validation": 16, "max_length": 16,
             "train": {"epochs": 1, "batch_size": 16, "eval_each_epoch": False},
@@ -190,3 +190,16 @@ def test_resume_accepts_a_field_added_later_at_its_default():
     assert config_differences(saved, now) == []
     changed = comparable(load_config(None, ["out=x", "prune.prior_mode=proximal"]))
     assert config_differences(saved, changed) == ["prune.prior_mode"]
+
+
+def test_paired_cells_order_and_per_method_targets_and_seeds(tiny_folder):
+    from idprior.quality import cells
+
+    raw = _paired_grid(tiny_folder) | {"seeds": [0, 1], "tasks": ["rt-polarity", "subj"]}
+    raw["methods"] = ["snip", {"name": "only-seed1", "method": "random", "targets": [0.5], "seeds": [1]}]
+    order = [(seed, task, target, spec.name if spec else "dense") for seed, task, target, spec in cells(load_grid(raw))]
+    # the primary target for every (seed, task) before the secondary one; a restricted method only where asked
+    assert [o for o in order if o[2] == 0.3] == [(0, "rt-polarity", 0.3, "snip"), (0, "subj", 0.3, "snip"),
+                                               (1, "rt-polarity", 0.3, "snip"), (1, "subj", 0.3, "snip")]
+    assert order.index((1, "subj", 0.5, "snip")) < order.index((0, "rt-polarity", 0.3, "snip"))
+    assert [o for o in order if o[3] == "only-seed1"] == [(1, "rt-polarity", 0.5, "only-seed1"), (1, "subj", 0.5, "only-seed1")]

@@ -60,7 +60,7 @@ ROW_KEYS = ("key", "task", "seed", "method", "base_method", "target", "variant",
             "versions", "wall_s", "sizes", "dense", "pruned_no_recovery", "pruned", "compression", "removed", "finished_at")
 GRID_KEYS = {"model", "tasks", "targets", "seeds", "methods", "max_train", "max_eval", "max_validation", "max_length",
              "train", "recover", "prune", "selection", "set", "dense_row", "paired", "continue"}
-METHOD_KEYS = {"name", "method", "set", "targets", "from"}
+METHOD_KEYS = {"name", "method", "set", "targets", "seeds", "from"}
 
 
 def baseline_names() -> tuple[str, ...]:
@@ -77,6 +77,7 @@ class MethodSpec:
     method: str
     overrides: dict = field(default_factory=dict)
     targets: list[float] | None = None  # None: every target of the grid
+    seeds: list[int] | None = None  # None: every seed of the grid (a variant dropped after a first look)
     start: str = "continued"  # paired grids: "continued" (after the further steps) or "start" (post hoc, no steps)
 
 
@@ -173,9 +174,9 @@ def _method_spec(m, problems: list[str]) -> MethodSpec | None:
     start = str(m.get("from", "continued"))
     if start not in ("continued", "start"):
         problems.append(f"method {m.get('name')!r}: from must be 'start' or 'continued', got {start!r}")
-    targets = m.get("targets")
+    targets, seeds = m.get("targets"), m.get("seeds")
     return MethodSpec(str(m.get("name")), str(m.get("method", m.get("name"))), dict(m.get("set") or {}),
-                      [float(t) for t in targets] if targets else None, start)
+                      [float(t) for t in targets] if targets else None, [int(x) for x in seeds] if seeds else None, start)
 
 
 def _is_plain_name(name: str) -> bool:
@@ -285,7 +286,7 @@ def cells(grid: Grid) -> Iterator[tuple[int, str, float, MethodSpec | None]]:
                     if i == 0 and grid.dense_row:
                         yield seed, task, 0.0, None
                     for spec in grid.methods:
-                        if spec.targets is None or target in spec.targets:
+                        if (spec.targets is None or target in spec.targets) and (spec.seeds is None or seed in spec.seeds):
                             yield seed, task, target, spec
         return
     for seed in grid.seeds:
@@ -294,7 +295,7 @@ def cells(grid: Grid) -> Iterator[tuple[int, str, float, MethodSpec | None]]:
                 if i == 0 and grid.dense_row:
                     yield seed, task, 0.0, None
                 for spec in grid.methods:
-                    if spec.targets is None or target in spec.targets:
+                    if (spec.targets is None or target in spec.targets) and (spec.seeds is None or seed in spec.seeds):
                         yield seed, task, target, spec
 
 
