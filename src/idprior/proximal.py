@@ -18,7 +18,7 @@ decouples weight decay, this prior acts on the weights directly, after `opt.step
                        λ is unitless: 0.01 = 1% of a typical unit per step), ω_u = (F̄_k / (‖f_u‖ +
                        ε F̄_k))^γ (γ = 1: reweighted group lasso, small units pulled harder);
   controller           the fraction of the prune measure carried by units at the identity
-                       (‖f_u‖ ≤ 1e-3 F̄_k; costs and the collapse rule from `plan.removed_cost`)
+                       (‖f_u‖ ≤ 1e-3 F̄_k; costs and the collapse rule from `plan.removal_cost`)
                        should follow s(t) = target (1 − (1 − t/T_r)³), then hold; each step
                        λ ← clip(λ · exp(κ (s(t) − frac_H) / target), λ_min, λ_max), where frac_H
                        also counts the units the current λ drives to zero within H = `horizon` ·
@@ -44,7 +44,7 @@ from torch.nn.utils import parametrize
 from .arch.base import Adapter
 from .errors import IdpriorError
 from .gates import Gates
-from .plan import measure_of, model_cost, removed_cost
+from .plan import measure_of, model_cost, removal_cost
 from .scoring import BranchNorms
 from .spectral import BoundedSpectralNorm, sn_modules
 from .units import Unit
@@ -175,7 +175,6 @@ class ProximalPrior:
         self.ema_m: dict[tuple[str, int], torch.Tensor] = {}  # EMA of per-token moments (float64)
         self.norms: dict[tuple[str, int], torch.Tensor] = {}  # ‖f_u‖ right after the last step
         self.deltas: dict[tuple[str, int], torch.Tensor] = {}  # δ_u of the last step
-        self._frac_cache: dict[tuple, float] = {}
         self.recorder = ActivationMoments(model, gates, adapter, self.kinds).attach()
 
     # ---- norms and the proximal step ---------------------------------------------------------
@@ -279,20 +278,16 @@ class ProximalPrior:
         """Fraction of the measure carried by the units flagged in `at` (default: at the identity),
         per controller group ("all", or "head" and "neuron").
 
-        Costs come from `plan.removed_cost` (collapse rule included); they depend only on how many
-        units of each layer are flagged, so they are cached on those counts.
+        Costs come from `plan.removal_cost` (collapse rule included) per (kind, layer): sub-layers are
+        independent, so the fraction is a sum over layers of what removing that many units frees.
         """
         at = self._at_identity() if at is None else at
-        per_kind = {}
-        for kind in self.kinds:
-            key = (kind, *(int(m.sum()) for (k, _), m in at.items() if k == kind))
-            if key not in self._frac_cache:
-                units = [Unit(kind, layer, i) for (k, layer), m in at.items() if k == kind
-                         for i in m.nonzero().flatten().tolist()]
-                if len(self._frac_cache) > 256:
-                    self._frac_cache.clear()
-                self._frac_cache[key] = measure_of(removed_cost(self.adapter, units), self.measure, self.seq_len) / self.total
-            per_kind[kind] = self._frac_cache[key]
+        per_kind = {kind: 0.0 for kind in self.kinds}
+        for (kind, layer), flagged in at.items():
+            count = int(flagged.sum())
+            if count:
+                per_kind[kind] += measure_of(removal_cost(self.adapter, kind, layer, count), self.measure, self.seq_len)
+        per_kind = {k: v / self.total for k, v in per_kind.items()}
         return {g: sum(per_kind.values()) if g == "all" else per_kind[g] for g in self.lam}
 
     def schedule(self, step: int, total: int) -> float:
