@@ -277,26 +277,19 @@ def continuation_config(grid: Grid, cell: RunConfig, start_dir: Path, *, out: st
 
 
 def cells(grid: Grid) -> Iterator[tuple[int, str, float, MethodSpec | None]]:
-    """(seed, task, target, method) in run order: seed, then target (in grid order), then task, so a
-    sweep cut short holds whole (seed, target) slices over every task; a dense row opens each (task, seed)."""
-    if grid.paired:  # the primary target for every (seed, task) first, then the secondary ones
-        for i, target in enumerate(grid.targets):
-            for seed in grid.seeds:
-                for task in grid.tasks:
-                    if i == 0 and grid.dense_row:
-                        yield seed, task, 0.0, None
-                    for spec in grid.methods:
-                        if (spec.targets is None or target in spec.targets) and (spec.seeds is None or seed in spec.seeds):
-                            yield seed, task, target, spec
-        return
-    for seed in grid.seeds:
-        for i, target in enumerate(grid.targets):
-            for task in grid.tasks:
-                if i == 0 and grid.dense_row:
-                    yield seed, task, 0.0, None
-                for spec in grid.methods:
-                    if (spec.targets is None or target in spec.targets) and (spec.seeds is None or seed in spec.seeds):
-                        yield seed, task, target, spec
+    """(seed, task, target, method) in run order; a dense row opens each (task, seed). Unpaired grids:
+    seed, then target (grid order), then task, so a sweep cut short holds whole (seed, target) slices.
+    Paired grids: target first, so the primary target is done for every (seed, task) before the rest."""
+    pairs = [(i, target, seed) for seed in grid.seeds for i, target in enumerate(grid.targets)]
+    if grid.paired:
+        pairs.sort(key=lambda p: p[0])  # stable: seeds keep their order within a target
+    for i, target, seed in pairs:
+        for task in grid.tasks:
+            if i == 0 and grid.dense_row:
+                yield seed, task, 0.0, None
+            for spec in grid.methods:
+                if (spec.targets is None or target in spec.targets) and (spec.seeds is None or seed in spec.seeds):
+                    yield seed, task, target, spec
 
 
 def cell_key(task: str, seed: int, method: str, target: float) -> str:
