@@ -211,7 +211,9 @@ def prior_on(p) -> bool:
 
 LOSS_PRIOR_FIELDS = ("prior_lambda", "prior_weight", "prior_warmup")
 PROXIMAL_PRIOR_FIELDS = ("prior_mode", "prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain", "prior_head_share",
-                         "target", "measure", "flops_seq_len")
+                         "target", "measure", "flops_seq_len", "norm_positions", "prior_freeze")
+# fields added after fine-tunes were hashed: left out of the digest at their default, so old folders still match
+DIGEST_OMIT_AT_DEFAULT = {"norm_positions": "all", "prior_freeze": False}
 
 
 def _prior_fields(p) -> tuple[str, ...]:
@@ -248,7 +250,7 @@ def finetune_digest(cfg: RunConfig, model_name: str | None = None) -> str:
     if p.sn:
         keep["sn_bound"] = p.sn_bound
     if prior:
-        keep |= {k: getattr(p, k) for k in _prior_fields(p)}
+        keep |= {k: getattr(p, k) for k in _prior_fields(p) if DIGEST_OMIT_AT_DEFAULT.get(k, object()) != getattr(p, k)}
     model = dataclasses.asdict(cfg.model) | ({"name": model_name} if model_name is not None else {})
     blob = {"model": model, "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
             "seed": cfg.seed, "prune": keep}
