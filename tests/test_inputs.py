@@ -111,6 +111,9 @@ def test_named_classifier_keeps_its_labels_end_to_end(models, tmp_path, capsys):
     metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     run_metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["test"] == run_metrics["pruned"]["test"]
+    capsys.readouterr()
+    assert main(["evaluate", str(out / "pruned"), "--data-test", data]) == 0  # one labelled file, all of it
+    assert set(json.loads(capsys.readouterr().out)) == {"model", "task", "test"}
 
 
 def test_labels_are_mapped_onto_the_model_by_name():

@@ -8,8 +8,9 @@ Costs come from the adapter, so a plan's "after" numbers are exact predictions t
 tests check against the real pruned model.
 
 This module is the one home of the rules that selection, surgery, preflight, the pipeline and the
-baselines must agree on: the collapse rule (`collapses`), what a removal frees (`removal_cost`,
-`removed_cost`), and the measure totals that targets are fractions of (`measure_total`).
+baselines must agree on: the collapse rule (`SublayerCosts`, `layer_removals`), what a removal
+frees (`removal_cost`, `removed_cost`, `unit_costs`) and the measure totals that targets are
+fractions of (`measure_total`, `reachable_fraction`).
 """
 
 from __future__ import annotations
@@ -47,25 +48,45 @@ def unit_count(adapter: Adapter, sublayer: str, layer: int) -> int:
     return shape.ffn_dim
 
 
+@dataclass(frozen=True)
+class SublayerCosts:
+    """One sub-layer's costs, read from the adapter once; `removal` is the collapse rule on counts."""
+
+    sub: str  # "attn" or "ffn"
+    n: int  # head units / neurons it has now (0: already gone)
+    member: Cost  # one head unit / neuron
+    unowned: Cost  # what no unit owns (e.g. the output bias); goes with the whole sub-layer
+
+    def collapses(self, kind: str, count: int = 1) -> bool:
+        """The collapse rule: removing `count` units of `kind` takes the whole sub-layer when none of its
+        heads (neurons) would be left, so no zero-width Linear ever exists; `attn`/`ffn` always do."""
+        return kind == self.sub or count >= self.n
+
+    def removal(self, kind: str, count: int = 1) -> Cost:
+        """Cost freed by removing `count` units of `kind`, collapse included; zero once the sub-layer is gone."""
+        if self.n == 0:
+            return Cost()
+        if self.collapses(kind, count):
+            return self.member.scale(self.n) + self.unowned
+        return self.member.scale(count)
+
+
+def sublayer_costs(adapter: Adapter, sub: str, layer: int) -> SublayerCosts:
+    """The `SublayerCosts` of `layer`'s "attn" or "ffn" as it is now."""
+    n = unit_count(adapter, sub, layer)
+    if n == 0:
+        return SublayerCosts(sub, 0, Cost(), Cost())
+    return SublayerCosts(sub, n, adapter.unit_cost(MEMBER[sub], layer), adapter.unit_cost(sub, layer))
+
+
 def collapses(adapter: Adapter, kind: str, layer: int, count: int = 1) -> bool:
-    """The collapse rule: removing `count` units of `kind` takes the whole sub-layer when none of its
-    heads (neurons) would be left, so no zero-width Linear ever exists; `attn`/`ffn` always do."""
-    sub = SUBLAYER[kind]
-    return kind == sub or count >= unit_count(adapter, sub, layer)
+    """`SublayerCosts.collapses` for `layer` as it is now."""
+    return sublayer_costs(adapter, SUBLAYER[kind], layer).collapses(kind, count)
 
 
 def removal_cost(adapter: Adapter, kind: str, layer: int, count: int = 1) -> Cost:
-    """Cost freed by removing `count` units of `kind` from `layer` as it is now, collapse included
-    (a whole sub-layer also frees the parts no unit owns, `unit_cost("attn"/"ffn")`). Zero for a
-    sub-layer that is already gone."""
-    sub = SUBLAYER[kind]
-    n = unit_count(adapter, sub, layer)
-    if n == 0:
-        return Cost()
-    member = adapter.unit_cost(MEMBER[sub], layer)
-    if collapses(adapter, kind, layer, count):
-        return member.scale(n) + adapter.unit_cost(sub, layer)
-    return member.scale(count)
+    """Cost freed by removing `count` units of `kind` from `layer` as it is now (`SublayerCosts.removal`)."""
+    return sublayer_costs(adapter, SUBLAYER[kind], layer).removal(kind, count)
 
 
 def sublayer_cost(adapter: Adapter, kind: str, layer: int) -> Cost:
@@ -151,17 +172,19 @@ def layer_removals(adapter: Adapter, units: Iterable[Unit | str], *, strict: boo
     is dropped. `strict` (surgery) raises IdpriorError on a unit the model does not have; otherwise
     units of missing layers are ignored."""
     out: dict[int, LayerRemoval] = {}
+    num_layers = adapter.num_layers
+    counts = {(sub, i): unit_count(adapter, sub, i) for sub in MEMBER for i in range(num_layers)}
     for unit in units:
         unit = Unit.parse(unit) if isinstance(unit, str) else unit
-        if not 0 <= unit.layer < adapter.num_layers:
+        if not 0 <= unit.layer < num_layers:
             if strict:
-                raise IdpriorError(f"unit {unit}: layer {unit.layer} does not exist; the model has {adapter.num_layers} layers")
+                raise IdpriorError(f"unit {unit}: layer {unit.layer} does not exist; the model has {num_layers} layers")
             continue
         r = out.setdefault(unit.layer, LayerRemoval())
         if unit.kind in MEMBER:
             setattr(r, unit.kind, True)
             continue
-        count = unit_count(adapter, SUBLAYER[unit.kind], unit.layer)
+        count = counts[(SUBLAYER[unit.kind], unit.layer)]
         if strict and not 0 <= unit.index < count:
             raise IdpriorError(
                 f"unit {unit} does not exist: layer {unit.layer} now has {count} {unit.kind} units; "
@@ -170,7 +193,7 @@ def layer_removals(adapter: Adapter, units: Iterable[Unit | str], *, strict: boo
         (r.heads if unit.kind == "head" else r.neurons).add(unit.index)
     for layer, r in out.items():
         for sub, indices in (("attn", r.heads), ("ffn", r.neurons)):
-            if not unit_count(adapter, sub, layer):
+            if not counts[(sub, layer)]:
                 setattr(r, sub, False)
                 indices.clear()
             elif getattr(r, sub) or collapses(adapter, MEMBER[sub], layer, len(indices)):

@@ -28,14 +28,13 @@ from .plan import (
     MEMBER,
     SUBLAYER,
     PruningPlan,
-    collapses,
     measure_of,
     measure_total,
     measures,
     normalize,
     own_cost,
-    removal_cost,
     structure_after,
+    sublayer_costs,
     unit_count,
 )
 from .units import Unit
@@ -68,8 +67,8 @@ class _State:
 
     def __init__(self, adapter: Adapter, measure: str, seq_len: int):
         self.adapter, self.measure, self.seq_len = adapter, measure, seq_len
-        layers = range(adapter.num_layers)
-        self.left = {sub: [unit_count(adapter, sub, i) for i in layers] for sub in MEMBER}  # units left per layer
+        self.costs = {sub: [sublayer_costs(adapter, sub, i) for i in range(adapter.num_layers)] for sub in MEMBER}
+        self.left = {sub: [c.n for c in costs] for sub, costs in self.costs.items()}  # units left per layer
         self.taken = {sub: [0] * adapter.num_layers for sub in MEMBER}  # head units / neurons taken per layer
         self.removed: list[Unit] = []
         self.amount = 0.0
@@ -84,11 +83,10 @@ class _State:
         left = self.left[sub]
         if left[layer] == 0:
             return None
-        taken = self.taken[sub][layer]
-        if collapses(self.adapter, u.kind, layer, taken + 1) and sum(1 for n in left if n > 0) == 1:
+        taken, costs = self.taken[sub][layer], self.costs[sub][layer]
+        if costs.collapses(u.kind, taken + 1) and sum(1 for n in left if n > 0) == 1:
             return None  # would remove the model's last attention (FFN) sub-layer
-        before = removal_cost(self.adapter, MEMBER[sub], layer, taken)
-        return self._m(removal_cost(self.adapter, u.kind, layer, taken + 1)) - self._m(before)
+        return self._m(costs.removal(u.kind, taken + 1)) - self._m(costs.removal(MEMBER[sub], taken))
 
     def take(self, u: Unit, gain: float) -> None:
         self.removed.append(u)
@@ -121,7 +119,8 @@ def select(
     if target is not None and not 0 <= target < 1:
         raise IdpriorError(f"target must be in [0, 1), got {target}; it is the fraction of {measure} to remove")
     kinds = tuple(kinds)
-    cands = [u for u in scores if u.kind in kinds and _present(adapter, u)]
+    counts = {(sub, i): unit_count(adapter, sub, i) for sub in MEMBER for i in range(adapter.num_layers)}
+    cands = [u for u in scores if u.kind in kinds and _present(counts, u)]
     if not cands:
         raise IdpriorError(f"no scored units of kinds {','.join(kinds)} in this model; check --kinds")
 
@@ -175,11 +174,10 @@ def select(
     )
 
 
-def _present(adapter: Adapter, u: Unit) -> bool:
-    """The model has `u` now (a scored unit may be gone after an earlier round's surgery)."""
-    if not 0 <= u.layer < adapter.num_layers:
-        return False
-    n = unit_count(adapter, SUBLAYER[u.kind], u.layer)
+def _present(counts: dict[tuple[str, int], int], u: Unit) -> bool:
+    """The model has `u` now (a scored unit may be gone after an earlier round's surgery);
+    `counts[(sub, layer)]` is `unit_count`."""
+    n = counts.get((SUBLAYER[u.kind], u.layer), 0)
     return n > 0 and (u.kind in MEMBER or u.index < n)
 
 
