@@ -181,14 +181,13 @@ def test_paired_grid_errors(tiny_folder):
 def test_resume_accepts_a_field_added_later_at_its_default():
     """A grid's fine-tunes outlive code changes: a config field added after a run started, left at
     its default, must not block --resume; a changed value still does."""
-    from idprior.config import comparable, load_config
-    from idprior.preflight import config_differences
+    from idprior.config import config_differences, load_config, resume_key
 
-    now = comparable(load_config(None, ["out=x"]))
+    now = resume_key(load_config(None, ["out=x"]))
     saved = json.loads(json.dumps(now))
     del saved["prune"]["prior_mode"]
     assert config_differences(saved, now) == []
-    changed = comparable(load_config(None, ["out=x", "prune.prior_mode=proximal"]))
+    changed = resume_key(load_config(None, ["out=x", "prune.prior_mode=proximal"]))
     assert config_differences(saved, changed) == ["prune.prior_mode"]
 
 

@@ -116,11 +116,11 @@ ROWS = "text,label\n" + "".join(f"{w} film number {i},{'pos' if i % 2 else 'neg'
 def started_run(e: Env, argv: list[str], extra_files: bool = True) -> None:
     """Make e.out look like a run started with `argv` (stages.json and config.yaml, as Run writes)."""
     from idprior.cli.common import config_from_args
-    from idprior.config import comparable, dump_config
+    from idprior.config import dump_config, resume_key
 
     cfg = config_from_args(build_parser().parse_args([*argv, "--out", str(e.out)]))
     e.out.mkdir(parents=True)
-    (e.out / "stages.json").write_text(json.dumps({"config": comparable(cfg), "stages": {"finetune": {"wall_s": 1.0}}}))
+    (e.out / "stages.json").write_text(json.dumps({"config": resume_key(cfg), "stages": {"finetune": {"wall_s": 1.0}}}))
     (e.out / "config.yaml").write_text(dump_config(cfg))
     if extra_files:
         (e.out / "scores.json").write_text("{}")
@@ -348,7 +348,7 @@ if point.startswith("checkpoint:"):  # inside the n-th checkpoint write: weights
         real_write_json(path, obj)
     io.write_json = write_json
 elif point == "after-score":  # scores.json written and the stage recorded, selection not started
-    pipeline.stage_select = lambda run: die()
+    pipeline.STAGE_FNS["select"] = lambda run: die()
 elif point.startswith("saving:"):  # the n-th model folder is complete in its temp folder, not yet renamed
     real_atomic_dir = surgery.atomic_dir
     @contextlib.contextmanager

@@ -77,11 +77,11 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
-def _stats(seconds: list[float], batch: int) -> dict:
+def latency_stats(seconds: list[float], batch: int) -> dict:
     ms = np.asarray(seconds) * 1000.0
     p25, median, p75 = np.percentile(ms, [25, 50, 75])
     return {
@@ -170,7 +170,7 @@ def benchmark(
     torch.set_num_threads(threads)
     started = time.perf_counter()
     result: dict = {"environment": environment(threads), "reference": reference, "models": {}, "rows": []}
-    result["environment"]["loadavg_start"] = _loadavg()
+    result["environment"]["loadavg_start"] = loadavg()
     result["environment"]["onnx_exporter"] = exporter
     for model in models.values():
         fold(model)
@@ -216,24 +216,24 @@ def benchmark(
                     session = sessions[name]
                     feed = ort_feed(session, full)
                     runners[name] = (lambda s=session, f=feed: s.run(["logits"], f))
-            times = _time_blocks(runners, n_rep, warmup)
+            times = time_blocks(runners, n_rep, warmup)
             for name in names:
                 result["rows"].append({"model": name, "backend": backend, "batch_size": batch, "seq_len": seq_len,
-                                       **_stats(times[name], batch)})
+                                       **latency_stats(times[name], batch)})
     finally:
         torch.set_num_threads(old_threads)
         if tmp is not None:
             tmp.cleanup()
     _add_speedups(result)
-    result["environment"]["loadavg_end"] = _loadavg()
+    result["environment"]["loadavg_end"] = loadavg()
     result["environment"]["wall_s"] = round(time.perf_counter() - started, 1)
     return result
 
 
 def _eager_runner(model: nn.Module, inputs: dict[str, torch.Tensor]):
-    from .export import _is_decoder
+    from .export import is_decoder_model
 
-    kwargs = dict(inputs, use_cache=False) if _is_decoder(model) else dict(inputs)
+    kwargs = dict(inputs, use_cache=False) if is_decoder_model(model) else dict(inputs)
 
     def run():
         with torch.inference_mode():
@@ -242,11 +242,11 @@ def _eager_runner(model: nn.Module, inputs: dict[str, torch.Tensor]):
     return run
 
 
-BLOCK = 5  # timed runs per block in `_time_blocks`
+BLOCK = 5  # timed runs per block in `time_blocks`
 LEAD_IN_S = 0.1  # untimed running before each block (at least one call)
 
 
-def _time_blocks(runners: dict, repeats: int, warmup: int, block: int = BLOCK,
+def time_blocks(runners: dict, repeats: int, warmup: int, block: int = BLOCK,
                  lead_in_s: float = LEAD_IN_S) -> dict[str, list[float]]:
     """Warm every runner up, then time `repeats` calls of each in blocks of `block`.
 

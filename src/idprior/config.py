@@ -359,8 +359,35 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def comparable(cfg: RunConfig) -> dict:
-    """The config as a run folder records it for `--resume` to compare: benchmark settings may change."""
+def resume_key(cfg: RunConfig) -> dict:
+    """The config as a run folder records it (stages.json) for `--resume` to compare: everything
+    but the benchmark settings, which may change between a run and its resumption."""
     d = cfg.to_dict()
     d.pop("bench", None)
     return d
+
+
+def config_differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ (`out` may change: a run folder can be moved). A key the saved
+    config lacks is no difference while it holds its default: a field added to idprior after the run
+    started, left at its default, does not change what the run computes."""
+    if defaults is None and prefix == "":
+        defaults = RunConfig().to_dict()
+    defaults = defaults or {}
+    keys = [k for k in dict.fromkeys([*saved, *now]) if not (prefix == "" and k in ("out", "bench"))]
+    out = []
+    for k in keys:
+        a, b = saved.get(k), now.get(k)
+        if k not in saved and k in defaults and b == defaults[k]:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{k}.", defaults.get(k) if isinstance(defaults.get(k), dict) else {})
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def resume_differences(saved: dict, cfg: RunConfig) -> list[str]:
+    """What `cfg` changes against the resume key a run folder was started with (`--resume` refuses
+    a run folder when this is not empty)."""
+    return config_differences(saved, resume_key(cfg))

@@ -313,7 +313,7 @@ def append_row(results: str | os.PathLike, row: dict) -> None:
     """One line per call, synced, so a kill loses at most the line being written."""
     path = Path(results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(row, default=io._jsonable) + "\n"
+    text = json.dumps(row, default=io.jsonable) + "\n"
     if path.is_file() and path.stat().st_size:
         with open(path, "rb") as f:  # only the last byte: the file grows by a line per cell
             f.seek(-1, os.SEEK_END)
@@ -341,12 +341,12 @@ def versions() -> dict:
 
 def _finetune_into(cfg: RunConfig, folder: Path, label: str, counter: dict | None) -> Path:
     """Run (or resume) the finetune stage of `cfg` in `folder` unless it finished earlier."""
-    from .pipeline import Run, _timed, stage_finetune
+    from .pipeline import Run, run_stages
 
     run = Run(dataclasses.replace(cfg, out=str(folder)), resume=True)
     if not run.done("finetune"):
         print(f"== fine-tune {label}")
-        _timed(run, "finetune", lambda: stage_finetune(run))
+        run_stages(run, ["finetune"])
         if counter is not None:
             counter["finetune"] = counter.get("finetune", 0) + 1
     return folder
@@ -389,7 +389,7 @@ def dense_metrics(ft_dir: Path, with_predictions: bool = False) -> dict:
     this fine-tune reports the same dense numbers without re-evaluating them); its per-example
     outputs go to dense_predictions.safetensors beside them."""
     from .evaluate import evaluate_with_predictions, save_predictions
-    from .pipeline import Run, _load
+    from .pipeline import Run
 
     path = ft_dir / "dense_metrics.json"
     if path.is_file() and (not with_predictions or (ft_dir / "dense_predictions.safetensors").is_file()):
@@ -397,7 +397,7 @@ def dense_metrics(ft_dir: Path, with_predictions: bool = False) -> dict:
     from .config import load_config as _load_config
 
     run = Run(_load_config(str(ft_dir / "config.yaml")), resume=True)
-    model, tok = _load(run, str(ft_dir / "finetuned"))
+    model, tok = run.load_model(str(ft_dir / "finetuned"))
     t0 = time.perf_counter()
     metrics, per = {}, {}
     for s in ["validation", *run.test_splits()]:
@@ -440,7 +440,7 @@ def _start_info(ft_dir: Path) -> dict:
 def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, target: float,
              counter: dict | None = None, results: Path | None = None) -> dict:
     """Score/select/surgery/recover/evaluate one cell on its shared fine-tune; returns its JSONL row."""
-    from .pipeline import Run, _timed, stage_evaluate, stage_recover, stage_score, stage_select, stage_surgery
+    from .pipeline import Run, run_stages, stage_evaluate
 
     cell_dir = out / "cells" / task / f"seed{seed}" / spec.name / f"t{target:g}"
     cfg = cell_config(grid, task, seed, spec, target, out=str(cell_dir))
@@ -449,12 +449,7 @@ def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, targ
     run = Run(cfg, resume=True)
     _link_finetuned(cell_dir, ft_dir)
     dense = dense_metrics(ft_dir, with_predictions=grid.paired)
-    fns = {"score": stage_score, "select": stage_select, "surgery": stage_surgery, "recover": stage_recover,
-           "evaluate": lambda r: stage_evaluate(r, dense_metrics=dense)}
-    for stage in CELL_STAGES:
-        if stage == "score" and cfg.prune.method != "snip":
-            continue
-        _timed(run, stage, lambda fn=fns[stage]: fn(run))
+    run_stages(run, CELL_STAGES, fns={"evaluate": lambda r: stage_evaluate(r, dense_metrics=dense)})
     if counter is not None:
         counter["cells"] = counter.get("cells", 0) + 1
     metrics = io.read_json(run.path("metrics.json"))
@@ -499,13 +494,13 @@ def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None 
     """The "dense" row of (task, seed): the plain fine-tune (paired grids: the shared start), evaluated
     on validation and test."""
     from .metrics import main_metric
-    from .pipeline import Run, _load, compression
+    from .pipeline import Run, compression
 
     cfg = cell_config(grid, task, seed, MethodSpec("dense", "snip-no-sn-no-prior"), 0.5, out="pending")
     ft_dir = ensure_finetuned(cfg, out, counter, grid=grid, start_only=True)
     scores = dense_metrics(ft_dir, with_predictions=grid.paired)
     run = Run(io_config(ft_dir), resume=True)
-    model = _load(run, str(ft_dir / "finetuned"))[0]
+    model = run.load_model(str(ft_dir / "finetuned"))[0]
     if counter is not None:
         counter["dense"] = counter.get("dense", 0) + 1
     wall = {"finetune": io.read_json(ft_dir / "stages.json")["stages"]["finetune"]["wall_s"],
