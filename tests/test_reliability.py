@@ -507,6 +507,20 @@ def test_resumed_mid_epoch_training_gives_identical_weights(tmp_path):
         assert (ckpt.parent / "log.jsonl").read_text() == (tmp_path / "ref" / "log.jsonl").read_text()
 
 
+def test_train_state_reads_the_earlier_state_json():
+    """state.json of earlier versions (a plain dict; running sums only mid-epoch; hook state and RNG
+    beside the progress) still resumes: the running sums default to an epoch start."""
+    from idprior.train import TrainState
+
+    epoch_end = {"epoch": 1, "step_in_epoch": 0, "global_step": 5, "best_metric": 0.5, "best_epoch": 1,
+                 "history": [{"epoch": 1}], "post_step": {"lam": 0.1}, "rng": {"python": []}}
+    state = TrainState.from_json(epoch_end)
+    assert (state.epoch, state.global_step, state.best_epoch, state.epoch_sums, state.epoch_count) == (1, 5, 1, {}, 0)
+    mid = TrainState.from_json({**epoch_end, "step_in_epoch": 2, "epoch_sums": {"task_loss": 2.0}, "epoch_count": 2})
+    assert (mid.step_in_epoch, mid.epoch_sums, mid.epoch_count) == (2, {"task_loss": 2.0}, 2)
+    assert TrainState.from_json(mid.to_json()) == mid
+
+
 def test_checkpoint_holds_spectral_norm_vectors_and_is_all_or_nothing(tmp_path, monkeypatch):
     from idprior import train as train_mod
 

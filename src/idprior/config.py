@@ -355,6 +355,12 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     return p
 
 
+def prior_active(p: PruneConfig) -> bool:
+    """Whether a fine-tune with these prune settings applies an identity prior: the proximal one, or
+    the loss term with a positive λ."""
+    return bool(p.prior and (p.prior_mode == "proximal" or p.prior_lambda > 0))
+
+
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 

@@ -30,7 +30,7 @@ import torch
 
 from . import io, lock, models
 from .arch import get_adapter
-from .config import RunConfig, dump_config, resume_differences, resume_key
+from .config import RunConfig, dump_config, prior_active, resume_differences, resume_key
 from .data import load_task
 from .data.labels import align_labels
 from .errors import IdpriorError
@@ -161,12 +161,31 @@ def _eval_fn(run: Run, tokenizer, split: str = "validation"):
 
 # ---- stages -------------------------------------------------------------------------------------
 
-def stage_finetune(run: Run) -> dict:
-    """Fine-tune with SN + identity prior (or take the model as is with prune.train=false)."""
-    from . import spectral
+def _prior_hooks(run: Run, model, adapter) -> tuple[list, list]:
+    """(training hooks, objects to detach after training, in order) of the identity prior the config
+    asks for: the proximal prior after each step, or the loss term; none without a prior."""
     from .gates import Gates
     from .prior import IdentityPrior
     from .proximal import ProximalPrior
+    from .train import AfterStep
+
+    p = run.cfg.prune
+    if not prior_active(p):
+        return [], []
+    gates = Gates(model, adapter).attach()
+    if p.prior_mode == "proximal":
+        prox = ProximalPrior(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
+                             seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
+                             gain=p.prior_gain, head_share=p.prior_head_share)
+        return [AfterStep(prox)], [prox, gates]
+    prior = IdentityPrior(model, adapter, gates, parse_kinds(p.kinds), lam=p.prior_lambda,
+                          weight=p.prior_weight, warmup=p.prior_warmup)
+    return [prior], [prior, gates]
+
+
+def stage_finetune(run: Run) -> dict:
+    """Fine-tune with SN + identity prior (or take the model as is with prune.train=false)."""
+    from . import spectral
     from .surgery import save_pruned
     from .train import train
 
@@ -177,28 +196,15 @@ def stage_finetune(run: Run) -> dict:
         adapter = get_adapter(model, per_query_head=cfg.model.per_query_head)
         if p.sn:
             info["sn_matrices"] = spectral.attach(model, adapter, p.sn_bound)
-        gates = prior = prox = None
-        if p.prior and p.prior_mode == "proximal":
-            gates = Gates(model, adapter).attach()
-            prox = ProximalPrior(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
-                                 seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
-                                 gain=p.prior_gain, head_share=p.prior_head_share)
-        elif p.prior and p.prior_lambda > 0:
-            gates = Gates(model, adapter).attach()
-            prior = IdentityPrior(model, adapter, gates, parse_kinds(p.kinds), lam=p.prior_lambda,
-                                  weight=p.prior_weight, warmup=p.prior_warmup)
+        hooks, attached = _prior_hooks(run, model, adapter)
         metric = main_metric(run.task)
         result = train(model, run.loader("train", tok, train=True), cfg.train, seed=cfg.seed,
                        eval_fn=_eval_fn(run, tok) if cfg.train.eval_each_epoch else None, main_metric=metric,
-                       higher_is_better=greater_is_better(metric), extra_loss=prior, post_step=prox,
+                       higher_is_better=greater_is_better(metric), hooks=hooks,
                        ckpt_dir=run.path("ckpt_finetune"), resume=run.resume, desc="finetune",
                        log_path=run.path("train_log.jsonl"))
-        if prior is not None:
-            prior.detach()
-        if prox is not None:
-            prox.detach()
-        if gates is not None:
-            gates.detach()
+        for obj in attached:
+            obj.detach()
         spectral.fold(model)
         info.update(history=result.history, best_epoch=result.best_epoch, steps=result.steps)
     save_pruned(model, tok, run.path("finetuned"))
@@ -277,20 +283,19 @@ def stage_surgery(run: Run) -> dict:
 
 def stage_recover(run: Run) -> dict:
     from .surgery import save_pruned
-    from .train import train
+    from .train import Distillation, train
 
     cfg, p = run.cfg, run.cfg.prune
     model, tok = run.load_model(str(run.path("surgery")))
     info: dict = {}
     if p.recover_epochs > 0:
-        teacher = run.load_model(finetuned_spec(run))[0] if p.distill else None
+        hooks = [Distillation(run.load_model(finetuned_spec(run))[0], p.distill_alpha, p.distill_temperature)] if p.distill else []
         tcfg = dataclasses.replace(cfg.recover, epochs=p.recover_epochs)
         metric = main_metric(run.task)
         loader = run.loader("train", tok, train=True, batch_size=tcfg.batch_size)  # recover.batch_size, not train's
         result = train(model, loader, tcfg, seed=cfg.seed + 1,
                        eval_fn=_eval_fn(run, tok) if tcfg.eval_each_epoch else None, main_metric=metric,
-                       higher_is_better=greater_is_better(metric), teacher=teacher, distill_alpha=p.distill_alpha,
-                       distill_temperature=p.distill_temperature, ckpt_dir=run.path("ckpt_recover"),
+                       higher_is_better=greater_is_better(metric), hooks=hooks, ckpt_dir=run.path("ckpt_recover"),
                        resume=run.resume, desc="recover", log_path=run.path("recover_log.jsonl"))
         info.update(history=result.history, best_epoch=result.best_epoch, steps=result.steps)
     plan = io.read_json(run.path("plan.json"))

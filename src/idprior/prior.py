@@ -17,10 +17,12 @@ from torch import nn
 from .arch.base import Adapter
 from .gates import Gates
 from .scoring import BranchNorms
+from .train import TrainHook
 
 
-class IdentityPrior:
-    """Callable as `extra_loss(model, batch, step, total_steps) -> (loss, terms)` for `train.train`."""
+class IdentityPrior(TrainHook):
+    """A training hook adding λ(step) Σ c_u ‖f_u‖ to the loss; also callable as `extra_loss(model,
+    batch, step, total_steps) -> (loss, terms)`."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, gates: Gates, kinds=("head", "neuron"), lam: float = 0.1,
                  weight: str = "uniform", warmup: float = 0.1):
@@ -69,6 +71,10 @@ class IdentityPrior:
         lam = self.lam_at(step, total)
         self.recorder.reset()
         return lam * pen, {"prior": float(pen.detach()), "lambda": lam}
+
+    def loss(self, model, batch, outputs, loss, step, total):
+        extra, terms = self(model, batch, step, total)
+        return loss + extra, terms
 
     def detach(self) -> None:
         self.recorder.detach()

@@ -48,7 +48,7 @@ from pathlib import Path
 import yaml
 
 from . import io
-from .config import RunConfig, load_config
+from .config import RunConfig, load_config, prior_active
 from .errors import IdpriorError
 
 # snip-family method -> (sn, prior) of the fine-tune it prunes
@@ -204,9 +204,7 @@ def cell_config(grid: Grid, task: str, seed: int, spec: MethodSpec, target: floa
     return load_config(None, _overrides(base))
 
 
-def prior_on(p) -> bool:
-    """Whether a fine-tune with these prune settings applies an identity prior (as stage_finetune does)."""
-    return bool(p.prior and (p.prior_mode == "proximal" or p.prior_lambda > 0))
+prior_on = prior_active  # whether a fine-tune applies an identity prior (as stage_finetune does)
 
 
 LOSS_PRIOR_FIELDS = ("prior_lambda", "prior_weight", "prior_warmup")
