@@ -183,7 +183,7 @@ CASES: list[tuple[str, object, tuple[str, ...]]] = [
     ("target-not-a-number", lambda e: prune(e, "--target", "half"), (r"prune\.target must be float, got 'half'",)),
     ("lambda-negative", lambda e: prune(e, "--prior-lambda", "-1"), (r"prune\.prior_lambda must be >= 0, got -1",)),
     ("epochs-negative", lambda e: prune(e, "--epochs", "-1"), (r"train\.epochs must be >= 0, got -1",)),
-    ("recover-epochs-negative", lambda e: prune(e, "--recover-epochs", "-1"), (r"prune\.recover_epochs must be >= 0",)),
+    ("recover-epochs-negative", lambda e: prune(e, "--recover-epochs", "-1"), (r"recover\.epochs must be >= 0",)),
     ("lr-not-a-number", lambda e: prune(e, "--lr", "fast"), (r"train\.lr must be float, got 'fast'",)),
     ("batch-size-0", lambda e: prune(e, "--batch-size", "0"), (r"train\.batch_size must be >= 1",)),
     ("batch-size-fraction", lambda e: prune(e, "--batch-size", "2.5"), (r"train\.batch_size must be int, got 2\.5",)),

@@ -184,7 +184,7 @@ def _prior_hooks(run: Run, model, adapter) -> tuple[list, list]:
 
 
 def stage_finetune(run: Run) -> dict:
-    """Fine-tune with SN + identity prior (or take the model as is with prune.train=false)."""
+    """Fine-tune with SN + identity prior (or take the model as is with prune.finetune_first=false)."""
     from . import spectral
     from .surgery import save_pruned
     from .train import train
@@ -192,7 +192,7 @@ def stage_finetune(run: Run) -> dict:
     cfg, p = run.cfg, run.cfg.prune
     model, tok = run.load_model(cfg.model.name)
     info: dict = {}
-    if p.train and cfg.train.epochs > 0:
+    if p.finetune_first and cfg.train.epochs > 0:
         adapter = get_adapter(model, per_query_head=cfg.model.per_query_head)
         if p.sn:
             info["sn_matrices"] = spectral.attach(model, adapter, p.sn_bound)
@@ -288,9 +288,9 @@ def stage_recover(run: Run) -> dict:
     cfg, p = run.cfg, run.cfg.prune
     model, tok = run.load_model(str(run.path("surgery")))
     info: dict = {}
-    if p.recover_epochs > 0:
+    tcfg = cfg.recover
+    if tcfg.epochs > 0:
         hooks = [Distillation(run.load_model(finetuned_spec(run))[0], p.distill_alpha, p.distill_temperature)] if p.distill else []
-        tcfg = dataclasses.replace(cfg.recover, epochs=p.recover_epochs)
         metric = main_metric(run.task)
         loader = run.loader("train", tok, train=True, batch_size=tcfg.batch_size)  # recover.batch_size, not train's
         result = train(model, loader, tcfg, seed=cfg.seed + 1,
@@ -318,7 +318,7 @@ def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
     Without recovery epochs pruned/ holds the surgery weights, so they are evaluated once. LM tasks
     also get greedy sample generations (KV cache) from dense and pruned."""
     dense, tok = run.load_model(finetuned_spec(run))
-    recovered = run.cfg.prune.recover_epochs > 0
+    recovered = run.cfg.recover.epochs > 0
     pruned = run.load_model(str(run.path("pruned")))[0]
     surg = run.load_model(str(run.path("surgery")))[0] if recovered else pruned
     out = {"task": run.task.name, "main_metric": main_metric(run.task), "model": run.cfg.model.name,
@@ -488,7 +488,7 @@ def _sum_counts(plans: list[dict]) -> dict:
 
 def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """`idprior finetune`: plain fine-tuning (no SN, no prior) and test metrics -> out/metrics.json."""
-    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, sn=False, prior=False, train=True))
+    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, sn=False, prior=False, finetune_first=True))
     preflight(cfg, resume=resume, overwrite=overwrite, prune=False)
     run = Run(cfg, resume=resume, overwrite=overwrite)
     try:

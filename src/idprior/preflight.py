@@ -442,7 +442,7 @@ def check_disk(cfg: RunConfig, info: ModelInfo, *, prune: bool) -> list[str]:
     else:
         weights = info.file_bytes * (GGUF_EXPANSION if info.gguf else 1)
     copies = 2 + 3 * cfg.prune.iterative if prune else 2
-    training = cfg.train.epochs > 0 and (cfg.prune.train or not prune) or (prune and cfg.prune.recover_epochs > 0)
+    training = cfg.train.epochs > 0 and (cfg.prune.finetune_first or not prune) or (prune and cfg.recover.epochs > 0)
     if training:
         copies += 4  # checkpoint: weights, two AdamW moments, best weights
     need = weights * copies

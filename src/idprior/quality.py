@@ -48,7 +48,7 @@ from pathlib import Path
 import yaml
 
 from . import io
-from .config import RunConfig, load_config, prior_active
+from .config import RunConfig, load_config, load_run_config, prior_active
 from .errors import IdpriorError
 
 # snip-family method -> (sn, prior) of the fine-tune it prunes
@@ -191,7 +191,7 @@ def _overrides(d: dict) -> list[str]:
 
 
 def cell_config(grid: Grid, task: str, seed: int, spec: MethodSpec, target: float, *, out: str) -> RunConfig:
-    """The RunConfig of one cell: post-training mode (prune.train=false) on its variant's fine-tune."""
+    """The RunConfig of one cell: post-training mode (prune.finetune_first=false) on its variant's fine-tune."""
     base = {"model.name": grid.model, "data.task": task, "seed": seed, "bench.enabled": False, **grid.overrides,
             "prune.method": "snip" if spec.method in SNIP_METHODS else spec.method, "prune.target": target}
     if spec.method in SNIP_METHODS:
@@ -228,10 +228,10 @@ def finetune_config(cell: RunConfig, *, out: str) -> tuple[RunConfig, str]:
     p = cell.prune
     sn, prior = p.sn, prior_on(p)
     default = RunConfig().prune
-    prune = dataclasses.replace(default, sn=sn, prior=prior, train=True, recover_epochs=0,
+    prune = dataclasses.replace(default, sn=sn, prior=prior, finetune_first=True,
                                 sn_bound=p.sn_bound if sn else default.sn_bound,
                                 **({k: getattr(p, k) for k in _prior_fields(p)} if prior else {"prior_lambda": 0.0}))
-    cfg = dataclasses.replace(cell, prune=prune, recover=RunConfig().recover, out=out)
+    cfg = dataclasses.replace(cell, prune=prune, recover=dataclasses.replace(RunConfig().recover, epochs=0.0), out=out)
     return cfg, f"{VARIANTS[(sn, prior)]}-{finetune_digest(cell)}"
 
 
@@ -392,9 +392,7 @@ def dense_metrics(ft_dir: Path, with_predictions: bool = False) -> dict:
     path = ft_dir / "dense_metrics.json"
     if path.is_file() and (not with_predictions or (ft_dir / "dense_predictions.safetensors").is_file()):
         return io.read_json(path)["metrics"]
-    from .config import load_config as _load_config
-
-    run = Run(_load_config(str(ft_dir / "config.yaml")), resume=True)
+    run = Run(load_run_config(ft_dir), resume=True)
     model, tok = run.load_model(str(ft_dir / "finetuned"))
     t0 = time.perf_counter()
     metrics, per = {}, {}
@@ -443,7 +441,7 @@ def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, targ
     cell_dir = out / "cells" / task / f"seed{seed}" / spec.name / f"t{target:g}"
     cfg = cell_config(grid, task, seed, spec, target, out=str(cell_dir))
     ft_dir = ensure_finetuned(cfg, out, counter, grid=grid, start_only=spec.start == "start")
-    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, train=False))
+    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, finetune_first=False))
     run = Run(cfg, resume=True)
     _link_finetuned(cell_dir, ft_dir)
     dense = dense_metrics(ft_dir, with_predictions=grid.paired)
@@ -517,8 +515,8 @@ def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None 
 
 
 def io_config(ft_dir: Path) -> RunConfig:
-    """The config a fine-tune folder was made with."""
-    return load_config(str(ft_dir / "config.yaml"))
+    """The config a fine-tune folder was made with (by any idprior version)."""
+    return load_run_config(ft_dir)
 
 
 def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike | None = None,
