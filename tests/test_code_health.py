@@ -123,3 +123,25 @@ def test_no_import_cycles_outside_data():
     """Modules import each other one way (data/'s task loaders excepted), lazy imports included:
     a cycle is a sign that a rule lives in the wrong module (e.g. preflight reaching into pipeline)."""
     assert [c for c in import_cycles() if not all(m.startswith("idprior.data.") for m in c)] == []
+
+
+MAX_LINES = 80
+LONG_REASON = "Why this is long:"  # a function may exceed MAX_LINES if its docstring says why
+
+
+def long_functions(root: Path = SRC) -> list[str]:
+    """Functions (methods included) over MAX_LINES lines whose docstring gives no reason."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_LINES and LONG_REASON not in (ast.get_docstring(node) or ""):
+                    found.append(f"{path.relative_to(root)}:{node.lineno} {node.name} ({lines} lines)")
+    return found
+
+
+def test_functions_are_short():
+    """A function over ~80 lines hides several steps: extract them (complexity > 15 is ruff's C901,
+    configured in pyproject.toml)."""
+    assert long_functions() == []

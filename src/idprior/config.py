@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from importlib import resources
@@ -309,57 +310,62 @@ def _merge(obj: Any, raw: dict, prefix: str, problems: list[str]) -> None:
             problems.append(f"{dotted} must be {_type_name(hints[key])}, got {value!r}")
 
 
+_FAIL = (False, None)
+
+
 def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, value converted to the field type `tp`): YAML scalars as users write them, nothing lossy."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin is Literal:  # a string here; `validate` checks the choice (one message per field, CLI names too)
-        return (True, value) if isinstance(value, str) else (False, None)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        return (True, value) if isinstance(value, str) else _FAIL
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return True, None
-        for a in args:
-            if a is type(None):
-                continue
-            ok, v = _coerce(value, a)
-            if ok:
-                return True, v
-        return False, None
+        return next((r for a in args if a is not type(None) and (r := _coerce(value, a))[0]), _FAIL)
     if origin is list:
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list):
-            return False, None
-        out = []
-        for v in value:
-            ok, c = _coerce(v, args[0])
-            if not ok:
-                return False, None
-            out.append(c)
-        return True, out
-    if tp is bool:
-        return (True, value) if isinstance(value, bool) else (False, None)
-    if tp is int:
-        if isinstance(value, bool):
-            return False, None
-        if isinstance(value, int):
-            return True, value
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value)
-        return False, None
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False, None
-        return True, float(value)
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return True, str(value)
-        return False, None
-    return True, value
+        return _coerce_list(value, args[0])
+    scalar = _SCALARS.get(tp)
+    return scalar(value) if scalar is not None else (True, value)
+
+
+def _coerce_list(value: Any, item: Any) -> tuple[bool, Any]:
+    """A list of `item`; a lone scalar is a list of one."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list):
+        return _FAIL
+    converted = [_coerce(v, item) for v in value]
+    return (True, [c for _, c in converted]) if all(ok for ok, _ in converted) else _FAIL
+
+
+def _to_int(value: Any) -> tuple[bool, Any]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return True, value
+    if isinstance(value, float) and value.is_integer():
+        return True, int(value)
+    return _FAIL
+
+
+def _to_float(value: Any) -> tuple[bool, Any]:
+    if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+        try:
+            return True, float(value)
+        except ValueError:
+            return _FAIL
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _FAIL
+    return True, float(value)
+
+
+def _to_str(value: Any) -> tuple[bool, Any]:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return True, str(value)
+    return _FAIL
+
+
+_SCALARS = {bool: lambda v: (True, v) if isinstance(v, bool) else _FAIL, int: _to_int, float: _to_float,
+            str: _to_str}
 
 
 def _type_name(tp: Any) -> str:

@@ -117,39 +117,14 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
             problems.append(f"grid key {k!r} must be a non-empty list")
     problems += [f"task {t!r}: use letters, digits and . _ + - only (it names a folder)"
                  for t in raw.get("tasks") or [] if not _is_plain_name(str(t))]
-    known = (*SNIP_METHODS, *baseline_names())
-    methods: list[MethodSpec] = []
     paired = bool(raw.get("paired", False))
-    for m in raw.get("methods") or []:
-        spec = _method_spec(m, problems)
-        if spec is None or spec.method not in known:
-            problems.append(f"method {m!r}: use one of {', '.join(known)} or {{name:, method:, set: {{dotted: value}}}}")
-            continue
-        if spec.start == "start" and not paired:
-            problems.append(f"method {spec.name!r}: 'from: start' needs a paired grid (paired: true)")
-        if not _is_plain_name(spec.name):  # it becomes a folder name under OUT/cells
-            problems.append(f"method name {spec.name!r}: use letters, digits and . _ + - only (it names a folder)")
-        if spec.name == "dense" or spec.name in {s.name for s in methods}:
-            problems.append(f"method name {spec.name!r} is reserved or used twice")
-        sel = (raw.get("selection") or {}).get(spec.name, (raw.get("selection") or {}).get(spec.method))
-        if sel is not None and spec.method not in SNIP_METHODS:
-            problems.append(f"selection for {spec.name!r}: baselines use their own selection rule (see idprior.baselines)")
-        elif sel is not None:
-            spec.overrides = {"prune.selection": sel, **spec.overrides}
-        methods.append(spec)
-    overrides: dict = {}
-    for key in ("max_train", "max_eval", "max_validation", "max_length"):
-        if raw.get(key) is not None:
-            overrides[f"data.{key}"] = raw[key]
+    methods = _grid_methods(raw, paired, problems)
     continue_train = dict(raw.get("continue") or {})
     if paired and not continue_train:
         problems.append("a paired grid needs a 'continue:' section (the further steps every method gets, e.g. {epochs: 1})")
     if continue_train and not paired:
         problems.append("'continue:' is only meaningful with paired: true")
-    for section in ("train", "recover", "prune"):
-        for k, v in (raw.get(section) or {}).items():
-            overrides[f"{section}.{k}"] = v
-    overrides.update(raw.get("set") or {})
+    overrides = _grid_overrides(raw)
     if problems:
         raise IdpriorError("bad grid:\n  " + "\n  ".join(problems))
     grid = Grid(model=str(raw.get("model", "minilm-l6")), tasks=[str(t) for t in raw["tasks"]],
@@ -161,6 +136,44 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
         if paired:
             continuation_config(grid, cfg, Path("pending"))
     return grid
+
+
+def _grid_methods(raw: dict, paired: bool, problems: list[str]) -> list[MethodSpec]:
+    """The grid's `methods:` with their `selection:` entries folded in; problems appended."""
+    known = (*SNIP_METHODS, *baseline_names())
+    methods: list[MethodSpec] = []
+    selection = raw.get("selection") or {}
+    for m in raw.get("methods") or []:
+        spec = _method_spec(m, problems)
+        if spec is None or spec.method not in known:
+            problems.append(f"method {m!r}: use one of {', '.join(known)} or {{name:, method:, set: {{dotted: value}}}}")
+            continue
+        if spec.start == "start" and not paired:
+            problems.append(f"method {spec.name!r}: 'from: start' needs a paired grid (paired: true)")
+        if not _is_plain_name(spec.name):  # it becomes a folder name under OUT/cells
+            problems.append(f"method name {spec.name!r}: use letters, digits and . _ + - only (it names a folder)")
+        if spec.name == "dense" or spec.name in {s.name for s in methods}:
+            problems.append(f"method name {spec.name!r} is reserved or used twice")
+        sel = selection.get(spec.name, selection.get(spec.method))
+        if sel is not None and spec.method not in SNIP_METHODS:
+            problems.append(f"selection for {spec.name!r}: baselines use their own selection rule (see idprior.baselines)")
+        elif sel is not None:
+            spec.overrides = {"prune.selection": sel, **spec.overrides}
+        methods.append(spec)
+    return methods
+
+
+def _grid_overrides(raw: dict) -> dict:
+    """Dotted overrides for every run: data sizes, the train/recover/prune sections, then `set:`."""
+    overrides: dict = {}
+    for key in ("max_train", "max_eval", "max_validation", "max_length"):
+        if raw.get(key) is not None:
+            overrides[f"data.{key}"] = raw[key]
+    for section in ("train", "recover", "prune"):
+        for k, v in (raw.get(section) or {}).items():
+            overrides[f"{section}.{k}"] = v
+    overrides.update(raw.get("set") or {})
+    return overrides
 
 
 def _method_spec(m, problems: list[str]) -> MethodSpec | None:
