@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
 
-from idprior.bench import _loadavg, _stats, _time_blocks, environment  # noqa: E402
+from idprior.bench import environment, latency_stats, loadavg, time_blocks  # noqa: E402
 from idprior.export import attention_mode, export_onnx, input_names, ort_feed, ort_session, parity  # noqa: E402
 from idprior.export import example_inputs as make_inputs  # noqa: E402
 from idprior.flops import model_flops  # noqa: E402
@@ -81,18 +81,18 @@ def main(argv: list[str] | None = None) -> int:
 
     models = minilm_models()
     dense = models["dense"]
-    result = {"command": command, "environment": environment(args.threads), "loadavg_start": _loadavg(),
+    result = {"command": command, "environment": environment(args.threads), "loadavg_start": loadavg(),
               "models": {}, "rows": []}
     with tempfile.TemporaryDirectory(prefix="idprior-attn-") as tmp:
         sessions = export_both_ways(models, tmp, args.threads, result["models"])
         for name, model in models.items():
             result["models"][name]["gflops"] = {str(t): model_flops(model, t)["total"] / 1e9 for _, t in shapes}
         for batch, seq_len in shapes:
-            times = _time_blocks(ort_runners(sessions, dense, batch, seq_len), args.repeats, args.warmup)
+            times = time_blocks(ort_runners(sessions, dense, batch, seq_len), args.repeats, args.warmup)
             for (name, mode), seconds in times.items():
                 result["rows"].append({"model": name, "attention": mode, "batch_size": batch, "seq_len": seq_len,
-                                       **_stats(seconds, batch)})
-    result["loadavg_end"] = _loadavg()
+                                       **latency_stats(seconds, batch)})
+    result["loadavg_end"] = loadavg()
     result["wall_s"] = round(time.perf_counter() - started, 1)
     speed.publish(args.out_dir, "onnx_attention", result, render(result))
     return 0

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402
 
 from idprior.bench import environment  # noqa: E402
-from idprior.export import _LogitsOnly, example_inputs, export_onnx, input_names, ort_feed, ort_session  # noqa: E402
+from idprior.export import LogitsOnly, example_inputs, export_onnx, input_names, ort_feed, ort_session  # noqa: E402
 
 BATCHES = ((3, 24, True), (1, 33, False))  # (batch, length, left-pad row 0): the shapes `idprior export` checks
 
@@ -40,7 +40,7 @@ def torch_logits(model, names, batch, dtype, threads) -> torch.Tensor:
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        wrapper = _LogitsOnly(model.to(dtype), names).eval()
+        wrapper = LogitsOnly(model.to(dtype), names).eval()
         with torch.inference_mode():
             return wrapper(*(batch[n] for n in names)).double()
     finally:

@@ -73,15 +73,13 @@ def child(folder: str, batch: int, lean: bool, dtype: str, surgery: bool, blocks
     model, tok = models.load(folder, get_task("lm-rt"), dtype=dtype)
     batches = calibration(tok, blocks, batch)
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    if not lean:
-        scoring._lean_forward_kwargs = lambda m: {}
     out = {"batch_size": batch, "lean": lean, "dtype": dtype, "blocks": blocks, "seq_len": SEQ_LEN,
            "exact_alloc": os.environ.get("MALLOC_MMAP_THRESHOLD_") == EXACT_ENV["MALLOC_MMAP_THRESHOLD_"],
            "weights_mb": round(weights_mb, 1), "peak_reset_works": reset_peak()}
     rss0 = rss_mb()
     reset_peak()
     t0 = time.perf_counter()
-    scores = scoring.score(model, batches)
+    scores = scoring.score(model, batches, lean=lean)
     out.update(score_s=round(time.perf_counter() - t0, 1), rss_before_score_mb=round(rss0, 1),
                score_peak_mb=round(peak_mb(), 1), score_extra_mb=round(peak_mb() - rss0, 1))
     if surgery:

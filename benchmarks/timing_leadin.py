@@ -7,7 +7,7 @@ weight-magnitude plans, each exported with eager and with fused attention) are t
 
   - `alternate`: one timed call per session in turn, no untimed call between (idprior's timer
     before this change);
-  - `blocks, lead-in L s`: idprior.bench._time_blocks, blocks of 5 timed calls per session,
+  - `blocks, lead-in L s`: idprior.bench.time_blocks, blocks of 5 timed calls per session,
     alternating, each block after untimed calls for L seconds (at least one call). L = 0.1 is
     idprior's default.
 
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import onnx_attention  # noqa: E402
 import speed  # noqa: E402
 
-from idprior.bench import _loadavg, _time_blocks, environment  # noqa: E402
+from idprior.bench import environment, loadavg, time_blocks  # noqa: E402
 
 LEAD_INS = (0.0, 0.05, 0.1, 0.5)
 
@@ -65,9 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     models = onnx_attention.minilm_models()
-    result = {"command": command, "environment": environment(args.threads), "loadavg_start": _loadavg(), "rows": []}
+    result = {"command": command, "environment": environment(args.threads), "loadavg_start": loadavg(), "rows": []}
     schemes = {"alternate": lambda r: alternate(r, args.repeats, 2)}
-    schemes |= {f"blocks, lead-in {s:g} s": (lambda r, s=s: _time_blocks(r, args.repeats, 2, lead_in_s=s)) for s in LEAD_INS}
+    schemes |= {f"blocks, lead-in {s:g} s": (lambda r, s=s: time_blocks(r, args.repeats, 2, lead_in_s=s)) for s in LEAD_INS}
     with tempfile.TemporaryDirectory(prefix="idprior-leadin-") as tmp:
         sessions = onnx_attention.export_both_ways(models, tmp, args.threads, {})
         for batch, seq_len in shapes:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                 for (name, mode), seconds in times.items():
                     result["rows"].append({"scheme": scheme, "batch_size": batch, "seq_len": seq_len, "model": name,
                                            "attention": mode, "median_ms": 1000 * sorted(seconds)[len(seconds) // 2]})
-    result["loadavg_end"] = _loadavg()
+    result["loadavg_end"] = loadavg()
     result["wall_s"] = round(time.perf_counter() - started, 1)
     speed.publish(args.out_dir, "timing_leadin", result, render(result))
     return 0

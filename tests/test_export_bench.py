@@ -164,11 +164,11 @@ def test_benchmark_keys_and_fewer_flops():
 def test_timing_blocks_alternate_and_start_with_an_untimed_run():
     """Each block is an untimed lead-in (here one call) then timed calls; blocks alternate over the
     models, the order reversed every other round."""
-    from idprior.bench import _time_blocks
+    from idprior.bench import time_blocks
 
     calls = []
     runners = {name: (lambda n=name: calls.append(n)) for name in ("dense", "pruned")}
-    times = _time_blocks(runners, repeats=7, warmup=1, block=5, lead_in_s=0.0)
+    times = time_blocks(runners, repeats=7, warmup=1, block=5, lead_in_s=0.0)
     assert {k: len(v) for k, v in times.items()} == {"dense": 7, "pruned": 7}
     expected = (["dense", "pruned"]  # warm-up
                 + ["dense"] * 6 + ["pruned"] * 6  # round 0: lead-in + 5 timed each

@@ -181,14 +181,13 @@ def test_paired_grid_errors(tiny_folder):
 def test_resume_accepts_a_field_added_later_at_its_default():
     """A grid's fine-tunes outlive code changes: a config field added after a run started, left at
     its default, must not block --resume; a changed value still does."""
-    from idprior.config import comparable, load_config
-    from idprior.preflight import config_differences
+    from idprior.config import config_differences, load_config, resume_key
 
-    now = comparable(load_config(None, ["out=x"]))
+    now = resume_key(load_config(None, ["out=x"]))
     saved = json.loads(json.dumps(now))
     del saved["prune"]["prior_mode"]
     assert config_differences(saved, now) == []
-    changed = comparable(load_config(None, ["out=x", "prune.prior_mode=proximal"]))
+    changed = resume_key(load_config(None, ["out=x", "prune.prior_mode=proximal"]))
     assert config_differences(saved, changed) == ["prune.prior_mode"]
 
 
@@ -248,3 +247,46 @@ def test_rows_from_different_starts_are_not_paired():
     comp = compare(rows, "a", "b", target=0.5, load=lambda rel: preds[rel])
     assert [c.seed for c in comp.cells] == [0] and comp.unpaired == ["t/1"]
     assert comp.summary(n_boot=0)["unpaired"] == 1
+
+
+# The fine-tune folder names of every cell of benchmarks/quality_paired.yaml, computed with idprior as
+# of commit 063d612 (before the config renames of issue 17): run folders are keyed by these digests, so
+# a change to what goes into `finetune_digest` (or to its values) would orphan the running sweep.
+QUALITY_PAIRED_CELLS = 424
+QUALITY_PAIRED_SHA256 = "3d1a8eac71228048b10b58d347d80df8f33dd3997acf00f4229489da7d655476"
+QUALITY_PAIRED_RT0 = {
+    "dense/0": "start-b948ca37", "snip/0.5": "start-b948ca37/sn+prior-da6587ad",
+    "snip-no-sn/0.5": "start-b948ca37/prior-5b3076ea", "snip-no-prior/0.5": "start-b948ca37/sn-3f1a113e",
+    "snip-no-sn-no-prior/0.5": "start-b948ca37/plain-f5e2df4b", "fisher/0.5": "start-b948ca37/plain-f5e2df4b",
+    "michel/0.5": "start-b948ca37/plain-f5e2df4b", "magnitude/0.5": "start-b948ca37/plain-f5e2df4b",
+    "random/0.5": "start-b948ca37/plain-f5e2df4b", "snip-prox/0.5": "start-b948ca37/sn+prior-09708a68",
+    "snip-prox-share/0.5": "start-b948ca37/sn+prior-09708a68", "snip-prox-h15/0.5": "start-b948ca37/sn+prior-71ab61e2",
+    "snip-prox-h05/0.5": "start-b948ca37/sn+prior-3e022bf6", "snip-prox-no-sn/0.5": "start-b948ca37/prior-8cb3ce5b",
+    "snip-prox-g0/0.5": "start-b948ca37/sn+prior-49c7b96f", "norm-start/0.5": "start-b948ca37",
+    "fisher-start/0.5": "start-b948ca37", "snip/0.3": "start-b948ca37/sn+prior-da6587ad",
+    "fisher/0.3": "start-b948ca37/plain-f5e2df4b", "snip-prox/0.3": "start-b948ca37/sn+prior-ff0b84b5",
+    "snip/0.7": "start-b948ca37/sn+prior-da6587ad", "fisher/0.7": "start-b948ca37/plain-f5e2df4b",
+    "snip-prox/0.7": "start-b948ca37/sn+prior-171a2b07",
+}
+
+
+def test_quality_paired_yaml_keeps_its_finetune_folders():
+    """Every cell of the committed paired grid maps to the same shared start and continuation folder
+    as before: config renames (prune.recover_epochs, prune.train) must not move a sweep's fine-tunes."""
+    import hashlib
+    from pathlib import Path
+
+    from idprior.quality import MethodSpec, cell_config, cells, continuation_config, start_config
+
+    grid = load_grid(Path(__file__).resolve().parents[1] / "benchmarks" / "quality_paired.yaml")
+    names = {}
+    for seed, task, target, spec in cells(grid):
+        spec = spec or MethodSpec("dense", "snip-no-sn-no-prior")
+        cfg = cell_config(grid, task, seed, spec, target if spec.name != "dense" else 0.5, out="pending")
+        start = start_config(cfg, out="pending")[1]
+        own = spec.name == "dense" or spec.start == "start"
+        names[f"{task}/{seed}/{spec.name}/{target:g}"] = (
+            start if own else f"{start}/{continuation_config(grid, cfg, Path('x') / start)[1]}")
+    assert {k.split("/", 2)[2]: v for k, v in names.items() if k.startswith("rt-polarity/0/")} == QUALITY_PAIRED_RT0
+    assert len(names) == QUALITY_PAIRED_CELLS
+    assert hashlib.sha256(json.dumps(names, sort_keys=True).encode()).hexdigest() == QUALITY_PAIRED_SHA256

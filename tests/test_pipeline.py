@@ -133,6 +133,65 @@ def test_config_reports_every_problem_at_once():
     assert "prune.prior_lambda must be float" in text
 
 
+def test_config_modes_are_typed_choices():
+    """A mode outside its Literal choices is one problem naming the choices (the field keeps its default)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["prune.measure=params", "prune.prior_mode=prox", "model.dtype=fp8"])
+    assert sorted(e.value.problems) == [
+        "model.dtype must be one of float32, bfloat16, float16, got 'fp8'",
+        "prune.measure must be one of encoder_params, linear_params, flops, got 'params'",
+        "prune.prior_mode must be one of loss, proximal, got 'prox'"]
+
+
+def test_renamed_fields_keep_their_old_names():
+    """prune.recover_epochs is recover.epochs and prune.train is prune.finetune_first: an old name sets
+    the field (in a preset or an override), a later source wins, one source with both values differing
+    is refused with both names (no more silent winner), all problems at once."""
+    cfg = load_config(None, ["prune.recover_epochs=2", "prune.train=false"])
+    assert (cfg.recover.epochs, cfg.prune.finetune_first) == (2.0, False)
+    assert load_config(None, ["recover.epochs=3", "prune.recover_epochs=3"]).recover.epochs == 3.0
+    assert load_config("demo", ["prune.recover_epochs=0"]).recover.epochs == 0.0  # demo says recover.epochs: 1
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["recover.epochs=3", "prune.recover_epochs=1", "prune.train=true",
+                           "prune.finetune_first=false", "prune.target=2"])
+    text = "\n".join(e.value.problems)
+    assert len(e.value.problems) == 3
+    assert "prune.recover_epochs is the old name of recover.epochs" in text and "keep recover.epochs only" in text
+    assert "prune.train is the old name of prune.finetune_first" in text
+
+
+def test_run_folders_of_earlier_versions_keep_their_meaning(tmp_path):
+    """Before the rename prune.recover_epochs always replaced recover.epochs: a run folder written then
+    resumes (its recorded config is no different) and its config.yaml loads with that meaning."""
+    from idprior.config import dump_config, load_run_config, resume_differences, resume_key
+
+    cfg = load_config(None, ["recover.epochs=0.5", "prune.finetune_first=false"])
+    old = resume_key(cfg)
+    old["prune"] = {**old["prune"], "recover_epochs": 0.5, "train": False}
+    del old["prune"]["finetune_first"]
+    old["recover"] = {**old["recover"], "epochs": 1.0}  # ignored then
+    assert resume_differences(old, cfg) == []
+    assert resume_differences(old, load_config(None, ["recover.epochs=1", "prune.finetune_first=false"])) == [
+        "recover.epochs"]
+    (tmp_path / "config.yaml").write_text(dump_config(cfg).replace("  finetune_first: false", "  train: false")
+                                          .replace("prune:\n", "prune:\n  recover_epochs: 0.5\n")
+                                          .replace("  epochs: 0.5", "  epochs: 1.0"))
+    assert load_run_config(tmp_path) == cfg
+
+
+def test_presets_are_package_data():
+    """The presets live in the package (configs/ links there), so a wheel install has them: read here
+    through importlib.resources, as an installed idprior reads them."""
+    from importlib import resources
+
+    from idprior.config import list_presets
+
+    demo = resources.files("idprior").joinpath("presets", "demo.yaml")
+    assert demo.is_file() and "demo" in list_presets()
+    assert load_config("demo") == load_config(str(demo))
+    assert load_config("demo").recover.epochs == 1.0
+
+
 def test_every_preset_validates(capsys):
     from idprior.config import list_presets
 

@@ -77,11 +77,11 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _loadavg() -> list[float] | None:
+def loadavg() -> list[float] | None:
     return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
-def _stats(seconds: list[float], batch: int) -> dict:
+def latency_stats(seconds: list[float], batch: int) -> dict:
     ms = np.asarray(seconds) * 1000.0
     p25, median, p75 = np.percentile(ms, [25, 50, 75])
     return {
@@ -140,29 +140,11 @@ def benchmark(
     Returns {"environment", "reference", "models", "rows"}; every row is one (model, backend,
     batch, seq_len) with latency, throughput, and speed-up measured vs FLOPs-ideal.
     """
-    from .export import (
-        attention_mode,
-        example_inputs,
-        export_onnx,
-        input_names,
-        ort_feed,
-        ort_session,
-        parity,
-        require_onnx,
-    )
+    from .export import require_onnx
     from .spectral import fold
 
-    if not models:
-        raise IdpriorError("benchmark needs at least one model")
-    names = list(models)
-    reference = reference or names[0]
-    if reference not in models:
-        raise IdpriorError(f"reference {reference!r} is not one of the models ({', '.join(names)})")
+    reference = _check_models(models, reference, seq_lens)
     batch_sizes, seq_lens = tuple(int(b) for b in batch_sizes), tuple(int(t) for t in seq_lens)
-    for name, model in models.items():
-        limit = getattr(model.config, "max_position_embeddings", None)
-        if limit and max(seq_lens) > limit:
-            raise IdpriorError(f"sequence length {max(seq_lens)} exceeds {name}'s max_position_embeddings {limit}; lower --seq-lens")
     if onnx:
         require_onnx()
     threads = int(threads or torch.get_num_threads())
@@ -170,7 +152,7 @@ def benchmark(
     torch.set_num_threads(threads)
     started = time.perf_counter()
     result: dict = {"environment": environment(threads), "reference": reference, "models": {}, "rows": []}
-    result["environment"]["loadavg_start"] = _loadavg()
+    result["environment"]["loadavg_start"] = loadavg()
     result["environment"]["onnx_exporter"] = exporter
     for model in models.values():
         fold(model)
@@ -182,58 +164,89 @@ def benchmark(
         tmp = tempfile.TemporaryDirectory(prefix="idprior-bench-")
         workdir = tmp.name
     try:
-        sessions = {}
-        if onnx:
-            for name, model in tqdm(models.items(), desc="export onnx", leave=False):
-                path = Path(workdir) / f"{_safe_name(name)}.onnx"
-                t0 = time.perf_counter()
-                export_onnx(model, None, path, exporter=exporter, attention=attention)
-                info = result["models"][name]
-                info["onnx_export_s"] = round(time.perf_counter() - t0, 2)
-                info["onnx_attention"], info["onnx_opset"] = attention_mode(model, exporter, None, attention)
-                info["onnx_mb"] = round(path.stat().st_size / 2**20, 2)
-                parity_batch = example_inputs(model, input_names(model), batch=3, seq_len=24, seed=1, pad=True)
-                check = parity(model, path, parity_batch)
-                info["onnx_max_abs_diff"] = check["max_abs_diff"]
-                info["onnx_max_abs_logit"] = check["max_abs_logit"]  # scale of the difference
-                sessions[name] = ort_session(path, threads)
-
+        sessions = _onnx_sessions(models, Path(workdir), result["models"], threads, exporter, attention) if onnx else {}
         backends = ["eager"] + (["onnxruntime"] if onnx else [])
         configs = [(bk, b, t) for bk in backends for b in batch_sizes for t in seq_lens]
-        vocab = min(m.config.vocab_size for m in models.values())
         bar = tqdm(configs, desc="bench")
         for backend, batch, seq_len in bar:
             bar.set_postfix_str(f"{backend} b={batch} T={seq_len}")
             n_rep = int(repeats[seq_len] if isinstance(repeats, Mapping) else repeats)
-            gen = torch.Generator().manual_seed(1000 * batch + seq_len)
-            ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)  # [B, T], same for every model
-            full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-            runners = {}
-            for name, model in models.items():
-                if backend == "eager":
-                    runners[name] = _eager_runner(model, {k: full[k] for k in input_names(model)})
-                else:
-                    session = sessions[name]
-                    feed = ort_feed(session, full)
-                    runners[name] = (lambda s=session, f=feed: s.run(["logits"], f))
-            times = _time_blocks(runners, n_rep, warmup)
-            for name in names:
+            times = time_blocks(_runners(models, sessions, backend, batch, seq_len), n_rep, warmup)
+            for name in models:
                 result["rows"].append({"model": name, "backend": backend, "batch_size": batch, "seq_len": seq_len,
-                                       **_stats(times[name], batch)})
+                                       **latency_stats(times[name], batch)})
     finally:
         torch.set_num_threads(old_threads)
         if tmp is not None:
             tmp.cleanup()
     _add_speedups(result)
-    result["environment"]["loadavg_end"] = _loadavg()
+    result["environment"]["loadavg_end"] = loadavg()
     result["environment"]["wall_s"] = round(time.perf_counter() - started, 1)
     return result
 
 
-def _eager_runner(model: nn.Module, inputs: dict[str, torch.Tensor]):
-    from .export import _is_decoder
+def _check_models(models: Mapping[str, nn.Module], reference: str | None, seq_lens) -> str:
+    """The reference model's name (default: the first); refuses lengths beyond a model's positions."""
+    if not models:
+        raise IdpriorError("benchmark needs at least one model")
+    names = list(models)
+    reference = reference or names[0]
+    if reference not in models:
+        raise IdpriorError(f"reference {reference!r} is not one of the models ({', '.join(names)})")
+    for name, model in models.items():
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit and max(int(t) for t in seq_lens) > limit:
+            raise IdpriorError(f"sequence length {max(int(t) for t in seq_lens)} exceeds {name}'s "
+                               f"max_position_embeddings {limit}; lower --seq-lens")
+    return reference
 
-    kwargs = dict(inputs, use_cache=False) if _is_decoder(model) else dict(inputs)
+
+def _onnx_sessions(models: Mapping[str, nn.Module], workdir: Path, info: dict, threads: int, exporter: str,
+                   attention: str) -> dict:
+    """Export each model to workdir/NAME.onnx, check parity, open an ONNX Runtime session; the export's
+    time, size, attention form and parity go into `info[name]`."""
+    from .export import attention_mode, example_inputs, export_onnx, input_names, ort_session, parity
+
+    sessions = {}
+    for name, model in tqdm(models.items(), desc="export onnx", leave=False):
+        path = workdir / f"{_safe_name(name)}.onnx"
+        t0 = time.perf_counter()
+        export_onnx(model, None, path, exporter=exporter, attention=attention)
+        row = info[name]
+        row["onnx_export_s"] = round(time.perf_counter() - t0, 2)
+        row["onnx_attention"], row["onnx_opset"] = attention_mode(model, exporter, None, attention)
+        row["onnx_mb"] = round(path.stat().st_size / 2**20, 2)
+        parity_batch = example_inputs(model, input_names(model), batch=3, seq_len=24, seed=1, pad=True)
+        check = parity(model, path, parity_batch)
+        row["onnx_max_abs_diff"] = check["max_abs_diff"]
+        row["onnx_max_abs_logit"] = check["max_abs_logit"]  # scale of the difference
+        sessions[name] = ort_session(path, threads)
+    return sessions
+
+
+def _runners(models: Mapping[str, nn.Module], sessions: dict, backend: str, batch: int, seq_len: int) -> dict:
+    """One zero-argument call per model on the same seeded random batch [batch, seq_len]."""
+    from .export import input_names, ort_feed
+
+    vocab = min(m.config.vocab_size for m in models.values())
+    gen = torch.Generator().manual_seed(1000 * batch + seq_len)
+    ids = torch.randint(0, vocab, (batch, seq_len), generator=gen)  # [B, T], same for every model
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    runners = {}
+    for name, model in models.items():
+        if backend == "eager":
+            runners[name] = _eager_runner(model, {k: full[k] for k in input_names(model)})
+        else:
+            session = sessions[name]
+            feed = ort_feed(session, full)
+            runners[name] = (lambda s=session, f=feed: s.run(["logits"], f))
+    return runners
+
+
+def _eager_runner(model: nn.Module, inputs: dict[str, torch.Tensor]):
+    from .export import is_decoder_model
+
+    kwargs = dict(inputs, use_cache=False) if is_decoder_model(model) else dict(inputs)
 
     def run():
         with torch.inference_mode():
@@ -242,11 +255,11 @@ def _eager_runner(model: nn.Module, inputs: dict[str, torch.Tensor]):
     return run
 
 
-BLOCK = 5  # timed runs per block in `_time_blocks`
+BLOCK = 5  # timed runs per block in `time_blocks`
 LEAD_IN_S = 0.1  # untimed running before each block (at least one call)
 
 
-def _time_blocks(runners: dict, repeats: int, warmup: int, block: int = BLOCK,
+def time_blocks(runners: dict, repeats: int, warmup: int, block: int = BLOCK,
                  lead_in_s: float = LEAD_IN_S) -> dict[str, list[float]]:
     """Warm every runner up, then time `repeats` calls of each in blocks of `block`.
 

@@ -180,7 +180,7 @@ class BranchNorms:
 @torch.no_grad()
 def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = ("head", "neuron", "attn", "ffn"),
           adapter: Adapter | None = None, relative: bool = False, readout: bool = False,
-          desc: str = "score") -> dict[Unit, float]:
+          desc: str = "score", lean: bool = True) -> dict[Unit, float]:
     """Function norm of every unit of `kinds`, in eval mode, in one pass over `batches`.
 
     `readout=True`: last-layer norms over the positions the model's head reads (see BranchNorms).
@@ -190,7 +190,8 @@ def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = (
 
     Memory: the gate hooks reduce every branch to per-unit sums as soon as it is computed, and
     under no_grad nothing else keeps a layer's activations, so beyond the weights the peak is
-    about one layer's activations (plus the logits, cut to the last position for causal LMs).
+    about one layer's activations (plus the logits, cut to the last position for causal LMs;
+    `lean=False` keeps the full forward, for the memory benchmark's comparison).
 
     Several processes: when `torch.distributed` is initialized (e.g. under `accelerate launch`),
     rank r takes batches r, r + world, ... and the per-unit sums and token counts are all-reduced
@@ -204,7 +205,7 @@ def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = (
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    extra = _lean_forward_kwargs(model)
+    extra = lean_forward_kwargs(model) if lean else {}
     with Gates(model, adapter) as gates:
         rec = BranchNorms(model, gates, adapter, kinds, readout=readout).attach()
         try:
@@ -244,7 +245,7 @@ def check_finite(scores: dict[Unit, float]) -> None:
         )
 
 
-def _lean_forward_kwargs(model: nn.Module) -> dict:
+def lean_forward_kwargs(model: nn.Module) -> dict:
     """Forward options that skip what scoring never reads: the KV cache, and the logits of all but
     the last position (a causal LM's [B, T, vocab] logits are 1.6 GB for SmolLM2 at 64 x 128
     tokens, far more than one layer's activations)."""

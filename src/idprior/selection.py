@@ -99,6 +99,45 @@ class _State:
             self.taken[sub][u.layer] += 1
 
 
+def _take_below(state: _State, order: list[Unit], key, tau: float) -> float:
+    """Every unit whose key is under `tau`, in order (the collapse rule permitting); returns tau."""
+    for u in order:
+        if key(u) >= tau:
+            break
+        g = state.gain(u)
+        if g is not None:
+            state.take(u, g)
+    return tau
+
+
+def _take_budget(state: _State, order: list[Unit], key, budget: float, mode: str,
+                 head_share: float | None) -> float | None:
+    """Greedy in key order until `budget` is removed; mode "share" first fills `head_share` of it from
+    heads, the rest from the other kinds, and finishes from everything left if a pool ran dry.
+    Returns the key of the last unit taken."""
+    if mode != "share":
+        return _greedy(state, order, key, budget)
+    if head_share is None:
+        raise IdpriorError("selection 'share' needs head_share (the fraction of the budget taken from heads)")
+    heads = [u for u in order if u.kind in ("head", "attn")]
+    others = [u for u in order if u.kind not in ("head", "attn")]
+    last_key = _greedy(state, heads, key, head_share * budget)
+    last_key = _greedy(state, others, key, budget) or last_key
+    if state.amount < budget:  # a pool ran dry: finish from everything left
+        last_key = _greedy(state, order, key, budget) or last_key
+    return last_key
+
+
+def _warn_kept_last(state: _State, order: list[Unit]) -> None:
+    """A warning for each unit kind the collapse rule kept (the last attention / FFN sub-layer)."""
+    taken = set(state.removed)  # a set: `in` on the list made this quadratic (minutes for SmolLM2's 46k neurons)
+    skipped = [u for u in order[: len(state.removed) + 1] if u not in taken and state.gain(u) is None]
+    if any(u.kind in ("head", "attn") for u in skipped):
+        state.warnings.append("kept the model's last attention sub-layer (a plan may not remove all attention)")
+    if any(u.kind in ("neuron", "ffn") for u in skipped):
+        state.warnings.append("kept the model's last FFN sub-layer (a plan may not remove every FFN)")
+
+
 def select(
     scores: dict[Unit, float],
     adapter: Adapter,
@@ -131,40 +170,19 @@ def select(
     order = sorted(cands, key=lambda u: (key(u), *u.sort_key()))
     total = measure_total(adapter, measure, seq_len)
     state = _State(adapter, measure, seq_len)
-    last_key = None
     if tau is not None:
-        for u in order:
-            if key(u) >= tau:
-                break
-            g = state.gain(u)
-            if g is not None:
-                state.take(u, g)
-        last_key = tau
+        last_key = _take_below(state, order, key, tau)
     elif target > 0:
-        budget = target * total
-        if mode == "share":
-            if head_share is None:
-                raise IdpriorError("selection 'share' needs head_share (the fraction of the budget taken from heads)")
-            heads = [u for u in order if u.kind in ("head", "attn")]
-            others = [u for u in order if u.kind not in ("head", "attn")]
-            last_key = _greedy(state, heads, key, head_share * budget)
-            last_key = _greedy(state, others, key, budget) or last_key
-            if state.amount < budget:  # a pool ran dry: finish from everything left
-                last_key = _greedy(state, order, key, budget) or last_key
-        else:
-            last_key = _greedy(state, order, key, budget)
-        if state.amount < budget:
+        last_key = _take_budget(state, order, key, target * total, mode, head_share)
+        if state.amount < target * total:
             raise IdpriorError(
                 f"target {target:.0%} of {measure} is out of reach with kinds {','.join(kinds)} "
                 f"(at most {state.amount / total:.1%} can go without removing every attention or FFN sub-layer); "
                 "lower --target or add kinds"
             )
-    taken = set(state.removed)  # a set: `in` on the list made this quadratic (minutes for SmolLM2's 46k neurons)
-    skipped = [u for u in order[: len(state.removed) + 1] if u not in taken and state.gain(u) is None]
-    if any(u.kind in ("head", "attn") for u in skipped):
-        state.warnings.append("kept the model's last attention sub-layer (a plan may not remove all attention)")
-    if any(u.kind in ("neuron", "ffn") for u in skipped):
-        state.warnings.append("kept the model's last FFN sub-layer (a plan may not remove every FFN)")
+    else:
+        last_key = None
+    _warn_kept_last(state, order)
     units = normalize(adapter, state.removed)
     total_params = total_params if total_params is not None else sum(p.numel() for p in adapter.model.parameters())
     return PruningPlan(

@@ -49,12 +49,12 @@ PRUNE_FLAGS = {
     "sn_bound": ("prune.sn_bound", "'init' (each matrix's pretrained sigma) or a number"),
     "calib_size": ("prune.calib_size", "calibration examples for the function norms"),
     "iterative": ("prune.iterative", "reach the target in K prune/recover rounds"),
-    "recover_epochs": ("prune.recover_epochs", "fine-tuning epochs after surgery"),
+    "recover_epochs": ("recover.epochs", "fine-tuning epochs after surgery (recovery)"),
 }
 SWITCHES = {
     "no_sn": ("prune.sn", False, "ablation: no spectral normalization"),
     "no_prior": ("prune.prior", False, "ablation: no identity prior"),
-    "no_train": ("prune.train", False, "post-training mode: score and prune the model as given"),
+    "no_train": ("prune.finetune_first", False, "post-training mode: score and prune the model as given"),
     "distill": ("prune.distill", True, "distil from the unpruned model during recovery"),
     "per_query_head": ("model.per_query_head", True, "GQA decoders: a head unit is a query-head slot of every "
                        "KV group (groups stay equal) instead of a whole KV group"),

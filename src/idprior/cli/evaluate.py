@@ -56,7 +56,7 @@ def _load_data(args, task: str):
 def run(args) -> int:
     from .. import io, models
     from ..data import make_dataloader, make_lm_dataloader
-    from ..data.labels import align_labels, labels_of_spec
+    from ..data.labels import align_labels
     from ..errors import ConfigError, IdpriorError
     from ..evaluate import evaluate
     from ..preflight import check_evaluation
@@ -85,7 +85,7 @@ def run(args) -> int:
     problems = check_evaluation(args.model, data, args.max_length)
     if problems:
         raise ConfigError(problems)
-    data = align_labels(data, labels_of_spec(args.model), args.model)
+    data = align_labels(data, models.labels_of_spec(args.model), args.model)
     model, tok = models.load(args.model, data.task)
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     missing = [s for s in splits if s not in data.splits]
