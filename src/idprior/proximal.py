@@ -62,8 +62,8 @@ class ActivationMoments(BranchNorms):
     """
 
     def __init__(self, model: nn.Module, gates: Gates, adapter: Adapter, kinds: Iterable[str] = PROX_KINDS,
-                 readout: bool = False):
-        super().__init__(model, gates, adapter, kinds, differentiable=False, readout=readout)
+                 readout: bool = False, after_ln: bool = False):
+        super().__init__(model, gates, adapter, kinds, differentiable=False, readout=readout, after_ln=after_ln)
         self.moments: dict[tuple[str, int], torch.Tensor] = {}
 
     def reset(self) -> None:
@@ -163,7 +163,7 @@ class ProximalPrior:
                  lam0: float = 0.01, gamma: float = 1.0, ramp: float = 0.75, gain: float = 0.5,
                  head_share: float | None = None, ema: float = 0.9, eps: float = 0.1, zero_tol: float = 1e-3,
                  lam_min: float = 1e-5, lam_max: float = 1.0, horizon: float = 0.2, readout: bool = False,
-                 freeze: bool = False):
+                 freeze: bool = False, after_ln: bool = False):
         self.model, self.adapter = model, adapter
         self.kinds = tuple(k for k in PROX_KINDS if k in tuple(kinds))
         if not self.kinds:
@@ -180,7 +180,8 @@ class ProximalPrior:
         self.ema_m: dict[tuple[str, int], torch.Tensor] = {}  # EMA of per-token moments (float64)
         self.norms: dict[tuple[str, int], torch.Tensor] = {}  # ‖f_u‖ right after the last step
         self.deltas: dict[tuple[str, int], torch.Tensor] = {}  # δ_u of the last step
-        self.recorder = ActivationMoments(model, gates, adapter, self.kinds, readout=readout).attach()
+        self.recorder = ActivationMoments(model, gates, adapter, self.kinds, readout=readout, after_ln=after_ln).attach()
+        self.ema_ln: dict[tuple[str, int], float] = {}  # EMA of mean 1/σ_t² after each sub-layer (after_ln)
 
     # ---- norms and the proximal step ---------------------------------------------------------
     def _sites(self):
@@ -200,12 +201,20 @@ class ProximalPrior:
             n = max(1, rec.count(key[1]))
             old = self.ema_m.get(key)
             self.ema_m[key] = m / n if old is None else self.ema * old + (1 - self.ema) * (m / n)
+        for key in rec.ln_sq:
+            now = rec.ln_scale(key) ** 2
+            self.ema_ln[key] = now if key not in self.ema_ln else self.ema * self.ema_ln[key] + (1 - self.ema) * now
         rec.reset()
 
     def _norm(self, kind: str, layer: int, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖f_u‖ with the current weights [n_units] float64, [out, in] view of the stored weight)."""
         w, scale = stored_out_weight(self.adapter, module)
         wd, m = w.detach().double(), self.ema_m[(kind, layer)]
+        sub = "attn" if kind == "head" else "ffn"
+        ln = self.recorder.out_norms.get((sub, layer))
+        if ln is not None:  # measured after the LayerNorm: diag(γ) C W, times sqrt(E[1/σ²]) (see scoring)
+            wd = ln.weight.detach().double()[:, None] * (wd - wd.mean(0, keepdim=True))
+            scale *= math.sqrt(self.ema_ln.get((sub, layer), 1.0))
         if kind == "head":
             dh = self.adapter.head_dim
             perm, n_units = self.recorder.unit_layout(layer, wd.shape[1] // dh)
@@ -335,12 +344,15 @@ class ProximalPrior:
     def state_dict(self) -> dict:
         """λ, F̄ and the EMA moments: what a resumed run needs to continue bit-identically."""
         state: dict = {"lam": dict(self.lam), "fbar": dict(self.fbar)}
+        if self.ema_ln:
+            state["ema_ln"] = {f"{sub}.{layer}": v for (sub, layer), v in self.ema_ln.items()}
         state.update({f"ema.{kind}.{layer}": m for (kind, layer), m in self.ema_m.items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.lam = {g: float(v) for g, v in state["lam"].items()}
         self.fbar = {k: float(v) for k, v in state["fbar"].items()}
+        self.ema_ln = {(k.split(".")[0], int(k.split(".")[1])): float(v) for k, v in state.get("ema_ln", {}).items()}
         device = next(p for p in self.model.parameters()).device
         self.ema_m = {}
         for name, m in state.items():
