@@ -105,6 +105,7 @@ class PruneConfig:
     prior_gain: float = 0.5  # proximal: controller gain κ (0 keeps λ at prior_lambda0)
     prior_head_share: float | None = None  # proximal: share of the target taken by heads (None: free)
     prior_freeze: bool = False  # proximal: stop pulling once the target sits at the identity (no overshoot)
+    prior_metric: str = "euclid"  # proximal: "adam" takes the step in Adam's metric (see proximal.py)
     train: bool = True  # False: post-training mode (score and prune an already fine-tuned model)
     iterative: int = 1
     recover_epochs: float = 1.0
@@ -344,6 +345,7 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(0 < pr.prior_lambda0 <= 1, f"prune.prior_lambda0 must be in (0, 1], got {pr.prior_lambda0}")
     need(0 <= pr.prior_gamma <= 4, f"prune.prior_gamma must be in [0, 4], got {pr.prior_gamma}")
     need(0 < pr.prior_ramp <= 1, f"prune.prior_ramp must be in (0, 1], got {pr.prior_ramp}")
+    need(pr.prior_metric in ("euclid", "adam"), f"prune.prior_metric must be 'euclid' or 'adam', got {pr.prior_metric!r}")
     need(0 <= pr.prior_gain <= 10, f"prune.prior_gain must be in [0, 10], got {pr.prior_gain}")
     need(pr.prior_head_share is None or 0 <= pr.prior_head_share <= 1,
          f"prune.prior_head_share must be in [0, 1], got {pr.prior_head_share}")

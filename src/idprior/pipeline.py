@@ -192,7 +192,8 @@ def stage_finetune(run: Run) -> dict:
             prox = ProximalPrior(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
                                  seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
                                  gain=p.prior_gain, head_share=p.prior_head_share, readout=p.norm_positions == "readout",
-                                 freeze=p.prior_freeze, after_ln=p.norm_after_ln)
+                                 freeze=p.prior_freeze, after_ln=p.norm_after_ln,
+                                 metric=p.prior_metric)
         elif p.prior and p.prior_lambda > 0:
             gates = Gates(model, adapter).attach()
             prior = IdentityPrior(model, adapter, gates, parse_kinds(p.kinds), lam=p.prior_lambda,

@@ -153,6 +153,13 @@ class ProximalPrior:
     `ema` smooths the activation moments over batches; `eps` bounds the reweighting at
     (1/eps)^γ; a unit is "at the identity" once ‖f_u‖ <= `zero_tol` · F̄_k; `horizon` (a fraction
     of the phase, keep it under 1 − ramp so that bound units land before the end) is the lead H.
+    `metric` (`prior_metric`): "euclid" soft-thresholds every unit by δ_u; "adam" takes the proximal
+    step in Adam's metric (as adaptive proximal methods do, e.g. ProxGen, Yun et al. 2021): δ_u is
+    divided by the unit's mean sqrt(v) (Adam's second-moment estimate over its output weights)
+    relative to the mean over its kind, so a unit the loss keeps pushing on falls more slowly than one
+    it ignores. Under Adam every weight moves ~lr a step whatever its gradient, so in the Euclidean
+    metric the prior's equilibrium does not see how much the loss needs a unit; this restores it. The
+    criterion stays the function norm (units at zero are removed, the rest by norm).
     `freeze` (`prior_freeze`): once a group's fraction at the identity reaches its share of the
     target, its units still away from zero are no longer pulled (only the zeros stay pinned), so the
     prior stops at the target instead of overshooting it by the units already on their way down.
@@ -163,7 +170,7 @@ class ProximalPrior:
                  lam0: float = 0.01, gamma: float = 1.0, ramp: float = 0.75, gain: float = 0.5,
                  head_share: float | None = None, ema: float = 0.9, eps: float = 0.1, zero_tol: float = 1e-3,
                  lam_min: float = 1e-5, lam_max: float = 1.0, horizon: float = 0.2, readout: bool = False,
-                 freeze: bool = False, after_ln: bool = False):
+                 freeze: bool = False, after_ln: bool = False, metric: str = "euclid"):
         self.model, self.adapter = model, adapter
         self.kinds = tuple(k for k in PROX_KINDS if k in tuple(kinds))
         if not self.kinds:
@@ -171,6 +178,9 @@ class ProximalPrior:
         self.target, self.measure, self.seq_len = target, measure, seq_len
         self.gamma, self.ramp, self.gain, self.ema, self.eps, self.zero_tol = gamma, ramp, gain, ema, eps, zero_tol
         self.lam_min, self.lam_max, self.horizon, self.freeze = lam_min, lam_max, horizon, freeze
+        if metric not in ("euclid", "adam"):
+            raise IdpriorError(f"prior metric must be 'euclid' or 'adam', got {metric!r}")
+        self.metric, self.opt = metric, None
         self.head_share = head_share if len(self.kinds) == 2 else None
         self.lam = {g: float(lam0) for g in (("head", "neuron") if self.head_share is not None else ("all",))}
         # the whole of the measure, as selection.select counts it (encoder params include the norms)
@@ -224,6 +234,30 @@ class ProximalPrior:
             sq = (wd**2).sum(0) * m  # ‖W2[:, j]‖² E[a_j²]: [F]
         return scale * sq.clamp(min=0).sqrt(), w
 
+    def bind_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        """Called by `train.train`: the optimizer whose state the "adam" metric reads."""
+        self.opt = opt
+
+    def _adam_scale(self, modules: dict) -> dict[tuple[str, int], torch.Tensor]:
+        """Per unit: mean sqrt(v) over its output weights, divided by the mean over units of its kind."""
+        raw = {}
+        for (kind, layer), module in modules.items():
+            param = (module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight")
+                     else module.weight)
+            v = self.opt.state.get(param, {}).get("exp_avg_sq") if self.opt is not None else None
+            if v is None:
+                raise IdpriorError("prune.prior_metric 'adam' needs an Adam-family optimizer state for every output projection")
+            col = self.adapter.out_weight(_Stored(v)).detach().double().sqrt().mean(0)  # [in]
+            if kind == "head":
+                perm, n_units = self.recorder.unit_layout(layer, col.numel() // self.adapter.head_dim)
+                col = col.view(-1, self.adapter.head_dim)[perm.to(col.device)].reshape(n_units, -1).mean(1)  # [U]
+            raw[(kind, layer)] = col
+        out = {}
+        for kind in self.kinds:
+            mean = float(torch.cat([h for (k, _), h in raw.items() if k == kind]).mean())
+            out |= {key: h / max(mean, 1e-300) for key, h in raw.items() if key[0] == kind}
+        return out
+
     def _shrink(self, kind: str, layer: int, w: torch.Tensor, alpha: torch.Tensor) -> None:
         """w_u ← α_u w_u on the unit's output columns, in place in the stored parameter."""
         if kind == "head":
@@ -243,9 +277,12 @@ class ProximalPrior:
                     raise IdpriorError(f"every {kind} unit has a zero or non-finite function norm ({mean}) at the start of the prior phase")
                 self.fbar[kind] = mean
         reached = self._reached()
+        metric = self._adam_scale(modules) if self.metric == "adam" else {}
         for (kind, layer), (norm, w) in current.items():
             fbar, lam = self.fbar[kind], self.lam[self._group(kind)]
             delta = lam * fbar * (fbar / (norm + self.eps * fbar)) ** self.gamma  # δ_u = λ ω_u F̄_k
+            if metric:
+                delta = delta / metric[(kind, layer)].clamp(min=1e-3).to(delta.device)  # Adam's metric
             if reached[self._group(kind)]:
                 delta = torch.where(norm <= self.zero_tol * fbar, delta, torch.zeros_like(delta))
             alpha = torch.where(norm > delta, 1 - delta / norm.clamp(min=1e-300), torch.zeros_like(norm))

@@ -155,6 +155,8 @@ def train(
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, total, int(cfg.warmup_ratio * total))
     model, opt = acc.prepare(model, opt)
+    if post_step is not None and hasattr(post_step, "bind_optimizer"):
+        post_step.bind_optimizer(getattr(opt, "optimizer", opt))  # a proximal step in the optimizer's metric
     if acc.num_processes > 1:
         train_loader = acc.prepare(train_loader)
     if teacher is not None:
