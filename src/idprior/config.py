@@ -105,6 +105,9 @@ class PruneConfig:
     # "readout": last-layer function norms over the positions the model's head reads ([CLS] for a
     # BERT classifier), in scoring and in the proximal prior; "all": every real token
     norm_positions: str = "all"
+    # True: post-LN branches measured after the LayerNorm they join (diag(γ) C W, scaled by the LN's
+    # mean 1/σ), so layers are compared on the scale the next layer sees; scoring and proximal prior
+    norm_after_ln: bool = False
     calib_size: int = 512
     sn: bool = True
     sn_bound: str = "init"  # "init" (each matrix's own sigma at load) or a float
@@ -123,6 +126,7 @@ class PruneConfig:
     prior_gain: float = 0.5  # proximal: controller gain κ (0 keeps λ at prior_lambda0)
     prior_head_share: float | None = None  # proximal: share of the target taken by heads (None: free)
     prior_freeze: bool = False  # proximal: stop pulling once the target sits at the identity (no overshoot)
+    prior_metric: str = "euclid"  # proximal: "adam" takes the step in Adam's metric (see proximal.py)
     finetune_first: bool = True  # fine-tune with SN + prior first; False: post-training mode (old name: prune.train)
     iterative: int = 1
     distill: bool = False
@@ -437,6 +441,7 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(0 < pr.prior_lambda0 <= 1, f"prune.prior_lambda0 must be in (0, 1], got {pr.prior_lambda0}")
     need(0 <= pr.prior_gamma <= 4, f"prune.prior_gamma must be in [0, 4], got {pr.prior_gamma}")
     need(0 < pr.prior_ramp <= 1, f"prune.prior_ramp must be in (0, 1], got {pr.prior_ramp}")
+    need(pr.prior_metric in ("euclid", "adam"), f"prune.prior_metric must be 'euclid' or 'adam', got {pr.prior_metric!r}")
     need(0 <= pr.prior_gain <= 10, f"prune.prior_gain must be in [0, 10], got {pr.prior_gain}")
     need(pr.prior_head_share is None or 0 <= pr.prior_head_share <= 1,
          f"prune.prior_head_share must be in [0, 1], got {pr.prior_head_share}")

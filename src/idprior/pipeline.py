@@ -177,7 +177,7 @@ def _prior_hooks(run: Run, model, adapter) -> tuple[list, list]:
         prox = ProximalPrior(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
                              seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
                              gain=p.prior_gain, head_share=p.prior_head_share, readout=p.norm_positions == "readout",
-                             freeze=p.prior_freeze)
+                             freeze=p.prior_freeze, after_ln=p.norm_after_ln, metric=p.prior_metric)
         return [AfterStep(prox)], [prox, gates]
     prior = IdentityPrior(model, adapter, gates, parse_kinds(p.kinds), lam=p.prior_lambda,
                           weight=p.prior_weight, warmup=p.prior_warmup)
@@ -232,7 +232,8 @@ def stage_score(run: Run) -> dict:
     model, tok = run.load_model(finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
     scores = score(model, calibration_batches(run, tok), adapter=adapter,
-                   relative=run.cfg.prune.score == "relative", readout=run.cfg.prune.norm_positions == "readout")
+                   relative=run.cfg.prune.score == "relative", readout=run.cfg.prune.norm_positions == "readout",
+                   after_ln=run.cfg.prune.norm_after_ln)
     io.write_json(run.path("scores.json"), {"score": run.cfg.prune.score, "norms": scores_to_json(scores)})
     return {"units": len(scores)}
 

@@ -223,11 +223,11 @@ prior_on = prior_active  # whether a fine-tune applies an identity prior (as sta
 
 LOSS_PRIOR_FIELDS = ("prior_lambda", "prior_weight", "prior_warmup")
 PROXIMAL_PRIOR_FIELDS = ("prior_mode", "prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain", "prior_head_share",
-                         "target", "measure", "flops_seq_len", "norm_positions", "prior_freeze")
+                         "target", "measure", "flops_seq_len", "norm_positions", "prior_freeze", "norm_after_ln", "prior_metric")
 # Fields added after fine-tunes were hashed: left out of the digest at their default, so that folders
 # hashed before they existed still match (a paired grid must find the start its earlier rows used;
 # `data.problem_type` once split the starts of the paired grid's seeds 0-1 this way).
-DIGEST_OMIT_AT_DEFAULT = {"norm_positions": "all", "prior_freeze": False}
+DIGEST_OMIT_AT_DEFAULT = {"norm_positions": "all", "prior_freeze": False, "norm_after_ln": False, "prior_metric": "euclid"}
 DATA_OMIT_AT_DEFAULT = {"problem_type": None}
 
 

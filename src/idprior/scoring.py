@@ -6,6 +6,12 @@ With `readout=True` (`prune.norm_positions: readout`) the mean in the LAST layer
 positions the model's head reads (the adapter's `readout_mask`, e.g. [CLS] for a BERT classifier)
 instead: a last-layer branch reaches the output only there, so its effect on other tokens is moot.
 
+With `after_ln=True` (`prune.norm_after_ln`, post-LN models) a branch is measured where it acts,
+after the LayerNorm it joins: LN(x + f) holds f as γ ⊙ C f / σ_t (C removes the mean over the hidden
+size, σ_t the token's LN input std), so the output weights are taken as diag(γ) C W and the norm is
+scaled by sqrt(mean over tokens of 1/σ_t²) of that sub-layer. Layers whose LN gain or input scale
+differ (≈3x across MiniLM's layers) are then compared on the scale the next layer sees.
+
 Heads come from the per-head context before the output projection: f_h(x) = ctx_h W_O[:, h],
 so ||f_h||^2 = ctx_h^T (W_O[:, h]^T W_O[:, h]) ctx_h, computed with the small per-head Gram
 matrix instead of materializing every head's output. A GQA head unit (one KV group) is the sum
@@ -44,7 +50,7 @@ class BranchNorms:
     """
 
     def __init__(self, model: nn.Module, gates: Gates, adapter: Adapter, kinds: Iterable[str] = ("head", "neuron", "attn", "ffn"),
-                 differentiable: bool = False, readout: bool = False):
+                 differentiable: bool = False, readout: bool = False, after_ln: bool = False):
         self.model, self.gates, self.adapter = model, gates, adapter
         self.kinds = set(kinds)
         self.differentiable = differentiable
@@ -56,6 +62,10 @@ class BranchNorms:
         self.last_layer = adapter.num_layers - 1
         self.readout_positions: torch.Tensor | None = None  # [B, T] bool for the current batch
         self.readout_tokens = 0
+        # post-LN: the LayerNorm after each sub-layer ("attn" | "ffn", layer) and Σ 1/σ_t² of its input
+        self.out_norms = {(sub, i): ln for i in range(adapter.num_layers) for sub in ("attn", "ffn")
+                          if after_ln and (ln := adapter.branch_out_norm(i, sub)) is not None}
+        self.ln_sq: dict[tuple[str, int], torch.Tensor] = {}
         self.active = True
         self._handles: list = []
         self._perm_cache: dict[int, tuple[torch.Tensor, int]] = {}
@@ -66,6 +76,8 @@ class BranchNorms:
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         for i, layer in enumerate(self.adapter.layers()):
             self._handles.append(layer.register_forward_pre_hook(self._layer_input(i), with_kwargs=True))
+        for key, ln in self.out_norms.items():
+            self._handles.append(ln.register_forward_pre_hook(self._ln_input(key)))
         return self
 
     def detach(self) -> None:
@@ -80,6 +92,7 @@ class BranchNorms:
         self.input_sq.clear()
         self.tokens = 0
         self.readout_tokens = 0
+        self.ln_sq.clear()
 
     def _on_forward(self, module, args, kwargs):
         """Top-level pre-hook: remember which tokens are real and count them."""
@@ -111,6 +124,30 @@ class BranchNorms:
             self._add(self.input_sq, layer, self._masked_sum(sq[..., None], layer)[0])
 
         return hook
+
+    def _ln_input(self, key: tuple[str, int]):
+        def hook(module, args):
+            if not self.active:
+                return
+            x = args[0].detach().float()
+            inv = 1.0 / (x.var(-1, unbiased=False) + module.eps)  # 1/σ_t²: [B, T]
+            self._add(self.ln_sq, key, self._masked_sum(inv[..., None], key[1]).detach().double())
+
+        return hook
+
+    def out_weight(self, module: nn.Module, layer: int, sub: str) -> torch.Tensor:
+        """[out, in] output weights of a branch, as diag(γ) C W when measured after its LayerNorm."""
+        w = self.adapter.out_weight(module)
+        ln = self.out_norms.get((sub, layer))
+        if ln is None:
+            return w
+        return ln.weight.detach()[:, None].to(w.dtype) * (w - w.mean(0, keepdim=True))
+
+    def ln_scale(self, key: tuple[str, int], n: int | None = None) -> float:
+        """sqrt(mean of 1/σ_t²) after sub-layer `key` (1 when the branch is not measured after an LN)."""
+        if key not in self.out_norms or key not in self.ln_sq:
+            return 1.0
+        return math.sqrt(float(self.ln_sq[key].sum()) / max(1, self.count(key[1]) if n is None else n))
 
     # ---- accumulation ---------------------------------------------------------------------------
     def positions(self, layer: int) -> torch.Tensor | None:
@@ -150,7 +187,7 @@ class BranchNorms:
         if not self.differentiable:
             x = x.detach()
         if site == "heads" and "head" in self.kinds:
-            w = self.adapter.out_weight(module)  # [D, H*dh]
+            w = self.out_weight(module, layer, "attn")  # [D, H*dh]
             d_out = w.shape[0]
             dh = self.adapter.head_dim
             n_heads = x.shape[-1] // dh
@@ -163,27 +200,33 @@ class BranchNorms:
             sq = torch.einsum("btui,uij,btuj->btu", ctx.float(), gram, ctx.float()).clamp(min=0)  # [B, T, U]
             self._add(self.sums, ("head", layer), self._masked_sum(sq, layer))
         elif site == "neurons" and "neuron" in self.kinds:
-            w = self.adapter.out_weight(module)  # [D, F]
+            w = self.out_weight(module, layer, "ffn")  # [D, F]
             col_sq = (w.float() ** 2).sum(0)  # [F]
             act_sq = self._masked_sum(x.float() ** 2, layer)  # [F]
             self._add(self.sums, ("neuron", layer), act_sq * col_sq)
         elif site in ("attn", "ffn") and site in self.kinds:
+            ln = self.out_norms.get((site, layer))
+            if ln is not None:
+                x = ln.weight.detach() * (x - x.mean(-1, keepdim=True))  # diag(γ) C f: [B, T, D]
             sq = (x.float() ** 2).sum(-1, keepdim=True)  # [B, T, 1]
             self._add(self.sums, (site, layer), self._masked_sum(sq, layer))
 
     # ---- results --------------------------------------------------------------------------------
     def norms(self, eps: float = 0.0) -> dict[tuple[str, int], torch.Tensor]:
         """sqrt(mean over tokens) for every (kind, layer) seen."""
-        return {k: torch.sqrt(v / max(1, self.count(k[1])) + eps) for k, v in self.sums.items()}
+        sub = {"head": "attn", "attn": "attn", "neuron": "ffn", "ffn": "ffn"}
+        return {k: torch.sqrt(v / max(1, self.count(k[1])) + eps) * self.ln_scale((sub[k[0]], k[1]))
+                for k, v in self.sums.items()}
 
 
 @torch.no_grad()
 def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = ("head", "neuron", "attn", "ffn"),
-          adapter: Adapter | None = None, relative: bool = False, readout: bool = False,
+          adapter: Adapter | None = None, relative: bool = False, readout: bool = False, after_ln: bool = False,
           desc: str = "score", lean: bool = True) -> dict[Unit, float]:
     """Function norm of every unit of `kinds`, in eval mode, in one pass over `batches`.
 
-    `readout=True`: last-layer norms over the positions the model's head reads (see BranchNorms).
+    `readout=True`: last-layer norms over the positions the model's head reads; `after_ln=True`:
+    norms measured after the LayerNorm each branch joins (post-LN models; see BranchNorms).
 
     With `relative=True` each norm is divided by the RMS norm of its layer's input, so that
     layers with larger residual streams (pre-LN decoders) are not favoured.
@@ -207,7 +250,7 @@ def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = (
     device = next(model.parameters()).device
     extra = lean_forward_kwargs(model) if lean else {}
     with Gates(model, adapter) as gates:
-        rec = BranchNorms(model, gates, adapter, kinds, readout=readout).attach()
+        rec = BranchNorms(model, gates, adapter, kinds, readout=readout, after_ln=after_ln).attach()
         try:
             for i, batch in enumerate(tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=rank != 0)):
                 if i % world != rank:
@@ -277,6 +320,7 @@ def _all_reduce(rec: BranchNorms, adapter: Adapter, device: torch.device) -> Non
                  "attn": int(shape.has_attn), "ffn": int(shape.has_ffn)}
         layout += [(rec.sums, (kind, layer), sizes[kind]) for kind in sorted(rec.kinds) if sizes[kind]]
         layout.append((rec.input_sq, layer, 1))
+        layout += [(rec.ln_sq, key, 1) for key in sorted(rec.out_norms) if key[1] == layer]
     parts = [store.get(key, torch.zeros(n, dtype=torch.float64, device=device)).reshape(n).double()
              for store, key, n in layout]
     counts = torch.tensor([float(rec.tokens), float(rec.readout_tokens)], dtype=torch.float64, device=device)

@@ -184,6 +184,8 @@ class AfterStep(TrainHook):
         self.fn = fn
         if hasattr(fn, "state_dict") and hasattr(fn, "load_state_dict"):
             self.state_dict, self.load_state_dict = fn.state_dict, fn.load_state_dict
+        if hasattr(fn, "bind_optimizer"):
+            self.bind_optimizer = fn.bind_optimizer
 
     def after_step(self, model, step, total):
         return self.fn(model, step, total)
@@ -411,6 +413,8 @@ def train(
     hooks = _hooks(hooks, extra_loss, post_step, teacher, distill_alpha, distill_temperature)
     for hook in hooks:
         hook.start(acc.device)
+        if hasattr(hook, "bind_optimizer"):  # a proximal step in the optimizer's metric reads its state
+            hook.bind_optimizer(getattr(opt, "optimizer", opt))
     loop = _Loop(model, opt, sched, acc, cfg, hooks, total, desc)
     ckpt = Checkpointer(ckpt_dir, acc, hooks)
     last = ckpt.latest() if resume else None

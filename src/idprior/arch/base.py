@@ -115,6 +115,12 @@ class Adapter(ABC):
         (`prune.norm_positions: readout`)."""
         return None
 
+    def branch_out_norm(self, layer: int, sub: str) -> nn.Module | None:
+        """The LayerNorm that normalises sub-layer `sub` ("attn" | "ffn") of `layer` together with the
+        residual, LN(x + f(x)), in post-LN models; None in pre-LN ones (nothing rescales the branch
+        before it joins the stream). Used by `prune.norm_after_ln`."""
+        return None
+
     # ---- branch modules ----------------------------------------------------------------------
     @abstractmethod
     def attn_out_proj(self, layer: int) -> nn.Module | None:

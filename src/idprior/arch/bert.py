@@ -93,6 +93,10 @@ class BertAdapter(Adapter):
         mask[:, 0] = True
         return mask
 
+    def branch_out_norm(self, layer: int, sub: str) -> nn.Module | None:
+        block = self._layers[layer]
+        return block.attention.output.LayerNorm if sub == "attn" else block.output.LayerNorm
+
     def attn_out_proj(self, layer: int) -> nn.Module | None:
         attn = self._layers[layer].attention
         return None if isinstance(attn, RemovedPostLNAttention) else attn.output.dense
