@@ -27,6 +27,7 @@ SELECTIONS = ("auto", "norm", "norm-per-cost", "energy-per-cost", "share", "rela
 PRIOR_MODES = ("loss", "proximal")
 PRIOR_WEIGHTS = ("uniform", "cost")
 DTYPES = ("float32", "bfloat16", "float16")
+COMPENSATIONS = ("auto", "none", "bias", "lsq")
 
 
 @dataclass
@@ -104,6 +105,11 @@ class PruneConfig:
     distill: bool = False
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
+    # After surgery, from calibration activations of the unpruned model (compensate.py): "bias" adds the
+    # removed channels' mean output to the output projection's bias (FLAP), "lsq" re-fits the kept
+    # columns by ridge regression; "auto" is the method's own (bias for flap and wanda-sp, else none).
+    compensate: str = "auto"
+    compensate_ridge: float = 0.01  # lsq: ridge toward the old weights, relative to the mean E[x_j^2]
 
 
 @dataclass
@@ -343,6 +349,9 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(pr.recover_epochs >= 0, f"prune.recover_epochs must be >= 0, got {pr.recover_epochs}")
     need(0 <= pr.distill_alpha <= 1, f"prune.distill_alpha must be in [0, 1], got {pr.distill_alpha}")
     need(pr.distill_temperature > 0, f"prune.distill_temperature must be > 0, got {pr.distill_temperature}")
+    need(pr.compensate in COMPENSATIONS, f"prune.compensate must be one of {', '.join(COMPENSATIONS)}, got {pr.compensate!r}")
+    need(pr.compensate_ridge > 0 and math.isfinite(pr.compensate_ridge),
+         f"prune.compensate_ridge must be > 0, got {pr.compensate_ridge}")
     b = cfg.bench
     need(all(x >= 1 for x in b.batch_sizes) and bool(b.batch_sizes), f"bench.batch_sizes must be positive integers, got {b.batch_sizes}")
     need(all(x >= 1 for x in b.seq_lens) and bool(b.seq_lens), f"bench.seq_lens must be positive integers, got {b.seq_lens}")

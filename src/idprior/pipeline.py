@@ -274,14 +274,20 @@ def stage_select(run: Run) -> dict:
 
 
 def stage_surgery(run: Run) -> dict:
+    from .compensate import fit_compensation, resolve_mode
     from .surgery import apply_plan, save_pruned
 
+    p = run.cfg.prune
     plan = PruningPlan.load(run.path("plan.json"))
     model, tok = _load(run, finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
+    mode = resolve_mode(p.compensate, p.method)  # statistics of the unpruned model, so fitted before the cut
+    comp = None if mode == "none" else fit_compensation(model, plan.units, calibration_batches(run, tok), mode=mode,
+                                                        adapter=adapter, ridge=p.compensate_ridge)
     apply_plan(model, plan.units, adapter)
+    info = {} if comp is None else {"compensation": comp.apply(model, adapter)}
     save_pruned(model, tok, run.path("surgery"), plan=plan.to_dict())
-    return {"params": sum(p.numel() for p in model.parameters())}
+    return {"params": sum(p.numel() for p in model.parameters()), **info}
 
 
 def stage_recover(run: Run) -> dict:

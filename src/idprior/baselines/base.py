@@ -7,6 +7,8 @@ are the same code for every method and only the choice of units differs (DESIGN.
 `needs_gradients`: the method runs backward passes (calibration batches need `labels`).
 `retraining_free`: the method, as published, prunes a fine-tuned model and is evaluated without
 further training, so a run may compare it with recovery switched off.
+`compensate`: what `prune.compensate: auto` means for the method ("none", "bias", "lsq";
+compensate.py), e.g. FLAP's bias compensation is part of FLAP.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class Method:
     name: str = ""
     needs_gradients: bool = False
     retraining_free: bool = False
+    compensate: str = "none"
 
     def __init__(self, selection: str = "norm"):
         self.selection = selection  # how `select` compares units of different kinds

@@ -50,6 +50,9 @@ PRUNE_FLAGS = {
     "calib_size": ("prune.calib_size", "calibration examples for the function norms"),
     "iterative": ("prune.iterative", "reach the target in K prune/recover rounds"),
     "recover_epochs": ("prune.recover_epochs", "fine-tuning epochs after surgery"),
+    "compensate": ("prune.compensate", "after surgery, from calibration activations: none, bias (FLAP's bias "
+                                       "compensation), lsq (ridge re-fit of the kept columns), or auto (default: "
+                                       "the method's own, bias for flap and wanda-sp, else none)"),
 }
 SWITCHES = {
     "no_sn": ("prune.sn", False, "ablation: no spectral normalization"),
