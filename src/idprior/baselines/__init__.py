@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..errors import IdpriorError
 from .base import Method
 from .fisher import FisherMethod
+from .flap import FlapMethod, WandaSPMethod
 from .layerdrop import ShortGPTMethod, TopLayersMethod
 from .magnitude import MagnitudeMethod
 from .michel import MichelMethod
@@ -19,7 +20,8 @@ from .random import RandomMethod
 
 METHODS: dict[str, type[Method]] = {
     cls.name: cls
-    for cls in (RandomMethod, MagnitudeMethod, MichelMethod, FisherMethod, ShortGPTMethod, TopLayersMethod)
+    for cls in (RandomMethod, MagnitudeMethod, MichelMethod, FisherMethod, ShortGPTMethod, TopLayersMethod,
+                FlapMethod, WandaSPMethod)
 }
 
 __all__ = ["METHODS", "Method", "get_method"]

@@ -36,7 +36,8 @@ ATTENTION_HELP = ("how attention is exported to ONNX: auto (default; encoders fu
                   "own), fused (one ONNX Attention node per layer, opset >= 23), eager (matmul, mask, softmax, matmul)")
 
 PRUNE_FLAGS = {
-    "method": ("prune.method", "snip (default) or a baseline: random, magnitude, michel, fisher, shortgpt, top-layers"),
+    "method": ("prune.method", "snip (default) or a baseline: random, magnitude, michel, fisher, shortgpt, top-layers, "
+                               "flap, wanda-sp"),
     "target": ("prune.target", "fraction of --measure to remove, in (0, 1)"),
     "measure": ("prune.measure", "encoder_params (default), linear_params or flops"),
     "tau": ("prune.tau", "raw function-norm threshold instead of --target"),
