@@ -28,6 +28,7 @@ PRIOR_MODES = ("loss", "proximal")
 PRIOR_WEIGHTS = ("uniform", "cost")
 DTYPES = ("float32", "bfloat16", "float16")
 COMPENSATIONS = ("auto", "none", "bias", "lsq")
+SCORES = ("absolute", "relative", "residual")
 
 
 @dataclass
@@ -81,7 +82,9 @@ class PruneConfig:
     # decoders "norm" (benchmarks/results/smollm2_selection.md).
     selection: str = "auto"
     head_share: float | None = None  # selection "share": fraction of the budget taken from heads
-    score: str = "absolute"  # "relative": divide by the branch input norm
+    # "relative": divide by the RMS of the layer input; "residual": by the RMS of the residual stream each
+    # branch writes into (pre-LN decoders: the FFN's is the layer input plus the attention output)
+    score: str = "absolute"
     calib_size: int = 512
     sn: bool = True
     sn_bound: str = "init"  # "init" (each matrix's own sigma at load) or a float
@@ -110,6 +113,9 @@ class PruneConfig:
     # columns by ridge regression; "auto" is the method's own (bias for flap and wanda-sp, else none).
     compensate: str = "auto"
     compensate_ridge: float = 0.01  # lsq: ridge toward the old weights, relative to the mean E[x_j^2]
+    min_keep: float = 0.0  # fraction of each layer's head units and of its neurons that always stays
+    protect_first: int = 0  # the first N layers are never pruned
+    protect_last: int = 0  # the last N layers are never pruned
 
 
 @dataclass
@@ -328,7 +334,7 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(pr.selection in SELECTIONS, f"prune.selection must be one of {', '.join(SELECTIONS)}, got {pr.selection!r}")
     need(pr.head_share is None or 0 <= pr.head_share <= 1, f"prune.head_share must be in [0, 1], got {pr.head_share}")
     need(pr.selection != "share" or pr.head_share is not None, "prune.selection 'share' needs prune.head_share (e.g. 0.3)")
-    need(pr.score in ("absolute", "relative"), f"prune.score must be 'absolute' or 'relative', got {pr.score!r}")
+    need(pr.score in SCORES, f"prune.score must be one of {', '.join(SCORES)}, got {pr.score!r}")
     need(pr.calib_size >= 1, f"prune.calib_size must be >= 1, got {pr.calib_size}")
     if pr.sn_bound != "init":
         try:
@@ -352,6 +358,9 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(pr.compensate in COMPENSATIONS, f"prune.compensate must be one of {', '.join(COMPENSATIONS)}, got {pr.compensate!r}")
     need(pr.compensate_ridge > 0 and math.isfinite(pr.compensate_ridge),
          f"prune.compensate_ridge must be > 0, got {pr.compensate_ridge}")
+    need(0 <= pr.min_keep < 1, f"prune.min_keep must be in [0, 1), got {pr.min_keep}")
+    need(pr.protect_first >= 0, f"prune.protect_first must be >= 0, got {pr.protect_first}")
+    need(pr.protect_last >= 0, f"prune.protect_last must be >= 0, got {pr.protect_last}")
     b = cfg.bench
     need(all(x >= 1 for x in b.batch_sizes) and bool(b.batch_sizes), f"bench.batch_sizes must be positive integers, got {b.batch_sizes}")
     need(all(x >= 1 for x in b.seq_lens) and bool(b.seq_lens), f"bench.seq_lens must be positive integers, got {b.seq_lens}")

@@ -234,7 +234,7 @@ def stage_score(run: Run) -> dict:
     model, tok = _load(run, finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
     scores = score(model, calibration_batches(run, tok), adapter=adapter,
-                   relative=run.cfg.prune.score == "relative")
+                   relative=run.cfg.prune.score == "relative", residual=run.cfg.prune.score == "residual")
     io.write_json(run.path("scores.json"), {"score": run.cfg.prune.score, "norms": scores_to_json(scores)})
     return {"units": len(scores)}
 
@@ -249,22 +249,23 @@ def resolve_selection(selection: str, head_share: float | None, adapter) -> tupl
 
 def stage_select(run: Run) -> dict:
     from .scoring import scores_from_json
-    from .selection import select
+    from .selection import protected_layers, select
 
     p = run.cfg.prune
     model, tok = _load(run, finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
     kinds = parse_kinds(p.kinds)
+    held = {"min_keep": p.min_keep, "protect": protected_layers(adapter.num_layers, p.protect_first, p.protect_last)}
     if p.method == "snip":
         scores = scores_from_json(io.read_json(run.path("scores.json"))["norms"])
         mode, head_share = resolve_selection(p.selection, p.head_share, adapter)
         plan = select(scores, adapter, target=None if p.tau is not None else p.target, tau=p.tau,
                       measure=p.measure, seq_len=p.flops_seq_len, mode=mode, kinds=kinds,
-                      head_share=head_share)
+                      head_share=head_share, **held)
     else:
         from .baselines import get_method
 
-        method = get_method(p.method)
+        method = get_method(p.method, **held)
         plan = method.plan(model, adapter, calibration_batches(run, tok), target=p.target, measure=p.measure,
                            seq_len=p.flops_seq_len, kinds=kinds, seed=run.cfg.seed)
     plan.save(run.path("plan.json"))

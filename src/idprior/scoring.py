@@ -34,7 +34,8 @@ class BranchNorms:
 
     `sums[(kind, layer)]` is a [n_units] tensor ("head", "neuron") or a [1] tensor ("attn",
     "ffn"); `tokens` counts real tokens; `input_sq[layer]` sums ||layer input||^2 (for
-    `--score relative`). `differentiable=True` keeps the graph (identity prior) and restarts the
+    `--score relative`) and `ffn_input_sq[layer]` ||residual the FFN writes into||^2 (`--score residual`:
+    in a pre-LN layer the FFN adds to x + attn(x), not to x). `differentiable=True` keeps the graph (identity prior) and restarts the
     sums at every training forward; otherwise they accumulate in float64 without grad.
     """
 
@@ -45,6 +46,7 @@ class BranchNorms:
         self.differentiable = differentiable
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
         self.input_sq: dict[int, torch.Tensor] = {}
+        self.ffn_input_sq: dict[int, torch.Tensor] = {}
         self.tokens = 0
         self.active = True
         self._handles: list = []
@@ -55,7 +57,9 @@ class BranchNorms:
         self.gates.observers.append(self)
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         for i, layer in enumerate(self.adapter.layers()):
-            self._handles.append(layer.register_forward_pre_hook(self._layer_input(i), with_kwargs=True))
+            self._handles.append(layer.register_forward_pre_hook(self._layer_input(i, self.input_sq), with_kwargs=True))
+            self._handles.append(self.adapter.ffn_residual(i).register_forward_pre_hook(
+                self._layer_input(i, self.ffn_input_sq), with_kwargs=True))
         return self
 
     def detach(self) -> None:
@@ -68,6 +72,7 @@ class BranchNorms:
     def reset(self) -> None:
         self.sums.clear()
         self.input_sq.clear()
+        self.ffn_input_sq.clear()
         self.tokens = 0
 
     def _on_forward(self, module, args, kwargs):
@@ -86,7 +91,7 @@ class BranchNorms:
         self.gates.token_mask = mask.bool()
         self.tokens += int(mask.sum())
 
-    def _layer_input(self, layer: int):
+    def _layer_input(self, layer: int, store: dict):
         def hook(module, args, kwargs):
             if not self.active or self.differentiable:
                 return
@@ -94,7 +99,7 @@ class BranchNorms:
             if x is None:
                 return
             sq = (x.detach().float() ** 2).sum(-1)  # [B, T]
-            self._add(self.input_sq, layer, self._masked_sum(sq[..., None])[0])
+            self._add(store, layer, self._masked_sum(sq[..., None])[0])
 
         return hook
 
@@ -154,11 +159,15 @@ class BranchNorms:
 
 @torch.no_grad()
 def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = ("head", "neuron", "attn", "ffn"),
-          adapter: Adapter | None = None, relative: bool = False, desc: str = "score") -> dict[Unit, float]:
+          adapter: Adapter | None = None, relative: bool = False, residual: bool = False,
+          desc: str = "score") -> dict[Unit, float]:
     """Function norm of every unit of `kinds`, in eval mode, in one pass over `batches`.
 
     With `relative=True` each norm is divided by the RMS norm of its layer's input, so that
-    layers with larger residual streams (pre-LN decoders) are not favoured.
+    layers with larger residual streams (pre-LN decoders) are not favoured. `residual=True` divides
+    by the RMS of the residual stream each branch writes into: the layer input for attention, the
+    FFN's own input stream for the FFN (in a pre-LN decoder x + attn(x), which an early layer's
+    attention can make much larger than x), i.e. the branch's relative update of that stream.
 
     Memory: the gate hooks reduce every branch to per-unit sums as soon as it is computed, and
     under no_grad nothing else keeps a layer's activations, so beyond the weights the peak is
@@ -191,8 +200,9 @@ def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = (
         _all_reduce(rec, adapter, device)
     out: dict[Unit, float] = {}
     for (kind, layer), value in sorted(rec.norms().items()):
-        if relative:
-            rms_in = float(torch.sqrt(rec.input_sq[layer] / max(1, rec.tokens)))
+        if relative or residual:
+            store = rec.ffn_input_sq if residual and kind in ("neuron", "ffn") else rec.input_sq
+            rms_in = float(torch.sqrt(store[layer] / max(1, rec.tokens)))
             value = value / max(rms_in, 1e-12)
         if kind in ("attn", "ffn"):
             out[Unit(kind, layer)] = float(value[0])
@@ -247,7 +257,7 @@ def _all_reduce(rec: BranchNorms, adapter: Adapter, device: torch.device) -> Non
         sizes = {"head": adapter.num_head_units(layer) if shape.has_attn else 0, "neuron": shape.ffn_dim,
                  "attn": int(shape.has_attn), "ffn": int(shape.has_ffn)}
         layout += [(rec.sums, (kind, layer), sizes[kind]) for kind in sorted(rec.kinds) if sizes[kind]]
-        layout.append((rec.input_sq, layer, 1))
+        layout += [(rec.input_sq, layer, 1), (rec.ffn_input_sq, layer, 1)]
     parts = [store.get(key, torch.zeros(n, dtype=torch.float64, device=device)).reshape(n).double()
              for store, key, n in layout]
     flat = torch.cat([*parts, torch.tensor([float(rec.tokens)], dtype=torch.float64, device=device)])  # [sum n + 1]

@@ -119,6 +119,11 @@ class Adapter(ABC):
         """Second FFN matrix (input [B,T,ffn_dim] activations); None if removed."""
 
     @abstractmethod
+    def ffn_residual(self, layer: int) -> nn.Module:
+        """A module whose input (first argument) is the residual stream the FFN branch writes into:
+        pre-LN, the pre-FFN norm (its input x + attn(x)); post-LN, the FFN itself (its input LN(x + attn(x)))."""
+
+    @abstractmethod
     def out_weight(self, module: nn.Module) -> torch.Tensor:
         """The projection's weight as a [out_features, in_features] tensor (a view; Conv1D transposed)."""
 

@@ -78,8 +78,8 @@ class FlapMethod(Method):
     compensate = "bias"
     metric = "fluctuation"
 
-    def __init__(self, selection: str = "norm", standardize: bool = True):
-        super().__init__(selection)
+    def __init__(self, selection: str = "norm", standardize: bool = True, **options):
+        super().__init__(selection, **options)
         self.standardize = standardize
 
     def plan(self, model, adapter, calib_batches, *, target, measure="encoder_params", seq_len=128,

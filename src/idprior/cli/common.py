@@ -45,12 +45,18 @@ PRUNE_FLAGS = {
     "selection": ("prune.selection", "auto (the model family's tuned default: share 0.3 for encoders, norm for "
                                      "decoders), norm, norm-per-cost, energy-per-cost, share, relative"),
     "head_share": ("prune.head_share", "with --selection share: fraction of the budget taken from heads"),
+    "score": ("prune.score", "absolute (default), relative (norm / RMS of the layer input) or residual (norm / RMS "
+                             "of the residual stream each branch writes into)"),
     "prior_lambda": ("prune.prior_lambda", "strength of the identity prior"),
     "prior_weight": ("prune.prior_weight", "uniform or cost"),
     "sn_bound": ("prune.sn_bound", "'init' (each matrix's pretrained sigma) or a number"),
     "calib_size": ("prune.calib_size", "calibration examples for the function norms"),
     "iterative": ("prune.iterative", "reach the target in K prune/recover rounds"),
     "recover_epochs": ("prune.recover_epochs", "fine-tuning epochs after surgery"),
+    "min_keep": ("prune.min_keep", "fraction of each layer's head units and of its FFN neurons that always stays "
+                                   "(e.g. 0.25; no sub-layer is then removed whole)"),
+    "protect_first": ("prune.protect_first", "never prune the first N layers"),
+    "protect_last": ("prune.protect_last", "never prune the last N layers"),
     "compensate": ("prune.compensate", "after surgery, from calibration activations: none, bias (FLAP's bias "
                                        "compensation), lsq (ridge re-fit of the kept columns), or auto (default: "
                                        "the method's own, bias for flap and wanda-sp, else none)"),
