@@ -54,6 +54,10 @@ class DataConfig:
     max_validation: int | None = None  # validation only (default: max_eval); test keeps max_eval
     max_length: int = 128  # tokens per example (classification) / block size (LM)
     problem_type: str | None = None  # task "custom": "classification" or "regression"; None infers it
+    # LM tasks: also classify this task's test split zero-shot by label-word likelihood (zeroshot.py),
+    # dense vs pruned, e.g. "rt-polarity"; max_zero_shot caps the examples (a fixed subset).
+    zero_shot: str | None = None
+    max_zero_shot: int | None = None
 
 
 @dataclass
@@ -361,6 +365,11 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(0 <= pr.min_keep < 1, f"prune.min_keep must be in [0, 1), got {pr.min_keep}")
     need(pr.protect_first >= 0, f"prune.protect_first must be >= 0, got {pr.protect_first}")
     need(pr.protect_last >= 0, f"prune.protect_last must be >= 0, got {pr.protect_last}")
+    from .zeroshot import SPECS  # no torch at import
+
+    need(d.zero_shot is None or d.zero_shot in SPECS,
+         f"data.zero_shot must be one of {', '.join(SPECS)} (or null), got {d.zero_shot!r}")
+    need(d.max_zero_shot is None or d.max_zero_shot >= 1, f"data.max_zero_shot must be >= 1, got {d.max_zero_shot}")
     b = cfg.bench
     need(all(x >= 1 for x in b.batch_sizes) and bool(b.batch_sizes), f"bench.batch_sizes must be positive integers, got {b.batch_sizes}")
     need(all(x >= 1 for x in b.seq_lens) and bool(b.seq_lens), f"bench.seq_lens must be positive integers, got {b.seq_lens}")

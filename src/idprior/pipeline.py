@@ -349,6 +349,15 @@ def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
         else:
             out["pruned_no_recovery"][split] = out["pruned"][split]
             per_example[f"pruned_no_recovery.{split}"] = per_example[f"pruned.{split}"]
+    zero_shot = run.cfg.data.zero_shot if run.task.kind == "lm" else None
+    if zero_shot:  # a capability check beyond perplexity (zeroshot.py)
+        from .zeroshot import zero_shot_models
+
+        models_ = {"dense": dense, "pruned": pruned, **({"pruned_no_recovery": surg} if recovered else {})}
+        out["zero_shot"], zs_preds = zero_shot_models(models_, tok, zero_shot, max_examples=run.cfg.data.max_zero_shot,
+                                                      batch_size=run.cfg.train.eval_batch_size)
+        out["zero_shot"].setdefault("pruned_no_recovery", out["zero_shot"]["pruned"])
+        per_example.update(zs_preds)
     if any(v is not None for v in per_example.values()):
         save_predictions(run.path("predictions.safetensors"), per_example)
     out["compression"] = compression(dense, pruned, run.cfg.prune.flops_seq_len)
@@ -364,6 +373,10 @@ def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
     for split in run.test_splits():
         print(f"{split} {m}: dense {out['dense'][split][m]:.4f}  pruned {out['pruned'][split][m]:.4f}"
               f"  (no recovery {out['pruned_no_recovery'][split][m]:.4f})")
+    if zero_shot:
+        zs = out["zero_shot"]
+        print(f"zero-shot {zero_shot} accuracy ({zs['dense']['examples']} test examples): dense {zs['dense']['accuracy']:.4f}"
+              f"  pruned {zs['pruned']['accuracy']:.4f}  (no recovery {zs['pruned_no_recovery']['accuracy']:.4f})")
     for k in ("encoder_params", "linear_params", "flops", "total_params"):
         c = out["compression"][k]
         print(f"{k}: {c['dense']:,} -> {c['pruned']:,} ({c['removed_fraction']:.1%} removed)")

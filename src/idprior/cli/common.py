@@ -53,6 +53,8 @@ PRUNE_FLAGS = {
     "calib_size": ("prune.calib_size", "calibration examples for the function norms"),
     "iterative": ("prune.iterative", "reach the target in K prune/recover rounds"),
     "recover_epochs": ("prune.recover_epochs", "fine-tuning epochs after surgery"),
+    "zero_shot": ("data.zero_shot", "LM tasks: also classify this task's test split (rt-polarity, sst2) zero-shot "
+                                    "by label-word likelihood, dense vs pruned"),
     "min_keep": ("prune.min_keep", "fraction of each layer's head units and of its FFN neurons that always stays "
                                    "(e.g. 0.25; no sub-layer is then removed whole)"),
     "protect_first": ("prune.protect_first", "never prune the first N layers"),

@@ -34,6 +34,9 @@ def add_parser(sub):
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", help="folder for metrics.json (default: print only)")
+    p.add_argument("--zero-shot", default=None, metavar="TASK",
+                   help="LM tasks: also classify TASK's test split (rt-polarity, sst2) zero-shot by label-word "
+                        "likelihood; --max-eval caps its examples too")
     return p
 
 
@@ -82,6 +85,12 @@ def run(args) -> int:
         if problem:
             raise IdpriorError(problem)
     data = _load_data(args, task)
+    if args.zero_shot is not None:
+        from ..zeroshot import get_spec
+
+        get_spec(args.zero_shot)  # an unknown task fails before the model loads
+        if data.task.kind != "lm":
+            raise IdpriorError(f"--zero-shot needs a language-modelling task (e.g. lm-rt), not {data.task.name!r}")
     problems = check_evaluation(args.model, data, args.max_length)
     if problems:
         raise ConfigError(problems)
@@ -101,6 +110,12 @@ def run(args) -> int:
             loader = make_dataloader(ex, tok, data.task, batch_size=args.batch_size, max_length=args.max_length, shuffle=False)
         results[split] = evaluate(model, data.task, loader, desc=f"eval {split}")
     out = {"model": args.model, "task": data.task.name, **results}
+    if args.zero_shot is not None:
+        from ..zeroshot import zero_shot_models
+
+        zs, _ = zero_shot_models({"model": model}, tok, args.zero_shot, max_examples=args.max_eval,
+                                 batch_size=args.batch_size)
+        out["zero_shot"] = {"task": zs["task"], "split": zs["split"], **zs["model"]}
     if metrics_path is not None:
         io.write_json(metrics_path, out)
     print(json.dumps(out, indent=2))
