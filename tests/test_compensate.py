@@ -260,3 +260,21 @@ def test_prune_cli_with_compensation(tmp_path, mode):
     assert count_params(load_pruned(out / "pruned")) == plan["measures"]["after"]["total_params"] + added
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["pruned"]["test"]["perplexity"] > 1
+
+
+def test_shared_statistics_give_the_same_compensation():
+    from idprior.compensate import SUBS, channel_stats
+
+    model, adapter = build("llama")
+    batches = calib()
+    sites = [(s, i) for i in range(adapter.num_layers) for s in SUBS]
+    shared = channel_stats(model, adapter, batches, sites, gram=sites)
+    units = collapse_plan(adapter)
+    for mode in ("bias", "lsq"):
+        own = fit_compensation(model, units, batches, mode=mode)
+        reused = fit_compensation(model, units, None, mode=mode, stats=shared)
+        assert own.biases.keys() == reused.biases.keys() and own.weights.keys() == reused.weights.keys()
+        for site in own.biases:
+            torch.testing.assert_close(own.biases[site], reused.biases[site])
+    with pytest.raises(IdpriorError, match="gram"):
+        fit_compensation(model, units, None, mode="lsq", stats=channel_stats(model, adapter, batches, sites))

@@ -167,9 +167,11 @@ def _removed_channels(adapter: Adapter, layer: int, sub: str, removed: set[int])
 
 
 @torch.no_grad()
-def fit_compensation(model: nn.Module, units: Iterable[Unit | str], batches: Iterable[dict], *, mode: str = "bias",
-                     adapter: Adapter | None = None, ridge: float = 0.01) -> Compensation:
-    """The compensation for removing `units` from `model` (unpruned by them), from one calibration pass."""
+def fit_compensation(model: nn.Module, units: Iterable[Unit | str], batches: Iterable[dict] | None, *, mode: str = "bias",
+                     adapter: Adapter | None = None, ridge: float = 0.01, stats: tuple[dict, int] | None = None) -> Compensation:
+    """The compensation for removing `units` from `model` (unpruned by them), from one calibration pass
+    over `batches`, or from `stats`, a `channel_stats` result that covers the cut sub-layers (with
+    "gram" for lsq), so that several plans can share one pass."""
     if mode not in ("bias", "lsq"):
         raise IdpriorError(f"compensation mode must be 'bias' or 'lsq', got {mode!r}")
     if mode == "lsq" and not ridge > 0:
@@ -187,7 +189,14 @@ def fit_compensation(model: nn.Module, units: Iterable[Unit | str], batches: Ite
     comp = Compensation(mode, ridge if mode == "lsq" else None)
     if not partial and not collapsed:
         return comp
-    stats, n = channel_stats(model, adapter, batches, [*partial, *collapsed], gram=partial if mode == "lsq" else ())
+    if stats is None:
+        stats, n = channel_stats(model, adapter, batches, [*partial, *collapsed], gram=partial if mode == "lsq" else ())
+    else:
+        stats, n = stats
+        missing = [f"{s}:{i}" for s, i in [*partial, *collapsed] if (s, i) not in stats]
+        missing += [f"{s}:{i} (gram)" for s, i in partial if mode == "lsq" and "gram" not in stats.get((s, i), {})]
+        if missing:
+            raise IdpriorError(f"the statistics lack {', '.join(missing)}; collect them with channel_stats")
 
     def add(site, delta):
         comp.biases[site] = comp.biases[site] + delta if site in comp.biases else delta
