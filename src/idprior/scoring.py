@@ -57,9 +57,8 @@ class BranchNorms:
         self.gates.observers.append(self)
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         for i, layer in enumerate(self.adapter.layers()):
-            self._handles.append(layer.register_forward_pre_hook(self._layer_input(i, self.input_sq), with_kwargs=True))
-            self._handles.append(self.adapter.ffn_residual(i).register_forward_pre_hook(
-                self._layer_input(i, self.ffn_input_sq), with_kwargs=True))
+            self._handles.append(layer.register_forward_pre_hook(self._layer_input(i), with_kwargs=True))
+            self._handles.append(self.adapter.ffn_residual(i).register_forward_pre_hook(self._ffn_input(i), with_kwargs=True))
         return self
 
     def detach(self) -> None:
@@ -91,7 +90,15 @@ class BranchNorms:
         self.gates.token_mask = mask.bool()
         self.tokens += int(mask.sum())
 
-    def _layer_input(self, layer: int, store: dict):
+    def _layer_input(self, layer: int):
+        """Pre-hook on the layer: ||layer input||^2 into `input_sq` (subclasses may return a no-op)."""
+        return self._stream_sq(layer, self.input_sq)
+
+    def _ffn_input(self, layer: int):
+        """Pre-hook on `adapter.ffn_residual`: ||stream the FFN writes into||^2 into `ffn_input_sq`."""
+        return self._stream_sq(layer, self.ffn_input_sq)
+
+    def _stream_sq(self, layer: int, store: dict):
         def hook(module, args, kwargs):
             if not self.active or self.differentiable:
                 return
