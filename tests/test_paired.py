@@ -203,3 +203,48 @@ def test_paired_cells_order_and_per_method_targets_and_seeds(tiny_folder):
                                                (1, "rt-polarity", 0.3, "snip"), (1, "subj", 0.3, "snip")]
     assert order.index((1, "subj", 0.5, "snip")) < order.index((0, "rt-polarity", 0.3, "snip"))
     assert [o for o in order if o[3] == "only-seed1"] == [(1, "rt-polarity", 0.5, "only-seed1"), (1, "subj", 0.5, "only-seed1")]
+
+
+def _finished(folder, cfg_dict, start=None):
+    folder.mkdir(parents=True)
+    (folder / "stages.json").write_text(json.dumps({"config": cfg_dict, "stages": {"finetune": {"wall_s": 1.0}}}))
+    if start:
+        (folder / "start.json").write_text(json.dumps({"start": f"../{start}", "sha256": "x"}))
+
+
+def test_existing_equivalent_finds_the_start_earlier_rows_used(tmp_path):
+    """A field added to idprior later changes the folder digest; the pair must keep its start (the one
+    most continuations used), and a real difference must not be mistaken for a match."""
+    from idprior.config import RunConfig
+    from idprior.quality import existing_equivalent
+
+    cfg = RunConfig()
+    old = cfg.to_dict()
+    del old["data"]["problem_type"]  # saved before the field existed
+    _finished(tmp_path / "start-aaaa", old)
+    _finished(tmp_path / "start-bbbb", cfg.to_dict())
+    _finished(tmp_path / "plain-1111", cfg.to_dict(), start="start-aaaa")
+    _finished(tmp_path / "prior-2222", cfg.to_dict(), start="start-aaaa")
+    _finished(tmp_path / "sn-3333", cfg.to_dict(), start="start-bbbb")
+    assert existing_equivalent(tmp_path, "start-cccc", cfg).name == "start-aaaa"
+    assert existing_equivalent(tmp_path, "start-bbbb", cfg).name == "start-bbbb"  # the exact name wins when finished
+    other = RunConfig()
+    other.train.lr = 1e-3
+    assert existing_equivalent(tmp_path, "start-dddd", other).name == "start-dddd"  # nothing equivalent: its own name
+    assert existing_equivalent(tmp_path, "sn+prior-9999", cfg).name == "sn+prior-9999"  # variants never cross
+
+
+def test_rows_from_different_starts_are_not_paired():
+    from idprior.paired import compare
+
+    ok = {"pred": np.array([1, 1, 0]), "label": np.array([1, 0, 0])}
+    preds = {"a.p": {"pruned_no_recovery.test": ok}, "b.p": {"pruned_no_recovery.test": ok}}
+
+    def row(method, seed, sha):
+        return {"task": "t", "seed": seed, "method": method, "target": 0.5, "predictions": f"{method[0]}.p",
+                "start_sha256": sha}
+
+    rows = [row("a", 0, "s0"), row("b", 0, "s0"), row("a", 1, "s1"), row("b", 1, "other")]
+    comp = compare(rows, "a", "b", target=0.5, load=lambda rel: preds[rel])
+    assert [c.seed for c in comp.cells] == [0] and comp.unpaired == ["t/1"]
+    assert comp.summary(n_boot=0)["unpaired"] == 1

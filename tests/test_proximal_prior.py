@@ -323,3 +323,25 @@ def test_a_fully_zeroed_sublayer_loses_its_bias_and_equals_the_collapsed_model(m
     b = batch(seed=1)
     with torch.no_grad():
         assert torch.allclose(model(**b).logits, pruned(**b).logits, atol=1e-5)
+
+
+def test_freeze_stops_pulling_at_the_target_and_keeps_zeros_pinned():
+    """`freeze`: once the identity fraction reaches the target, units away from zero get no threshold
+    (they keep their norm) and units at zero stay there; without it the same step keeps shrinking."""
+    model = no_dropout(tiny_bert()).train()
+    for freeze in (True, False):
+        prior, _, _ = make_prior(copy.deepcopy(model).train(), target=0.1, lam0=0.3, gain=0.0, freeze=freeze)
+        step = 0
+        while not prior.norms or prior.fractions()["all"] < 0.1:
+            with torch.no_grad():
+                prior.model(**batch(step))
+            prior(prior.model, step, 100)
+            step += 1
+        with torch.no_grad():
+            prior.model(**batch(step))
+        zero_before = {k: n <= prior.zero_tol * prior.fbar[k[0]] for k, n in prior.norms.items()}
+        prior(prior.model, step, 100)
+        for key, was_zero in zero_before.items():
+            assert torch.all(prior.norms[key][was_zero] == 0)  # the identity holds either way
+            away = prior.deltas[key][~was_zero]
+            assert torch.all(away == 0) if freeze else bool((away > 0).all())

@@ -89,6 +89,9 @@ class PruneConfig:
     # "relative": divide by the RMS of the layer input; "residual": by the RMS of the residual stream each
     # branch writes into (pre-LN decoders: the FFN's is the layer input plus the attention output)
     score: str = "absolute"
+    # "readout": last-layer function norms over the positions the model's head reads ([CLS] for a
+    # BERT classifier), in scoring and in the proximal prior; "all": every real token
+    norm_positions: str = "all"
     calib_size: int = 512
     sn: bool = True
     sn_bound: str = "init"  # "init" (each matrix's own sigma at load) or a float
@@ -106,6 +109,7 @@ class PruneConfig:
     prior_ramp: float = 0.75  # proximal: fraction of the fine-tune over which the schedule reaches the target
     prior_gain: float = 0.5  # proximal: controller gain κ (0 keeps λ at prior_lambda0)
     prior_head_share: float | None = None  # proximal: share of the target taken by heads (None: free)
+    prior_freeze: bool = False  # proximal: stop pulling once the target sits at the identity (no overshoot)
     train: bool = True  # False: post-training mode (score and prune an already fine-tuned model)
     iterative: int = 1
     recover_epochs: float = 1.0
@@ -339,6 +343,7 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(pr.head_share is None or 0 <= pr.head_share <= 1, f"prune.head_share must be in [0, 1], got {pr.head_share}")
     need(pr.selection != "share" or pr.head_share is not None, "prune.selection 'share' needs prune.head_share (e.g. 0.3)")
     need(pr.score in SCORES, f"prune.score must be one of {', '.join(SCORES)}, got {pr.score!r}")
+    need(pr.norm_positions in ("all", "readout"), f"prune.norm_positions must be 'all' or 'readout', got {pr.norm_positions!r}")
     need(pr.calib_size >= 1, f"prune.calib_size must be >= 1, got {pr.calib_size}")
     if pr.sn_bound != "init":
         try:

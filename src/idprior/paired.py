@@ -110,6 +110,7 @@ class Comparison:
     endpoint: str  # "pruned_no_recovery" (before recovery) or "pruned" (after recovery)
     split: str
     cells: list[PairedCell] = field(default_factory=list)
+    unpaired: list[str] = field(default_factory=list)  # "task/seed" cells left out: different start weights
 
     def summary(self, n_boot: int = 4000) -> dict:
         """Every statistic of the module docstring; n_boot=0 skips the bootstrap."""
@@ -123,7 +124,7 @@ class Comparison:
                 "sd": sd, "mde": min_detectable(sd, len(d)),
                 "wins": sum(x > 0 for x in d), "losses": sum(x < 0 for x in d), "ties": sum(x == 0 for x in d),
                 "sig_wins": sum(x > 0 and p < 0.05 for x, p in sig), "sig_losses": sum(x < 0 and p < 0.05 for x, p in sig),
-                "examples": int(sum(len(c.a) for c in self.cells))}
+                "examples": int(sum(len(c.a) for c in self.cells)), "unpaired": len(self.unpaired)}
 
     def by_task(self) -> dict[str, Comparison]:
         out: dict[str, Comparison] = {}
@@ -146,7 +147,9 @@ def correctness(preds: dict[str, dict[str, np.ndarray]], name: str) -> np.ndarra
 def compare(rows: list[dict], a: str, b: str, *, target: float, endpoint: str = "pruned_no_recovery",
             split: str = "test", root: str | Path = ".", load: Loader | None = None) -> Comparison:
     """Pair every (task, seed) cell of method `a` at `target` with method `b` (or with its own dense
-    model when b == "@dense"), from the per-example predictions the rows point to (relative to `root`)."""
+    model when b == "@dense"), from the per-example predictions the rows point to (relative to `root`).
+    Rows whose recorded start weights differ (`start_sha256`) are not paired; they are listed in
+    `unpaired` instead."""
     from .evaluate import load_predictions
 
     root = Path(root)
@@ -169,6 +172,9 @@ def compare(rows: list[dict], a: str, b: str, *, target: float, endpoint: str = 
             cb = correctness(preds(row.get("dense_predictions")), f"dense.{split}")
         else:
             other = by_key.get((task, seed, b, t))
+            if other and row.get("start_sha256") and other.get("start_sha256") and row["start_sha256"] != other["start_sha256"]:
+                comp.unpaired.append(f"{task}/{seed}")  # trained from different starts: not a paired cell
+                continue
             cb = correctness(preds(other["predictions"]), f"{endpoint}.{split}") if other else None
         if ca is None or cb is None:
             continue

@@ -191,7 +191,8 @@ def stage_finetune(run: Run) -> dict:
             gates = Gates(model, adapter).attach()
             prox = ProximalPrior(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
                                  seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
-                                 gain=p.prior_gain, head_share=p.prior_head_share)
+                                 gain=p.prior_gain, head_share=p.prior_head_share, readout=p.norm_positions == "readout",
+                                 freeze=p.prior_freeze)
         elif p.prior and p.prior_lambda > 0:
             gates = Gates(model, adapter).attach()
             prior = IdentityPrior(model, adapter, gates, parse_kinds(p.kinds), lam=p.prior_lambda,
@@ -234,7 +235,8 @@ def stage_score(run: Run) -> dict:
     model, tok = _load(run, finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
     scores = score(model, calibration_batches(run, tok), adapter=adapter,
-                   relative=run.cfg.prune.score == "relative", residual=run.cfg.prune.score == "residual")
+                   relative=run.cfg.prune.score == "relative", residual=run.cfg.prune.score == "residual",
+                   readout=run.cfg.prune.norm_positions == "readout")
     io.write_json(run.path("scores.json"), {"score": run.cfg.prune.score, "norms": scores_to_json(scores)})
     return {"units": len(scores)}
 

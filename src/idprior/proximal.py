@@ -61,8 +61,9 @@ class ActivationMoments(BranchNorms):
     restart at every training forward; eval forwards (validation during training) are ignored.
     """
 
-    def __init__(self, model: nn.Module, gates: Gates, adapter: Adapter, kinds: Iterable[str] = PROX_KINDS):
-        super().__init__(model, gates, adapter, kinds, differentiable=False)
+    def __init__(self, model: nn.Module, gates: Gates, adapter: Adapter, kinds: Iterable[str] = PROX_KINDS,
+                 readout: bool = False):
+        super().__init__(model, gates, adapter, kinds, differentiable=False, readout=readout)
         self.moments: dict[tuple[str, int], torch.Tensor] = {}
 
     def reset(self) -> None:
@@ -86,7 +87,7 @@ class ActivationMoments(BranchNorms):
         if not self.active:
             return
         x = x.detach()
-        mask = self.gates.token_mask
+        mask = self.positions(layer)
         if mask is not None and mask.shape == x.shape[:2]:
             x = x * mask[..., None].to(x.dtype)  # padding tokens contribute nothing (mask² = mask)
         if site == "heads" and "head" in self.kinds:
@@ -152,20 +153,24 @@ class ProximalPrior:
     `ema` smooths the activation moments over batches; `eps` bounds the reweighting at
     (1/eps)^γ; a unit is "at the identity" once ‖f_u‖ <= `zero_tol` · F̄_k; `horizon` (a fraction
     of the phase, keep it under 1 − ramp so that bound units land before the end) is the lead H.
+    `freeze` (`prior_freeze`): once a group's fraction at the identity reaches its share of the
+    target, its units still away from zero are no longer pulled (only the zeros stay pinned), so the
+    prior stops at the target instead of overshooting it by the units already on their way down.
     """
 
     def __init__(self, model: nn.Module, adapter: Adapter, gates: Gates, *, target: float,
                  kinds: Iterable[str] = PROX_KINDS, measure: str = "encoder_params", seq_len: int = 128,
                  lam0: float = 0.01, gamma: float = 1.0, ramp: float = 0.75, gain: float = 0.5,
                  head_share: float | None = None, ema: float = 0.9, eps: float = 0.1, zero_tol: float = 1e-3,
-                 lam_min: float = 1e-5, lam_max: float = 1.0, horizon: float = 0.2):
+                 lam_min: float = 1e-5, lam_max: float = 1.0, horizon: float = 0.2, readout: bool = False,
+                 freeze: bool = False):
         self.model, self.adapter = model, adapter
         self.kinds = tuple(k for k in PROX_KINDS if k in tuple(kinds))
         if not self.kinds:
             raise IdpriorError(f"the proximal prior acts on heads and neurons; kinds {tuple(kinds)} have neither")
         self.target, self.measure, self.seq_len = target, measure, seq_len
         self.gamma, self.ramp, self.gain, self.ema, self.eps, self.zero_tol = gamma, ramp, gain, ema, eps, zero_tol
-        self.lam_min, self.lam_max, self.horizon = lam_min, lam_max, horizon
+        self.lam_min, self.lam_max, self.horizon, self.freeze = lam_min, lam_max, horizon, freeze
         self.head_share = head_share if len(self.kinds) == 2 else None
         self.lam = {g: float(lam0) for g in (("head", "neuron") if self.head_share is not None else ("all",))}
         # the whole of the measure, as selection.select counts it (encoder params include the norms)
@@ -175,7 +180,7 @@ class ProximalPrior:
         self.ema_m: dict[tuple[str, int], torch.Tensor] = {}  # EMA of per-token moments (float64)
         self.norms: dict[tuple[str, int], torch.Tensor] = {}  # ‖f_u‖ right after the last step
         self.deltas: dict[tuple[str, int], torch.Tensor] = {}  # δ_u of the last step
-        self.recorder = ActivationMoments(model, gates, adapter, self.kinds).attach()
+        self.recorder = ActivationMoments(model, gates, adapter, self.kinds, readout=readout).attach()
 
     # ---- norms and the proximal step ---------------------------------------------------------
     def _sites(self):
@@ -191,8 +196,8 @@ class ProximalPrior:
             raise IdpriorError("the proximal prior ran before any training forward (attach it before training)")
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             _all_reduce_moments(rec)  # every rank must shrink the same weights by the same factors
-        n = max(1, rec.tokens)
         for key, m in rec.moments.items():
+            n = max(1, rec.count(key[1]))
             old = self.ema_m.get(key)
             self.ema_m[key] = m / n if old is None else self.ema * old + (1 - self.ema) * (m / n)
         rec.reset()
@@ -228,9 +233,12 @@ class ProximalPrior:
                 if not mean > 0:
                     raise IdpriorError(f"every {kind} unit has a zero or non-finite function norm ({mean}) at the start of the prior phase")
                 self.fbar[kind] = mean
+        reached = self._reached()
         for (kind, layer), (norm, w) in current.items():
             fbar, lam = self.fbar[kind], self.lam[self._group(kind)]
             delta = lam * fbar * (fbar / (norm + self.eps * fbar)) ** self.gamma  # δ_u = λ ω_u F̄_k
+            if reached[self._group(kind)]:
+                delta = torch.where(norm <= self.zero_tol * fbar, delta, torch.zeros_like(delta))
             alpha = torch.where(norm > delta, 1 - delta / norm.clamp(min=1e-300), torch.zeros_like(norm))
             self._shrink(kind, layer, w, alpha)
             if not bool((alpha > 0).any()):
@@ -244,6 +252,13 @@ class ProximalPrior:
         return self._terms(model, fracs, lead, sched)
 
     # ---- target and controller ----------------------------------------------------------------
+    def _reached(self) -> dict[str, bool]:
+        """Per group: `freeze` is on and the last step left its share of the target at the identity."""
+        if not (self.freeze and self.norms):
+            return {g: False for g in self.lam}
+        fracs = self.fractions()
+        return {g: fracs[g] >= self.target * self._share(g) for g in self.lam}
+
     def _group(self, kind: str) -> str:
         return "all" if "all" in self.lam else kind
 
@@ -341,6 +356,7 @@ def _all_reduce_moments(rec: ActivationMoments) -> None:
     """Sum the batch moments and token count over ranks (same keys on every rank: same model)."""
     for key in sorted(rec.moments):
         torch.distributed.all_reduce(rec.moments[key], op=torch.distributed.ReduceOp.SUM)
-    tokens = torch.tensor([float(rec.tokens)], dtype=torch.float64, device=next(iter(rec.moments.values())).device)
+    device = next(iter(rec.moments.values())).device
+    tokens = torch.tensor([float(rec.tokens), float(rec.readout_tokens)], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tokens, op=torch.distributed.ReduceOp.SUM)
-    rec.tokens = int(round(float(tokens)))
+    rec.tokens, rec.readout_tokens = int(round(float(tokens[0]))), int(round(float(tokens[1])))

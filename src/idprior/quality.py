@@ -41,6 +41,7 @@ import platform
 import re
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,7 +212,12 @@ def prior_on(p) -> bool:
 
 LOSS_PRIOR_FIELDS = ("prior_lambda", "prior_weight", "prior_warmup")
 PROXIMAL_PRIOR_FIELDS = ("prior_mode", "prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain", "prior_head_share",
-                         "target", "measure", "flops_seq_len")
+                         "target", "measure", "flops_seq_len", "norm_positions", "prior_freeze")
+# Fields added after fine-tunes were hashed: left out of the digest at their default, so that folders
+# hashed before they existed still match (a paired grid must find the start its earlier rows used;
+# `data.problem_type` once split the starts of the paired grid's seeds 0-1 this way).
+DIGEST_OMIT_AT_DEFAULT = {"norm_positions": "all", "prior_freeze": False}
+DATA_OMIT_AT_DEFAULT = {"problem_type": None}
 
 
 def _prior_fields(p) -> tuple[str, ...]:
@@ -248,9 +254,10 @@ def finetune_digest(cfg: RunConfig, model_name: str | None = None) -> str:
     if p.sn:
         keep["sn_bound"] = p.sn_bound
     if prior:
-        keep |= {k: getattr(p, k) for k in _prior_fields(p)}
+        keep |= {k: getattr(p, k) for k in _prior_fields(p) if DIGEST_OMIT_AT_DEFAULT.get(k, object()) != getattr(p, k)}
     model = dataclasses.asdict(cfg.model) | ({"name": model_name} if model_name is not None else {})
-    blob = {"model": model, "data": dataclasses.asdict(cfg.data), "train": dataclasses.asdict(cfg.train),
+    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if DATA_OMIT_AT_DEFAULT.get(k, object()) != v}
+    blob = {"model": model, "data": data, "train": dataclasses.asdict(cfg.train),
             "seed": cfg.seed, "prune": keep}
     return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -373,15 +380,57 @@ def ensure_finetuned(cell: RunConfig, out: Path, counter: dict | None = None, *,
         cfg, name = finetune_config(cell, out="pending")
         return _finetune_into(cfg, seed_dir / name, f"{cell.data.task} seed {cell.seed} {name}", counter)
     cfg, name = start_config(cell, out="pending")
-    start = _finetune_into(cfg, seed_dir / name, f"{cell.data.task} seed {cell.seed} shared start", counter)
+    start = _finetune_into(cfg, existing_equivalent(seed_dir, name, cfg), f"{cell.data.task} seed {cell.seed} shared start", counter)
     if start_only:
         return start
     cfg, name = continuation_config(grid, cell, start)
-    folder = _finetune_into(cfg, seed_dir / name, f"{cell.data.task} seed {cell.seed} {name} (from the start)", counter)
+    folder = _finetune_into(cfg, existing_equivalent(seed_dir, name, cfg), f"{cell.data.task} seed {cell.seed} {name} (from the start)",
+                            counter)
     if not (folder / "start.json").is_file():
         io.write_json(folder / "start.json", {"start": os.path.relpath(start, folder),
                                               "sha256": weights_sha256(start / "finetuned")})
     return folder
+
+
+def existing_equivalent(seed_dir: Path, name: str, cfg: RunConfig) -> Path:
+    """The finished fine-tune folder of `seed_dir` that computes what `cfg` asks for, else `seed_dir/name`.
+
+    The folder name's digest is only a cache key: a field added to idprior later changes it, and a
+    paired grid that then trained a second start for a (task, seed) would pair later methods with a
+    different model than its earlier rows. So when `name` is not there, a finished sibling of the same
+    variant whose saved config has no difference from `cfg` (fields added at their default and the
+    folder itself aside; the start compared by path) is used instead. Several such starts: the one
+    most continuations were trained from (their `start.json`), then by name.
+    """
+    from .preflight import config_differences
+
+    wanted = seed_dir / name
+    if (wanted / "stages.json").is_file() or not seed_dir.is_dir():
+        return wanted
+    now = _comparable_dict(cfg)
+    found = []
+    for folder in sorted(seed_dir.glob(name.split("-", 1)[0] + "-*")):
+        try:
+            status = json.loads((folder / "stages.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if "finetune" in status.get("stages", {}) and not config_differences(_comparable_dict(status["config"]), now):
+            found.append(folder)
+    if not found:
+        return wanted
+    uses = Counter(json.loads(p.read_text()).get("start", "") for p in seed_dir.glob("*/start.json"))
+    return max(found, key=lambda f: (uses[f"../{f.name}"], f.name == name, f.name))
+
+
+def _comparable_dict(cfg: RunConfig | dict) -> dict:
+    """A config as a dict in which a continuation's model is just its start's folder name (saved
+    configs hold the path relative to wherever the grid ran) and `out` is left out."""
+    d = json.loads(json.dumps(cfg.to_dict() if isinstance(cfg, RunConfig) else cfg))
+    model = Path(d.get("model", {}).get("name", ""))
+    if model.name == "finetuned" and model.parent.name.startswith("start-"):
+        d["model"]["name"] = model.parent.name
+    d.pop("out", None)
+    return d
 
 
 def dense_metrics(ft_dir: Path, with_predictions: bool = False) -> dict:

@@ -47,7 +47,10 @@ def _targets(rows: list[dict]) -> list[float]:
 def comparison_table(comps: list[Comparison], n_boot: int) -> list[str]:
     lines = ["| comparison | target | cells | mean diff (pts) | t 95% CI | bootstrap 95% CI | wins / losses / ties "
              "| McNemar sig. wins / losses | MDE (80% power) |", "|---|---|---|---|---|---|---|---|---|"]
+    unpaired = []
     for c in comps:
+        if c.unpaired:
+            unpaired.append(f"{c.a} − {c.b} at {c.target:g}: {', '.join(c.unpaired)}")
         if not c.cells:
             continue
         s = c.summary(n_boot=n_boot)
@@ -56,6 +59,9 @@ def comparison_table(comps: list[Comparison], n_boot: int) -> list[str]:
                      f"[{_fmt(s['t_low'])}, {_fmt(s['t_high'])}] | [{_fmt(s['boot_low'])}, {_fmt(s['boot_high'])}] | "
                      f"{s['wins']} / {s['losses']} / {s['ties']} | {s['sig_wins']} / {s['sig_losses']} | "
                      f"{_fmt(s['mde'], sign=False)} |")
+    if unpaired:
+        lines += ["", "Left out, trained from a different start than the other method's row (not paired): "
+                  + "; ".join(unpaired) + "."]
     return lines
 
 

@@ -2,6 +2,10 @@
 
     ||f_u|| = sqrt( mean over real (non-padding) tokens of ||f_u(x)||^2 )
 
+With `readout=True` (`prune.norm_positions: readout`) the mean in the LAST layer runs over the
+positions the model's head reads (the adapter's `readout_mask`, e.g. [CLS] for a BERT classifier)
+instead: a last-layer branch reaches the output only there, so its effect on other tokens is moot.
+
 Heads come from the per-head context before the output projection: f_h(x) = ctx_h W_O[:, h],
 so ||f_h||^2 = ctx_h^T (W_O[:, h]^T W_O[:, h]) ctx_h, computed with the small per-head Gram
 matrix instead of materializing every head's output. A GQA head unit (one KV group) is the sum
@@ -35,12 +39,14 @@ class BranchNorms:
     `sums[(kind, layer)]` is a [n_units] tensor ("head", "neuron") or a [1] tensor ("attn",
     "ffn"); `tokens` counts real tokens; `input_sq[layer]` sums ||layer input||^2 (for
     `--score relative`) and `ffn_input_sq[layer]` ||residual the FFN writes into||^2 (`--score residual`:
-    in a pre-LN layer the FFN adds to x + attn(x), not to x). `differentiable=True` keeps the graph (identity prior) and restarts the
-    sums at every training forward; otherwise they accumulate in float64 without grad.
+    in a pre-LN layer the FFN adds to x + attn(x), not to x). `differentiable=True` keeps the graph
+    (identity prior) and restarts the sums at every training forward; otherwise they accumulate in
+    float64 without grad. With `readout=True` the last layer counts only the adapter's readout
+    positions (`readout_tokens`).
     """
 
     def __init__(self, model: nn.Module, gates: Gates, adapter: Adapter, kinds: Iterable[str] = ("head", "neuron", "attn", "ffn"),
-                 differentiable: bool = False):
+                 differentiable: bool = False, readout: bool = False):
         self.model, self.gates, self.adapter = model, gates, adapter
         self.kinds = set(kinds)
         self.differentiable = differentiable
@@ -48,6 +54,11 @@ class BranchNorms:
         self.input_sq: dict[int, torch.Tensor] = {}
         self.ffn_input_sq: dict[int, torch.Tensor] = {}
         self.tokens = 0
+        # decided once, from the model's head, so every rank and every batch agree
+        self.readout = readout and adapter.readout_mask(torch.ones(1, 1, dtype=torch.bool)) is not None
+        self.last_layer = adapter.num_layers - 1
+        self.readout_positions: torch.Tensor | None = None  # [B, T] bool for the current batch
+        self.readout_tokens = 0
         self.active = True
         self._handles: list = []
         self._perm_cache: dict[int, tuple[torch.Tensor, int]] = {}
@@ -73,6 +84,7 @@ class BranchNorms:
         self.input_sq.clear()
         self.ffn_input_sq.clear()
         self.tokens = 0
+        self.readout_tokens = 0
 
     def _on_forward(self, module, args, kwargs):
         """Top-level pre-hook: remember which tokens are real and count them."""
@@ -89,6 +101,9 @@ class BranchNorms:
             mask = torch.ones(ref.shape[:2], dtype=torch.bool, device=ref.device)
         self.gates.token_mask = mask.bool()
         self.tokens += int(mask.sum())
+        if self.readout:
+            self.readout_positions = self.adapter.readout_mask(self.gates.token_mask) & self.gates.token_mask
+            self.readout_tokens += int(self.readout_positions.sum())
 
     def _layer_input(self, layer: int):
         """Pre-hook on the layer: ||layer input||^2 into `input_sq` (subclasses may return a no-op)."""
@@ -106,14 +121,26 @@ class BranchNorms:
             if x is None:
                 return
             sq = (x.detach().float() ** 2).sum(-1)  # [B, T]
-            self._add(store, layer, self._masked_sum(sq[..., None])[0])
+            self._add(store, layer, self._masked_sum(sq[..., None], layer)[0])
 
         return hook
 
     # ---- accumulation ---------------------------------------------------------------------------
-    def _masked_sum(self, sq: torch.Tensor) -> torch.Tensor:
-        """[B, T, N] -> [N], summed over real tokens."""
-        mask = self.gates.token_mask
+    def positions(self, layer: int) -> torch.Tensor | None:
+        """[B, T] bool: the tokens layer `layer` is measured on (None: all of them)."""
+        if self.readout and layer == self.last_layer:
+            return self.readout_positions
+        return self.gates.token_mask
+
+    def count(self, layer: int) -> int:
+        """Number of tokens summed for layer `layer` (the denominator of its mean)."""
+        if self.readout and layer == self.last_layer:
+            return self.readout_tokens
+        return self.tokens
+
+    def _masked_sum(self, sq: torch.Tensor, layer: int) -> torch.Tensor:
+        """[B, T, N] -> [N], summed over the tokens layer `layer` is measured on."""
+        mask = self.positions(layer)
         if mask is None or mask.shape != sq.shape[:2]:
             return sq.sum(dim=(0, 1))
         return torch.einsum("btn,bt->n", sq, mask.to(sq.dtype))
@@ -147,28 +174,29 @@ class BranchNorms:
             wu = w.view(d_out, n_heads, dh)[:, perm].reshape(d_out, n_units, -1)  # [D, U, k*dh]
             gram = torch.einsum("dui,duj->uij", wu.float(), wu.float())  # [U, k*dh, k*dh]
             sq = torch.einsum("btui,uij,btuj->btu", ctx.float(), gram, ctx.float()).clamp(min=0)  # [B, T, U]
-            self._add(self.sums, ("head", layer), self._masked_sum(sq))
+            self._add(self.sums, ("head", layer), self._masked_sum(sq, layer))
         elif site == "neurons" and "neuron" in self.kinds:
             w = self.adapter.out_weight(module)  # [D, F]
             col_sq = (w.float() ** 2).sum(0)  # [F]
-            act_sq = self._masked_sum(x.float() ** 2)  # [F]
+            act_sq = self._masked_sum(x.float() ** 2, layer)  # [F]
             self._add(self.sums, ("neuron", layer), act_sq * col_sq)
         elif site in ("attn", "ffn") and site in self.kinds:
             sq = (x.float() ** 2).sum(-1, keepdim=True)  # [B, T, 1]
-            self._add(self.sums, (site, layer), self._masked_sum(sq))
+            self._add(self.sums, (site, layer), self._masked_sum(sq, layer))
 
     # ---- results --------------------------------------------------------------------------------
     def norms(self, eps: float = 0.0) -> dict[tuple[str, int], torch.Tensor]:
         """sqrt(mean over tokens) for every (kind, layer) seen."""
-        n = max(1, self.tokens)
-        return {k: torch.sqrt(v / n + eps) for k, v in self.sums.items()}
+        return {k: torch.sqrt(v / max(1, self.count(k[1])) + eps) for k, v in self.sums.items()}
 
 
 @torch.no_grad()
 def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = ("head", "neuron", "attn", "ffn"),
-          adapter: Adapter | None = None, relative: bool = False, residual: bool = False,
+          adapter: Adapter | None = None, relative: bool = False, residual: bool = False, readout: bool = False,
           desc: str = "score") -> dict[Unit, float]:
     """Function norm of every unit of `kinds`, in eval mode, in one pass over `batches`.
+
+    `readout=True`: last-layer norms over the positions the model's head reads (see BranchNorms).
 
     With `relative=True` each norm is divided by the RMS norm of its layer's input, so that
     layers with larger residual streams (pre-LN decoders) are not favoured. `residual=True` divides
@@ -194,7 +222,7 @@ def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = (
     device = next(model.parameters()).device
     extra = _lean_forward_kwargs(model)
     with Gates(model, adapter) as gates:
-        rec = BranchNorms(model, gates, adapter, kinds).attach()
+        rec = BranchNorms(model, gates, adapter, kinds, readout=readout).attach()
         try:
             for i, batch in enumerate(tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=rank != 0)):
                 if i % world != rank:
@@ -209,7 +237,7 @@ def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = (
     for (kind, layer), value in sorted(rec.norms().items()):
         if relative or residual:
             store = rec.ffn_input_sq if residual and kind in ("neuron", "ffn") else rec.input_sq
-            rms_in = float(torch.sqrt(store[layer] / max(1, rec.tokens)))
+            rms_in = float(torch.sqrt(store[layer] / max(1, rec.count(layer))))
             value = value / max(rms_in, 1e-12)
         if kind in ("attn", "ffn"):
             out[Unit(kind, layer)] = float(value[0])
@@ -253,7 +281,7 @@ def _rank_world() -> tuple[int, int]:
 
 
 def _all_reduce(rec: BranchNorms, adapter: Adapter, device: torch.device) -> None:
-    """Sum `rec`'s per-unit sums, input norms and token count over all ranks, in place.
+    """Sum `rec`'s per-unit sums, input norms and token counts over all ranks, in place.
 
     Every rank lays out the same keys in the same order (a rank that saw no batch contributes
     zeros of the adapter's shapes), flattens them into one float64 vector and all-reduces it once.
@@ -267,13 +295,14 @@ def _all_reduce(rec: BranchNorms, adapter: Adapter, device: torch.device) -> Non
         layout += [(rec.input_sq, layer, 1), (rec.ffn_input_sq, layer, 1)]
     parts = [store.get(key, torch.zeros(n, dtype=torch.float64, device=device)).reshape(n).double()
              for store, key, n in layout]
-    flat = torch.cat([*parts, torch.tensor([float(rec.tokens)], dtype=torch.float64, device=device)])  # [sum n + 1]
+    counts = torch.tensor([float(rec.tokens), float(rec.readout_tokens)], dtype=torch.float64, device=device)
+    flat = torch.cat([*parts, counts])  # [sum n + 2]
     torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
     offset = 0
     for store, key, n in layout:
         store[key] = flat[offset:offset + n].clone()
         offset += n
-    rec.tokens = int(round(float(flat[-1])))
+    rec.tokens, rec.readout_tokens = int(round(float(flat[-2]))), int(round(float(flat[-1])))
 
 
 def scores_to_json(scores: dict[Unit, float]) -> dict[str, float]:

@@ -109,6 +109,13 @@ class Adapter(ABC):
         group = s.n_heads // s.n_kv_heads
         return q % group if self.per_query_head else q // group
 
+    def readout_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """[B, T] bool: the positions of the last layer's output that the model's head reads, or None
+        when it reads them all (language modelling, token tagging). A last-layer branch reaches the
+        output only through these positions, so its function norm is measured there
+        (`prune.norm_positions: readout`)."""
+        return None
+
     # ---- branch modules ----------------------------------------------------------------------
     @abstractmethod
     def attn_out_proj(self, layer: int) -> nn.Module | None:

@@ -83,6 +83,16 @@ class BertAdapter(Adapter):
         return LayerShape(heads, heads, 0 if ffn_in is None else ffn_in.out_features)
 
     # ---- branch modules -------------------------------------------------------------------------
+    # sequence-level heads of these families read position 0 ([CLS] / <s>) of the last layer
+    _READS_FIRST = ("ForSequenceClassification", "ForMultipleChoice")
+
+    def readout_mask(self, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        if not type(self.model).__name__.endswith(self._READS_FIRST):
+            return None
+        mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+        mask[:, 0] = True
+        return mask
+
     def attn_out_proj(self, layer: int) -> nn.Module | None:
         attn = self._layers[layer].attention
         return None if isinstance(attn, RemovedPostLNAttention) else attn.output.dense
