@@ -37,7 +37,8 @@ Measure = Literal["encoder_params", "linear_params", "flops"]
 Selection = Literal["auto", "norm", "norm-per-cost", "energy-per-cost", "share", "relative", "prior"]
 PriorMode = Literal["loss", "proximal"]
 PriorWeight = Literal["uniform", "cost"]
-ScoreMode = Literal["absolute", "relative"]
+ScoreMode = Literal["absolute", "relative", "residual"]
+Compensation = Literal["auto", "none", "bias", "lsq"]
 DType = Literal["float32", "bfloat16", "float16"]
 ProblemType = Literal["classification", "regression"]
 MEASURES = typing.get_args(Measure)
@@ -45,6 +46,8 @@ SELECTIONS = typing.get_args(Selection)
 PRIOR_MODES = typing.get_args(PriorMode)
 PRIOR_WEIGHTS = typing.get_args(PriorWeight)
 DTYPES = typing.get_args(DType)
+COMPENSATIONS = typing.get_args(Compensation)
+SCORES = typing.get_args(ScoreMode)
 
 # old dotted name -> current one (see the module docstring)
 ALIASES = {"prune.recover_epochs": "recover.epochs", "prune.train": "prune.finetune_first"}
@@ -73,6 +76,10 @@ class DataConfig:
     max_validation: int | None = None  # validation only (default: max_eval); test keeps max_eval
     max_length: int = 128  # tokens per example (classification) / block size (LM)
     problem_type: ProblemType | None = None  # task "custom": "classification" or "regression"; None infers it
+    # LM tasks: also classify this task's test split zero-shot by label-word likelihood (zeroshot.py),
+    # dense vs pruned, e.g. "rt-polarity"; max_zero_shot caps the examples (a fixed subset).
+    zero_shot: str | None = None
+    max_zero_shot: int | None = None
 
 
 @dataclass
@@ -101,7 +108,9 @@ class PruneConfig:
     # decoders "norm" (benchmarks/results/smollm2_selection.md).
     selection: Selection = "auto"
     head_share: float | None = None  # selection "share": fraction of the budget taken from heads
-    score: ScoreMode = "absolute"  # "relative": divide by the branch input norm
+    # "relative": divide by the RMS of the layer input; "residual": by the RMS of the residual stream each
+    # branch writes into (pre-LN decoders: the FFN's is the layer input plus the attention output)
+    score: ScoreMode = "absolute"
     # "readout": last-layer function norms over the positions the model's head reads ([CLS] for a
     # BERT classifier), in scoring and in the proximal prior; "all": every real token
     norm_positions: str = "all"
@@ -132,6 +141,14 @@ class PruneConfig:
     distill: bool = False
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
+    # After surgery, from calibration activations of the unpruned model (compensate.py): "bias" adds the
+    # removed channels' mean output to the output projection's bias (FLAP), "lsq" re-fits the kept
+    # columns by ridge regression; "auto" is the method's own (bias for flap and wanda-sp, else none).
+    compensate: Compensation = "auto"
+    compensate_ridge: float = 0.01  # lsq: ridge toward the old weights, relative to the mean E[x_j^2]
+    min_keep: float = 0.0  # fraction of each layer's head units and of its neurons that always stays
+    protect_first: int = 0  # the first N layers are never pruned
+    protect_last: int = 0  # the last N layers are never pruned
 
 
 @dataclass
@@ -426,7 +443,7 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(pr.selection in SELECTIONS, f"prune.selection must be one of {', '.join(SELECTIONS)}, got {pr.selection!r}")
     need(pr.head_share is None or 0 <= pr.head_share <= 1, f"prune.head_share must be in [0, 1], got {pr.head_share}")
     need(pr.selection != "share" or pr.head_share is not None, "prune.selection 'share' needs prune.head_share (e.g. 0.3)")
-    need(pr.score in typing.get_args(ScoreMode), f"prune.score must be 'absolute' or 'relative', got {pr.score!r}")
+    need(pr.score in SCORES, f"prune.score must be one of {', '.join(SCORES)}, got {pr.score!r}")
     need(pr.norm_positions in ("all", "readout"), f"prune.norm_positions must be 'all' or 'readout', got {pr.norm_positions!r}")
     need(pr.calib_size >= 1, f"prune.calib_size must be >= 1, got {pr.calib_size}")
     if pr.sn_bound != "init":
@@ -448,6 +465,17 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(pr.iterative >= 1, f"prune.iterative must be >= 1, got {pr.iterative}")
     need(0 <= pr.distill_alpha <= 1, f"prune.distill_alpha must be in [0, 1], got {pr.distill_alpha}")
     need(pr.distill_temperature > 0, f"prune.distill_temperature must be > 0, got {pr.distill_temperature}")
+    need(pr.compensate in COMPENSATIONS, f"prune.compensate must be one of {', '.join(COMPENSATIONS)}, got {pr.compensate!r}")
+    need(pr.compensate_ridge > 0 and math.isfinite(pr.compensate_ridge),
+         f"prune.compensate_ridge must be > 0, got {pr.compensate_ridge}")
+    need(0 <= pr.min_keep < 1, f"prune.min_keep must be in [0, 1), got {pr.min_keep}")
+    need(pr.protect_first >= 0, f"prune.protect_first must be >= 0, got {pr.protect_first}")
+    need(pr.protect_last >= 0, f"prune.protect_last must be >= 0, got {pr.protect_last}")
+    from .zeroshot import SPECS  # no torch at import
+
+    need(d.zero_shot is None or d.zero_shot in SPECS,
+         f"data.zero_shot must be one of {', '.join(SPECS)} (or null), got {d.zero_shot!r}")
+    need(d.max_zero_shot is None or d.max_zero_shot >= 1, f"data.max_zero_shot must be >= 1, got {d.max_zero_shot}")
     b = cfg.bench
     need(all(x >= 1 for x in b.batch_sizes) and bool(b.batch_sizes), f"bench.batch_sizes must be positive integers, got {b.batch_sizes}")
     need(all(x >= 1 for x in b.seq_lens) and bool(b.seq_lens), f"bench.seq_lens must be positive integers, got {b.seq_lens}")

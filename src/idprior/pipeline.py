@@ -232,8 +232,8 @@ def stage_score(run: Run) -> dict:
     model, tok = run.load_model(finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
     scores = score(model, calibration_batches(run, tok), adapter=adapter,
-                   relative=run.cfg.prune.score == "relative", readout=run.cfg.prune.norm_positions == "readout",
-                   after_ln=run.cfg.prune.norm_after_ln)
+                   relative=run.cfg.prune.score == "relative", residual=run.cfg.prune.score == "residual",
+                   readout=run.cfg.prune.norm_positions == "readout", after_ln=run.cfg.prune.norm_after_ln)
     io.write_json(run.path("scores.json"), {"score": run.cfg.prune.score, "norms": scores_to_json(scores)})
     return {"units": len(scores)}
 
@@ -248,22 +248,23 @@ def resolve_selection(selection: str, head_share: float | None, adapter) -> tupl
 
 def stage_select(run: Run) -> dict:
     from .scoring import scores_from_json
-    from .selection import select
+    from .selection import protected_layers, select
 
     p = run.cfg.prune
     model, tok = run.load_model(finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
     kinds = parse_kinds(p.kinds)
+    held = {"min_keep": p.min_keep, "protect": protected_layers(adapter.num_layers, p.protect_first, p.protect_last)}
     if p.method == "snip":
         scores = scores_from_json(io.read_json(run.path("scores.json"))["norms"])
         mode, head_share = resolve_selection(p.selection, p.head_share, adapter)
         plan = select(scores, adapter, target=None if p.tau is not None else p.target, tau=p.tau,
                       measure=p.measure, seq_len=p.flops_seq_len, mode=mode, kinds=kinds,
-                      head_share=head_share)
+                      head_share=head_share, **held)
     else:
         from .baselines import get_method
 
-        method = get_method(p.method)
+        method = get_method(p.method, **held)
         plan = method.plan(model, adapter, calibration_batches(run, tok), target=p.target, measure=p.measure,
                            seq_len=p.flops_seq_len, kinds=kinds, seed=run.cfg.seed)
     plan.save(run.path("plan.json"))
@@ -273,14 +274,20 @@ def stage_select(run: Run) -> dict:
 
 
 def stage_surgery(run: Run) -> dict:
+    from .compensate import fit_compensation, resolve_mode
     from .surgery import apply_plan, save_pruned
 
+    p = run.cfg.prune
     plan = PruningPlan.load(run.path("plan.json"))
     model, tok = run.load_model(finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
+    mode = resolve_mode(p.compensate, p.method)  # statistics of the unpruned model, so fitted before the cut
+    comp = None if mode == "none" else fit_compensation(model, plan.units, calibration_batches(run, tok), mode=mode,
+                                                        adapter=adapter, ridge=p.compensate_ridge)
     apply_plan(model, plan.units, adapter)
+    info = {} if comp is None else {"compensation": comp.apply(model, adapter)}
     save_pruned(model, tok, run.path("surgery"), plan=plan.to_dict())
-    return {"params": sum(p.numel() for p in model.parameters())}
+    return {"params": sum(p.numel() for p in model.parameters()), **info}
 
 
 def stage_recover(run: Run) -> dict:
@@ -340,6 +347,15 @@ def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
         else:
             out["pruned_no_recovery"][split] = out["pruned"][split]
             per_example[f"pruned_no_recovery.{split}"] = per_example[f"pruned.{split}"]
+    zero_shot = run.cfg.data.zero_shot if run.task.kind == "lm" else None
+    if zero_shot:  # a capability check beyond perplexity (zeroshot.py)
+        from .zeroshot import zero_shot_models
+
+        models_ = {"dense": dense, "pruned": pruned, **({"pruned_no_recovery": surg} if recovered else {})}
+        out["zero_shot"], zs_preds = zero_shot_models(models_, tok, zero_shot, max_examples=run.cfg.data.max_zero_shot,
+                                                      batch_size=run.cfg.train.eval_batch_size)
+        out["zero_shot"].setdefault("pruned_no_recovery", out["zero_shot"]["pruned"])
+        per_example.update(zs_preds)
     if any(v is not None for v in per_example.values()):
         save_predictions(run.path("predictions.safetensors"), per_example)
     out["compression"] = compression(dense, pruned, run.cfg.prune.flops_seq_len)
@@ -355,6 +371,10 @@ def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
     for split in run.test_splits():
         print(f"{split} {m}: dense {out['dense'][split][m]:.4f}  pruned {out['pruned'][split][m]:.4f}"
               f"  (no recovery {out['pruned_no_recovery'][split][m]:.4f})")
+    if zero_shot:
+        zs = out["zero_shot"]
+        print(f"zero-shot {zero_shot} accuracy ({zs['dense']['examples']} test examples): dense {zs['dense']['accuracy']:.4f}"
+              f"  pruned {zs['pruned']['accuracy']:.4f}  (no recovery {zs['pruned_no_recovery']['accuracy']:.4f})")
     for k in ("encoder_params", "linear_params", "flops", "total_params"):
         c = out["compression"][k]
         print(f"{k}: {c['dense']:,} -> {c['pruned']:,} ({c['removed_fraction']:.1%} removed)")

@@ -430,6 +430,7 @@ def _meta_adapter(info: ModelInfo, per_query_head: bool):
         target = [LayerShape(**s) for s in shapes]
         adapter.check_target_shapes(target)
         adapter.reshape_to(target)
+    adapter.add_recorded_out_biases()
     return adapter
 
 

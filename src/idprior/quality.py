@@ -228,7 +228,7 @@ PROXIMAL_PRIOR_FIELDS = ("prior_mode", "prior_lambda0", "prior_gamma", "prior_ra
 # hashed before they existed still match (a paired grid must find the start its earlier rows used;
 # `data.problem_type` once split the starts of the paired grid's seeds 0-1 this way).
 DIGEST_OMIT_AT_DEFAULT = {"norm_positions": "all", "prior_freeze": False, "norm_after_ln": False, "prior_metric": "euclid"}
-DATA_OMIT_AT_DEFAULT = {"problem_type": None}
+DATA_OMIT_AT_DEFAULT = {"problem_type": None, "zero_shot": None, "max_zero_shot": None}
 
 
 def _prior_fields(p) -> tuple[str, ...]:

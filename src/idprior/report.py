@@ -142,6 +142,10 @@ def write_run_report(out: str | Path) -> Path:
                   f"| split | dense {m} | pruned, no recovery | pruned |", "|---|---|---|---|"]
         for split, d in metrics["dense"].items():
             lines.append(f"| {split} | {_fmt(d[m])} | {_fmt(metrics['pruned_no_recovery'][split][m])} | {_fmt(metrics['pruned'][split][m])} |")
+        if zs := metrics.get("zero_shot"):
+            lines.append(f"| zero-shot {zs['task']} {zs['split']} accuracy ({zs['dense']['examples']} examples, "
+                         f"label-word likelihood) | {_fmt(zs['dense']['accuracy'])} | "
+                         f"{_fmt(zs['pruned_no_recovery']['accuracy'])} | {_fmt(zs['pruned']['accuracy'])} |")
         c = metrics["compression"]
         lines += ["", f"## Compression (FLOPs at sequence length {c['seq_len']})", "",
                   "| measure | dense | pruned | removed |", "|---|---|---|---|"]

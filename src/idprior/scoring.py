@@ -44,9 +44,11 @@ class BranchNorms:
 
     `sums[(kind, layer)]` is a [n_units] tensor ("head", "neuron") or a [1] tensor ("attn",
     "ffn"); `tokens` counts real tokens; `input_sq[layer]` sums ||layer input||^2 (for
-    `--score relative`). `differentiable=True` keeps the graph (identity prior) and restarts the
-    sums at every training forward; otherwise they accumulate in float64 without grad. With
-    `readout=True` the last layer counts only the adapter's readout positions (`readout_tokens`).
+    `--score relative`) and `ffn_input_sq[layer]` ||residual the FFN writes into||^2 (`--score residual`:
+    in a pre-LN layer the FFN adds to x + attn(x), not to x). `differentiable=True` keeps the graph
+    (identity prior) and restarts the sums at every training forward; otherwise they accumulate in
+    float64 without grad. With `readout=True` the last layer counts only the adapter's readout
+    positions (`readout_tokens`).
     """
 
     def __init__(self, model: nn.Module, gates: Gates, adapter: Adapter, kinds: Iterable[str] = ("head", "neuron", "attn", "ffn"),
@@ -56,6 +58,7 @@ class BranchNorms:
         self.differentiable = differentiable
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
         self.input_sq: dict[int, torch.Tensor] = {}
+        self.ffn_input_sq: dict[int, torch.Tensor] = {}
         self.tokens = 0
         # decided once, from the model's head, so every rank and every batch agree
         self.readout = readout and adapter.readout_mask(torch.ones(1, 1, dtype=torch.bool)) is not None
@@ -76,6 +79,7 @@ class BranchNorms:
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         for i, layer in enumerate(self.adapter.layers()):
             self._handles.append(layer.register_forward_pre_hook(self._layer_input(i), with_kwargs=True))
+            self._handles.append(self.adapter.ffn_residual(i).register_forward_pre_hook(self._ffn_input(i), with_kwargs=True))
         for key, ln in self.out_norms.items():
             self._handles.append(ln.register_forward_pre_hook(self._ln_input(key)))
         return self
@@ -90,6 +94,7 @@ class BranchNorms:
     def reset(self) -> None:
         self.sums.clear()
         self.input_sq.clear()
+        self.ffn_input_sq.clear()
         self.tokens = 0
         self.readout_tokens = 0
         self.ln_sq.clear()
@@ -114,6 +119,14 @@ class BranchNorms:
             self.readout_tokens += int(self.readout_positions.sum())
 
     def _layer_input(self, layer: int):
+        """Pre-hook on the layer: ||layer input||^2 into `input_sq` (subclasses may return a no-op)."""
+        return self._stream_sq(layer, self.input_sq)
+
+    def _ffn_input(self, layer: int):
+        """Pre-hook on `adapter.ffn_residual`: ||stream the FFN writes into||^2 into `ffn_input_sq`."""
+        return self._stream_sq(layer, self.ffn_input_sq)
+
+    def _stream_sq(self, layer: int, store: dict):
         def hook(module, args, kwargs):
             if not self.active or self.differentiable:
                 return
@@ -121,7 +134,7 @@ class BranchNorms:
             if x is None:
                 return
             sq = (x.detach().float() ** 2).sum(-1)  # [B, T]
-            self._add(self.input_sq, layer, self._masked_sum(sq[..., None], layer)[0])
+            self._add(store, layer, self._masked_sum(sq[..., None], layer)[0])
 
         return hook
 
@@ -221,15 +234,18 @@ class BranchNorms:
 
 @torch.no_grad()
 def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = ("head", "neuron", "attn", "ffn"),
-          adapter: Adapter | None = None, relative: bool = False, readout: bool = False, after_ln: bool = False,
-          desc: str = "score", lean: bool = True) -> dict[Unit, float]:
+          adapter: Adapter | None = None, relative: bool = False, residual: bool = False, readout: bool = False,
+          after_ln: bool = False, desc: str = "score", lean: bool = True) -> dict[Unit, float]:
     """Function norm of every unit of `kinds`, in eval mode, in one pass over `batches`.
 
     `readout=True`: last-layer norms over the positions the model's head reads; `after_ln=True`:
     norms measured after the LayerNorm each branch joins (post-LN models; see BranchNorms).
 
     With `relative=True` each norm is divided by the RMS norm of its layer's input, so that
-    layers with larger residual streams (pre-LN decoders) are not favoured.
+    layers with larger residual streams (pre-LN decoders) are not favoured. `residual=True` divides
+    by the RMS of the residual stream each branch writes into: the layer input for attention, the
+    FFN's own input stream for the FFN (in a pre-LN decoder x + attn(x), which an early layer's
+    attention can make much larger than x), i.e. the branch's relative update of that stream.
 
     Memory: the gate hooks reduce every branch to per-unit sums as soon as it is computed, and
     under no_grad nothing else keeps a layer's activations, so beyond the weights the peak is
@@ -263,8 +279,9 @@ def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = (
         _all_reduce(rec, adapter, device)
     out: dict[Unit, float] = {}
     for (kind, layer), value in sorted(rec.norms().items()):
-        if relative:
-            rms_in = float(torch.sqrt(rec.input_sq[layer] / max(1, rec.count(layer))))
+        if relative or residual:
+            store = rec.ffn_input_sq if residual and kind in ("neuron", "ffn") else rec.input_sq
+            rms_in = float(torch.sqrt(store[layer] / max(1, rec.count(layer))))
             value = value / max(rms_in, 1e-12)
         if kind in ("attn", "ffn"):
             out[Unit(kind, layer)] = float(value[0])
@@ -319,7 +336,7 @@ def _all_reduce(rec: BranchNorms, adapter: Adapter, device: torch.device) -> Non
         sizes = {"head": adapter.num_head_units(layer) if shape.has_attn else 0, "neuron": shape.ffn_dim,
                  "attn": int(shape.has_attn), "ffn": int(shape.has_ffn)}
         layout += [(rec.sums, (kind, layer), sizes[kind]) for kind in sorted(rec.kinds) if sizes[kind]]
-        layout.append((rec.input_sq, layer, 1))
+        layout += [(rec.input_sq, layer, 1), (rec.ffn_input_sq, layer, 1)]
         layout += [(rec.ln_sq, key, 1) for key in sorted(rec.out_norms) if key[1] == layer]
     parts = [store.get(key, torch.zeros(n, dtype=torch.float64, device=device)).reshape(n).double()
              for store, key, n in layout]

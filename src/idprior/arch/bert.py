@@ -105,6 +105,9 @@ class BertAdapter(Adapter):
         out = self._layers[layer].output
         return None if isinstance(out, LayerNormOnlyOutput) else out.dense
 
+    def ffn_residual(self, layer: int) -> nn.Module:
+        return self._layers[layer].intermediate  # called with the attention block's output, LN_a(x + attn(x))
+
     def out_weight(self, module: nn.Module) -> torch.Tensor:
         return module.weight
 
