@@ -114,6 +114,8 @@ def test_paired_grid_shares_one_start_and_keeps_predictions(tiny_folder, tmp_pat
     seed_dir = out / "finetune" / "rt-polarity" / "seed0"
     starts = [p for p in seed_dir.iterdir() if p.name.startswith("start-")]
     assert len(starts) == 1
+    # every fine-tune folder is unlocked once used: another grid process sharing the start can take it
+    assert not [p for p in seed_dir.glob("*/.idprior.lock")]
     start_sha = weights_sha256(starts[0] / "finetuned")
     # the baseline's control and SNIP's prior phase continue from byte-identical weights
     snip, rand = by[("snip", 0.5)], by[("random", 0.5)]

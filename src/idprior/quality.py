@@ -362,11 +362,14 @@ def _finetune_into(cfg: RunConfig, folder: Path, label: str, counter: dict | Non
     from .pipeline import Run, run_stages
 
     run = Run(dataclasses.replace(cfg, out=str(folder)), resume=True)
-    if not run.done("finetune"):
-        print(f"== fine-tune {label}")
-        run_stages(run, ["finetune"])
-        if counter is not None:
-            counter["finetune"] = counter.get("finetune", 0) + 1
+    try:
+        if not run.done("finetune"):
+            print(f"== fine-tune {label}")
+            run_stages(run, ["finetune"])
+            if counter is not None:
+                counter["finetune"] = counter.get("finetune", 0) + 1
+    finally:
+        run.close()  # shared starts: another grid process may need this folder next
     return folder
 
 
@@ -455,13 +458,17 @@ def dense_metrics(ft_dir: Path, with_predictions: bool = False) -> dict:
     if path.is_file() and (not with_predictions or (ft_dir / "dense_predictions.safetensors").is_file()):
         return io.read_json(path)["metrics"]
     run = Run(load_run_config(ft_dir), resume=True)
-    model, tok = run.load_model(str(ft_dir / "finetuned"))
-    t0 = time.perf_counter()
-    metrics, per = {}, {}
-    for s in ["validation", *run.test_splits()]:
-        metrics[s], per[f"dense.{s}"] = evaluate_with_predictions(model, run.task, run.loader(s, tok, train=False), f"dense {s}")
-    save_predictions(ft_dir / "dense_predictions.safetensors", per)
-    io.write_json(path, {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 2)})
+    try:
+        model, tok = run.load_model(str(ft_dir / "finetuned"))
+        t0 = time.perf_counter()
+        metrics, per = {}, {}
+        for s in ["validation", *run.test_splits()]:
+            metrics[s], per[f"dense.{s}"] = evaluate_with_predictions(model, run.task, run.loader(s, tok, train=False),
+                                                                     f"dense {s}")
+        save_predictions(ft_dir / "dense_predictions.safetensors", per)
+        io.write_json(path, {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 2)})
+    finally:
+        run.close()  # a fine-tune folder is shared between grid processes
     return metrics
 
 
@@ -559,6 +566,7 @@ def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None 
     scores = dense_metrics(ft_dir, with_predictions=grid.paired)
     run = Run(io_config(ft_dir), resume=True)
     model = run.load_model(str(ft_dir / "finetuned"))[0]
+    run.close()  # the start is shared between grid processes; only its config and data are read below
     if counter is not None:
         counter["dense"] = counter.get("dense", 0) + 1
     wall = {"finetune": io.read_json(ft_dir / "stages.json")["stages"]["finetune"]["wall_s"],
