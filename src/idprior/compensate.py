@@ -61,7 +61,7 @@ def channel_stats(model: nn.Module, adapter: Adapter, batches: Iterable[dict], s
     Returns ({(sub, layer): {"sum": [F], "sq": [F] (squares), "gram": [F, F] (sites in gram)}}, tokens),
     float64, F the projection's input width. Padding (attention_mask 0) is left out.
     """
-    from .scoring import _lean_forward_kwargs
+    from .scoring import lean_forward_kwargs
 
     sites, gram = list(dict.fromkeys(sites)), set(gram)
     stats: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
@@ -92,7 +92,7 @@ def channel_stats(model: nn.Module, adapter: Adapter, batches: Iterable[dict], s
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    extra = _lean_forward_kwargs(model)
+    extra = lean_forward_kwargs(model)
     tokens = 0
     try:
         for batch in batches:
