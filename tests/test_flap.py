@@ -12,8 +12,9 @@ import torch
 
 from idprior.arch import get_adapter
 from idprior.baselines import get_method
+from idprior.baselines import resolve_compensation as resolve_mode
 from idprior.baselines.flap import channel_scores, unit_scores
-from idprior.compensate import fit_compensation, resolve_mode
+from idprior.compensate import fit_compensation
 from idprior.surgery import apply_plan
 from idprior.units import Unit
 from test_compensate import calib, hidden

@@ -42,16 +42,6 @@ MODES = ("none", "bias", "lsq")
 SUBS = ("attn", "ffn")
 
 
-def resolve_mode(mode: str, method: str) -> str:
-    """`prune.compensate` "auto" -> the method's own (`Method.compensate`: "bias" for flap and
-    wanda-sp, "none" for SNIP and the other baselines); any other value as given."""
-    if mode != "auto":
-        return mode
-    from .baselines import METHODS
-
-    return getattr(METHODS.get(method), "compensate", "none")
-
-
 # ---- calibration statistics -------------------------------------------------------------------------
 @torch.no_grad()
 def channel_stats(model: nn.Module, adapter: Adapter, batches: Iterable[dict], sites: Iterable[tuple[str, int]], *,

@@ -404,15 +404,8 @@ def _type_name(tp: Any) -> str:
 
 # ---- validation ---------------------------------------------------------------------------------
 
-def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
-    """Check ranges and choices of every field; return (or raise) one line per problem."""
-    p: list[str] = []
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            p.append(msg)
-
-    need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
+def _validate_training(cfg: RunConfig, need) -> None:
+    """train: and recover: sections."""
     for sec in ("train", "recover"):
         t: TrainConfig = getattr(cfg, sec)
         need(t.epochs >= 0 and math.isfinite(t.epochs), f"{sec}.epochs must be >= 0, got {t.epochs}")
@@ -423,7 +416,10 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
         need(0 <= t.warmup_ratio < 1, f"{sec}.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
         need(t.max_grad_norm >= 0, f"{sec}.max_grad_norm must be >= 0 (0 disables clipping), got {t.max_grad_norm}")
         need(t.checkpoint_every >= 0, f"{sec}.checkpoint_every must be >= 0, got {t.checkpoint_every}")
-    d = cfg.data
+
+
+def _validate_data(d: DataConfig, need) -> None:
+    """data: section (zero-shot fields included)."""
     need(d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}")
     need(d.max_train is None or d.max_train >= 1, f"data.max_train must be >= 1, got {d.max_train}")
     need(d.max_eval is None or d.max_eval >= 1, f"data.max_eval must be >= 1, got {d.max_eval}")
@@ -433,7 +429,15 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
              "data.train_file in a config)")
     need(d.problem_type is None or d.problem_type in typing.get_args(ProblemType),
          f"--problem-type (data.problem_type) must be classification or regression, got {d.problem_type!r}")
-    pr = cfg.prune
+    from .zeroshot import SPECS  # no torch at import
+
+    need(d.zero_shot is None or d.zero_shot in SPECS,
+         f"data.zero_shot must be one of {', '.join(SPECS)} (or null), got {d.zero_shot!r}")
+    need(d.max_zero_shot is None or d.max_zero_shot >= 1, f"data.max_zero_shot must be >= 1, got {d.max_zero_shot}")
+
+
+def _validate_prune(pr: PruneConfig, need) -> None:
+    """prune: section."""
     need(0 < pr.target < 1, f"prune.target must be in (0, 1) (a fraction to remove), got {pr.target}")
     need(pr.measure in MEASURES, f"prune.measure must be one of {', '.join(MEASURES)}, got {pr.measure!r}")
     need(pr.flops_seq_len >= 1, f"prune.flops_seq_len must be >= 1, got {pr.flops_seq_len}")
@@ -450,7 +454,7 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
         try:
             need(float(pr.sn_bound) > 0, f"prune.sn_bound must be 'init' or a positive number, got {pr.sn_bound!r}")
         except ValueError:
-            p.append(f"prune.sn_bound must be 'init' or a positive number, got {pr.sn_bound!r}")
+            need(False, f"prune.sn_bound must be 'init' or a positive number, got {pr.sn_bound!r}")
     need(pr.prior_lambda >= 0 and math.isfinite(pr.prior_lambda), f"prune.prior_lambda must be >= 0, got {pr.prior_lambda}")
     need(pr.prior_weight in PRIOR_WEIGHTS, f"prune.prior_weight must be one of {', '.join(PRIOR_WEIGHTS)}, got {pr.prior_weight!r}")
     need(0 <= pr.prior_warmup <= 1, f"prune.prior_warmup must be in [0, 1], got {pr.prior_warmup}")
@@ -471,17 +475,29 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(0 <= pr.min_keep < 1, f"prune.min_keep must be in [0, 1), got {pr.min_keep}")
     need(pr.protect_first >= 0, f"prune.protect_first must be >= 0, got {pr.protect_first}")
     need(pr.protect_last >= 0, f"prune.protect_last must be >= 0, got {pr.protect_last}")
-    from .zeroshot import SPECS  # no torch at import
 
-    need(d.zero_shot is None or d.zero_shot in SPECS,
-         f"data.zero_shot must be one of {', '.join(SPECS)} (or null), got {d.zero_shot!r}")
-    need(d.max_zero_shot is None or d.max_zero_shot >= 1, f"data.max_zero_shot must be >= 1, got {d.max_zero_shot}")
-    b = cfg.bench
+
+def _validate_bench(b: BenchConfig, need) -> None:
+    """bench: section."""
     need(all(x >= 1 for x in b.batch_sizes) and bool(b.batch_sizes), f"bench.batch_sizes must be positive integers, got {b.batch_sizes}")
     need(all(x >= 1 for x in b.seq_lens) and bool(b.seq_lens), f"bench.seq_lens must be positive integers, got {b.seq_lens}")
     need(b.repeats >= 1, f"bench.repeats must be >= 1, got {b.repeats}")
     need(b.warmup >= 0, f"bench.warmup must be >= 0, got {b.warmup}")
     need(b.threads is None or b.threads >= 1, f"bench.threads must be >= 1, got {b.threads}")
+
+def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
+    """Check ranges and choices of every field; return (or raise) one line per problem, all at once."""
+    p: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            p.append(msg)
+
+    need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
+    _validate_training(cfg, need)
+    _validate_data(cfg.data, need)
+    _validate_prune(cfg.prune, need)
+    _validate_bench(cfg.bench, need)
     need(bool(cfg.out), "out must be a folder path")
     if p and raise_:
         raise ConfigError(p)

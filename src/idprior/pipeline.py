@@ -274,14 +274,15 @@ def stage_select(run: Run) -> dict:
 
 
 def stage_surgery(run: Run) -> dict:
-    from .compensate import fit_compensation, resolve_mode
+    from .baselines import resolve_compensation
+    from .compensate import fit_compensation
     from .surgery import apply_plan, save_pruned
 
     p = run.cfg.prune
     plan = PruningPlan.load(run.path("plan.json"))
     model, tok = run.load_model(finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
-    mode = resolve_mode(p.compensate, p.method)  # statistics of the unpruned model, so fitted before the cut
+    mode = resolve_compensation(p.compensate, p.method)  # statistics of the unpruned model, so fitted before the cut
     comp = None if mode == "none" else fit_compensation(model, plan.units, calibration_batches(run, tok), mode=mode,
                                                         adapter=adapter, ridge=p.compensate_ridge)
     apply_plan(model, plan.units, adapter)

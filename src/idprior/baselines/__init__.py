@@ -25,7 +25,16 @@ METHODS: dict[str, type[Method]] = {
                 FlapMethod, WandaSPMethod)
 }
 
-__all__ = ["METHODS", "Method", "get_method"]
+__all__ = ["METHODS", "Method", "get_method", "resolve_compensation"]
+
+
+def resolve_compensation(mode: str, method: str) -> str:
+    """`prune.compensate` "auto" -> the method's own (`Method.compensate`: "bias" for flap and
+    wanda-sp, "none" for SNIP and the other baselines); any other value as given. Here, not in
+    compensate.py, which the FLAP baselines import."""
+    if mode != "auto":
+        return mode
+    return getattr(METHODS.get(method), "compensate", "none")
 
 
 def get_method(name: str, **options) -> Method:
