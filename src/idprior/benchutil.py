@@ -33,6 +33,11 @@ TIMING_MODELS = ("minilm-l6", "smollm2-135m")  # what `load_for_timing` knows
 HEAD_SHARE = 0.3  # the speed benchmarks' "heads+neurons" plan: 30% of the budget from heads
 
 
+def _write_proc(name: str, text: str) -> None:
+    """Write a kernel control file of this process; not through io: /proc takes no atomic rename."""
+    Path("/proc/self", name).write_text(text)
+
+
 def _status_mb(field: str) -> float:
     text = Path("/proc/self/status").read_text()
     return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) / 1024
@@ -56,7 +61,7 @@ def lifetime_peak_mb() -> float:
 def reset_peak() -> bool:
     """Reset VmHWM to the current RSS; False where the kernel refuses (peaks are then cumulative)."""
     try:
-        Path("/proc/self/clear_refs").write_text("5")
+        _write_proc("clear_refs", "5")
         return True
     except OSError:
         return False
@@ -73,10 +78,9 @@ def set_priority(nice: int) -> None:
         os.nice(nice)
     except OSError as e:
         print(f"warning: could not change the nice value by {nice}: {e}", file=sys.stderr)
-    group = Path("/proc/self/autogroup")
-    if group.exists():
+    if Path("/proc/self/autogroup").exists():
         try:
-            group.write_text(str(nice))
+            _write_proc("autogroup", str(nice))
         except OSError as e:
             print(f"warning: could not set the autogroup nice value to {nice}: {e}", file=sys.stderr)
 
