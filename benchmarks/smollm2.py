@@ -9,7 +9,7 @@ tokens of lm-rt training text, function-norm selection of KV groups and FFN neur
 perplexity of dense and pruned on a fixed subset of the lm-rt validation and test splits, greedy
 sample generations, and the eager speed benchmark (`idprior.bench.benchmark`, ONNX off: its
 export of a 135M decoder takes minutes). Around every stage the high-water RSS is reset and read
-(benchmarks/memtrack.py), so each stage's peak is its own. Afterwards greedy decoding speed
+(idprior.benchutil), so each stage's peak is its own. Afterwards greedy decoding speed
 (KV cache, batch 1) of dense vs pruned is timed round-robin in the same process.
 Writes benchmarks/results/smollm2_posttrain.json and .md; the run folder is temporary.
 """
@@ -29,10 +29,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from memtrack import peak_mb, reset_peak  # noqa: E402
 
 from idprior import io, models, pipeline  # noqa: E402
 from idprior.bench import cpu_model, format_bench_markdown  # noqa: E402
+from idprior.benchutil import peak_mb, reset_peak  # noqa: E402
 from idprior.cli.common import config_from_args  # noqa: E402
 from idprior.cli.main import build_parser  # noqa: E402
 from idprior.surgery import load_pruned_with_tokenizer  # noqa: E402

@@ -145,3 +145,37 @@ def test_functions_are_short():
     """A function over ~80 lines hides several steps: extract them (complexity > 15 is ruff's C901,
     configured in pyproject.toml)."""
     assert long_functions() == []
+
+
+def script_coupling(path: Path, scripts: set[str]) -> list[str]:
+    """Imports of another script of `scripts` (module names) and any use of `sys.path` in one file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""] if not node.level else [node.module or "", *(a.name for a in node.names)]
+        else:
+            names = []
+        found += [f"{path.name}:{node.lineno} imports {n}" for n in names if n.split(".")[0] in scripts]
+        if (isinstance(node, ast.Attribute) and node.attr == "path" and isinstance(node.value, ast.Name)
+                and node.value.id == "sys"):
+            found.append(f"{path.name}:{node.lineno} uses sys.path")
+    return sorted(found, key=lambda f: int(f.split(":")[1].split()[0]))
+
+
+def test_benchmark_scripts_import_only_the_package():
+    """A helper two scripts share belongs in idprior (idprior.benchutil), not in a script the other
+    imports: a script found through sys.path (or the script's own folder) breaks when it moves,
+    runs from another directory or is installed, and its helpers escape the tests and the lint."""
+    scripts = {p.stem for p in BENCHMARKS.glob("*.py")}
+    assert [use for path in sorted(BENCHMARKS.glob("*.py")) for use in script_coupling(path, scripts)] == []
+
+
+def test_the_checker_sees_script_coupling(tmp_path):
+    (tmp_path / "helper.py").write_text("X = 1\n")
+    script = tmp_path / "main.py"
+    script.write_text("import sys\nsys.path.insert(0, '.')\nimport helper\nfrom helper import X\n"
+                      "from . import helper as h\nfrom idprior import io\n")
+    assert script_coupling(script, {"helper", "main"}) == [
+        "main.py:2 uses sys.path", "main.py:3 imports helper", "main.py:4 imports helper", "main.py:5 imports helper"]

@@ -4,8 +4,9 @@
     plan = method.plan(model, adapter, calib_batches, target=0.5, measure="flops", seq_len=128)
 
 `METHODS` maps each name to its class; `get_method(name, **options)` builds one (options:
-`selection`, the `select` mode for the unit-ranking methods; `min_keep` and `protect`, held-back
-units as in `select`; layer drops honour `protect` and ignore `min_keep`).
+`selection`, the `select` mode for the unit-ranking methods, with `head_share` for selection
+"share"; `min_keep` and `protect`, held-back units as in `select`; layer drops honour `protect`
+and ignore `min_keep` and `head_share`).
 """
 
 from __future__ import annotations

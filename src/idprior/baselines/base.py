@@ -9,6 +9,8 @@ are the same code for every method and only the choice of units differs (DESIGN.
 further training, so a run may compare it with recovery switched off.
 `compensate`: what `prune.compensate: auto` means for the method ("none", "bias", "lsq";
 compensate.py), e.g. FLAP's bias compensation is part of FLAP.
+`head_share`: with selection "share", the fraction of the budget taken from heads, as for SNIP,
+so a baseline's plan can have the same head/neuron split as the SNIP plan it is compared with.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ class Method:
     retraining_free: bool = False
     compensate: str = "none"
 
-    def __init__(self, selection: str = "norm", min_keep: float = 0.0, protect=()):
+    def __init__(self, selection: str = "norm", min_keep: float = 0.0, protect=(), head_share: float | None = None):
         self.selection = selection  # how `select` compares units of different kinds
+        self.head_share = head_share  # selection "share": fraction of the budget taken from heads
         self.min_keep = min_keep  # `select`'s per-layer minimum keep fraction (unit-ranking methods)
         self.protect = frozenset(protect)  # layer indices never pruned
 
@@ -43,7 +46,8 @@ class Method:
     def _select(self, scores: dict[Unit, float], adapter: Adapter, *, target: float, measure: str,
                 seq_len: int, kinds) -> PruningPlan:
         return select(scores, adapter, target=target, measure=measure, seq_len=seq_len,
-                      mode=self.selection, kinds=kinds, method=self.name, min_keep=self.min_keep, protect=self.protect)
+                      mode=self.selection, kinds=kinds, method=self.name, min_keep=self.min_keep, protect=self.protect,
+                      head_share=self.head_share)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, selection={self.selection!r})"

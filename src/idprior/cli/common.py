@@ -17,7 +17,8 @@ RUN_FLAGS = {
     "data_validation": ("data.validation_file", "user validation file (task custom)"),
     "data_test": ("data.test_file", "user test file (task custom)"),
     "text_column": ("data.text_column", "text column of the user files (default: text)"),
-    "text_pair_column": ("data.text_pair_column", "second text column for pair tasks"),
+    "text_pair_column": ("data.text_pair_column", "second text column for pair tasks (default: a known pair such as "
+                         "sentence1/sentence2 when the file has one)"),
     "label_column": ("data.label_column", "label column of the user files (default: label)"),
     "problem_type": ("data.problem_type", "what the label column of the user files is: classification or "
                                           "regression (default: inferred; a numeric column with a few other "
