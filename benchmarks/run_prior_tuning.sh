@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The exact command sequence behind benchmarks/results/prior_tuning.{jsonl,md,_paired.png}: the tuning
-# cells of benchmarks/prior_tuning.yaml (on the paired grid's shared starts, so they pair with its rows),
+# cells of benchmarks/prior_tuning{,_posthoc,_r2}.yaml (on the paired grid's shared starts, so they pair with its rows),
 # then a paired report of the tuning rows together with the grid's fisher / snip / norm rows of the same
 # (task, seed) cells. Decisions read the VALIDATION tables only. Resumable.
 set -eu
 cd "$(dirname "$0")/.."
 command -v idprior >/dev/null || . .venv/bin/activate
 mkdir -p runs
-idprior bench-quality benchmarks/prior_tuning.yaml --out runs/quality_paired \
-    --results benchmarks/results/prior_tuning.jsonl --threads 1 --resume >> runs/tune.log 2>&1
+for grid in prior_tuning prior_tuning_posthoc prior_tuning_r2; do  # round 1, post-hoc criteria, round 2
+  idprior bench-quality "benchmarks/$grid.yaml" --out runs/quality_paired \
+      --results benchmarks/results/prior_tuning.jsonl --threads 1 --resume >> runs/tune.log 2>&1
+done
 python - <<'PY'
 import json
 keep = {"fisher", "snip", "norm-start", "fisher-start", "michel"}
