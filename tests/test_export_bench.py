@@ -103,6 +103,19 @@ def test_ort_session_skips_the_slow_skip_layernorm_fusion(tmp_path):
     assert "LayerNormalization" in ops("ours.onnx")
 
 
+def test_ort_session_stops_spinning_when_a_run_returns(tmp_path):
+    """Our sessions' worker threads do not spin on after a Run (see export.ORT_CONFIG), where they
+    would take CPU from the next model timed; the option must reach the session."""
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install onnx onnxruntime onnxscript)")
+    from idprior.export import DISABLED_ORT_FUSIONS, export_onnx, ort_session
+
+    path = export_onnx(tiny_bert(), None, tmp_path / "m.onnx", seq_len=16, exporter="legacy")
+    options = ort_session(path, 2).get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert options.get_session_config_entry("optimization.disable_specified_optimizers") == ",".join(DISABLED_ORT_FUSIONS)
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
+
+
 def test_require_onnx_names_the_install(monkeypatch):
     from idprior import export
 
