@@ -91,6 +91,28 @@ def test_prune_variants(tiny_folder, tmp_path, extra):
         assert json.loads((out / "plan.json").read_text())["selection"] == "share"
 
 
+def test_a_stage_cannot_leak_torch_settings(tmp_path):
+    """A stage that changes torch's thread count or grad mode (training code, a library it calls)
+    leaves them as they were for the next stage."""
+    from idprior.pipeline import Run, run_stages
+
+    def greedy(run):
+        torch.set_num_threads(1 if before != 1 else 2)
+        torch.set_grad_enabled(False)
+        return {}
+
+    before = torch.get_num_threads()
+    run = Run(load_config(None, [f"out={tmp_path / 'run'}"]))
+    try:
+        run_stages(run, ["score"], fns={"score": greedy})
+        assert torch.get_num_threads() == before and torch.is_grad_enabled()
+        assert "score" in json.loads((tmp_path / "run" / "stages.json").read_text())["stages"]
+    finally:
+        run.close()
+        torch.set_num_threads(before)
+        torch.set_grad_enabled(True)
+
+
 def test_distill_loss():
     """Zero when the student matches the teacher, positive otherwise, scaled by T^2 (Hinton et al.:
     soft-target gradients keep their size), and LM tokens outside the attention mask do not count."""
