@@ -176,17 +176,97 @@ def test_benchmark_keys_and_fewer_flops():
 
 def test_timing_blocks_alternate_and_start_with_an_untimed_run():
     """Each block is an untimed lead-in (here one call) then timed calls; blocks alternate over the
-    models, the order reversed every other round."""
+    models, the order reversed every other round; with min_rounds=1 blocks are `block` long."""
     from idprior.bench import time_blocks
 
     calls = []
     runners = {name: (lambda n=name: calls.append(n)) for name in ("dense", "pruned")}
-    times = time_blocks(runners, repeats=7, warmup=1, block=5, lead_in_s=0.0)
+    times = time_blocks(runners, repeats=7, warmup=1, block=5, lead_in_s=0.0, min_rounds=1)
     assert {k: len(v) for k, v in times.items()} == {"dense": 7, "pruned": 7}
     expected = (["dense", "pruned"]  # warm-up
                 + ["dense"] * 6 + ["pruned"] * 6  # round 0: lead-in + 5 timed each
                 + ["pruned"] * 3 + ["dense"] * 3)  # round 1, reversed: lead-in + the 2 left
     assert calls == expected
+
+
+def test_few_repeats_still_alternate():
+    """5 repeats in blocks of 5 were one block per model, so nothing alternated (the demo's bench
+    setting): blocks shrink to give at least MIN_ROUNDS = 3 rounds."""
+    from idprior.bench import MIN_ROUNDS, time_blocks
+
+    calls = []
+    runners = {name: (lambda n=name: calls.append(n)) for name in ("dense", "pruned")}
+    times = time_blocks(runners, repeats=5, warmup=0, block=5, lead_in_s=0.0)
+    assert MIN_ROUNDS == 3 and {k: len(v) for k, v in times.items()} == {"dense": 5, "pruned": 5}
+    assert calls == (["dense"] * 3 + ["pruned"] * 3  # lead-in + 2 timed
+                     + ["pruned"] * 3 + ["dense"] * 3
+                     + ["dense"] * 2 + ["pruned"] * 2)  # lead-in + the 1 left
+
+
+def test_timing_pauses_the_garbage_collector():
+    import gc
+
+    from idprior.bench import time_blocks
+
+    seen = []
+    time_blocks({"m": lambda: seen.append(gc.isenabled())}, repeats=3, warmup=1, lead_in_s=0.0)
+    assert seen and not any(seen) and gc.isenabled()
+
+
+def test_benchmark_times_eager_first_in_a_clean_state(monkeypatch):
+    """What the eager timing runs in: no ONNX export yet and no ONNX Runtime session, garbage
+    collector paused, the requested thread count (restored after), models folded and in eval and
+    inference mode, even if given in train mode with spectral norm attached."""
+    pytest.importorskip("onnxruntime", reason="the ONNX Runtime leg of the benchmark needs onnxruntime")
+    import gc
+
+    import torch
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    from idprior import export
+    from idprior.bench import benchmark
+
+    dense, pruned = tiny_bert(), pruned_bert()
+    spectral.attach(dense, get_adapter(dense))
+    dense.train()
+    made = {"exports": 0, "sessions": 0}
+    real_export, real_session = export.export_onnx, export.ort_session
+
+    def counting_export(*a, **k):
+        made["exports"] += 1
+        return real_export(*a, **k)
+
+    def counting_session(*a, **k):
+        made["sessions"] += 1
+        return real_session(*a, **k)
+
+    monkeypatch.setattr(export, "export_onnx", counting_export)
+    monkeypatch.setattr(export, "ort_session", counting_session)
+    timed = []
+
+    def record(module, args):
+        if (module is dense or module is pruned) and not gc.isenabled():
+            timed.append({"model": "dense" if module is dense else "pruned", "training": module.training,
+                          "sn": any(parametrize.is_parametrized(m) for m in module.modules()),
+                          "inference": torch.is_inference_mode_enabled(), "gc": gc.isenabled(),
+                          "threads": torch.get_num_threads(), **made})
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    handle = register_module_forward_pre_hook(record)
+    try:
+        result = benchmark({"dense": dense, "pruned": pruned}, batch_sizes=(2,), seq_lens=(8,), threads=1, repeats=3,
+                           warmup=1, exporter="legacy")
+        assert torch.get_num_threads() == 2 and gc.isenabled()
+    finally:
+        handle.remove()
+        torch.set_num_threads(threads)
+    eager = [t for t in timed if not t["gc"]]
+    assert {t["model"] for t in eager} == {"dense", "pruned"}
+    assert all(t == {"model": t["model"], "training": False, "sn": False, "inference": True, "gc": False, "threads": 1,
+                     "exports": 0, "sessions": 0} for t in eager)
+    assert made["exports"] == 2 and made["sessions"] >= 2  # ONNX came after, and was timed too
+    assert {r["backend"] for r in result["rows"]} == {"eager", "onnxruntime"}
 
 
 @pytest.mark.parametrize("argv", [
