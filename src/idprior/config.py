@@ -160,6 +160,11 @@ class BenchConfig:
     warmup: int = 2
     onnx: bool = True
     threads: int | None = None
+    # noise guard (bench.NoiseGuard): a shape whose repeats are too spread is timed again, up to
+    # retime_rounds more rounds, and marked NOISY in bench.md / report.md if it stays so
+    max_iqr_fraction: float = 0.10  # a model's IQR / median above this is too spread
+    max_speedup_gap: float = 0.08  # |speed-up from the fastest repeats / from the medians - 1| above this too
+    retime_rounds: int = 2
 
 
 @dataclass
@@ -482,6 +487,9 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(b.repeats >= 1, f"bench.repeats must be >= 1, got {b.repeats}")
     need(b.warmup >= 0, f"bench.warmup must be >= 0, got {b.warmup}")
     need(b.threads is None or b.threads >= 1, f"bench.threads must be >= 1, got {b.threads}")
+    need(b.max_iqr_fraction > 0, f"bench.max_iqr_fraction must be > 0, got {b.max_iqr_fraction}")
+    need(b.max_speedup_gap > 0, f"bench.max_speedup_gap must be > 0, got {b.max_speedup_gap}")
+    need(b.retime_rounds >= 0, f"bench.retime_rounds must be >= 0, got {b.retime_rounds}")
     need(bool(cfg.out), "out must be a folder path")
     if p and raise_:
         raise ConfigError(p)

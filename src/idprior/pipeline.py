@@ -386,13 +386,15 @@ def stage_bench(run: Run) -> dict:
     if not b.enabled:
         return {"skipped": "bench.enabled is false"}
     try:
-        from .bench import benchmark, format_bench_markdown
+        from .bench import NoiseGuard, benchmark, format_bench_markdown
     except ImportError as e:
         return {"skipped": f"benchmark unavailable: {e}"}
     dense = run.load_model(finetuned_spec(run))[0]
     pruned = run.load_model(str(run.path("pruned")))[0]
+    guard = NoiseGuard(max_iqr=b.max_iqr_fraction, max_gap=b.max_speedup_gap, retime_rounds=b.retime_rounds)
     result = benchmark({"dense": dense, "pruned": pruned}, batch_sizes=b.batch_sizes, seq_lens=b.seq_lens,
-                       threads=b.threads, repeats=b.repeats, warmup=b.warmup, onnx=b.onnx, workdir=run.path("bench_tmp"))
+                       threads=b.threads, repeats=b.repeats, warmup=b.warmup, onnx=b.onnx, workdir=run.path("bench_tmp"),
+                       noise=guard)
     shutil.rmtree(run.path("bench_tmp"), ignore_errors=True)
     io.write_json(run.path("bench.json"), result)
     io.write_text(run.path("bench.md"), format_bench_markdown(result))
