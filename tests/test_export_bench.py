@@ -418,3 +418,34 @@ def test_cli_export_and_bench(tmp_path, capsys):
     assert result["command"].startswith("idprior bench --dense")
     assert (tmp_path / "b" / "bench.md").read_text().startswith("`idprior bench")
     assert main(["export", str(dense_dir / "missing"), "--onnx", str(tmp_path / "x.onnx")]) == 2
+
+
+def test_eager_profile_script_writes_its_table(tmp_path):
+    """benchmarks/eager_profile.py (the batch-1 breakdown for the quiet-machine runs) runs on a tiny
+    dense / pruned pair and writes per-layer and per-op tables; a removed attention shows as fewer ops."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eager_profile.py"
+    spec = importlib.util.spec_from_file_location("eager_profile", script)
+    eager_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eager_profile)
+
+    dense_dir = make_tiny_bert_folder(tmp_path / "dense")
+    model = BertForSequenceClassification.from_pretrained(str(dense_dir)).eval()
+    apply_plan(model, ["attn:0", "ffn:1"])
+    save_pruned(model, AutoTokenizer.from_pretrained(str(dense_dir)), tmp_path / "pruned")
+    out = tmp_path / "out"
+    assert eager_profile.main(["--dense", str(dense_dir), "--pruned", str(tmp_path / "pruned"), "--seq-len", "8",
+                               "--repeats", "2", "--warmup", "1", "--threads", "1", "--out-dir", str(out)]) == 0
+    result = json.loads((out / "eager_profile.json").read_text())
+    dense, pruned = (result["profiles"][n]["ranges"] for n in ("dense", "pruned"))
+    assert {"layer0", "layer0.attention", "layer1", "layer1.intermediate"} <= set(dense) and set(pruned) == set(dense)
+    assert pruned["layer0.attention"]["aten_ops"] < dense["layer0.attention"]["aten_ops"]
+    assert pruned["layer1"]["aten_ops"] < dense["layer1"]["aten_ops"]
+    assert pruned["layer0"]["mflops"] < dense["layer0"]["mflops"]
+    assert result["profiles"]["dense"]["top_ops"] and set(result["fit"]) == {"fixed_ms_per_layer", "ms_per_gflop", "layers"}
+    md = (out / "eager_profile.md").read_text()
+    assert "| layer0.attention |" in md and "| op | dense | pruned |" in md and "Line fit over 4 layers" in md
