@@ -481,19 +481,26 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(d.zero_shot is None or d.zero_shot in SPECS,
          f"data.zero_shot must be one of {', '.join(SPECS)} (or null), got {d.zero_shot!r}")
     need(d.max_zero_shot is None or d.max_zero_shot >= 1, f"data.max_zero_shot must be >= 1, got {d.max_zero_shot}")
-    b = cfg.bench
-    need(all(x >= 1 for x in b.batch_sizes) and bool(b.batch_sizes), f"bench.batch_sizes must be positive integers, got {b.batch_sizes}")
-    need(all(x >= 1 for x in b.seq_lens) and bool(b.seq_lens), f"bench.seq_lens must be positive integers, got {b.seq_lens}")
-    need(b.repeats >= 1, f"bench.repeats must be >= 1, got {b.repeats}")
-    need(b.warmup >= 0, f"bench.warmup must be >= 0, got {b.warmup}")
-    need(b.threads is None or b.threads >= 1, f"bench.threads must be >= 1, got {b.threads}")
-    need(b.max_iqr_fraction > 0, f"bench.max_iqr_fraction must be > 0, got {b.max_iqr_fraction}")
-    need(b.max_speedup_gap > 0, f"bench.max_speedup_gap must be > 0, got {b.max_speedup_gap}")
-    need(b.retime_rounds >= 0, f"bench.retime_rounds must be >= 0, got {b.retime_rounds}")
+    p += _bench_problems(cfg.bench)
     need(bool(cfg.out), "out must be a folder path")
     if p and raise_:
         raise ConfigError(p)
     return p
+
+
+def _bench_problems(b: BenchConfig) -> list[str]:
+    """The bench section's part of `validate` (kept apart so that validate stays short)."""
+    checks = [
+        (all(x >= 1 for x in b.batch_sizes) and bool(b.batch_sizes), f"bench.batch_sizes must be positive integers, got {b.batch_sizes}"),
+        (all(x >= 1 for x in b.seq_lens) and bool(b.seq_lens), f"bench.seq_lens must be positive integers, got {b.seq_lens}"),
+        (b.repeats >= 1, f"bench.repeats must be >= 1, got {b.repeats}"),
+        (b.warmup >= 0, f"bench.warmup must be >= 0, got {b.warmup}"),
+        (b.threads is None or b.threads >= 1, f"bench.threads must be >= 1, got {b.threads}"),
+        (b.max_iqr_fraction > 0, f"bench.max_iqr_fraction must be > 0, got {b.max_iqr_fraction}"),
+        (b.max_speedup_gap > 0, f"bench.max_speedup_gap must be > 0, got {b.max_speedup_gap}"),
+        (b.retime_rounds >= 0, f"bench.retime_rounds must be >= 0, got {b.retime_rounds}"),
+    ]
+    return [msg for ok, msg in checks if not ok]
 
 
 def prior_active(p: PruneConfig) -> bool:
