@@ -91,6 +91,61 @@ def test_prune_variants(tiny_folder, tmp_path, extra):
         assert json.loads((out / "plan.json").read_text())["selection"] == "share"
 
 
+def test_bench_stage_times_like_a_fresh_process(tiny_folder, tmp_path):
+    """The bench stage inside `idprior prune` times models in eval and inference mode, without SN,
+    with the garbage collector paused and the thread count the process started with (after the
+    training stages); its table carries the noise guard configured in the bench section."""
+    import gc
+
+    from torch.nn.modules.module import register_module_forward_pre_hook
+    from torch.nn.utils import parametrize
+    from transformers import PreTrainedModel
+
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    timed = []
+
+    def record(module, args):
+        if isinstance(module, PreTrainedModel) and not gc.isenabled():
+            timed.append((module.training, any(parametrize.is_parametrized(m) for m in module.modules()),
+                          torch.is_inference_mode_enabled(), torch.get_num_threads()))
+
+    handle = register_module_forward_pre_hook(record)
+    try:
+        assert main(["prune", "--model", str(tiny_folder), *QUICK[:-1], "--target", "0.3", "--no-onnx", "--out", str(out),
+                     "--set", "bench.batch_sizes=[2]", "--set", "bench.seq_lens=[8]", "--set", "bench.repeats=3",
+                     "--set", "bench.retime_rounds=0", "--set", "bench.max_iqr_fraction=0.5"]) == 0
+    finally:
+        handle.remove()
+    assert timed and set(timed) == {(False, False, True, threads)}
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["noise_guard"] == {"max_iqr": 0.5, "max_gap": 0.08, "retime_rounds": 0}
+    assert all(r["timing_rounds"] == 1 and "noise" in r for r in bench["rows"])
+    assert "| check |" in (out / "report.md").read_text()
+
+
+def test_a_stage_cannot_leak_torch_settings(tmp_path):
+    """A stage that changes torch's thread count or grad mode (training code, a library it calls)
+    leaves them as they were for the next stage."""
+    from idprior.pipeline import Run, run_stages
+
+    def greedy(run):
+        torch.set_num_threads(1 if before != 1 else 2)
+        torch.set_grad_enabled(False)
+        return {}
+
+    before = torch.get_num_threads()
+    run = Run(load_config(None, [f"out={tmp_path / 'run'}"]))
+    try:
+        run_stages(run, ["score"], fns={"score": greedy})
+        assert torch.get_num_threads() == before and torch.is_grad_enabled()
+        assert "score" in json.loads((tmp_path / "run" / "stages.json").read_text())["stages"]
+    finally:
+        run.close()
+        torch.set_num_threads(before)
+        torch.set_grad_enabled(True)
+
+
 def test_distill_loss():
     """Zero when the student matches the teacher, positive otherwise, scaled by T^2 (Hinton et al.:
     soft-target gradients keep their size), and LM tokens outside the attention mask do not count."""
@@ -131,6 +186,10 @@ def test_config_reports_every_problem_at_once():
     assert "prune.target" in text and "train.lr" in text and "prune.kinds" in text
     assert "did you mean train.epochs" in text
     assert "prune.prior_lambda must be float" in text
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", ["bench.max_iqr_fraction=0", "bench.max_speedup_gap=-0.1", "bench.retime_rounds=-1"])
+    assert [q.split(" must")[0] for q in e.value.problems] == [
+        "bench.max_iqr_fraction", "bench.max_speedup_gap", "bench.retime_rounds"]
 
 
 def test_config_modes_are_typed_choices():

@@ -160,6 +160,11 @@ class BenchConfig:
     warmup: int = 2
     onnx: bool = True
     threads: int | None = None
+    # noise guard (bench.NoiseGuard): a shape whose repeats are too spread is timed again, up to
+    # retime_rounds more rounds, and marked NOISY in bench.md / report.md if it stays so
+    max_iqr_fraction: float = 0.10  # a model's IQR / median above this is too spread
+    max_speedup_gap: float = 0.08  # |speed-up from the fastest repeats / from the medians - 1| above this too
+    retime_rounds: int = 2
 
 
 @dataclass
@@ -477,14 +482,6 @@ def _validate_prune(pr: PruneConfig, need) -> None:
     need(pr.protect_last >= 0, f"prune.protect_last must be >= 0, got {pr.protect_last}")
 
 
-def _validate_bench(b: BenchConfig, need) -> None:
-    """bench: section."""
-    need(all(x >= 1 for x in b.batch_sizes) and bool(b.batch_sizes), f"bench.batch_sizes must be positive integers, got {b.batch_sizes}")
-    need(all(x >= 1 for x in b.seq_lens) and bool(b.seq_lens), f"bench.seq_lens must be positive integers, got {b.seq_lens}")
-    need(b.repeats >= 1, f"bench.repeats must be >= 1, got {b.repeats}")
-    need(b.warmup >= 0, f"bench.warmup must be >= 0, got {b.warmup}")
-    need(b.threads is None or b.threads >= 1, f"bench.threads must be >= 1, got {b.threads}")
-
 def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     """Check ranges and choices of every field; return (or raise) one line per problem, all at once."""
     p: list[str] = []
@@ -497,11 +494,26 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     _validate_training(cfg, need)
     _validate_data(cfg.data, need)
     _validate_prune(cfg.prune, need)
-    _validate_bench(cfg.bench, need)
+    p += _bench_problems(cfg.bench)
     need(bool(cfg.out), "out must be a folder path")
     if p and raise_:
         raise ConfigError(p)
     return p
+
+
+def _bench_problems(b: BenchConfig) -> list[str]:
+    """The bench section's part of `validate` (kept apart so that validate stays short)."""
+    checks = [
+        (all(x >= 1 for x in b.batch_sizes) and bool(b.batch_sizes), f"bench.batch_sizes must be positive integers, got {b.batch_sizes}"),
+        (all(x >= 1 for x in b.seq_lens) and bool(b.seq_lens), f"bench.seq_lens must be positive integers, got {b.seq_lens}"),
+        (b.repeats >= 1, f"bench.repeats must be >= 1, got {b.repeats}"),
+        (b.warmup >= 0, f"bench.warmup must be >= 0, got {b.warmup}"),
+        (b.threads is None or b.threads >= 1, f"bench.threads must be >= 1, got {b.threads}"),
+        (b.max_iqr_fraction > 0, f"bench.max_iqr_fraction must be > 0, got {b.max_iqr_fraction}"),
+        (b.max_speedup_gap > 0, f"bench.max_speedup_gap must be > 0, got {b.max_speedup_gap}"),
+        (b.retime_rounds >= 0, f"bench.retime_rounds must be >= 0, got {b.retime_rounds}"),
+    ]
+    return [msg for ok, msg in checks if not ok]
 
 
 def prior_active(p: PruneConfig) -> bool:

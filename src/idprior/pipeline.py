@@ -387,13 +387,15 @@ def stage_bench(run: Run) -> dict:
     if not b.enabled:
         return {"skipped": "bench.enabled is false"}
     try:
-        from .bench import benchmark, format_bench_markdown
+        from .bench import NoiseGuard, benchmark, format_bench_markdown
     except ImportError as e:
         return {"skipped": f"benchmark unavailable: {e}"}
     dense = run.load_model(finetuned_spec(run))[0]
     pruned = run.load_model(str(run.path("pruned")))[0]
+    guard = NoiseGuard(max_iqr=b.max_iqr_fraction, max_gap=b.max_speedup_gap, retime_rounds=b.retime_rounds)
     result = benchmark({"dense": dense, "pruned": pruned}, batch_sizes=b.batch_sizes, seq_lens=b.seq_lens,
-                       threads=b.threads, repeats=b.repeats, warmup=b.warmup, onnx=b.onnx, workdir=run.path("bench_tmp"))
+                       threads=b.threads, repeats=b.repeats, warmup=b.warmup, onnx=b.onnx, workdir=run.path("bench_tmp"),
+                       noise=guard)
     shutil.rmtree(run.path("bench_tmp"), ignore_errors=True)
     io.write_json(run.path("bench.json"), result)
     io.write_text(run.path("bench.md"), format_bench_markdown(result))
@@ -419,6 +421,19 @@ STAGE_FNS: dict[str, StageFn] = {"finetune": stage_finetune, "score": stage_scor
                                  "bench": stage_bench, "report": stage_report}
 
 
+@contextlib.contextmanager
+def torch_settings_kept():
+    """Restore torch's intra-op thread count and grad mode after a stage: whatever training (or a
+    library it calls) sets must not carry over into a later stage, least of all into the bench
+    stage, which should time with the settings a fresh `idprior bench` process has."""
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
+
+
 def stage_needed(cfg: RunConfig, stage: str) -> bool:
     """Scoring is SNIP's: a baseline plans from the fine-tuned model itself."""
     return not (stage == "score" and cfg.prune.method != "snip")
@@ -442,7 +457,7 @@ def run_stages(run: Run, names: Iterable[str], *, on: Run | None = None, suffix:
             continue
         fn = (fns or {}).get(name) or STAGE_FNS[name]
         t0 = time.perf_counter()
-        with observe(label) if observe is not None else contextlib.nullcontext():
+        with observe(label) if observe is not None else contextlib.nullcontext(), torch_settings_kept():
             info = fn(target) or {}
         run.mark(label, time.perf_counter() - t0, **info)
         print(f"[{label}] {time.perf_counter() - t0:.1f} s")
