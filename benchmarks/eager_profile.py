@@ -29,14 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402
-
-from idprior.arch import get_adapter  # noqa: E402
-from idprior.bench import environment  # noqa: E402
-from idprior.export import input_names, is_decoder_model  # noqa: E402
-from idprior.flops import model_flops  # noqa: E402
-from idprior.spectral import fold  # noqa: E402
+from idprior import benchutil
+from idprior.arch import get_adapter
+from idprior.bench import environment
+from idprior.export import input_names, is_decoder_model
+from idprior.flops import model_flops
+from idprior.spectral import fold
 
 
 def mark_ranges(model) -> tuple[list[str], list]:
@@ -158,8 +156,9 @@ def load_models(args) -> dict:
 
         pruned = load_with_head(args.pruned)[0]
         return {"dense": load_dense_like(args.dense, pruned), "pruned": pruned}
-    dense = speed.load("minilm-l6")
-    return {"dense": dense, "pruned": speed.pruned_copy(dense, speed.magnitude_plan(dense, 0.5, "share"))}
+    dense = benchutil.load_for_timing("minilm-l6")
+    plan = benchutil.magnitude_plan(dense, 0.5, head_share=benchutil.HEAD_SHARE)
+    return {"dense": dense, "pruned": benchutil.pruned_copy(dense, plan)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     if args.nice:
-        speed.set_priority(args.nice)
+        benchutil.set_priority(args.nice)
     command = "python benchmarks/eager_profile.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     torch.set_num_threads(args.threads)
     models = load_models(args)
@@ -186,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, model in models.items():
         result["profiles"][name] = profile_model(model, args.batch, args.seq_len, args.repeats, args.warmup, args.top)
     result["fit"] = fixed_cost_fit(result["profiles"])
-    speed.publish(args.out_dir, args.name, result, render(result))
+    benchutil.publish(args.out_dir, args.name, result, render(result))
     return 0
 
 
