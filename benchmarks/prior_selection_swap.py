@@ -64,7 +64,8 @@ def main(methods: list[str]) -> None:
             finally:
                 run.close()
             print(f"| {task}/{seed} | " + " | ".join(f"{c:.1f}" for c in cols) + " |", flush=True)
-    print("| mean | " + " | ".join(f"{statistics.mean(v):.2f}" for v in table.values() if v) + " |")
+    order = ["fisher", *[k for m in methods for k in (f"{m} on plain", m)]]
+    print("| mean | " + " | ".join(f"{statistics.mean(table[k]):.2f}" for k in order if table[k]) + " |")
 
 
 if __name__ == "__main__":
