@@ -283,8 +283,11 @@ def test_quality_paired_yaml_keeps_its_finetune_folders():
 
     grid = load_grid(Path(__file__).resolve().parents[1] / "benchmarks" / "quality_paired.yaml")
     names = {}
+    pinned = {key.split("/")[0] for key in QUALITY_PAIRED_RT0}  # methods added later are not pinned here
     for seed, task, target, spec in cells(grid):
         spec = spec or MethodSpec("dense", "snip-no-sn-no-prior")
+        if spec.name not in pinned:
+            continue
         cfg = cell_config(grid, task, seed, spec, target if spec.name != "dense" else 0.5, out="pending")
         start = start_config(cfg, out="pending")[1]
         own = spec.name == "dense" or spec.start == "start"
