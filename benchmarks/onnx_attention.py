@@ -5,8 +5,8 @@
 `eager`: the attention traced as matmul, additive mask, softmax, matmul (idprior's export
 before opset 23). `fused`: SDPA exported at opset 23 as one ONNX `Attention` node per layer
 (idprior's default for encoders now). The dense model and the two 50% weight-magnitude plans of
-benchmarks/speed.py (neurons only; heads + neurons) are exported both ways, and all six ONNX
-Runtime sessions are timed in one process in alternating blocks (same inputs; idprior.bench's
+benchmarks/speed.py (neurons only; heads + neurons: idprior.benchutil.minilm_timing_models) are
+exported both ways, and all six ONNX Runtime sessions are timed in one process in alternating blocks (same inputs; idprior.bench's
 scheme), so the two modes are compared on the same machine state. Writes benchmarks/results/onnx_attention.{json,md}.
 """
 
@@ -21,46 +21,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402
-
-from idprior.bench import _loadavg, _stats, _time_blocks, environment  # noqa: E402
-from idprior.export import attention_mode, export_onnx, input_names, ort_feed, ort_session, parity  # noqa: E402
-from idprior.export import example_inputs as make_inputs  # noqa: E402
-from idprior.flops import model_flops  # noqa: E402
-
-MODES = ("eager", "fused")
-
-
-def minilm_models() -> dict:
-    """MiniLM-L6 dense and its two 50% weight-magnitude plans of benchmarks/speed.py, pruned."""
-    dense = speed.load("minilm-l6")
-    models = {"dense": dense}
-    for name, mode in (("pruned-neurons", "norm"), ("pruned-heads+neurons", "share")):
-        models[name] = speed.pruned_copy(dense, speed.magnitude_plan(dense, 0.5, mode))
-    return models
-
-
-def export_both_ways(models: dict, tmp: str, threads: int, info: dict) -> dict:
-    """An ONNX Runtime session per (model, attention mode); parity and opset go into info[model]."""
-    sessions = {}
-    for name, model in models.items():
-        check = make_inputs(model, input_names(model), batch=3, seq_len=24, seed=1, pad=True)
-        entry = info.setdefault(name, {})
-        for mode in MODES:
-            path = export_onnx(model, None, Path(tmp) / f"{name}-{mode}.onnx", attention=mode)
-            entry[f"{mode}_opset"] = attention_mode(model, "dynamo", None, mode)[1] or "exporter default"
-            entry[f"{mode}_max_abs_diff"] = parity(model, path, check)["max_abs_diff"]
-            sessions[(name, mode)] = ort_session(path, threads)
-    return sessions
-
-
-def ort_runners(sessions: dict, dense, batch: int, seq_len: int) -> dict:
-    """One zero-argument callable per session, all on the same random [batch, seq_len] tokens."""
-    ids = torch.randint(0, dense.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(batch))
-    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
-    feeds = {key: ort_feed(s, full) for key, s in sessions.items()}
-    return {key: (lambda s=s, f=feeds[key]: s.run(["logits"], f)) for key, s in sessions.items()}
+from idprior.bench import environment, latency_stats, loadavg, time_blocks
+from idprior.benchutil import ATTENTION_MODES as MODES
+from idprior.benchutil import export_attention_modes, minilm_timing_models, ort_runners, publish, set_priority
+from idprior.flops import model_flops
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,28 +37,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     if args.nice:
-        speed.set_priority(args.nice)
+        set_priority(args.nice)
     command = "python benchmarks/onnx_attention.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
 
-    models = minilm_models()
+    models = minilm_timing_models()
     dense = models["dense"]
-    result = {"command": command, "environment": environment(args.threads), "loadavg_start": _loadavg(),
+    result = {"command": command, "environment": environment(args.threads), "loadavg_start": loadavg(),
               "models": {}, "rows": []}
     with tempfile.TemporaryDirectory(prefix="idprior-attn-") as tmp:
-        sessions = export_both_ways(models, tmp, args.threads, result["models"])
+        sessions = export_attention_modes(models, tmp, args.threads, result["models"])
         for name, model in models.items():
             result["models"][name]["gflops"] = {str(t): model_flops(model, t)["total"] / 1e9 for _, t in shapes}
         for batch, seq_len in shapes:
-            times = _time_blocks(ort_runners(sessions, dense, batch, seq_len), args.repeats, args.warmup)
+            times = time_blocks(ort_runners(sessions, dense, batch, seq_len), args.repeats, args.warmup)
             for (name, mode), seconds in times.items():
                 result["rows"].append({"model": name, "attention": mode, "batch_size": batch, "seq_len": seq_len,
-                                       **_stats(seconds, batch)})
-    result["loadavg_end"] = _loadavg()
+                                       **latency_stats(seconds, batch)})
+    result["loadavg_end"] = loadavg()
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    speed.publish(args.out_dir, "onnx_attention", result, render(result))
+    publish(args.out_dir, "onnx_attention", result, render(result))
     return 0
 
 

@@ -27,11 +27,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402
-
-from idprior.bench import environment  # noqa: E402
-from idprior.export import _LogitsOnly, example_inputs, export_onnx, input_names, ort_feed, ort_session  # noqa: E402
+from idprior.bench import environment
+from idprior.benchutil import TIMING_MODELS, load_for_timing, magnitude_plan, pruned_copy, publish
+from idprior.export import LogitsOnly, example_inputs, export_onnx, input_names, ort_feed, ort_session
 
 BATCHES = ((3, 24, True), (1, 33, False))  # (batch, length, left-pad row 0): the shapes `idprior export` checks
 
@@ -40,7 +38,7 @@ def torch_logits(model, names, batch, dtype, threads) -> torch.Tensor:
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        wrapper = _LogitsOnly(model.to(dtype), names).eval()
+        wrapper = LogitsOnly(model.to(dtype), names).eval()
         with torch.inference_mode():
             return wrapper(*(batch[n] for n in names)).double()
     finally:
@@ -54,15 +52,15 @@ def max_diff(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", choices=sorted(speed.MODELS))
+    p.add_argument("--model", default="smollm2-135m", choices=sorted(TIMING_MODELS))
     p.add_argument("--target", type=float, default=0.3)
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     command = "python benchmarks/onnx_parity.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
     torch.set_num_threads(2)
-    dense = speed.load(args.model)
-    pruned = speed.pruned_copy(dense, speed.magnitude_plan(dense, args.target, "norm"))
+    dense = load_for_timing(args.model)
+    pruned = pruned_copy(dense, magnitude_plan(dense, args.target))
     result = {"command": command, "environment": environment(2), "model": args.model, "target": args.target, "rows": []}
     with tempfile.TemporaryDirectory(prefix="idprior-parity-") as tmp:
         for name, model in (("dense", dense), (f"pruned-{args.target:g}", pruned)):
@@ -87,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch32_1thread_vs_2threads": max_diff(fp32_1t, fp32, keep),
                 })
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    speed.publish(args.out_dir, "onnx_parity", result, render(result))
+    publish(args.out_dir, "onnx_parity", result, render(result))
     return 0
 
 

@@ -23,11 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402
-
-from idprior.bench import environment  # noqa: E402
-from idprior.export import DISABLED_ORT_FUSIONS, export_onnx  # noqa: E402
+from idprior.bench import environment
+from idprior.benchutil import HEAD_SHARE, load_for_timing, magnitude_plan, pruned_copy, publish
+from idprior.export import DISABLED_ORT_FUSIONS, export_onnx
 
 
 def profile(path: Path, threads: int, repeats: int, disabled: tuple[str, ...], prefix: str) -> dict:
@@ -74,8 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     command = "python benchmarks/ort_profile.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     torch.set_num_threads(args.threads)
-    dense = speed.load("minilm-l6")
-    pruned = speed.pruned_copy(dense, speed.magnitude_plan(dense, 0.5, "share"))
+    dense = load_for_timing("minilm-l6")
+    pruned = pruned_copy(dense, magnitude_plan(dense, 0.5, head_share=HEAD_SHARE))
     result = {"command": command, "environment": environment(args.threads), "batch": 32, "seq_len": 128, "profiles": {}}
     with tempfile.TemporaryDirectory(prefix="idprior-ortprof-") as tmp:
         for name, model in (("dense", dense), ("pruned", pruned)):
@@ -83,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             for label, disabled in (("default", ()), ("idprior", DISABLED_ORT_FUSIONS)):
                 result["profiles"][f"{name}/{label}"] = profile(path, args.threads, args.repeats, disabled,
                                                                 str(Path(tmp) / f"{name}_{label}"))
-    speed.publish(args.out_dir, "ort_profile", result, render(result))
+    publish(args.out_dir, "ort_profile", result, render(result))
     return 0
 
 

@@ -3,7 +3,7 @@
     python benchmarks/scoring_memory.py                 # batch sizes 8 and 32, 32 blocks of 128 tokens
 
 Each configuration runs in a fresh process (so peaks never mix): load the model, record its RSS,
-reset the high-water mark (memtrack.reset_peak), run `idprior.scoring.score` over the same 32
+reset the high-water mark (idprior.benchutil.reset_peak), run `idprior.scoring.score` over the same 32
 calibration blocks of lm-rt training text, and read the peak. "lean" is idprior's default
 (use_cache=False and logits for the last position only); "full logits" calls the model the plain
 way, which also builds the [B, T, vocab] logits and a KV cache nobody reads. The batch-32 lean
@@ -35,11 +35,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from memtrack import peak_mb, reset_peak, rss_mb  # noqa: E402
 
 from idprior import io, models, scoring  # noqa: E402
 from idprior.arch import get_adapter  # noqa: E402
 from idprior.bench import cpu_model  # noqa: E402
+from idprior.benchutil import peak_mb, reset_peak, rss_mb  # noqa: E402
 from idprior.data import get_task, load_task, make_lm_dataloader  # noqa: E402
 from idprior.selection import select  # noqa: E402
 from idprior.surgery import apply_plan, save_pruned  # noqa: E402
@@ -73,15 +73,13 @@ def child(folder: str, batch: int, lean: bool, dtype: str, surgery: bool, blocks
     model, tok = models.load(folder, get_task("lm-rt"), dtype=dtype)
     batches = calibration(tok, blocks, batch)
     weights_mb = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-    if not lean:
-        scoring._lean_forward_kwargs = lambda m: {}
     out = {"batch_size": batch, "lean": lean, "dtype": dtype, "blocks": blocks, "seq_len": SEQ_LEN,
            "exact_alloc": os.environ.get("MALLOC_MMAP_THRESHOLD_") == EXACT_ENV["MALLOC_MMAP_THRESHOLD_"],
            "weights_mb": round(weights_mb, 1), "peak_reset_works": reset_peak()}
     rss0 = rss_mb()
     reset_peak()
     t0 = time.perf_counter()
-    scores = scoring.score(model, batches)
+    scores = scoring.score(model, batches, lean=lean)
     out.update(score_s=round(time.perf_counter() - t0, 1), rss_before_score_mb=round(rss0, 1),
                score_peak_mb=round(peak_mb(), 1), score_extra_mb=round(peak_mb() - rss0, 1))
     if surgery:

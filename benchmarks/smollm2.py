@@ -9,7 +9,7 @@ tokens of lm-rt training text, function-norm selection of KV groups and FFN neur
 perplexity of dense and pruned on a fixed subset of the lm-rt validation and test splits, greedy
 sample generations, and the eager speed benchmark (`idprior.bench.benchmark`, ONNX off: its
 export of a 135M decoder takes minutes). Around every stage the high-water RSS is reset and read
-(benchmarks/memtrack.py), so each stage's peak is its own. Afterwards greedy decoding speed
+(idprior.benchutil), so each stage's peak is its own. Afterwards greedy decoding speed
 (KV cache, batch 1) of dense vs pruned is timed round-robin in the same process.
 Writes benchmarks/results/smollm2_posttrain.json and .md; the run folder is temporary.
 """
@@ -17,6 +17,7 @@ Writes benchmarks/results/smollm2_posttrain.json and .md; the run folder is temp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shlex
 import sys
@@ -28,10 +29,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
-from memtrack import peak_mb, reset_peak  # noqa: E402
 
 from idprior import io, models, pipeline  # noqa: E402
 from idprior.bench import cpu_model, format_bench_markdown  # noqa: E402
+from idprior.benchutil import peak_mb, reset_peak  # noqa: E402
 from idprior.cli.common import config_from_args  # noqa: E402
 from idprior.cli.main import build_parser  # noqa: E402
 from idprior.surgery import load_pruned_with_tokenizer  # noqa: E402
@@ -92,19 +93,18 @@ def main(argv: list[str] | None = None) -> int:
     load_start = [round(x, 2) for x in os.getloadavg()]
 
     stage_mem: dict[str, dict] = {}
-    timed = pipeline._timed
 
-    def timed_with_peak(run, stage, fn):  # the pipeline's own stage timer, plus this stage's peak RSS
+    @contextlib.contextmanager
+    def peak_of(stage: str):  # around each stage the pipeline runs: its peak RSS
         reset_peak()
-        timed(run, stage, fn)
+        yield
         stage_mem[stage] = {"peak_rss_mb": round(peak_mb(), 1), "loadavg_1min_after": round(os.getloadavg()[0], 2)}
 
-    pipeline._timed = timed_with_peak
     with tempfile.TemporaryDirectory(prefix="idprior-smollm2-") as tmp:
         out = Path(tmp) / "run"
         cli = prune_args(args, out)
         cfg = config_from_args(build_parser().parse_args(cli))
-        pipeline.prune(cfg)
+        pipeline.prune(cfg, observe=peak_of)
         metrics = io.read_json(out / "metrics.json")
         plan = io.read_json(out / "plan.json")
         stages = io.read_json(out / "stages.json")["stages"]
@@ -114,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         pruned, _ = load_pruned_with_tokenizer(out / "pruned")
         decode = time_decoding(dense, pruned, tok, args.decode_tokens, args.repeats)
         decode["peak_rss_mb"] = round(peak_mb(), 1)
-    pipeline._timed = timed
 
     cli_text = "idprior " + " ".join(shlex.quote(a) for a in cli).replace(shlex.quote(str(out)), "runs/smollm2-posttrain")
     result = {

@@ -28,9 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from idprior import io  # noqa: E402
-from idprior.bench import cpu_model, environment  # noqa: E402
+from idprior import io
+from idprior.bench import cpu_model, environment
 
 
 def commands(args) -> dict[str, list[str]]:

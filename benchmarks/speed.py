@@ -19,7 +19,6 @@ Writes benchmarks/results/speed_<model>.json and .md, with this command and the 
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import shlex
 import sys
@@ -31,86 +30,25 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from idprior import io, models  # noqa: E402
+from idprior import models  # noqa: E402
 from idprior.arch import get_adapter  # noqa: E402
-from idprior.baselines.magnitude import weight_energies  # noqa: E402
+from idprior.baselines.magnitude import magnitude_scores  # noqa: E402
 from idprior.bench import benchmark, format_bench_markdown  # noqa: E402
-from idprior.data.tasks import Task  # noqa: E402
+from idprior.benchutil import (  # noqa: E402
+    HEAD_SHARE,
+    load_for_timing,
+    magnitude_plan,
+    pruned_copy,
+    publish,
+    set_priority,
+)
 from idprior.plan import PruningPlan, measures, normalize, structure_after  # noqa: E402
-from idprior.selection import select  # noqa: E402
-from idprior.surgery import apply_plan  # noqa: E402
 from idprior.units import Unit  # noqa: E402
 
 MODELS = {  # name -> (short name for files, default target, batch sizes, seq lens, repeats by seq len)
     "minilm-l6": ("minilm", 0.5, (1, 32), (128, 512), {128: 10, 512: 4}),
     "smollm2-135m": ("smollm2", 0.3, (1, 32), (128,), {128: 4}),
 }
-HEAD_SHARE = 0.3
-
-
-def set_priority(nice: int) -> None:
-    """Raise (negative) or lower this process's CPU priority, for timing on a shared machine.
-
-    Called before torch / ONNX Runtime start their worker threads, which inherit it. With the
-    kernel's autogroup scheduling on, a thread's nice value only counts inside its session's
-    group, so the group's nice (/proc/self/autogroup) is set too.
-    """
-    try:
-        os.nice(nice)
-    except OSError as e:
-        print(f"warning: could not change the nice value by {nice}: {e}", file=sys.stderr)
-    group = Path("/proc/self/autogroup")
-    if group.exists():
-        try:
-            group.write_text(str(nice))
-        except OSError as e:
-            print(f"warning: could not set the autogroup nice value to {nice}: {e}", file=sys.stderr)
-
-
-def load(name: str):
-    if name == "minilm-l6":
-        task = Task(name="speed", kind="classification", labels=("neg", "pos"), metrics=(), text_fields=("text",),
-                    description="2-label head for timing")
-        model, _ = models.load(name, task)
-    else:
-        model, _ = models.load(name)
-    return model.eval()
-
-
-def magnitude_scores(adapter) -> dict[Unit, float]:
-    """Frobenius norm of the weights each head / neuron owns (idprior.baselines.magnitude)."""
-    scores = {}
-    for layer in range(adapter.num_layers):
-        heads, neurons = weight_energies(adapter, layer)
-        if heads is not None:
-            scores.update({Unit("head", layer, i): float(e) for i, e in enumerate(heads.sqrt().tolist())})
-        if neurons is not None:
-            scores.update({Unit("neuron", layer, j): float(e) for j, e in enumerate(neurons.sqrt().tolist())})
-    return scores
-
-
-def magnitude_plan(dense, target: float, mode: str) -> PruningPlan:
-    """The weight-magnitude plan removing `target` of encoder params: mode "norm" (a global
-    threshold; FFN neurons in practice) or "share" (HEAD_SHARE of the budget from heads)."""
-    adapter = get_adapter(dense)
-    total = sum(p.numel() for p in dense.parameters())
-    return select(magnitude_scores(adapter), adapter, target=target, mode=mode, head_share=HEAD_SHARE,
-                  kinds=("head", "neuron"), method="magnitude", total_params=total)
-
-
-def pruned_copy(dense, plan: PruningPlan):
-    """A physically pruned deep copy of `dense` (the dense model is left as it is)."""
-    model = copy.deepcopy(dense)
-    apply_plan(model, plan.units)
-    return model
-
-
-def publish(out_dir: str | Path, stem: str, result: dict, markdown: str) -> None:
-    """Write OUT_DIR/STEM.json and STEM.md (atomically) and print the markdown."""
-    out = Path(out_dir)
-    io.write_json(out / f"{stem}.json", result)
-    io.write_text(out / f"{stem}.md", markdown)
-    print(markdown)
 
 
 def round_neurons(plan: PruningPlan, adapter, scores: dict[Unit, float], multiple: int, total_params: int) -> PruningPlan:
@@ -166,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
-    dense = load(args.model)
+    dense = load_for_timing(args.model)
     load_s = time.perf_counter() - t0
     adapter = get_adapter(dense)
     t0 = time.perf_counter()
     scores = magnitude_scores(adapter)
     total = sum(p.numel() for p in dense.parameters())
-    plans = {"neurons": magnitude_plan(dense, target, "norm"), "heads+neurons": magnitude_plan(dense, target, "share")}
+    plans = {"neurons": magnitude_plan(dense, target), "heads+neurons": magnitude_plan(dense, target, head_share=HEAD_SHARE)}
     if args.round_to:
         plans[f"neurons-round{args.round_to}"] = round_neurons(plans["neurons"], adapter, scores, args.round_to, total)
     plan_s = time.perf_counter() - t0

@@ -7,7 +7,7 @@ weight-magnitude plans, each exported with eager and with fused attention) are t
 
   - `alternate`: one timed call per session in turn, no untimed call between (idprior's timer
     before this change);
-  - `blocks, lead-in L s`: idprior.bench._time_blocks, blocks of 5 timed calls per session,
+  - `blocks, lead-in L s`: idprior.bench.time_blocks, blocks of 5 timed calls per session,
     alternating, each block after untimed calls for L seconds (at least one call). L = 0.1 is
     idprior's default.
 
@@ -26,11 +26,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import onnx_attention  # noqa: E402
-import speed  # noqa: E402
-
-from idprior.bench import _loadavg, _time_blocks, environment  # noqa: E402
+from idprior.bench import environment, loadavg, time_blocks
+from idprior.benchutil import export_attention_modes, minilm_timing_models, ort_runners, publish, set_priority
 
 LEAD_INS = (0.0, 0.05, 0.1, 0.5)
 
@@ -59,27 +56,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
     if args.nice:
-        speed.set_priority(args.nice)
+        set_priority(args.nice)
     command = "python benchmarks/timing_leadin.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    models = onnx_attention.minilm_models()
-    result = {"command": command, "environment": environment(args.threads), "loadavg_start": _loadavg(), "rows": []}
+    models = minilm_timing_models()
+    result = {"command": command, "environment": environment(args.threads), "loadavg_start": loadavg(), "rows": []}
     schemes = {"alternate": lambda r: alternate(r, args.repeats, 2)}
-    schemes |= {f"blocks, lead-in {s:g} s": (lambda r, s=s: _time_blocks(r, args.repeats, 2, lead_in_s=s)) for s in LEAD_INS}
+    schemes |= {f"blocks, lead-in {s:g} s": (lambda r, s=s: time_blocks(r, args.repeats, 2, lead_in_s=s)) for s in LEAD_INS}
     with tempfile.TemporaryDirectory(prefix="idprior-leadin-") as tmp:
-        sessions = onnx_attention.export_both_ways(models, tmp, args.threads, {})
+        sessions = export_attention_modes(models, tmp, args.threads, {})
         for batch, seq_len in shapes:
-            runners = onnx_attention.ort_runners(sessions, models["dense"], batch, seq_len)
+            runners = ort_runners(sessions, models["dense"], batch, seq_len)
             for scheme, timer in schemes.items():
                 times = timer(runners)
                 for (name, mode), seconds in times.items():
                     result["rows"].append({"scheme": scheme, "batch_size": batch, "seq_len": seq_len, "model": name,
                                            "attention": mode, "median_ms": 1000 * sorted(seconds)[len(seconds) // 2]})
-    result["loadavg_end"] = _loadavg()
+    result["loadavg_end"] = loadavg()
     result["wall_s"] = round(time.perf_counter() - started, 1)
-    speed.publish(args.out_dir, "timing_leadin", result, render(result))
+    publish(args.out_dir, "timing_leadin", result, render(result))
     return 0
 
 

@@ -16,7 +16,7 @@ from idprior.baselines.gradients import gate_gradient_stats
 from idprior.baselines.layerdrop import block_influence
 from idprior.errors import IdpriorError
 from idprior.gates import Gates
-from idprior.plan import measure_of, sublayer_cost
+from idprior.plan import measure_of, measure_total, own_cost, sublayer_cost
 from idprior.surgery import apply_plan, count_params
 from idprior.units import Unit
 from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
@@ -152,6 +152,28 @@ def test_magnitude_per_query_head_slots():
             attn.o_proj.weight[:, q * hd:(q + 1) * hd] = 0
     plan = get_method("magnitude").plan(model, adapter, [], target=TINY_TARGET)
     assert plan.units == [Unit("head", 3, 1)]
+
+
+@pytest.mark.parametrize("family", list(BUILDERS))
+def test_head_share_splits_a_baselines_budget(family):
+    """Raw magnitudes rank every head above every neuron, so a global ranking takes neurons only;
+    with selection "share", `head_share` of the budget comes from heads (to within one head)."""
+    model = BUILDERS[family]()
+    adapter = get_adapter(model)
+    plain = get_method("magnitude").plan(model, adapter, [], target=0.3)
+    shared = get_method("magnitude", selection="share", head_share=0.3).plan(model, adapter, [], target=0.3)
+    assert plain.counts()["head"] == 0
+    head_cost = lambda layer: measure_of(own_cost(adapter, "head", layer), "encoder_params", 128)  # noqa: E731
+    from_heads = sum(head_cost(u.layer) for u in shared.units if u.kind == "head")
+    budget = 0.3 * measure_total(adapter, "encoder_params", 128)
+    assert 0.3 * budget <= from_heads < 0.3 * budget + max(head_cost(i) for i in range(adapter.num_layers))
+    assert shared.selection == "share" and shared.method == "magnitude"
+
+
+def test_share_without_head_share_is_an_error():
+    model = tiny_bert()
+    with pytest.raises(IdpriorError, match="head_share"):
+        get_method("magnitude", selection="share").plan(model, get_adapter(model), [], target=0.3)
 
 
 @pytest.mark.parametrize("family", ["bert", "llama"])

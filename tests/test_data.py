@@ -600,6 +600,74 @@ def test_custom_errors(tmp_path, files, kwargs, message):
         load_task("custom", data_files=paths, **kwargs)
 
 
+def _pair_csv(path, header):
+    a, b = header.split(",")[:2]
+    rows = [f"{a} {i},{b} {i},{'pos' if i % 2 else 'neg'}" for i in range(20)]
+    return _csv(path, header, rows)
+
+
+@pytest.mark.parametrize("header", ["sentence1,sentence2,label", "question,sentence,label",
+                                    "premise,hypothesis,label", "text,text_pair,label"])
+def test_custom_pair_columns_are_detected_and_tokenized_as_pairs(tmp_path, header, tokenizer, capsys):
+    """A file whose columns are a known sentence pair is read as one, with a line saying so: read as
+    one text it would train and evaluate on half of each example without any error."""
+    first, second = header.split(",")[:2]
+    data = load_task("custom", data_files={"train": _pair_csv(tmp_path / "pairs.csv", header)})
+    err = capsys.readouterr().err
+    assert err == (f"idprior: pairs.csv: reading columns '{first}' and '{second}' as a text pair "
+                   f"(--text-column {first} --text-pair-column {second}; --text-column alone reads one text)\n")
+    assert data.task.is_pair and data.task.text_fields == ("text", "text_pair")
+    assert all(ex["text_pair"] == ex["text"].replace(first, second) for split in data.splits.values() for ex in split)
+    calls = []
+
+    class Spy:  # the tokenizer, recording what it is asked to encode
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, texts, pairs=None, **kw):
+            calls.append((list(texts), pairs and list(pairs)))
+            return tokenizer(texts, pairs, **kw)
+
+    loader = make_dataloader(data.splits["test"], Spy(), data.task, batch_size=2, max_length=16, shuffle=False)
+    assert calls == [([ex["text"] for ex in data.splits["test"]], [ex["text_pair"] for ex in data.splits["test"]])]
+    assert next(iter(loader))["token_type_ids"].max() == 1  # segment B present
+
+
+def test_custom_single_text_files_are_unchanged(tmp_path, capsys):
+    """`text` with other columns that are no complete pair, or a pair file with --text-column named,
+    is one text, as before, and nothing is printed."""
+    extra = _csv(tmp_path / "extra.csv", "text,sentence,hypothesis,label",
+                 [f"t{i},s{i},h{i},{'pos' if i % 2 else 'neg'}" for i in range(20)])
+    data = load_task("custom", data_files={"train": extra})
+    assert data.task.text_fields == ("text",) and "text_pair" not in data.splits["train"][0]
+    pair = _pair_csv(tmp_path / "pair.csv", "sentence1,sentence2,label")
+    data = load_task("custom", data_files={"train": pair}, text_column="sentence1")
+    assert data.task.text_fields == ("text",) and data.splits["train"][0]["text"].startswith("sentence1 ")
+    assert capsys.readouterr().err == ""
+    with pytest.raises(IdpriorError, match=r"no column 'text' \(it has 'sentence', 'label'\).*--text-column"):
+        load_task("custom", data_files={"train": _csv(tmp_path / "s.csv", "sentence,label", ["a,pos", "b,neg"])})
+
+
+@pytest.mark.parametrize(("header", "message"), [
+    ("question,sentence,passage,label", r"more than one text input \(question \+ sentence, question \+ passage\): "
+     r"say which to read with --text-column question --text-pair-column sentence or "
+     r"--text-column question --text-pair-column passage$"),
+    ("text,premise,hypothesis,label", r"\(premise \+ hypothesis, text\): say which to read with "
+     r"--text-column premise --text-pair-column hypothesis or --text-column text$"),
+])
+def test_custom_ambiguous_text_columns_are_refused(tmp_path, header, message):
+    rows = [",".join(f"c{i}" for _ in header.split(",")[:-1]) + f",{'pos' if i % 2 else 'neg'}" for i in range(20)]
+    with pytest.raises(IdpriorError, match=message):
+        load_task("custom", data_files={"train": _csv(tmp_path / "amb.csv", header, rows)})
+
+
+def test_custom_detected_pair_must_be_in_every_file(tmp_path, capsys):
+    files = {"train": _pair_csv(tmp_path / "train.csv", "premise,hypothesis,label"),
+             "test": _csv(tmp_path / "test.csv", "premise,label", ["a,pos", "b,neg"])}
+    with pytest.raises(IdpriorError, match=r"test.csv line 2 has no column 'hypothesis'.*--text-pair-column"):
+        load_task("custom", data_files=files)
+
+
 def test_custom_label_rules():
     assert custom._is_regression([0.5 * i + 0.1 for i in range(11)])
     assert not custom._is_regression([0.5 * i + 0.1 for i in range(10)])  # too few distinct values

@@ -112,16 +112,15 @@ def test_reloaded_pruned_generation_cache_equals_recompute(folders, tmp_path, fa
     torch.testing.assert_close(torch.stack(out.logits, 1), logits, atol=1e-4, rtol=1e-4)
 
 
-def test_lean_scoring_gives_the_same_norms(monkeypatch):
+def test_lean_scoring_gives_the_same_norms():
     """Skipping the KV cache and all but the last logits changes no branch the hooks see."""
     model = tiny_llama()
     gen = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(3, 100, (2, 12), generator=gen),
                 "attention_mask": torch.ones(2, 12, dtype=torch.long)} for _ in range(2)]
-    assert scoring._lean_forward_kwargs(model) == {"use_cache": False, "logits_to_keep": 1}
+    assert scoring.lean_forward_kwargs(model) == {"use_cache": False, "logits_to_keep": 1}
     lean = scoring.score(model, batches)
-    monkeypatch.setattr(scoring, "_lean_forward_kwargs", lambda m: {})
-    full = scoring.score(model, batches)
+    full = scoring.score(model, batches, lean=False)
     assert lean.keys() == full.keys()
     for unit, value in full.items():
         assert lean[unit] == pytest.approx(value, rel=1e-6, abs=1e-9), unit

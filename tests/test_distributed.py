@@ -3,7 +3,7 @@
 `scoring.score` shards the calibration batches by rank and all-reduces the per-unit sums in
 float64; each rank must end with the scores one process gets on all the batches (to 1e-9) and
 therefore the same plan. Cases: tiny Llama (GQA) and tiny BERT with padded batches and an odd
-batch count (ranks see 3 and 2 batches), relative scores, and one batch only (rank 1 sees none).
+batch count (ranks see 3 and 2 batches), relative and residual scores, and one batch only (rank 1 sees none).
 """
 
 from __future__ import annotations
@@ -22,11 +22,12 @@ from idprior.selection import select
 from tiny_models import tiny_bert, tiny_llama
 
 WORLD = 2
-CASES = {  # name -> (model builder, number of batches, relative scores)
-    "llama": (tiny_llama, 5, False),
-    "llama-relative": (tiny_llama, 5, True),
-    "llama-one-batch": (tiny_llama, 1, False),
-    "bert": (tiny_bert, 5, False),
+CASES = {  # name -> (model builder, number of batches, prune.score)
+    "llama": (tiny_llama, 5, "absolute"),
+    "llama-relative": (tiny_llama, 5, "relative"),
+    "llama-residual": (tiny_llama, 5, "residual"),
+    "llama-one-batch": (tiny_llama, 1, "absolute"),
+    "bert": (tiny_bert, 5, "absolute"),
 }
 
 
@@ -43,11 +44,11 @@ def _batches(n: int) -> list[dict]:
 
 
 def _run(case: str) -> dict:
-    build, n_batches, relative = CASES[case]
+    build, n_batches, kind = CASES[case]
     model = build()
     calls = []
     handle = model.register_forward_pre_hook(lambda *_: calls.append(1))  # batches this process ran
-    scores = score(model, _batches(n_batches), relative=relative)
+    scores = score(model, _batches(n_batches), relative=kind == "relative", residual=kind == "residual")
     handle.remove()
     plan = select(scores, get_adapter(model), target=0.3)
     return {"scores": scores_to_json(scores), "plan": plan.to_dict(), "batches_run": len(calls)}

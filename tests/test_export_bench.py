@@ -103,6 +103,19 @@ def test_ort_session_skips_the_slow_skip_layernorm_fusion(tmp_path):
     assert "LayerNormalization" in ops("ours.onnx")
 
 
+def test_ort_session_stops_spinning_when_a_run_returns(tmp_path):
+    """Our sessions' worker threads do not spin on after a Run (see export.ORT_CONFIG), where they
+    would take CPU from the next model timed; the option must reach the session."""
+    pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install onnx onnxruntime onnxscript)")
+    from idprior.export import DISABLED_ORT_FUSIONS, export_onnx, ort_session
+
+    path = export_onnx(tiny_bert(), None, tmp_path / "m.onnx", seq_len=16, exporter="legacy")
+    options = ort_session(path, 2).get_session_options()
+    assert options.get_session_config_entry("session.force_spinning_stop") == "1"
+    assert options.get_session_config_entry("optimization.disable_specified_optimizers") == ",".join(DISABLED_ORT_FUSIONS)
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
+
+
 def test_require_onnx_names_the_install(monkeypatch):
     from idprior import export
 
@@ -163,12 +176,12 @@ def test_benchmark_keys_and_fewer_flops():
 
 def test_timing_blocks_alternate_and_start_with_an_untimed_run():
     """Each block is an untimed lead-in (here one call) then timed calls; blocks alternate over the
-    models, the order reversed every other round."""
-    from idprior.bench import _time_blocks
+    models, the order reversed every other round; with min_rounds=1 blocks are `block` long."""
+    from idprior.bench import time_blocks
 
     calls = []
     runners = {name: (lambda n=name: calls.append(n)) for name in ("dense", "pruned")}
-    times = _time_blocks(runners, repeats=7, warmup=1, block=5, lead_in_s=0.0)
+    times = time_blocks(runners, repeats=7, warmup=1, block=5, lead_in_s=0.0, min_rounds=1)
     assert {k: len(v) for k, v in times.items()} == {"dense": 7, "pruned": 7}
     expected = (["dense", "pruned"]  # warm-up
                 + ["dense"] * 6 + ["pruned"] * 6  # round 0: lead-in + 5 timed each
@@ -176,10 +189,185 @@ def test_timing_blocks_alternate_and_start_with_an_untimed_run():
     assert calls == expected
 
 
+def test_few_repeats_still_alternate():
+    """5 repeats in blocks of 5 were one block per model, so nothing alternated (the demo's bench
+    setting): blocks shrink to give at least MIN_ROUNDS = 3 rounds."""
+    from idprior.bench import MIN_ROUNDS, time_blocks
+
+    calls = []
+    runners = {name: (lambda n=name: calls.append(n)) for name in ("dense", "pruned")}
+    times = time_blocks(runners, repeats=5, warmup=0, block=5, lead_in_s=0.0)
+    assert MIN_ROUNDS == 3 and {k: len(v) for k, v in times.items()} == {"dense": 5, "pruned": 5}
+    assert calls == (["dense"] * 3 + ["pruned"] * 3  # lead-in + 2 timed
+                     + ["pruned"] * 3 + ["dense"] * 3
+                     + ["dense"] * 2 + ["pruned"] * 2)  # lead-in + the 1 left
+
+
+def test_timing_pauses_the_garbage_collector():
+    import gc
+
+    from idprior.bench import time_blocks
+
+    seen = []
+    time_blocks({"m": lambda: seen.append(gc.isenabled())}, repeats=3, warmup=1, lead_in_s=0.0)
+    assert seen and not any(seen) and gc.isenabled()
+
+
+def test_noise_guard_statistics_on_synthetic_repeats():
+    """Quiet repeats pass; a wide IQR (own or the reference's) and a min-based speed-up far from the
+    median-based one are each named."""
+    from idprior.bench import NoiseGuard
+
+    guard = NoiseGuard(max_iqr=0.10, max_gap=0.08)
+    quiet = {"dense": [1.00, 1.01, 0.99, 1.02, 1.00], "pruned": [0.50, 0.51, 0.50, 0.49, 0.505]}
+    assert guard.reasons(quiet, "dense") == {"dense": [], "pruned": []}
+    assert guard.badness(quiet, "dense") <= 1.0
+
+    disturbed = {"dense": [1.0, 1.6, 1.0, 1.7, 1.0, 1.6], "pruned": [0.50, 0.51, 0.50, 0.49, 0.505, 0.50]}
+    # dense: quartiles 1.0 and 1.6 around a median of 1.3 (IQR 46%); speed-ups 1.0 / 0.49 and 1.3 / 0.5
+    assert guard.reasons(disturbed, "dense") == {
+        "dense": ["IQR 46% of median"],
+        "pruned": ["reference IQR 46% of median", "speed-up from fastest repeats 2.04x vs 2.60x from medians"]}
+    assert guard.badness(disturbed, "dense") > 1.0
+
+    one_fast_dense = {"dense": [1.0, 1.0, 1.0, 1.0, 0.6], "pruned": [0.5] * 5}  # IQR 0, but min/min = 1.2x vs 2.0x
+    assert guard.reasons(one_fast_dense, "dense") == {
+        "dense": [], "pruned": ["speed-up from fastest repeats 1.20x vs 2.00x from medians"]}
+
+
+class FakeClock:
+    """Seconds that pass only when a fake runner "runs": timings without a real clock."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _fake_runners(clock: FakeClock, slow) -> tuple[dict, dict]:
+    """dense costs 1 s a call (3 s when slow(call number) says so), pruned 0.5 s; counts calls."""
+    calls = {"dense": 0, "pruned": 0}
+
+    def run(name):
+        calls[name] += 1
+        clock.now += (3.0 if slow(calls[name]) else 1.0) if name == "dense" else 0.5
+
+    return {name: (lambda n=name: run(n)) for name in calls}, calls
+
+
+@pytest.mark.parametrize("case", ["quiet", "disturbed-once", "disturbed-always"])
+def test_noise_guard_retimes_and_flags(case):
+    """6 repeats, warm-up 1, blocks of 2 (3 rounds): 1 + 3 x (lead-in + 2) = 10 calls per model in
+    the first timing, 9 in each re-timing. A disturbance in the first timing only is re-timed once
+    and the quiet round is kept; one that persists is re-timed `retime_rounds` times and flagged."""
+    from idprior.bench import NoiseGuard, time_guarded
+
+    clock = FakeClock()
+    slow = {"quiet": lambda i: False, "disturbed-once": lambda i: i <= 10 and i % 2 == 0,
+            "disturbed-always": lambda i: i % 2 == 0}[case]
+    runners, calls = _fake_runners(clock, slow)
+    guard = NoiseGuard(retime_rounds=2)
+    times, rounds = time_guarded(runners, 6, 1, "dense", guard, lead_in_s=0.0, clock=clock)
+    reasons = guard.reasons(times, "dense")
+    expect_rounds = {"quiet": 1, "disturbed-once": 2, "disturbed-always": 3}[case]
+    assert rounds == expect_rounds
+    assert calls == {"dense": 10 + 9 * (rounds - 1), "pruned": 10 + 9 * (rounds - 1)}
+    if case == "disturbed-always":
+        assert reasons["dense"] == ["IQR 100% of median"] and reasons["pruned"][0] == "reference IQR 100% of median"
+    else:
+        assert reasons == {"dense": [], "pruned": []} and times["dense"] == [1.0] * 6
+
+
+def test_benchmark_flags_a_model_that_sleeps_on_every_other_call():
+    """A real model whose forward sleeps 30 ms on every other call is re-timed to the limit and
+    marked NOISY, with the warning under the table (whatever else loads the machine)."""
+    import time
+
+    from idprior.bench import NoiseGuard, benchmark, format_bench_markdown
+
+    dense, pruned = tiny_bert(), pruned_bert()
+    count = {"n": 0}
+
+    def sleepy(module, args, kwargs):
+        count["n"] += 1
+        if count["n"] % 2 == 0:
+            time.sleep(0.03)
+
+    pruned.register_forward_pre_hook(sleepy, with_kwargs=True)
+    guard = NoiseGuard(retime_rounds=2)
+    result = benchmark({"dense": dense, "pruned": pruned}, batch_sizes=(2,), seq_lens=(8,), threads=1, repeats=6,
+                       warmup=1, onnx=False, noise=guard)
+    row = next(r for r in result["rows"] if r["model"] == "pruned")
+    assert row["timing_rounds"] == 3 and any(w.startswith("IQR ") for w in row["noise"])
+    assert len(row["latency_ms_repeats"]) == 6
+    assert result["noise_guard"] == {"max_iqr": 0.10, "max_gap": 0.08, "retime_rounds": 2}
+    md = format_bench_markdown(result)
+    assert "| eager | 2 | 8 | pruned |" in md and "NOISY: IQR" in md
+    assert "timings stayed noisy** (NOISY above) after 3 rounds" in md
+
+
+def test_benchmark_times_eager_first_in_a_clean_state(monkeypatch):
+    """What the eager timing runs in: no ONNX export yet and no ONNX Runtime session, garbage
+    collector paused, the requested thread count (restored after), models folded and in eval and
+    inference mode, even if given in train mode with spectral norm attached."""
+    pytest.importorskip("onnxruntime", reason="the ONNX Runtime leg of the benchmark needs onnxruntime")
+    import gc
+
+    import torch
+    from torch.nn.modules.module import register_module_forward_pre_hook
+
+    from idprior import export
+    from idprior.bench import benchmark
+
+    dense, pruned = tiny_bert(), pruned_bert()
+    spectral.attach(dense, get_adapter(dense))
+    dense.train()
+    made = {"exports": 0, "sessions": 0}
+    real_export, real_session = export.export_onnx, export.ort_session
+
+    def counting_export(*a, **k):
+        made["exports"] += 1
+        return real_export(*a, **k)
+
+    def counting_session(*a, **k):
+        made["sessions"] += 1
+        return real_session(*a, **k)
+
+    monkeypatch.setattr(export, "export_onnx", counting_export)
+    monkeypatch.setattr(export, "ort_session", counting_session)
+    timed = []
+
+    def record(module, args):
+        if (module is dense or module is pruned) and not gc.isenabled():
+            timed.append({"model": "dense" if module is dense else "pruned", "training": module.training,
+                          "sn": any(parametrize.is_parametrized(m) for m in module.modules()),
+                          "inference": torch.is_inference_mode_enabled(), "gc": gc.isenabled(),
+                          "threads": torch.get_num_threads(), **made})
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    handle = register_module_forward_pre_hook(record)
+    try:
+        result = benchmark({"dense": dense, "pruned": pruned}, batch_sizes=(2,), seq_lens=(8,), threads=1, repeats=3,
+                           warmup=1, exporter="legacy")
+        assert torch.get_num_threads() == 2 and gc.isenabled()
+    finally:
+        handle.remove()
+        torch.set_num_threads(threads)
+    eager = [t for t in timed if not t["gc"]]
+    assert {t["model"] for t in eager} == {"dense", "pruned"}
+    assert all(t == {"model": t["model"], "training": False, "sn": False, "inference": True, "gc": False, "threads": 1,
+                     "exports": 0, "sessions": 0} for t in eager)
+    assert made["exports"] == 2 and made["sessions"] >= 2  # ONNX came after, and was timed too
+    assert {r["backend"] for r in result["rows"]} == {"eager", "onnxruntime"}
+
+
 @pytest.mark.parametrize("argv", [
     ["--dense", "d", "--pruned", "runs/a b/pruned", "--out", "o"],
     ["--dense", "d", "--pruned", "a", "--pruned", "b", "--batch-sizes", "2,4", "--seq-lens", "8", "--threads", "3",
-     "--repeats", "2", "--warmup", "0", "--no-onnx", "--exporter", "legacy", "--attention", "eager", "--out", "o"],
+     "--repeats", "2", "--warmup", "0", "--no-onnx", "--exporter", "legacy", "--attention", "eager",
+     "--max-iqr-fraction", "0.123456789", "--max-speedup-gap", "0.2", "--retime-rounds", "0", "--out", "o"],
 ])
 def test_bench_command_line_records_every_option(argv):
     """bench.json's command parses back to the same options, and names every option that has a value
@@ -218,10 +406,46 @@ def test_cli_export_and_bench(tmp_path, capsys):
     assert "max |onnxruntime - pytorch|" in capsys.readouterr().out
 
     rc = main(["bench", "--dense", str(dense_dir), "--pruned", str(tmp_path / "pruned"), "--batch-sizes", "1",
-               "--seq-lens", "8", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-onnx", "--out", str(tmp_path / "b")])
+               "--seq-lens", "8", "--repeats", "1", "--warmup", "0", "--threads", "1", "--no-onnx", "--out", str(tmp_path / "b"),
+               "--max-iqr-fraction", "0.3", "--retime-rounds", "0"])
     assert rc == 0
     result = json.loads((tmp_path / "b" / "bench.json").read_text())
     assert [r["model"] for r in result["rows"]] == ["dense", "pruned"]
+    assert result["noise_guard"] == {"max_iqr": 0.3, "max_gap": 0.08, "retime_rounds": 0}
+    assert "--max-iqr-fraction 0.3 --max-speedup-gap 0.08 --retime-rounds 0" in result["command"]
+    assert main(["bench", "--dense", str(dense_dir), "--pruned", str(tmp_path / "pruned"), "--retime-rounds", "-1",
+                 "--out", str(tmp_path / "c")]) == 2
     assert result["command"].startswith("idprior bench --dense")
     assert (tmp_path / "b" / "bench.md").read_text().startswith("`idprior bench")
     assert main(["export", str(dense_dir / "missing"), "--onnx", str(tmp_path / "x.onnx")]) == 2
+
+
+def test_eager_profile_script_writes_its_table(tmp_path):
+    """benchmarks/eager_profile.py (the batch-1 breakdown for the quiet-machine runs) runs on a tiny
+    dense / pruned pair and writes per-layer and per-op tables; a removed attention shows as fewer ops."""
+    import importlib.util
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "eager_profile.py"
+    spec = importlib.util.spec_from_file_location("eager_profile", script)
+    eager_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(eager_profile)
+
+    dense_dir = make_tiny_bert_folder(tmp_path / "dense")
+    model = BertForSequenceClassification.from_pretrained(str(dense_dir)).eval()
+    apply_plan(model, ["attn:0", "ffn:1"])
+    save_pruned(model, AutoTokenizer.from_pretrained(str(dense_dir)), tmp_path / "pruned")
+    out = tmp_path / "out"
+    assert eager_profile.main(["--dense", str(dense_dir), "--pruned", str(tmp_path / "pruned"), "--seq-len", "8",
+                               "--repeats", "2", "--warmup", "1", "--threads", "1", "--out-dir", str(out)]) == 0
+    result = json.loads((out / "eager_profile.json").read_text())
+    dense, pruned = (result["profiles"][n]["ranges"] for n in ("dense", "pruned"))
+    assert {"layer0", "layer0.attention", "layer1", "layer1.intermediate"} <= set(dense) and set(pruned) == set(dense)
+    assert pruned["layer0.attention"]["aten_ops"] < dense["layer0.attention"]["aten_ops"]
+    assert pruned["layer1"]["aten_ops"] < dense["layer1"]["aten_ops"]
+    assert pruned["layer0"]["mflops"] < dense["layer0"]["mflops"]
+    assert result["profiles"]["dense"]["top_ops"] and set(result["fit"]) == {"fixed_ms_per_layer", "ms_per_gflop", "layers"}
+    md = (out / "eager_profile.md").read_text()
+    assert "| layer0.attention |" in md and "| op | dense | pruned |" in md and "Line fit over 4 layers" in md

@@ -226,6 +226,25 @@ def test_evaluate_flags_are_never_abbreviations():
             parser.parse_args(argv)
 
 
+def test_pair_columns_are_detected_on_the_command_line(models, tmp_path, capsys):
+    """sentence1/sentence2 columns are read as a pair without flags (one stderr line says so); a file
+    with two candidate pairs is one error line naming them and the flags, and a run writes nothing."""
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("\n".join(["sentence1,sentence2,label", *(f"{WORDS[i % 6]} film,{WORDS[(i + 1) % 6]} plot {i},"
+                                                               f"{i % 2}" for i in range(40))]) + "\n")
+    capsys.readouterr()
+    assert main(["evaluate", str(models["good"]), "--data", str(pairs), "--split", "test"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("reading columns 'sentence1' and 'sentence2' as a text pair") == 1, err
+    both = tmp_path / "both.csv"
+    both.write_text("question,sentence,passage,label\n" + "".join(f"q{i},s{i},p{i},{i % 2}\n" for i in range(40)))
+    out = tmp_path / "run"
+    _refused(["prune", "--model", str(models["good"]), "--data", str(both), *FAST, "--out", str(out)], capsys,
+             r"both\.csv has columns of more than one text input \(question \+ sentence, question \+ passage\): "
+             r"say which to read with --text-column question --text-pair-column sentence or")
+    assert not out.exists()
+
+
 def test_evaluate_refusals(models, tmp_path, capsys):
     data = _csv(tmp_path / "d.csv", ["neg", "pos"] * 20)
     good, llama = str(models["good"]), str(models["llama"])

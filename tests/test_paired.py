@@ -114,6 +114,8 @@ def test_paired_grid_shares_one_start_and_keeps_predictions(tiny_folder, tmp_pat
     seed_dir = out / "finetune" / "rt-polarity" / "seed0"
     starts = [p for p in seed_dir.iterdir() if p.name.startswith("start-")]
     assert len(starts) == 1
+    # every fine-tune folder is unlocked once used: another grid process sharing the start can take it
+    assert not [p for p in seed_dir.glob("*/.idprior.lock")]
     start_sha = weights_sha256(starts[0] / "finetuned")
     # the baseline's control and SNIP's prior phase continue from byte-identical weights
     snip, rand = by[("snip", 0.5)], by[("random", 0.5)]
@@ -181,14 +183,13 @@ def test_paired_grid_errors(tiny_folder):
 def test_resume_accepts_a_field_added_later_at_its_default():
     """A grid's fine-tunes outlive code changes: a config field added after a run started, left at
     its default, must not block --resume; a changed value still does."""
-    from idprior.config import comparable, load_config
-    from idprior.preflight import config_differences
+    from idprior.config import config_differences, load_config, resume_key
 
-    now = comparable(load_config(None, ["out=x"]))
+    now = resume_key(load_config(None, ["out=x"]))
     saved = json.loads(json.dumps(now))
     del saved["prune"]["prior_mode"]
     assert config_differences(saved, now) == []
-    changed = comparable(load_config(None, ["out=x", "prune.prior_mode=proximal"]))
+    changed = resume_key(load_config(None, ["out=x", "prune.prior_mode=proximal"]))
     assert config_differences(saved, changed) == ["prune.prior_mode"]
 
 
@@ -248,3 +249,50 @@ def test_rows_from_different_starts_are_not_paired():
     comp = compare(rows, "a", "b", target=0.5, load=lambda rel: preds[rel])
     assert [c.seed for c in comp.cells] == [0] and comp.unpaired == ["t/1"]
     assert comp.summary(n_boot=0)["unpaired"] == 1
+
+
+# The fine-tune folder names of every cell of benchmarks/quality_paired.yaml as the grid's run folders
+# hold them (data.problem_type and the prune fields added later are left out of the digest at their
+# default, so these are the names seeds 0-1 were trained under): run folders are keyed by these digests,
+# so a change to what goes into `finetune_digest` (or to its values) would orphan the sweep's fine-tunes
+# (`existing_equivalent` would still find them, but only by reading every sibling's config).
+QUALITY_PAIRED_CELLS = 348
+QUALITY_PAIRED_SHA256 = "0be53ffba97638ea20d8076f20b3337828480ec1f6bfdc64dae820d3171b2fbd"
+QUALITY_PAIRED_RT0 = {
+    "dense/0": "start-92566183", "snip/0.5": "start-92566183/sn+prior-945f25ee",
+    "snip-no-sn/0.5": "start-92566183/prior-a37543c8", "snip-no-prior/0.5": "start-92566183/sn-4b89dad8",
+    "snip-no-sn-no-prior/0.5": "start-92566183/plain-6818006a", "fisher/0.5": "start-92566183/plain-6818006a",
+    "michel/0.5": "start-92566183/plain-6818006a", "magnitude/0.5": "start-92566183/plain-6818006a",
+    "random/0.5": "start-92566183/plain-6818006a", "snip-prox/0.5": "start-92566183/sn+prior-5aaf2584",
+    "snip-prox-share/0.5": "start-92566183/sn+prior-5aaf2584", "snip-prox-h15/0.5": "start-92566183/sn+prior-76a97c81",
+    "snip-prox-h05/0.5": "start-92566183/sn+prior-e5357700", "snip-prox-no-sn/0.5": "start-92566183/prior-7c384c7f",
+    "snip-prox-g0/0.5": "start-92566183/sn+prior-c5000609", "norm-start/0.5": "start-92566183",
+    "fisher-start/0.5": "start-92566183", "snip/0.3": "start-92566183/sn+prior-945f25ee",
+    "fisher/0.3": "start-92566183/plain-6818006a", "snip/0.7": "start-92566183/sn+prior-945f25ee",
+    "fisher/0.7": "start-92566183/plain-6818006a",
+}
+
+
+def test_quality_paired_yaml_keeps_its_finetune_folders():
+    """Every cell of the committed paired grid maps to the same shared start and continuation folder
+    as before: config renames (prune.recover_epochs, prune.train) must not move a sweep's fine-tunes."""
+    import hashlib
+    from pathlib import Path
+
+    from idprior.quality import MethodSpec, cell_config, cells, continuation_config, start_config
+
+    grid = load_grid(Path(__file__).resolve().parents[1] / "benchmarks" / "quality_paired.yaml")
+    names = {}
+    pinned = {key.split("/")[0] for key in QUALITY_PAIRED_RT0}  # methods added later are not pinned here
+    for seed, task, target, spec in cells(grid):
+        spec = spec or MethodSpec("dense", "snip-no-sn-no-prior")
+        if spec.name not in pinned:
+            continue
+        cfg = cell_config(grid, task, seed, spec, target if spec.name != "dense" else 0.5, out="pending")
+        start = start_config(cfg, out="pending")[1]
+        own = spec.name == "dense" or spec.start == "start"
+        names[f"{task}/{seed}/{spec.name}/{target:g}"] = (
+            start if own else f"{start}/{continuation_config(grid, cfg, Path('x') / start)[1]}")
+    assert {k.split("/", 2)[2]: v for k, v in names.items() if k.startswith("rt-polarity/0/")} == QUALITY_PAIRED_RT0
+    assert len(names) == QUALITY_PAIRED_CELLS
+    assert hashlib.sha256(json.dumps(names, sort_keys=True).encode()).hexdigest() == QUALITY_PAIRED_SHA256

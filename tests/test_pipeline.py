@@ -91,6 +91,61 @@ def test_prune_variants(tiny_folder, tmp_path, extra):
         assert json.loads((out / "plan.json").read_text())["selection"] == "share"
 
 
+def test_bench_stage_times_like_a_fresh_process(tiny_folder, tmp_path):
+    """The bench stage inside `idprior prune` times models in eval and inference mode, without SN,
+    with the garbage collector paused and the thread count the process started with (after the
+    training stages); its table carries the noise guard configured in the bench section."""
+    import gc
+
+    from torch.nn.modules.module import register_module_forward_pre_hook
+    from torch.nn.utils import parametrize
+    from transformers import PreTrainedModel
+
+    out = tmp_path / "run"
+    threads = torch.get_num_threads()
+    timed = []
+
+    def record(module, args):
+        if isinstance(module, PreTrainedModel) and not gc.isenabled():
+            timed.append((module.training, any(parametrize.is_parametrized(m) for m in module.modules()),
+                          torch.is_inference_mode_enabled(), torch.get_num_threads()))
+
+    handle = register_module_forward_pre_hook(record)
+    try:
+        assert main(["prune", "--model", str(tiny_folder), *QUICK[:-1], "--target", "0.3", "--no-onnx", "--out", str(out),
+                     "--set", "bench.batch_sizes=[2]", "--set", "bench.seq_lens=[8]", "--set", "bench.repeats=3",
+                     "--set", "bench.retime_rounds=0", "--set", "bench.max_iqr_fraction=0.5"]) == 0
+    finally:
+        handle.remove()
+    assert timed and set(timed) == {(False, False, True, threads)}
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["noise_guard"] == {"max_iqr": 0.5, "max_gap": 0.08, "retime_rounds": 0}
+    assert all(r["timing_rounds"] == 1 and "noise" in r for r in bench["rows"])
+    assert "| check |" in (out / "report.md").read_text()
+
+
+def test_a_stage_cannot_leak_torch_settings(tmp_path):
+    """A stage that changes torch's thread count or grad mode (training code, a library it calls)
+    leaves them as they were for the next stage."""
+    from idprior.pipeline import Run, run_stages
+
+    def greedy(run):
+        torch.set_num_threads(1 if before != 1 else 2)
+        torch.set_grad_enabled(False)
+        return {}
+
+    before = torch.get_num_threads()
+    run = Run(load_config(None, [f"out={tmp_path / 'run'}"]))
+    try:
+        run_stages(run, ["score"], fns={"score": greedy})
+        assert torch.get_num_threads() == before and torch.is_grad_enabled()
+        assert "score" in json.loads((tmp_path / "run" / "stages.json").read_text())["stages"]
+    finally:
+        run.close()
+        torch.set_num_threads(before)
+        torch.set_grad_enabled(True)
+
+
 def test_distill_loss():
     """Zero when the student matches the teacher, positive otherwise, scaled by T^2 (Hinton et al.:
     soft-target gradients keep their size), and LM tokens outside the attention mask do not count."""
@@ -131,6 +186,69 @@ def test_config_reports_every_problem_at_once():
     assert "prune.target" in text and "train.lr" in text and "prune.kinds" in text
     assert "did you mean train.epochs" in text
     assert "prune.prior_lambda must be float" in text
+    with pytest.raises(ConfigError) as e:
+        load_config("demo", ["bench.max_iqr_fraction=0", "bench.max_speedup_gap=-0.1", "bench.retime_rounds=-1"])
+    assert [q.split(" must")[0] for q in e.value.problems] == [
+        "bench.max_iqr_fraction", "bench.max_speedup_gap", "bench.retime_rounds"]
+
+
+def test_config_modes_are_typed_choices():
+    """A mode outside its Literal choices is one problem naming the choices (the field keeps its default)."""
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["prune.measure=params", "prune.prior_mode=prox", "model.dtype=fp8"])
+    assert sorted(e.value.problems) == [
+        "model.dtype must be one of float32, bfloat16, float16, got 'fp8'",
+        "prune.measure must be one of encoder_params, linear_params, flops, got 'params'",
+        "prune.prior_mode must be one of loss, proximal, got 'prox'"]
+
+
+def test_renamed_fields_keep_their_old_names():
+    """prune.recover_epochs is recover.epochs and prune.train is prune.finetune_first: an old name sets
+    the field (in a preset or an override), a later source wins, one source with both values differing
+    is refused with both names (no more silent winner), all problems at once."""
+    cfg = load_config(None, ["prune.recover_epochs=2", "prune.train=false"])
+    assert (cfg.recover.epochs, cfg.prune.finetune_first) == (2.0, False)
+    assert load_config(None, ["recover.epochs=3", "prune.recover_epochs=3"]).recover.epochs == 3.0
+    assert load_config("demo", ["prune.recover_epochs=0"]).recover.epochs == 0.0  # demo says recover.epochs: 1
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["recover.epochs=3", "prune.recover_epochs=1", "prune.train=true",
+                           "prune.finetune_first=false", "prune.target=2"])
+    text = "\n".join(e.value.problems)
+    assert len(e.value.problems) == 3
+    assert "prune.recover_epochs is the old name of recover.epochs" in text and "keep recover.epochs only" in text
+    assert "prune.train is the old name of prune.finetune_first" in text
+
+
+def test_run_folders_of_earlier_versions_keep_their_meaning(tmp_path):
+    """Before the rename prune.recover_epochs always replaced recover.epochs: a run folder written then
+    resumes (its recorded config is no different) and its config.yaml loads with that meaning."""
+    from idprior.config import dump_config, load_run_config, resume_differences, resume_key
+
+    cfg = load_config(None, ["recover.epochs=0.5", "prune.finetune_first=false"])
+    old = resume_key(cfg)
+    old["prune"] = {**old["prune"], "recover_epochs": 0.5, "train": False}
+    del old["prune"]["finetune_first"]
+    old["recover"] = {**old["recover"], "epochs": 1.0}  # ignored then
+    assert resume_differences(old, cfg) == []
+    assert resume_differences(old, load_config(None, ["recover.epochs=1", "prune.finetune_first=false"])) == [
+        "recover.epochs"]
+    (tmp_path / "config.yaml").write_text(dump_config(cfg).replace("  finetune_first: false", "  train: false")
+                                          .replace("prune:\n", "prune:\n  recover_epochs: 0.5\n")
+                                          .replace("  epochs: 0.5", "  epochs: 1.0"))
+    assert load_run_config(tmp_path) == cfg
+
+
+def test_presets_are_package_data():
+    """The presets live in the package (configs/ links there), so a wheel install has them: read here
+    through importlib.resources, as an installed idprior reads them."""
+    from importlib import resources
+
+    from idprior.config import list_presets
+
+    demo = resources.files("idprior").joinpath("presets", "demo.yaml")
+    assert demo.is_file() and "demo" in list_presets()
+    assert load_config("demo") == load_config(str(demo))
+    assert load_config("demo").recover.epochs == 1.0
 
 
 def test_every_preset_validates(capsys):

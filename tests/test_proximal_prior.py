@@ -205,6 +205,9 @@ class _StopAt:
             raise _Stop
         return self.prior(model, step, total)
 
+    def bind_optimizer(self, opt):
+        self.prior.bind_optimizer(opt)
+
     def state_dict(self):
         return self.prior.state_dict()
 
@@ -345,3 +348,32 @@ def test_freeze_stops_pulling_at_the_target_and_keeps_zeros_pinned():
             assert torch.all(prior.norms[key][was_zero] == 0)  # the identity holds either way
             away = prior.deltas[key][~was_zero]
             assert torch.all(away == 0) if freeze else bool((away > 0).all())
+
+
+def test_adam_metric_spares_units_the_loss_pushes_on():
+    """metric "adam": δ_u is divided by the unit's mean sqrt(v) relative to its kind, so with equal
+    norms (γ = 0) the unit with 4x the gradient second moment gets a smaller threshold."""
+    from types import SimpleNamespace
+
+    model = no_dropout(tiny_bert()).train()
+    prior, adapter, _ = make_prior(model, lam0=0.01, gain=0.0, gamma=0.0, metric="adam")
+    state = {}
+    for layer in range(adapter.num_layers):
+        for mod in (adapter.attn_out_proj(layer), adapter.ffn_out_proj(layer)):
+            state[mod.weight] = {"exp_avg_sq": torch.ones_like(mod.weight)}
+    state[adapter.ffn_out_proj(0).weight]["exp_avg_sq"][:, 5] = 16.0  # neuron 5 of layer 0: sqrt(v) = 4
+    prior.bind_optimizer(SimpleNamespace(state=state))
+    with torch.no_grad():
+        model(**batch())
+    prior(model, 0, 10)
+    d = prior.deltas[("neuron", 0)]
+    others = torch.cat([d[:5], d[6:]])
+    assert torch.allclose(others, others[0].expand_as(others))
+    assert d[5] == pytest.approx(float(others[0]) / 4, rel=1e-6)
+
+
+def test_adam_metric_trains_with_the_optimizer_bound(tmp_path):
+    model, prior, _ = _train(tmp_path, n=40, epochs=1, metric="adam")
+    assert prior.opt is not None and prior.norms
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["prior_identity_frac"] > 0

@@ -54,7 +54,7 @@ def test_grid_runs_resumes_and_shares_finetunes(tiny_folder, tmp_path):
     for r in cells:
         assert r["compression"]["encoder_params"]["removed_fraction"] >= r["target"] - 1e-9
         assert {"finetune", "select", "surgery", "recover", "evaluate"} <= set(r["wall_s"])
-        assert r["config"]["prune"]["train"] is False and r["config"]["prune"]["target"] == r["target"]
+        assert r["config"]["prune"]["finetune_first"] is False and r["config"]["prune"]["target"] == r["target"]
     assert {r["variant"] for r in rows} == {"plain", "sn+prior"}
     # one fine-tune per variant, shared by every target (and the dense row)
     ft = sorted(p.name.split("-")[0] for p in (out / "finetune" / "rt-polarity" / "seed0").iterdir())

@@ -6,6 +6,7 @@ output is its output there; earlier layers reach position 0 through attention fr
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from idprior.arch import get_adapter
@@ -70,3 +71,64 @@ def test_proximal_prior_last_layer_shrinks_by_the_cls_norm():
     prior(model, 0, 10)
     for key, n0 in before.items():
         assert torch.allclose(prior.norms[key].cpu(), (n0 - prior.deltas[key].cpu()).clamp(min=0), rtol=1e-4, atol=1e-7), key
+
+
+def test_after_ln_norms_follow_the_layernorm_gain_and_leave_raw_norms_alone():
+    """`after_ln`: tripling one LayerNorm's gain triples the norms of the branch it follows (the next
+    layer sees them 3x larger) and leaves the earlier ones alone; raw norms ignore the gain."""
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    b = batch()
+    raw = score(model, [b], adapter=adapter)
+    before = score(model, [b], adapter=adapter, after_ln=True)
+    with torch.no_grad():
+        adapter.branch_out_norm(1, "ffn").weight.mul_(3.0)
+    raw_after = score(model, [b], adapter=adapter)
+    assert all(raw_after[u] == v for u, v in raw.items() if u.layer <= 1)  # raw norms ignore the gain
+    after = score(model, [b], adapter=adapter, after_ln=True)
+    for u, v in before.items():
+        if u.layer == 1 and u.kind in ("neuron", "ffn"):
+            assert after[u] == pytest.approx(3 * v, rel=1e-5), u
+        elif u.layer <= 1:
+            assert after[u] == pytest.approx(v, rel=1e-6), u  # layers up to 1 see the same inputs
+    assert before != raw
+
+
+def test_after_ln_neuron_norm_matches_an_explicit_computation():
+    """‖f_j‖ after LN = ‖γ ⊙ C W2[:, j]‖ · sqrt(mean_t a_jt²) · sqrt(mean_t 1/σ_t²), σ_t the LN input std."""
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    b = batch()
+    seen, handles = capture_inputs(model, adapter)
+    ln = adapter.branch_out_norm(0, "ffn")
+    ln_in = {}
+    handles.append(ln.register_forward_pre_hook(lambda m, a: ln_in.__setitem__("x", a[0].detach())))
+    scores = score(model, [b], adapter=adapter, kinds=("neuron",), after_ln=True)
+    for h in handles:
+        h.remove()
+    m = b["attention_mask"].bool()
+    a = seen[("neuron", 0)][m]  # [N, F]
+    w = adapter.out_weight(adapter.ffn_out_proj(0)).detach()
+    w_eff = ln.weight.detach()[:, None] * (w - w.mean(0, keepdim=True))
+    inv = 1 / (ln_in["x"][m].var(-1, unbiased=False) + ln.eps)
+    expected = w_eff.norm(dim=0) * a.pow(2).mean(0).sqrt() * inv.mean().sqrt()
+    got = torch.tensor([scores[Unit("neuron", 0, j)] for j in range(w.shape[1])])
+    assert torch.allclose(got, expected, rtol=1e-4)
+
+
+def test_proximal_prior_after_ln_uses_the_scoring_norm():
+    """The prior's first step measures exactly what `score(after_ln=True)` measures on that batch, and
+    soft-thresholds it: norm after = max(0, norm before − δ)."""
+    model = no_dropout(tiny_bert())
+    b = batch()
+    expected = score(model, [b], kinds=("head", "neuron"), after_ln=True)
+    prior, adapter, _ = make_prior(model.train(), lam0=0.05, gain=0.0, after_ln=True)
+    with torch.no_grad():
+        model(**b)
+    prior(model, 0, 10)
+    checked = 0
+    for (kind, layer), n in prior.norms.items():
+        before = torch.tensor([expected[Unit(kind, layer, i)] for i in range(n.numel())], dtype=torch.float64)
+        assert torch.allclose(n.cpu(), (before - prior.deltas[(kind, layer)].cpu()).clamp(min=0), rtol=1e-4, atol=1e-6)
+        checked += n.numel()
+    assert checked > 0

@@ -1,9 +1,15 @@
 """Typed configuration: dataclasses, YAML presets, dotted overrides, validation of every field at once.
 
 A run is described by one `RunConfig`. It is built from (lowest to highest priority) the
-dataclass defaults, a YAML preset (`configs/*.yaml` or any path), and dotted overrides such as
-`train.lr=3e-5` (what the CLI flags turn into). `validate()` reports every bad field in one
-`ConfigError` so a user fixes a config in one go, before any work starts.
+dataclass defaults, a YAML preset (a name of the presets shipped in the package, `idprior/presets/`,
+which `configs/` links to, or any YAML path), and dotted overrides such as `train.lr=3e-5` (what the
+CLI flags turn into). `validate()` reports every bad field in one `ConfigError` so a user fixes a
+config in one go, before any work starts.
+
+Renamed fields keep their old names as aliases (`ALIASES`): an old name in a preset or an override
+sets the new field; a source (one YAML file, or the overrides) that gives both names with different
+values is refused, naming both. Run folders written before a rename are read with the rule that held
+then (`upgrade_saved`): there `prune.recover_epochs` always replaced `recover.epochs`.
 """
 
 from __future__ import annotations
@@ -12,27 +18,45 @@ import dataclasses
 import difflib
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
+from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from .errors import ConfigError, IdpriorError
 from .units import KINDS
 
-MEASURES = ("encoder_params", "linear_params", "flops")
-SELECTIONS = ("auto", "norm", "norm-per-cost", "energy-per-cost", "share", "relative", "prior")
-PRIOR_MODES = ("loss", "proximal")
-PRIOR_WEIGHTS = ("uniform", "cost")
-DTYPES = ("float32", "bfloat16", "float16")
+if typing.TYPE_CHECKING:
+    from importlib.abc import Traversable
+
+Measure = Literal["encoder_params", "linear_params", "flops"]
+Selection = Literal["auto", "norm", "norm-per-cost", "energy-per-cost", "share", "relative", "prior"]
+PriorMode = Literal["loss", "proximal"]
+PriorWeight = Literal["uniform", "cost"]
+ScoreMode = Literal["absolute", "relative", "residual"]
+Compensation = Literal["auto", "none", "bias", "lsq"]
+DType = Literal["float32", "bfloat16", "float16"]
+ProblemType = Literal["classification", "regression"]
+MEASURES = typing.get_args(Measure)
+SELECTIONS = typing.get_args(Selection)
+PRIOR_MODES = typing.get_args(PriorMode)
+PRIOR_WEIGHTS = typing.get_args(PriorWeight)
+DTYPES = typing.get_args(DType)
+COMPENSATIONS = typing.get_args(Compensation)
+SCORES = typing.get_args(ScoreMode)
+
+# old dotted name -> current one (see the module docstring)
+ALIASES = {"prune.recover_epochs": "recover.epochs", "prune.train": "prune.finetune_first"}
 
 
 @dataclass
 class ModelConfig:
     name: str = "minilm-l6"  # alias, local HF folder, or local .gguf file
-    dtype: str = "float32"
+    dtype: DType = "float32"
     per_query_head: bool = False  # GQA: prune query-head slots uniformly instead of KV groups
     trust_remote_code: bool = False
 
@@ -51,7 +75,11 @@ class DataConfig:
     max_eval: int | None = None
     max_validation: int | None = None  # validation only (default: max_eval); test keeps max_eval
     max_length: int = 128  # tokens per example (classification) / block size (LM)
-    problem_type: str | None = None  # task "custom": "classification" or "regression"; None infers it
+    problem_type: ProblemType | None = None  # task "custom": "classification" or "regression"; None infers it
+    # LM tasks: also classify this task's test split zero-shot by label-word likelihood (zeroshot.py),
+    # dense vs pruned, e.g. "rt-polarity"; max_zero_shot caps the examples (a fixed subset).
+    zero_shot: str | None = None
+    max_zero_shot: int | None = None
 
 
 @dataclass
@@ -71,43 +99,56 @@ class TrainConfig:
 class PruneConfig:
     method: str = "snip"
     target: float = 0.5  # fraction of `measure` to remove
-    measure: str = "encoder_params"
+    measure: Measure = "encoder_params"
     flops_seq_len: int = 128
     tau: float | None = None  # raw function-norm threshold instead of a target
     kinds: str = "head,neuron"
     # "auto": the model family's default (its adapter's `default_selection`): for encoders
     # "share" with head_share 0.3, picked on validation (benchmarks/results/tuning.md); for
     # decoders "norm" (benchmarks/results/smollm2_selection.md).
-    selection: str = "auto"
+    selection: Selection = "auto"
     head_share: float | None = None  # selection "share": fraction of the budget taken from heads
-    score: str = "absolute"  # "relative": divide by the branch input norm
+    # "relative": divide by the RMS of the layer input; "residual": by the RMS of the residual stream each
+    # branch writes into (pre-LN decoders: the FFN's is the layer input plus the attention output)
+    score: ScoreMode = "absolute"
     # "readout": last-layer function norms over the positions the model's head reads ([CLS] for a
     # BERT classifier), in scoring and in the proximal prior; "all": every real token
     norm_positions: str = "all"
+    # True: post-LN branches measured after the LayerNorm they join (diag(γ) C W, scaled by the LN's
+    # mean 1/σ), so layers are compared on the scale the next layer sees; scoring and proximal prior
+    norm_after_ln: bool = False
     calib_size: int = 512
     sn: bool = True
     sn_bound: str = "init"  # "init" (each matrix's own sigma at load) or a float
     prior: bool = True
     prior_lambda: float = 0.1  # also the tuned value (λ in {0, 0.03, 0.1, 0.3}, tuning.md)
-    prior_weight: str = "uniform"
+    prior_weight: PriorWeight = "uniform"
     prior_warmup: float = 0.1  # fraction of steps over which lambda ramps up linearly
     # "loss": λ Σ c_u ‖f_u‖ added to the task loss (prior_lambda, prior_weight, prior_warmup; measured
     # inert under Adam). "proximal": a soft-threshold of each unit's function norm after every
     # optimizer step, its strength λ driven so that the target fraction of `measure` reaches the
     # identity on a cubic schedule (proximal.py; prior_lambda/weight/warmup are not used).
-    prior_mode: str = "loss"
+    prior_mode: PriorMode = "loss"
     prior_lambda0: float = 0.01  # proximal: starting λ (unitless: 0.01 = 1% of a mean unit norm per step)
     prior_gamma: float = 1.0  # proximal: reweighting exponent (1: small units pulled harder; 0: plain)
     prior_ramp: float = 0.75  # proximal: fraction of the fine-tune over which the schedule reaches the target
     prior_gain: float = 0.5  # proximal: controller gain κ (0 keeps λ at prior_lambda0)
     prior_head_share: float | None = None  # proximal: share of the target taken by heads (None: free)
     prior_freeze: bool = False  # proximal: stop pulling once the target sits at the identity (no overshoot)
-    train: bool = True  # False: post-training mode (score and prune an already fine-tuned model)
+    prior_metric: str = "euclid"  # proximal: "adam" takes the step in Adam's metric (see proximal.py)
+    finetune_first: bool = True  # fine-tune with SN + prior first; False: post-training mode (old name: prune.train)
     iterative: int = 1
-    recover_epochs: float = 1.0
     distill: bool = False
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
+    # After surgery, from calibration activations of the unpruned model (compensate.py): "bias" adds the
+    # removed channels' mean output to the output projection's bias (FLAP), "lsq" re-fits the kept
+    # columns by ridge regression; "auto" is the method's own (bias for flap and wanda-sp, else none).
+    compensate: Compensation = "auto"
+    compensate_ridge: float = 0.01  # lsq: ridge toward the old weights, relative to the mean E[x_j^2]
+    min_keep: float = 0.0  # fraction of each layer's head units and of its neurons that always stays
+    protect_first: int = 0  # the first N layers are never pruned
+    protect_last: int = 0  # the last N layers are never pruned
 
 
 @dataclass
@@ -119,6 +160,11 @@ class BenchConfig:
     warmup: int = 2
     onnx: bool = True
     threads: int | None = None
+    # noise guard (bench.NoiseGuard): a shape whose repeats are too spread is timed again, up to
+    # retime_rounds more rounds, and marked NOISY in bench.md / report.md if it stays so
+    max_iqr_fraction: float = 0.10  # a model's IQR / median above this is too spread
+    max_speedup_gap: float = 0.08  # |speed-up from the fastest repeats / from the medians - 1| above this too
+    retime_rounds: int = 2
 
 
 @dataclass
@@ -126,7 +172,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    recover: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0))
+    recover: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0))  # after surgery (epochs: old name prune.recover_epochs)
     prune: PruneConfig = field(default_factory=PruneConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
@@ -138,26 +184,23 @@ class RunConfig:
 
 # ---- building -----------------------------------------------------------------------------------
 
-def presets_dir() -> Path:
-    """`configs/` of a source checkout, else the copy shipped inside the package."""
-    here = Path(__file__).resolve()
-    for cand in (here.parents[2] / "configs", here.parent / "presets"):
-        if cand.is_dir():
-            return cand
-    return here.parents[2] / "configs"
+def presets_dir() -> Traversable:
+    """The presets shipped as package data (`configs/` of a source checkout links here), so an
+    installed idprior has them too."""
+    return resources.files("idprior").joinpath("presets")
 
 
 def list_presets() -> list[str]:
-    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+    return sorted(p.name[: -len(".yaml")] for p in presets_dir().iterdir() if p.name.endswith(".yaml"))
 
 
-def resolve_preset(name_or_path: str) -> Path:
+def resolve_preset(name_or_path: str) -> Path | Traversable:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:
         if not p.is_file():
             raise IdpriorError(f"config file {name_or_path} not found; give a YAML path or one of: {', '.join(list_presets())}")
         return p
-    cand = presets_dir() / f"{name_or_path}.yaml"
+    cand = presets_dir().joinpath(f"{name_or_path}.yaml")
     if not cand.is_file():
         close = difflib.get_close_matches(name_or_path, list_presets(), n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
@@ -168,29 +211,99 @@ def resolve_preset(name_or_path: str) -> Path:
 def load_config(preset: str | None = None, overrides: list[str] | dict | None = None) -> RunConfig:
     """Defaults <- preset YAML <- overrides; raises ConfigError listing every bad field."""
     raw: dict = {}
+    problems: list[str] = []
     if preset:
         path = resolve_preset(preset)
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise IdpriorError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
-        if not isinstance(raw, dict):
-            raise IdpriorError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
-    problems: list[str] = []
+        raw = _read_yaml(path)
+        problems += _apply_aliases(raw, str(path))
     if isinstance(overrides, dict):
         overrides = [f"{k}={v}" for k, v in overrides.items()]
+    given: dict = {}
     for item in overrides or []:
         if "=" not in item:
             problems.append(f"override {item!r}: write key=value, e.g. train.lr=3e-5")
             continue
         key, value = item.split("=", 1)
-        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        _set_dotted(given, key.strip(), yaml.safe_load(value) if value.strip() else None)
+    problems += _apply_aliases(given, "the overrides")
+    _merge_raw(raw, given)
+    return _build(raw, problems)
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    """The config of a run folder (the folder or its config.yaml), written by any idprior version:
+    old names are read with the rule that held when they were written (`upgrade_saved`)."""
+    path = Path(path)
+    return _build(upgrade_saved(_read_yaml(path / "config.yaml" if path.is_dir() else path)), [])
+
+
+def _build(raw: dict, problems: list[str]) -> RunConfig:
     cfg = RunConfig()
     _merge(cfg, raw, "", problems)
     problems += validate(cfg, raise_=False)
     if problems:
         raise ConfigError(problems)
     return cfg
+
+
+def _read_yaml(path) -> dict:
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise IdpriorError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise IdpriorError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
+    return raw
+
+
+def _get_dotted(raw: dict, key: str) -> tuple[bool, Any]:
+    node: Any = raw
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False, None
+        node = node[part]
+    return True, node
+
+
+def _apply_aliases(raw: dict, source: str) -> list[str]:
+    """Move old names in one source onto the current ones; both given with different values is a problem."""
+    problems = []
+    for old, new in ALIASES.items():
+        has_old, value = _get_dotted(raw, old)
+        if not has_old:
+            continue
+        section, name = old.rsplit(".", 1)
+        raw[section].pop(name)
+        has_new, current = _get_dotted(raw, new)
+        if has_new and current != value:
+            problems.append(f"{old} is the old name of {new}; {source} gives both ({old}={value!r}, "
+                            f"{new}={current!r}): keep {new} only")
+        else:
+            _set_dotted(raw, new, value)
+    return problems
+
+
+def upgrade_saved(saved: dict) -> dict:
+    """A config dict recorded by an earlier idprior (stages.json, config.yaml) in current names, with
+    the meaning it had then: `prune.recover_epochs` replaced `recover.epochs`, `prune.train` is
+    `prune.finetune_first`. A copy; a current dict comes back unchanged."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    prune = out.get("prune")
+    if isinstance(prune, dict):
+        if "recover_epochs" in prune:
+            out["recover"] = {**(out.get("recover") or {}), "epochs": prune.pop("recover_epochs")}
+        if "train" in prune:
+            prune["finetune_first"] = prune.pop("train")
+    return out
+
+
+def _merge_raw(base: dict, top: dict) -> None:
+    """`top` over `base`, section by section."""
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge_raw(base[key], value)
+        else:
+            base[key] = value
 
 
 def _set_dotted(raw: dict, key: str, value: Any) -> None:
@@ -227,58 +340,67 @@ def _merge(obj: Any, raw: dict, prefix: str, problems: list[str]) -> None:
             problems.append(f"{dotted} must be {_type_name(hints[key])}, got {value!r}")
 
 
+_FAIL = (False, None)
+
+
 def _coerce(value: Any, tp: Any) -> tuple[bool, Any]:
+    """(ok, value converted to the field type `tp`): YAML scalars as users write them, nothing lossy."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin is Literal:  # a string here; `validate` checks the choice (one message per field, CLI names too)
+        return (True, value) if isinstance(value, str) else _FAIL
+    if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return True, None
-        for a in args:
-            if a is type(None):
-                continue
-            ok, v = _coerce(value, a)
-            if ok:
-                return True, v
-        return False, None
+        return next((r for a in args if a is not type(None) and (r := _coerce(value, a))[0]), _FAIL)
     if origin is list:
-        if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-            value = [value]
-        if not isinstance(value, list):
-            return False, None
-        out = []
-        for v in value:
-            ok, c = _coerce(v, args[0])
-            if not ok:
-                return False, None
-            out.append(c)
-        return True, out
-    if tp is bool:
-        return (True, value) if isinstance(value, bool) else (False, None)
-    if tp is int:
-        if isinstance(value, bool):
-            return False, None
-        if isinstance(value, int):
-            return True, value
-        if isinstance(value, float) and value.is_integer():
-            return True, int(value)
-        return False, None
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
-            try:
-                return True, float(value)
-            except ValueError:
-                return False, None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return False, None
-        return True, float(value)
-    if tp is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return True, str(value)
-        return False, None
-    return True, value
+        return _coerce_list(value, args[0])
+    scalar = _SCALARS.get(tp)
+    return scalar(value) if scalar is not None else (True, value)
+
+
+def _coerce_list(value: Any, item: Any) -> tuple[bool, Any]:
+    """A list of `item`; a lone scalar is a list of one."""
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list):
+        return _FAIL
+    converted = [_coerce(v, item) for v in value]
+    return (True, [c for _, c in converted]) if all(ok for ok, _ in converted) else _FAIL
+
+
+def _to_int(value: Any) -> tuple[bool, Any]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return True, value
+    if isinstance(value, float) and value.is_integer():
+        return True, int(value)
+    return _FAIL
+
+
+def _to_float(value: Any) -> tuple[bool, Any]:
+    if isinstance(value, str):  # YAML 1.1 reads "3e-5" (no dot) as a string
+        try:
+            return True, float(value)
+        except ValueError:
+            return _FAIL
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return _FAIL
+    return True, float(value)
+
+
+def _to_str(value: Any) -> tuple[bool, Any]:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return True, str(value)
+    return _FAIL
+
+
+_SCALARS = {bool: lambda v: (True, v) if isinstance(v, bool) else _FAIL, int: _to_int, float: _to_float,
+            str: _to_str}
 
 
 def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(typing.get_args(tp))
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     if args:
         return " or ".join(_type_name(a) for a in args) + (" or null" if type(None) in typing.get_args(tp) else "")
@@ -287,15 +409,8 @@ def _type_name(tp: Any) -> str:
 
 # ---- validation ---------------------------------------------------------------------------------
 
-def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
-    """Check ranges and choices of every field; return (or raise) one line per problem."""
-    p: list[str] = []
-
-    def need(cond: bool, msg: str) -> None:
-        if not cond:
-            p.append(msg)
-
-    need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
+def _validate_training(cfg: RunConfig, need) -> None:
+    """train: and recover: sections."""
     for sec in ("train", "recover"):
         t: TrainConfig = getattr(cfg, sec)
         need(t.epochs >= 0 and math.isfinite(t.epochs), f"{sec}.epochs must be >= 0, got {t.epochs}")
@@ -306,7 +421,10 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
         need(0 <= t.warmup_ratio < 1, f"{sec}.warmup_ratio must be in [0, 1), got {t.warmup_ratio}")
         need(t.max_grad_norm >= 0, f"{sec}.max_grad_norm must be >= 0 (0 disables clipping), got {t.max_grad_norm}")
         need(t.checkpoint_every >= 0, f"{sec}.checkpoint_every must be >= 0, got {t.checkpoint_every}")
-    d = cfg.data
+
+
+def _validate_data(d: DataConfig, need) -> None:
+    """data: section (zero-shot fields included)."""
     need(d.max_length >= 8, f"data.max_length must be >= 8, got {d.max_length}")
     need(d.max_train is None or d.max_train >= 1, f"data.max_train must be >= 1, got {d.max_train}")
     need(d.max_eval is None or d.max_eval >= 1, f"data.max_eval must be >= 1, got {d.max_eval}")
@@ -314,9 +432,17 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     if d.task == "custom":  # the columns default to "text" and "label"
         need(d.train_file is not None, "task 'custom' needs a training file: pass --data FILE (CSV/TSV/JSONL; "
              "data.train_file in a config)")
-    need(d.problem_type in (None, "classification", "regression"),
+    need(d.problem_type is None or d.problem_type in typing.get_args(ProblemType),
          f"--problem-type (data.problem_type) must be classification or regression, got {d.problem_type!r}")
-    pr = cfg.prune
+    from .zeroshot import SPECS  # no torch at import
+
+    need(d.zero_shot is None or d.zero_shot in SPECS,
+         f"data.zero_shot must be one of {', '.join(SPECS)} (or null), got {d.zero_shot!r}")
+    need(d.max_zero_shot is None or d.max_zero_shot >= 1, f"data.max_zero_shot must be >= 1, got {d.max_zero_shot}")
+
+
+def _validate_prune(pr: PruneConfig, need) -> None:
+    """prune: section."""
     need(0 < pr.target < 1, f"prune.target must be in (0, 1) (a fraction to remove), got {pr.target}")
     need(pr.measure in MEASURES, f"prune.measure must be one of {', '.join(MEASURES)}, got {pr.measure!r}")
     need(pr.flops_seq_len >= 1, f"prune.flops_seq_len must be >= 1, got {pr.flops_seq_len}")
@@ -326,14 +452,14 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(pr.selection in SELECTIONS, f"prune.selection must be one of {', '.join(SELECTIONS)}, got {pr.selection!r}")
     need(pr.head_share is None or 0 <= pr.head_share <= 1, f"prune.head_share must be in [0, 1], got {pr.head_share}")
     need(pr.selection != "share" or pr.head_share is not None, "prune.selection 'share' needs prune.head_share (e.g. 0.3)")
-    need(pr.score in ("absolute", "relative"), f"prune.score must be 'absolute' or 'relative', got {pr.score!r}")
+    need(pr.score in SCORES, f"prune.score must be one of {', '.join(SCORES)}, got {pr.score!r}")
     need(pr.norm_positions in ("all", "readout"), f"prune.norm_positions must be 'all' or 'readout', got {pr.norm_positions!r}")
     need(pr.calib_size >= 1, f"prune.calib_size must be >= 1, got {pr.calib_size}")
     if pr.sn_bound != "init":
         try:
             need(float(pr.sn_bound) > 0, f"prune.sn_bound must be 'init' or a positive number, got {pr.sn_bound!r}")
         except ValueError:
-            p.append(f"prune.sn_bound must be 'init' or a positive number, got {pr.sn_bound!r}")
+            need(False, f"prune.sn_bound must be 'init' or a positive number, got {pr.sn_bound!r}")
     need(pr.prior_lambda >= 0 and math.isfinite(pr.prior_lambda), f"prune.prior_lambda must be >= 0, got {pr.prior_lambda}")
     need(pr.prior_weight in PRIOR_WEIGHTS, f"prune.prior_weight must be one of {', '.join(PRIOR_WEIGHTS)}, got {pr.prior_weight!r}")
     need(0 <= pr.prior_warmup <= 1, f"prune.prior_warmup must be in [0, 1], got {pr.prior_warmup}")
@@ -341,31 +467,94 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     need(0 < pr.prior_lambda0 <= 1, f"prune.prior_lambda0 must be in (0, 1], got {pr.prior_lambda0}")
     need(0 <= pr.prior_gamma <= 4, f"prune.prior_gamma must be in [0, 4], got {pr.prior_gamma}")
     need(0 < pr.prior_ramp <= 1, f"prune.prior_ramp must be in (0, 1], got {pr.prior_ramp}")
+    need(pr.prior_metric in ("euclid", "adam"), f"prune.prior_metric must be 'euclid' or 'adam', got {pr.prior_metric!r}")
     need(0 <= pr.prior_gain <= 10, f"prune.prior_gain must be in [0, 10], got {pr.prior_gain}")
     need(pr.prior_head_share is None or 0 <= pr.prior_head_share <= 1,
          f"prune.prior_head_share must be in [0, 1], got {pr.prior_head_share}")
     need(pr.iterative >= 1, f"prune.iterative must be >= 1, got {pr.iterative}")
-    need(pr.recover_epochs >= 0, f"prune.recover_epochs must be >= 0, got {pr.recover_epochs}")
     need(0 <= pr.distill_alpha <= 1, f"prune.distill_alpha must be in [0, 1], got {pr.distill_alpha}")
     need(pr.distill_temperature > 0, f"prune.distill_temperature must be > 0, got {pr.distill_temperature}")
-    b = cfg.bench
-    need(all(x >= 1 for x in b.batch_sizes) and bool(b.batch_sizes), f"bench.batch_sizes must be positive integers, got {b.batch_sizes}")
-    need(all(x >= 1 for x in b.seq_lens) and bool(b.seq_lens), f"bench.seq_lens must be positive integers, got {b.seq_lens}")
-    need(b.repeats >= 1, f"bench.repeats must be >= 1, got {b.repeats}")
-    need(b.warmup >= 0, f"bench.warmup must be >= 0, got {b.warmup}")
-    need(b.threads is None or b.threads >= 1, f"bench.threads must be >= 1, got {b.threads}")
+    need(pr.compensate in COMPENSATIONS, f"prune.compensate must be one of {', '.join(COMPENSATIONS)}, got {pr.compensate!r}")
+    need(pr.compensate_ridge > 0 and math.isfinite(pr.compensate_ridge),
+         f"prune.compensate_ridge must be > 0, got {pr.compensate_ridge}")
+    need(0 <= pr.min_keep < 1, f"prune.min_keep must be in [0, 1), got {pr.min_keep}")
+    need(pr.protect_first >= 0, f"prune.protect_first must be >= 0, got {pr.protect_first}")
+    need(pr.protect_last >= 0, f"prune.protect_last must be >= 0, got {pr.protect_last}")
+
+
+def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
+    """Check ranges and choices of every field; return (or raise) one line per problem, all at once."""
+    p: list[str] = []
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            p.append(msg)
+
+    need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
+    _validate_training(cfg, need)
+    _validate_data(cfg.data, need)
+    _validate_prune(cfg.prune, need)
+    p += _bench_problems(cfg.bench)
     need(bool(cfg.out), "out must be a folder path")
     if p and raise_:
         raise ConfigError(p)
     return p
 
 
+def _bench_problems(b: BenchConfig) -> list[str]:
+    """The bench section's part of `validate` (kept apart so that validate stays short)."""
+    checks = [
+        (all(x >= 1 for x in b.batch_sizes) and bool(b.batch_sizes), f"bench.batch_sizes must be positive integers, got {b.batch_sizes}"),
+        (all(x >= 1 for x in b.seq_lens) and bool(b.seq_lens), f"bench.seq_lens must be positive integers, got {b.seq_lens}"),
+        (b.repeats >= 1, f"bench.repeats must be >= 1, got {b.repeats}"),
+        (b.warmup >= 0, f"bench.warmup must be >= 0, got {b.warmup}"),
+        (b.threads is None or b.threads >= 1, f"bench.threads must be >= 1, got {b.threads}"),
+        (b.max_iqr_fraction > 0, f"bench.max_iqr_fraction must be > 0, got {b.max_iqr_fraction}"),
+        (b.max_speedup_gap > 0, f"bench.max_speedup_gap must be > 0, got {b.max_speedup_gap}"),
+        (b.retime_rounds >= 0, f"bench.retime_rounds must be >= 0, got {b.retime_rounds}"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
+def prior_active(p: PruneConfig) -> bool:
+    """Whether a fine-tune with these prune settings applies an identity prior: the proximal one, or
+    the loss term with a positive λ."""
+    return bool(p.prior and (p.prior_mode == "proximal" or p.prior_lambda > 0))
+
+
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
 
-def comparable(cfg: RunConfig) -> dict:
-    """The config as a run folder records it for `--resume` to compare: benchmark settings may change."""
+def resume_key(cfg: RunConfig) -> dict:
+    """The config as a run folder records it (stages.json) for `--resume` to compare: everything
+    but the benchmark settings, which may change between a run and its resumption."""
     d = cfg.to_dict()
     d.pop("bench", None)
     return d
+
+
+def config_differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
+    """Dotted keys whose values differ (`out` may change: a run folder can be moved). A key the saved
+    config lacks is no difference while it holds its default: a field added to idprior after the run
+    started, left at its default, does not change what the run computes."""
+    if defaults is None and prefix == "":
+        defaults = RunConfig().to_dict()
+    defaults = defaults or {}
+    keys = [k for k in dict.fromkeys([*saved, *now]) if not (prefix == "" and k in ("out", "bench"))]
+    out = []
+    for k in keys:
+        a, b = saved.get(k), now.get(k)
+        if k not in saved and k in defaults and b == defaults[k]:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += config_differences(a, b, f"{prefix}{k}.", defaults.get(k) if isinstance(defaults.get(k), dict) else {})
+        elif a != b:
+            out.append(f"{prefix}{k}")
+    return out
+
+
+def resume_differences(saved: dict, cfg: RunConfig) -> list[str]:
+    """What `cfg` changes against the resume key a run folder was started with, by any idprior version
+    (`--resume` refuses a run folder when this is not empty)."""
+    return config_differences(upgrade_saved(saved), resume_key(cfg))

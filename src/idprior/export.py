@@ -71,14 +71,14 @@ def input_names(model: nn.Module, tokenizer=None) -> list[str]:
     return names + (["token_type_ids"] if wants_types else [])
 
 
-class _LogitsOnly(nn.Module):
+class LogitsOnly(nn.Module):
     """Positional inputs -> logits tensor: the exporters need a plain tensor signature."""
 
     def __init__(self, model: nn.Module, names: list[str]):
         super().__init__()
         self.model = model
         self.names = names
-        self.is_decoder = _is_decoder(model)
+        self.is_decoder = is_decoder_model(model)
 
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         kwargs = dict(zip(self.names, inputs))
@@ -87,7 +87,7 @@ class _LogitsOnly(nn.Module):
         return self.model(**kwargs).logits
 
 
-def _is_decoder(model: nn.Module) -> bool:
+def is_decoder_model(model: nn.Module) -> bool:
     config = model.config
     return bool(getattr(config, "is_decoder", False)) or config.model_type in ("gpt2", "llama", "qwen2", "mistral")
 
@@ -102,7 +102,7 @@ def example_inputs(model: nn.Module, names: list[str], batch: int, seq_len: int,
     mask = torch.ones_like(ids)
     if pad and seq_len > 1:
         keep = max(1, seq_len // 2)
-        if _is_decoder(model):
+        if is_decoder_model(model):
             mask[0, : seq_len - keep] = 0
         else:
             mask[0, keep:] = 0
@@ -177,7 +177,7 @@ def attention_mode(model: nn.Module, exporter: str, opset: int | None, attention
         raise IdpriorError(f"attention='fused' needs the dynamo exporter and opset >= {FUSED_ATTENTION_OPSET} "
                            f"(got exporter={exporter!r}, opset={opset}); use {fix}, or attention='eager' (--attention eager)")
     if attention == "auto":
-        attention = "native" if _is_decoder(model) else ("fused" if fused_ok else "eager")
+        attention = "native" if is_decoder_model(model) else ("fused" if fused_ok else "eager")
     if attention == "fused":
         return attention, opset or FUSED_ATTENTION_OPSET
     return attention, opset
@@ -209,7 +209,7 @@ def export_onnx(model: nn.Module, tokenizer, out_path: str | os.PathLike, *, ops
                            "2 GiB (protobuf), so export a smaller or further pruned model")
     names = input_names(model, tokenizer)
     inputs = example_inputs(model, names, batch=2, seq_len=seq_len)
-    wrapper = _LogitsOnly(model, names).eval()
+    wrapper = LogitsOnly(model, names).eval()
     with _eval_mode(model), _attention_impl(model, attention), torch.inference_mode(False), torch.no_grad(), _quiet(), \
             io.atomic_path(out_path) as tmp:
         try:
@@ -270,7 +270,7 @@ def export_onnx_dir(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, 
             quantize_int8(tmp / ONNX_FILE, tmp / QUANTIZED_FILE)
         model.config.save_pretrained(tmp)
         generation = getattr(model, "generation_config", None)
-        if _is_decoder(model) and generation is not None:
+        if is_decoder_model(model) and generation is not None:
             generation.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -348,19 +348,30 @@ def _add_metadata(path: Path, model: nn.Module, exporter: str, attention: str) -
 # capped the pruned model's speed-up; without the fusion both models are faster, same outputs.
 DISABLED_ORT_FUSIONS = ("SkipLayerNormFusion",)
 
+# Session config entries beyond the defaults. By default a session's intra-op worker threads go on
+# spinning for a while after its Run() returns: on 2 cores, after 200 runs of a tiny BERT the worker
+# of a 2-thread session burnt about 50 ms of CPU in the next idle 0.5 s (its /proc CPU ticks), taken
+# from whatever runs next (another model's session, the eager timing of `idprior bench`, the next
+# request). "session.force_spinning_stop" keeps the spinning during a Run, where it saves wake-ups,
+# and stops it as the Run returns: 0 ticks in the same check.
+ORT_CONFIG = {"optimization.disable_specified_optimizers": ",".join(DISABLED_ORT_FUSIONS),
+              "session.force_spinning_stop": "1"}
+
 
 def ort_session(onnx_path: str | os.PathLike, threads: int | None = None, *,
                 optimized_path: str | os.PathLike | None = None):
     """A CPUExecutionProvider session; `threads` sets intra-op threads (inter-op 1, sequential).
 
-    All graph optimizations are on except `DISABLED_ORT_FUSIONS` (slower on CPU, see there).
-    `optimized_path` also writes the graph ONNX Runtime actually runs (for inspection).
+    All graph optimizations are on except `DISABLED_ORT_FUSIONS` (slower on CPU, see there), and the
+    worker threads stop spinning when a Run returns (`ORT_CONFIG`). `optimized_path` also writes the
+    graph ONNX Runtime actually runs (for inspection).
     """
     require_onnx()
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.add_session_config_entry("optimization.disable_specified_optimizers", ",".join(DISABLED_ORT_FUSIONS))
+    for key, value in ORT_CONFIG.items():
+        options.add_session_config_entry(key, value)
     if threads:
         options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -392,7 +403,7 @@ def parity(model: nn.Module, onnx_path: str | os.PathLike, batch: dict[str, torc
     session = ort_session(onnx_path)
     feed = ort_feed(session, batch)
     names = [i.name for i in session.get_inputs()]
-    wrapper = _LogitsOnly(model, names).eval()
+    wrapper = LogitsOnly(model, names).eval()
     with _eval_mode(model), torch.inference_mode():
         ref = wrapper(*(batch[n] for n in names)).float()
     got = torch.from_numpy(session.run(["logits"], feed)[0]).float()

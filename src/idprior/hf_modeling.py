@@ -20,6 +20,7 @@ import transformers  # noqa: F401 - the appended classes extend transformers.<Cl
 from torch import nn
 
 STRUCTURE_KEY = "idprior_layers"  # per-layer shapes: [{"n_heads", "n_kv_heads", "ffn_dim"}, ...]
+OUT_BIAS_KEY = "idprior_out_bias"  # output projections given a bias by idprior: ["attn:3", "ffn:0", ...]
 ATTN_KEY = "idprior_attn_implementation"  # the attention kernel the model was saved with
 
 
@@ -161,6 +162,25 @@ def _llama_layers(model, shapes):
             resize(layer.mlp.down_proj, "in", [(0, shape["ffn_dim"])])
 
 
+def _llama_out_proj(model, layer, sub):
+    block = model.base_model.layers[layer]
+    return block.self_attn.o_proj if sub == "attn" else block.mlp.down_proj
+
+
+# Families whose output projections can lack a bias that compensation after pruning added.
+OUT_PROJ = dict.fromkeys(("llama", "qwen2", "mistral"), _llama_out_proj)
+
+
+def _add_recorded_biases(model):
+    """Zero biases on the output projections listed in config.idprior_out_bias (the checkpoint holds
+    their values), so that from_pretrained finds a place for every saved weight."""
+    for site in getattr(model.config, OUT_BIAS_KEY, None) or []:
+        sub, layer = site.split(":")
+        proj = OUT_PROJ[model.config.model_type](model, int(layer), sub)
+        if getattr(proj, "bias", None) is None:
+            proj.bias = nn.Parameter(proj.weight.new_zeros(proj.weight.shape[0]))  # [out_features]
+
+
 FAMILIES = {
     **dict.fromkeys(("bert", "roberta", "electra", "xlm-roberta", "camembert"), _bert_layers),
     "gpt2": _gpt2_layers,
@@ -178,6 +198,7 @@ def apply_recorded_structure(model):
         raise ValueError(f"model_type {model.config.model_type!r} has no pruned-layer support in this file")
     with torch.no_grad():
         reshape(model, shapes)
+        _add_recorded_biases(model)
 
 
 class PrunedLayersMixin:

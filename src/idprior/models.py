@@ -13,6 +13,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .data.labels import model_labels
 from .errors import IdpriorError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,7 +97,7 @@ def load(spec: str, task=None, *, dtype: str = "float32", trust_remote_code: boo
         model, tok = load_pruned_with_tokenizer(folder)
         _check_label_order(model.config, task, folder)
         return model.to(_torch_dtype(dtype)), tok
-    _check_weights(folder, gguf)
+    check_weights(folder, gguf)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), **kwargs)
     except Exception as e:  # noqa: BLE001 - turned into a one-line user error
@@ -151,8 +152,6 @@ def _check_label_order(config, task, folder: Path) -> None:
 
     The CLI and the pipeline renumber the data first (`data.align_labels`); this catches API users.
     """
-    from .data.labels import model_labels
-
     own = model_labels(config)
     if task is None or task.kind != "classification" or own is None or tuple(task.labels) == own:
         return
@@ -207,7 +206,7 @@ def _is_pruned_folder(folder: Path) -> bool:
     return "idprior_layers" in cfg
 
 
-def _check_weights(folder: Path, gguf: str | None) -> None:
+def check_weights(folder: Path, gguf: str | None) -> None:
     """Refuse pickled-only folders and truncated safetensors before transformers sees them."""
     if gguf:
         return
@@ -242,3 +241,15 @@ def _check_weights(folder: Path, gguf: str | None) -> None:
 def _first_line(e: BaseException) -> str:
     text = str(e).strip() or type(e).__name__
     return text.splitlines()[0][:300]
+
+
+def labels_of_spec(spec: str) -> tuple[str, ...] | None:
+    """`model_labels` of a model folder, alias or .gguf file (None when there is no config.json)."""
+    try:
+        folder, gguf = resolve(spec)
+        if gguf:
+            return None
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+    except (IdpriorError, OSError, ValueError):
+        return None  # the load itself reports an unreadable model
+    return model_labels(config) if isinstance(config, dict) else None

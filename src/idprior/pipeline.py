@@ -9,33 +9,35 @@
     bench      measured speed, dense vs pruned         -> bench.json
     report     everything above in one page            -> report.md (+ plots)
 
-Each stage can be called alone (`stage_score(run)`, ...). `stages.json` records the stages that
-finished, with wall times: with `resume=True` a finished stage is never redone and an interrupted
-training stage continues from its last checkpoint.
+Each stage can be called alone (`stage_score(run)`, ...) or through `run_stages(run, names)`, the
+one stage runner (used by `prune`, `finetune`, the quality harness and the benchmark scripts):
+`stages.json` records the stages that finished, with wall times; with `resume=True` a finished stage
+is never redone and an interrupted training stage continues from its last checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import torch
 
 from . import io, lock, models
 from .arch import get_adapter
-from .config import RunConfig, comparable, dump_config
+from .config import RunConfig, dump_config, prior_active, resume_differences, resume_key
 from .data import load_task
-from .data.labels import align_labels, labels_of_spec
+from .data.labels import align_labels
 from .errors import IdpriorError
 from .evaluate import evaluate, evaluate_with_predictions, save_predictions
 from .metrics import greater_is_better, main_metric
 from .plan import PruningPlan, measure_total, measure_totals
-from .preflight import config_differences, preflight
+from .preflight import preflight
 from .units import parse_kinds
 
 STAGES = ("finetune", "score", "select", "surgery", "recover", "evaluate", "bench", "report")
@@ -61,8 +63,7 @@ class Run:
                 raise IdpriorError(f"output folder {self.out} {what}; pass --resume to continue it, --overwrite to replace it, or choose another --out")
             elif status.is_file():
                 saved = io.read_json(status).get("config", {})
-                now = comparable(cfg)
-                if saved and config_differences(saved, now):  # a key added since the run started (at its default) is no difference
+                if saved and resume_differences(saved, cfg):  # a key added since the run started (at its default) is no difference
                     raise IdpriorError(f"--resume: {self.out} was started with a different config; use the same options, --overwrite, or another --out")
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock = lock.Lock(self.out).acquire()  # before --overwrite deletes anything: never under a live run
@@ -72,7 +73,7 @@ class Run:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         if resume:
             io.remove_leftovers(self.out)  # temp files of writes a crash interrupted
-        self.status = io.read_json(status) if status.is_file() else {"config": comparable(cfg), "stages": {}}
+        self.status = io.read_json(status) if status.is_file() else {"config": resume_key(cfg), "stages": {}}
         if not status.is_file():  # written first: marks the folder as a run, so --resume can compare configs
             io.write_json(status, self.status)
         io.write_text(self.out / "config.yaml", dump_config(cfg))
@@ -107,6 +108,11 @@ class Run:
     def path(self, name: str) -> Path:
         return self.out / name
 
+    def load_model(self, spec: str):
+        """(model, tokenizer) of a model folder or alias, with this run's task head, dtype and trust setting."""
+        m = self.cfg.model
+        return models.load(spec, self.task, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+
     # shared inputs
     @property
     def data(self):
@@ -124,7 +130,7 @@ class Run:
                 val = TaskData(self._data.task, {"validation": self._data.splits["validation"]})
                 self._data.splits["validation"] = subsample(val, max_train=None, max_eval=d.max_validation,
                                                             seed=self.cfg.seed).splits["validation"]
-            self._data = align_labels(self._data, labels_of_spec(self.cfg.model.name), self.cfg.model.name)
+            self._data = align_labels(self._data, models.labels_of_spec(self.cfg.model.name), self.cfg.model.name)
         return self._data
 
     @property
@@ -148,21 +154,6 @@ class Run:
         return [s for s in self.data.splits if s.startswith("test")]
 
 
-def _timed(run: Run, stage: str, fn: Callable[[], dict | None]) -> None:
-    if run.done(stage):
-        print(f"[{stage}] done earlier, skipped")
-        return
-    t0 = time.perf_counter()
-    info = fn() or {}
-    run.mark(stage, time.perf_counter() - t0, **info)
-    print(f"[{stage}] {time.perf_counter() - t0:.1f} s")
-
-
-def _load(run: Run, spec: str):
-    cfg = run.cfg.model
-    return models.load(spec, run.task, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-
-
 def _eval_fn(run: Run, tokenizer, split: str = "validation"):
     loader = run.loader(split, tokenizer, train=False)
     return lambda model: evaluate(model, run.task, loader, desc=f"eval {split}")
@@ -170,45 +161,51 @@ def _eval_fn(run: Run, tokenizer, split: str = "validation"):
 
 # ---- stages -------------------------------------------------------------------------------------
 
-def stage_finetune(run: Run) -> dict:
-    """Fine-tune with SN + identity prior (or take the model as is with prune.train=false)."""
-    from . import spectral
+def _prior_hooks(run: Run, model, adapter) -> tuple[list, list]:
+    """(training hooks, objects to detach after training, in order) of the identity prior the config
+    asks for: the proximal prior after each step, or the loss term; none without a prior."""
     from .gates import Gates
     from .prior import IdentityPrior
     from .proximal import ProximalPrior
+    from .train import AfterStep
+
+    p = run.cfg.prune
+    if not prior_active(p):
+        return [], []
+    gates = Gates(model, adapter).attach()
+    if p.prior_mode == "proximal":
+        prox = ProximalPrior(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
+                             seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
+                             gain=p.prior_gain, head_share=p.prior_head_share, readout=p.norm_positions == "readout",
+                             freeze=p.prior_freeze, after_ln=p.norm_after_ln, metric=p.prior_metric)
+        return [AfterStep(prox)], [prox, gates]
+    prior = IdentityPrior(model, adapter, gates, parse_kinds(p.kinds), lam=p.prior_lambda,
+                          weight=p.prior_weight, warmup=p.prior_warmup)
+    return [prior], [prior, gates]
+
+
+def stage_finetune(run: Run) -> dict:
+    """Fine-tune with SN + identity prior (or take the model as is with prune.finetune_first=false)."""
+    from . import spectral
     from .surgery import save_pruned
     from .train import train
 
     cfg, p = run.cfg, run.cfg.prune
-    model, tok = _load(run, cfg.model.name)
+    model, tok = run.load_model(cfg.model.name)
     info: dict = {}
-    if p.train and cfg.train.epochs > 0:
+    if p.finetune_first and cfg.train.epochs > 0:
         adapter = get_adapter(model, per_query_head=cfg.model.per_query_head)
         if p.sn:
             info["sn_matrices"] = spectral.attach(model, adapter, p.sn_bound)
-        gates = prior = prox = None
-        if p.prior and p.prior_mode == "proximal":
-            gates = Gates(model, adapter).attach()
-            prox = ProximalPrior(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
-                                 seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
-                                 gain=p.prior_gain, head_share=p.prior_head_share, readout=p.norm_positions == "readout",
-                                 freeze=p.prior_freeze)
-        elif p.prior and p.prior_lambda > 0:
-            gates = Gates(model, adapter).attach()
-            prior = IdentityPrior(model, adapter, gates, parse_kinds(p.kinds), lam=p.prior_lambda,
-                                  weight=p.prior_weight, warmup=p.prior_warmup)
+        hooks, attached = _prior_hooks(run, model, adapter)
         metric = main_metric(run.task)
         result = train(model, run.loader("train", tok, train=True), cfg.train, seed=cfg.seed,
                        eval_fn=_eval_fn(run, tok) if cfg.train.eval_each_epoch else None, main_metric=metric,
-                       higher_is_better=greater_is_better(metric), extra_loss=prior, post_step=prox,
+                       higher_is_better=greater_is_better(metric), hooks=hooks,
                        ckpt_dir=run.path("ckpt_finetune"), resume=run.resume, desc="finetune",
                        log_path=run.path("train_log.jsonl"))
-        if prior is not None:
-            prior.detach()
-        if prox is not None:
-            prox.detach()
-        if gates is not None:
-            gates.detach()
+        for obj in attached:
+            obj.detach()
         spectral.fold(model)
         info.update(history=result.history, best_epoch=result.best_epoch, steps=result.steps)
     save_pruned(model, tok, run.path("finetuned"))
@@ -232,10 +229,11 @@ def calibration_batches(run: Run, tokenizer) -> list[dict]:
 def stage_score(run: Run) -> dict:
     from .scoring import score, scores_to_json
 
-    model, tok = _load(run, finetuned_spec(run))
+    model, tok = run.load_model(finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
     scores = score(model, calibration_batches(run, tok), adapter=adapter,
-                   relative=run.cfg.prune.score == "relative", readout=run.cfg.prune.norm_positions == "readout")
+                   relative=run.cfg.prune.score == "relative", residual=run.cfg.prune.score == "residual",
+                   readout=run.cfg.prune.norm_positions == "readout", after_ln=run.cfg.prune.norm_after_ln)
     io.write_json(run.path("scores.json"), {"score": run.cfg.prune.score, "norms": scores_to_json(scores)})
     return {"units": len(scores)}
 
@@ -250,22 +248,23 @@ def resolve_selection(selection: str, head_share: float | None, adapter) -> tupl
 
 def stage_select(run: Run) -> dict:
     from .scoring import scores_from_json
-    from .selection import select
+    from .selection import protected_layers, select
 
     p = run.cfg.prune
-    model, tok = _load(run, finetuned_spec(run))
+    model, tok = run.load_model(finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
     kinds = parse_kinds(p.kinds)
+    held = {"min_keep": p.min_keep, "protect": protected_layers(adapter.num_layers, p.protect_first, p.protect_last)}
     if p.method == "snip":
         scores = scores_from_json(io.read_json(run.path("scores.json"))["norms"])
         mode, head_share = resolve_selection(p.selection, p.head_share, adapter)
         plan = select(scores, adapter, target=None if p.tau is not None else p.target, tau=p.tau,
                       measure=p.measure, seq_len=p.flops_seq_len, mode=mode, kinds=kinds,
-                      head_share=head_share)
+                      head_share=head_share, **held)
     else:
         from .baselines import get_method
 
-        method = get_method(p.method)
+        method = get_method(p.method, **held)
         plan = method.plan(model, adapter, calibration_batches(run, tok), target=p.target, measure=p.measure,
                            seq_len=p.flops_seq_len, kinds=kinds, seed=run.cfg.seed)
     plan.save(run.path("plan.json"))
@@ -275,32 +274,38 @@ def stage_select(run: Run) -> dict:
 
 
 def stage_surgery(run: Run) -> dict:
+    from .baselines import resolve_compensation
+    from .compensate import fit_compensation
     from .surgery import apply_plan, save_pruned
 
+    p = run.cfg.prune
     plan = PruningPlan.load(run.path("plan.json"))
-    model, tok = _load(run, finetuned_spec(run))
+    model, tok = run.load_model(finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
+    mode = resolve_compensation(p.compensate, p.method)  # statistics of the unpruned model, so fitted before the cut
+    comp = None if mode == "none" else fit_compensation(model, plan.units, calibration_batches(run, tok), mode=mode,
+                                                        adapter=adapter, ridge=p.compensate_ridge)
     apply_plan(model, plan.units, adapter)
+    info = {} if comp is None else {"compensation": comp.apply(model, adapter)}
     save_pruned(model, tok, run.path("surgery"), plan=plan.to_dict())
-    return {"params": sum(p.numel() for p in model.parameters())}
+    return {"params": sum(p.numel() for p in model.parameters()), **info}
 
 
 def stage_recover(run: Run) -> dict:
     from .surgery import save_pruned
-    from .train import train
+    from .train import Distillation, train
 
     cfg, p = run.cfg, run.cfg.prune
-    model, tok = _load(run, str(run.path("surgery")))
+    model, tok = run.load_model(str(run.path("surgery")))
     info: dict = {}
-    if p.recover_epochs > 0:
-        teacher = _load(run, finetuned_spec(run))[0] if p.distill else None
-        tcfg = dataclasses.replace(cfg.recover, epochs=p.recover_epochs)
+    tcfg = cfg.recover
+    if tcfg.epochs > 0:
+        hooks = [Distillation(run.load_model(finetuned_spec(run))[0], p.distill_alpha, p.distill_temperature)] if p.distill else []
         metric = main_metric(run.task)
         loader = run.loader("train", tok, train=True, batch_size=tcfg.batch_size)  # recover.batch_size, not train's
         result = train(model, loader, tcfg, seed=cfg.seed + 1,
                        eval_fn=_eval_fn(run, tok) if tcfg.eval_each_epoch else None, main_metric=metric,
-                       higher_is_better=greater_is_better(metric), teacher=teacher, distill_alpha=p.distill_alpha,
-                       distill_temperature=p.distill_temperature, ckpt_dir=run.path("ckpt_recover"),
+                       higher_is_better=greater_is_better(metric), hooks=hooks, ckpt_dir=run.path("ckpt_recover"),
                        resume=run.resume, desc="recover", log_path=run.path("recover_log.jsonl"))
         info.update(history=result.history, best_epoch=result.best_epoch, steps=result.steps)
     plan = io.read_json(run.path("plan.json"))
@@ -322,10 +327,10 @@ def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
     reuses an earlier evaluation of the same fine-tuned model (the quality grid shares fine-tunes).
     Without recovery epochs pruned/ holds the surgery weights, so they are evaluated once. LM tasks
     also get greedy sample generations (KV cache) from dense and pruned."""
-    dense, tok = _load(run, finetuned_spec(run))
-    recovered = run.cfg.prune.recover_epochs > 0
-    pruned = _load(run, str(run.path("pruned")))[0]
-    surg = _load(run, str(run.path("surgery")))[0] if recovered else pruned
+    dense, tok = run.load_model(finetuned_spec(run))
+    recovered = run.cfg.recover.epochs > 0
+    pruned = run.load_model(str(run.path("pruned")))[0]
+    surg = run.load_model(str(run.path("surgery")))[0] if recovered else pruned
     out = {"task": run.task.name, "main_metric": main_metric(run.task), "model": run.cfg.model.name,
            "method": run.cfg.prune.method, "target": run.cfg.prune.target, "measure": run.cfg.prune.measure,
            "seed": run.cfg.seed, "sizes": run.data.sizes(), "dense": {}, "pruned_no_recovery": {}, "pruned": {}}
@@ -343,6 +348,15 @@ def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
         else:
             out["pruned_no_recovery"][split] = out["pruned"][split]
             per_example[f"pruned_no_recovery.{split}"] = per_example[f"pruned.{split}"]
+    zero_shot = run.cfg.data.zero_shot if run.task.kind == "lm" else None
+    if zero_shot:  # a capability check beyond perplexity (zeroshot.py)
+        from .zeroshot import zero_shot_models
+
+        models_ = {"dense": dense, "pruned": pruned, **({"pruned_no_recovery": surg} if recovered else {})}
+        out["zero_shot"], zs_preds = zero_shot_models(models_, tok, zero_shot, max_examples=run.cfg.data.max_zero_shot,
+                                                      batch_size=run.cfg.train.eval_batch_size)
+        out["zero_shot"].setdefault("pruned_no_recovery", out["zero_shot"]["pruned"])
+        per_example.update(zs_preds)
     if any(v is not None for v in per_example.values()):
         save_predictions(run.path("predictions.safetensors"), per_example)
     out["compression"] = compression(dense, pruned, run.cfg.prune.flops_seq_len)
@@ -358,6 +372,10 @@ def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
     for split in run.test_splits():
         print(f"{split} {m}: dense {out['dense'][split][m]:.4f}  pruned {out['pruned'][split][m]:.4f}"
               f"  (no recovery {out['pruned_no_recovery'][split][m]:.4f})")
+    if zero_shot:
+        zs = out["zero_shot"]
+        print(f"zero-shot {zero_shot} accuracy ({zs['dense']['examples']} test examples): dense {zs['dense']['accuracy']:.4f}"
+              f"  pruned {zs['pruned']['accuracy']:.4f}  (no recovery {zs['pruned_no_recovery']['accuracy']:.4f})")
     for k in ("encoder_params", "linear_params", "flops", "total_params"):
         c = out["compression"][k]
         print(f"{k}: {c['dense']:,} -> {c['pruned']:,} ({c['removed_fraction']:.1%} removed)")
@@ -369,13 +387,15 @@ def stage_bench(run: Run) -> dict:
     if not b.enabled:
         return {"skipped": "bench.enabled is false"}
     try:
-        from .bench import benchmark, format_bench_markdown
+        from .bench import NoiseGuard, benchmark, format_bench_markdown
     except ImportError as e:
         return {"skipped": f"benchmark unavailable: {e}"}
-    dense = _load(run, finetuned_spec(run))[0]
-    pruned = _load(run, str(run.path("pruned")))[0]
+    dense = run.load_model(finetuned_spec(run))[0]
+    pruned = run.load_model(str(run.path("pruned")))[0]
+    guard = NoiseGuard(max_iqr=b.max_iqr_fraction, max_gap=b.max_speedup_gap, retime_rounds=b.retime_rounds)
     result = benchmark({"dense": dense, "pruned": pruned}, batch_sizes=b.batch_sizes, seq_lens=b.seq_lens,
-                       threads=b.threads, repeats=b.repeats, warmup=b.warmup, onnx=b.onnx, workdir=run.path("bench_tmp"))
+                       threads=b.threads, repeats=b.repeats, warmup=b.warmup, onnx=b.onnx, workdir=run.path("bench_tmp"),
+                       noise=guard)
     shutil.rmtree(run.path("bench_tmp"), ignore_errors=True)
     io.write_json(run.path("bench.json"), result)
     io.write_text(run.path("bench.md"), format_bench_markdown(result))
@@ -390,8 +410,62 @@ def stage_report(run: Run) -> dict:
     return {"report": str(path)}
 
 
-def prune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> Path:
-    """Run every stage of `idprior prune`; returns the output folder."""
+# ---- the stage runner ---------------------------------------------------------------------------
+
+StageFn = Callable[[Run], "dict | None"]
+# called with a stage's label around its work (not for a stage skipped as done), e.g. to measure memory
+StageObserver = Callable[[str], contextlib.AbstractContextManager]
+
+STAGE_FNS: dict[str, StageFn] = {"finetune": stage_finetune, "score": stage_score, "select": stage_select,
+                                 "surgery": stage_surgery, "recover": stage_recover, "evaluate": stage_evaluate,
+                                 "bench": stage_bench, "report": stage_report}
+
+
+@contextlib.contextmanager
+def torch_settings_kept():
+    """Restore torch's intra-op thread count and grad mode after a stage: whatever training (or a
+    library it calls) sets must not carry over into a later stage, least of all into the bench
+    stage, which should time with the settings a fresh `idprior bench` process has."""
+    threads, grad = torch.get_num_threads(), torch.is_grad_enabled()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_grad_enabled(grad)
+
+
+def stage_needed(cfg: RunConfig, stage: str) -> bool:
+    """Scoring is SNIP's: a baseline plans from the fine-tuned model itself."""
+    return not (stage == "score" and cfg.prune.method != "snip")
+
+
+def run_stages(run: Run, names: Iterable[str], *, on: Run | None = None, suffix: str = "",
+               fns: Mapping[str, StageFn] | None = None, observe: StageObserver | None = None) -> None:
+    """Run the named stages on `on` (default: `run`) in order, each unless `run` records it as done.
+
+    Each is timed and recorded in `run`'s stages.json as name + `suffix` (the iterative rounds record
+    theirs in the parent run as "score@2", ...); a stage `stage_needed` rules out is passed over. `fns`
+    replaces the function of a stage (default `STAGE_FNS`); `observe(label)` wraps each stage's work.
+    """
+    target = on or run
+    for name in names:
+        if not stage_needed(target.cfg, name):
+            continue
+        label = name + suffix
+        if run.done(label):
+            print(f"[{label}] done earlier, skipped")
+            continue
+        fn = (fns or {}).get(name) or STAGE_FNS[name]
+        t0 = time.perf_counter()
+        with observe(label) if observe is not None else contextlib.nullcontext(), torch_settings_kept():
+            info = fn(target) or {}
+        run.mark(label, time.perf_counter() - t0, **info)
+        print(f"[{label}] {time.perf_counter() - t0:.1f} s")
+
+
+def prune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
+          observe: StageObserver | None = None) -> Path:
+    """Run every stage of `idprior prune`; returns the output folder. `observe`: see `run_stages`."""
     preflight(cfg, resume=resume, overwrite=overwrite)  # every input problem at once, before anything is written
     torch.manual_seed(cfg.seed)
     run = Run(cfg, resume=resume, overwrite=overwrite)
@@ -400,30 +474,25 @@ def prune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> P
             print(run.resume_note())
         _ = run.data  # load and check the data before any heavy work
         if cfg.prune.iterative > 1:
-            return _prune_iterative(run)
-        for stage, fn in [("finetune", stage_finetune), ("score", stage_score), ("select", stage_select),
-                          ("surgery", stage_surgery), ("recover", stage_recover), ("evaluate", stage_evaluate),
-                          ("bench", stage_bench), ("report", stage_report)]:
-            if stage == "score" and cfg.prune.method != "snip":
-                continue
-            _timed(run, stage, lambda fn=fn: fn(run))
+            return _prune_iterative(run, observe)
+        run_stages(run, STAGES, observe=observe)
         return run.out
     finally:
         run.close()
 
 
-def _prune_iterative(run: Run) -> Path:
+def _prune_iterative(run: Run, observe: StageObserver | None = None) -> Path:
     """K rounds of score -> select -> surgery -> recover, each removing an equal share of the original measure."""
     cfg = run.cfg
     k_rounds = cfg.prune.iterative
-    _timed(run, "finetune", lambda: stage_finetune(run))
+    run_stages(run, ["finetune"], observe=observe)
     base = run.out
-    dense = _load(run, finetuned_spec(run))[0]
+    dense = run.load_model(finetuned_spec(run))[0]
     total = _measure_total(dense, cfg)
     previous = str(run.path("finetuned"))
     for r in range(1, k_rounds + 1):
         cum = cfg.prune.target * r / k_rounds
-        current = _measure_total(_load(run, previous)[0], cfg)
+        current = _measure_total(run.load_model(previous)[0], cfg)
         frac = 1 - (1 - cum) * total / current  # of what is left now
         sub = copy.copy(run)  # shares the task data and the stage status of the parent run
         sub.out = base / f"round{r}"
@@ -431,10 +500,7 @@ def _prune_iterative(run: Run) -> Path:
             cfg.prune, target=max(1e-6, min(frac, 0.999)), iterative=1))
         if not (sub.out / "finetuned").exists():  # atomic: a copy cut short by a crash is never reused
             io.copy_dir(previous, sub.out / "finetuned")
-        for stage, fn in [("score", stage_score), ("select", stage_select), ("surgery", stage_surgery), ("recover", stage_recover)]:
-            if stage == "score" and cfg.prune.method != "snip":
-                continue
-            _timed(run, f"{stage}@{r}", lambda fn=fn, sub=sub: fn(sub))
+        run_stages(run, ["score", "select", "surgery", "recover"], on=sub, suffix=f"@{r}", observe=observe)
         previous = str(sub.out / "pruned")
     for name in ("pruned", "surgery"):
         if not run.done("assemble"):
@@ -442,8 +508,7 @@ def _prune_iterative(run: Run) -> Path:
     plans = [io.read_json(base / f"round{r}" / "plan.json") for r in range(1, k_rounds + 1)]
     io.write_json(run.path("plan.json"), {"rounds": plans, "counts": _sum_counts(plans), "units": []})
     run.mark("assemble", 0.0)
-    for stage, fn in [("evaluate", stage_evaluate), ("bench", stage_bench), ("report", stage_report)]:
-        _timed(run, stage, lambda fn=fn: fn(run))
+    run_stages(run, ["evaluate", "bench", "report"], observe=observe)
     return run.out
 
 
@@ -461,15 +526,15 @@ def _sum_counts(plans: list[dict]) -> dict:
 
 def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """`idprior finetune`: plain fine-tuning (no SN, no prior) and test metrics -> out/metrics.json."""
-    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, sn=False, prior=False, train=True))
+    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, sn=False, prior=False, finetune_first=True))
     preflight(cfg, resume=resume, overwrite=overwrite, prune=False)
     run = Run(cfg, resume=resume, overwrite=overwrite)
     try:
         if resume:
             print(run.resume_note())
         _ = run.data
-        _timed(run, "finetune", lambda: stage_finetune(run))
-        model, tok = _load(run, finetuned_spec(run))
+        run_stages(run, ["finetune"])
+        model, tok = run.load_model(finetuned_spec(run))
         metrics = {"task": run.task.name, "model": cfg.model.name, "seed": cfg.seed, "sizes": run.data.sizes()}
         for split in ["validation", *run.test_splits()]:
             metrics[split] = evaluate(model, run.task, run.loader(split, tok, train=False), desc=f"eval {split}")

@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from . import models
-from .config import RunConfig, comparable, validate
+from .config import RunConfig, resume_differences, validate
 from .errors import ConfigError, IdpriorError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
@@ -123,7 +123,7 @@ def check_output(cfg: RunConfig, *, resume: bool, overwrite: bool) -> list[str]:
         if saved is None:
             return [f"--resume: {out} holds no idprior run (no stages.json or config.yaml); choose the run's "
                     "folder or another --out"]
-        changed = config_differences(saved, comparable(cfg))
+        changed = resume_differences(saved, cfg)
         if changed:
             shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
             return [f"--resume: {out} was started with a different config ({shown} differ); use the same "
@@ -147,28 +147,6 @@ def _saved_config(out: Path) -> dict | None:
     except (OSError, ValueError, yaml.YAMLError, AttributeError):
         return None
     return None
-
-
-def config_differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
-    """Dotted keys whose values differ (`out` may change: a run folder can be moved). A key the saved
-    config lacks is no difference while it holds its default: a field added to idprior after the run
-    started, left at its default, does not change what the run computes."""
-    if defaults is None and prefix == "":
-        from .config import RunConfig
-
-        defaults = RunConfig().to_dict()
-    defaults = defaults or {}
-    keys = [k for k in dict.fromkeys([*saved, *now]) if not (prefix == "" and k in ("out", "bench"))]
-    out = []
-    for k in keys:
-        a, b = saved.get(k), now.get(k)
-        if k not in saved and k in defaults and b == defaults[k]:
-            continue
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{k}.", defaults.get(k) if isinstance(defaults.get(k), dict) else {})
-        elif a != b:
-            out.append(f"{prefix}{k}")
-    return out
 
 
 def _overwrite_would_delete_inputs(cfg: RunConfig, out: Path) -> list[str]:
@@ -220,7 +198,7 @@ def check_model(cfg: RunConfig) -> tuple[list[str], ModelInfo | None]:
         problems.append(f"{folder} is a {model_type!r} model, which idprior cannot prune; supported model types: "
                         f"{', '.join(supported_model_types())}")
     try:
-        models._check_weights(folder, None)
+        models.check_weights(folder, None)
     except IdpriorError as e:
         problems.append(str(e))
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
@@ -250,7 +228,7 @@ def check_head(info: ModelInfo, task, data=None) -> list[str]:
     """A model folder with a task head must fit the task; language modelling needs a decoder. A
     classifier with label names must have the data's labels (`data`, renumbered later onto its ids)."""
     from .arch.bert import BertAdapter
-    from .data.labels import _shown, align_labels, model_labels
+    from .data.labels import align_labels, model_labels, shown_labels
 
     config = info.config
     if not config:
@@ -276,7 +254,7 @@ def check_head(info: ModelInfo, task, data=None) -> list[str]:
         n = config.get("num_labels") or len(config.get("id2label") or {}) or 2
         if n != task.num_labels:
             what = f"{task.num_labels} labels" if task.kind == "classification" else "1 output (regression)"
-            found = f" (labels found in the data: {_shown(task.labels)})" if task.kind == "classification" else ""
+            found = f" (labels found in the data: {shown_labels(task.labels)})" if task.kind == "classification" else ""
             return [f"{info.folder} has a task head with {n} outputs but task {task.name} needs {what}{found}; start "
                     "from the base model (without a task head) or use the task it was fine-tuned on"]
     elif pruned:
@@ -301,7 +279,7 @@ def check_evaluation(spec: str, data, max_length: int) -> list[str]:
                 f"needs a classifier: evaluate it on {lm_tasks}, or fine-tune it first (idprior finetune)"]
     try:
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        models._check_weights(folder, None)
+        models.check_weights(folder, None)
     except IdpriorError as e:
         return [str(e)]
     except (OSError, ValueError) as e:
@@ -452,6 +430,7 @@ def _meta_adapter(info: ModelInfo, per_query_head: bool):
         target = [LayerShape(**s) for s in shapes]
         adapter.check_target_shapes(target)
         adapter.reshape_to(target)
+    adapter.add_recorded_out_biases()
     return adapter
 
 
@@ -464,7 +443,7 @@ def check_disk(cfg: RunConfig, info: ModelInfo, *, prune: bool) -> list[str]:
     else:
         weights = info.file_bytes * (GGUF_EXPANSION if info.gguf else 1)
     copies = 2 + 3 * cfg.prune.iterative if prune else 2
-    training = cfg.train.epochs > 0 and (cfg.prune.train or not prune) or (prune and cfg.prune.recover_epochs > 0)
+    training = cfg.train.epochs > 0 and (cfg.prune.finetune_first or not prune) or (prune and cfg.recover.epochs > 0)
     if training:
         copies += 4  # checkpoint: weights, two AdamW moments, best weights
     need = weights * copies

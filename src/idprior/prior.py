@@ -16,11 +16,14 @@ from torch import nn
 
 from .arch.base import Adapter
 from .gates import Gates
+from .plan import unit_costs
 from .scoring import BranchNorms
+from .train import TrainHook
 
 
-class IdentityPrior:
-    """Callable as `extra_loss(model, batch, step, total_steps) -> (loss, terms)` for `train.train`."""
+class IdentityPrior(TrainHook):
+    """A training hook adding λ(step) Σ c_u ‖f_u‖ to the loss; also callable as `extra_loss(model,
+    batch, step, total_steps) -> (loss, terms)`."""
 
     def __init__(self, model: nn.Module, adapter: Adapter, gates: Gates, kinds=("head", "neuron"), lam: float = 0.1,
                  weight: str = "uniform", warmup: float = 0.1):
@@ -30,24 +33,10 @@ class IdentityPrior:
         self.weights = self._weights(adapter, weight)
 
     def _weights(self, adapter: Adapter, weight: str) -> dict[tuple[str, int], torch.Tensor]:
-        """c_u per (kind, layer), a tensor per entry, summing to 1 over every unit."""
-        raw: dict[tuple[str, int], torch.Tensor] = {}
-        for layer in range(adapter.num_layers):
-            shape = adapter.shape(layer)
-            for kind in self.kinds:
-                if kind == "head" and shape.has_attn:
-                    n, cost = adapter.num_head_units(layer), adapter.unit_cost("head", layer).params
-                elif kind == "neuron" and shape.has_ffn:
-                    n, cost = shape.ffn_dim, adapter.unit_cost("neuron", layer).params
-                elif kind == "attn" and shape.has_attn:
-                    n = 1
-                    cost = adapter.num_head_units(layer) * adapter.unit_cost("head", layer).params + adapter.unit_cost("attn", layer).params
-                elif kind == "ffn" and shape.has_ffn:
-                    n = 1
-                    cost = shape.ffn_dim * adapter.unit_cost("neuron", layer).params + adapter.unit_cost("ffn", layer).params
-                else:
-                    continue
-                raw[(kind, layer)] = torch.full((n,), float(cost if weight == "cost" else 1.0))
+        """c_u per (kind, layer), a tensor per entry, summing to 1 over every unit; "cost" weighs a
+        unit by the parameters it owns (`plan.unit_costs`, a whole sub-layer for attn / ffn)."""
+        raw = {key: torch.full((n, ), cost if weight == "cost" else 1.0)
+               for key, (n, cost) in unit_costs(adapter, self.kinds, "encoder_params").items()}
         total = sum(float(v.sum()) for v in raw.values()) or 1.0
         return {k: v / total for k, v in raw.items()}
 
@@ -69,6 +58,10 @@ class IdentityPrior:
         lam = self.lam_at(step, total)
         self.recorder.reset()
         return lam * pen, {"prior": float(pen.detach()), "lambda": lam}
+
+    def loss(self, model, batch, outputs, loss, step, total):
+        extra, terms = self(model, batch, step, total)
+        return loss + extra, terms
 
     def detach(self) -> None:
         self.recorder.detach()

@@ -62,8 +62,8 @@ class ActivationMoments(BranchNorms):
     """
 
     def __init__(self, model: nn.Module, gates: Gates, adapter: Adapter, kinds: Iterable[str] = PROX_KINDS,
-                 readout: bool = False):
-        super().__init__(model, gates, adapter, kinds, differentiable=False, readout=readout)
+                 readout: bool = False, after_ln: bool = False):
+        super().__init__(model, gates, adapter, kinds, differentiable=False, readout=readout, after_ln=after_ln)
         self.moments: dict[tuple[str, int], torch.Tensor] = {}
 
     def reset(self) -> None:
@@ -153,6 +153,13 @@ class ProximalPrior:
     `ema` smooths the activation moments over batches; `eps` bounds the reweighting at
     (1/eps)^γ; a unit is "at the identity" once ‖f_u‖ <= `zero_tol` · F̄_k; `horizon` (a fraction
     of the phase, keep it under 1 − ramp so that bound units land before the end) is the lead H.
+    `metric` (`prior_metric`): "euclid" soft-thresholds every unit by δ_u; "adam" takes the proximal
+    step in Adam's metric (as adaptive proximal methods do, e.g. ProxGen, Yun et al. 2021): δ_u is
+    divided by the unit's mean sqrt(v) (Adam's second-moment estimate over its output weights)
+    relative to the mean over its kind, so a unit the loss keeps pushing on falls more slowly than one
+    it ignores. Under Adam every weight moves ~lr a step whatever its gradient, so in the Euclidean
+    metric the prior's equilibrium does not see how much the loss needs a unit; this restores it. The
+    criterion stays the function norm (units at zero are removed, the rest by norm).
     `freeze` (`prior_freeze`): once a group's fraction at the identity reaches its share of the
     target, its units still away from zero are no longer pulled (only the zeros stay pinned), so the
     prior stops at the target instead of overshooting it by the units already on their way down.
@@ -163,7 +170,7 @@ class ProximalPrior:
                  lam0: float = 0.01, gamma: float = 1.0, ramp: float = 0.75, gain: float = 0.5,
                  head_share: float | None = None, ema: float = 0.9, eps: float = 0.1, zero_tol: float = 1e-3,
                  lam_min: float = 1e-5, lam_max: float = 1.0, horizon: float = 0.2, readout: bool = False,
-                 freeze: bool = False):
+                 freeze: bool = False, after_ln: bool = False, metric: str = "euclid"):
         self.model, self.adapter = model, adapter
         self.kinds = tuple(k for k in PROX_KINDS if k in tuple(kinds))
         if not self.kinds:
@@ -171,6 +178,9 @@ class ProximalPrior:
         self.target, self.measure, self.seq_len = target, measure, seq_len
         self.gamma, self.ramp, self.gain, self.ema, self.eps, self.zero_tol = gamma, ramp, gain, ema, eps, zero_tol
         self.lam_min, self.lam_max, self.horizon, self.freeze = lam_min, lam_max, horizon, freeze
+        if metric not in ("euclid", "adam"):
+            raise IdpriorError(f"prior metric must be 'euclid' or 'adam', got {metric!r}")
+        self.metric, self.opt = metric, None
         self.head_share = head_share if len(self.kinds) == 2 else None
         self.lam = {g: float(lam0) for g in (("head", "neuron") if self.head_share is not None else ("all",))}
         # the whole of the measure, as selection.select counts it (encoder params include the norms)
@@ -180,7 +190,8 @@ class ProximalPrior:
         self.ema_m: dict[tuple[str, int], torch.Tensor] = {}  # EMA of per-token moments (float64)
         self.norms: dict[tuple[str, int], torch.Tensor] = {}  # ‖f_u‖ right after the last step
         self.deltas: dict[tuple[str, int], torch.Tensor] = {}  # δ_u of the last step
-        self.recorder = ActivationMoments(model, gates, adapter, self.kinds, readout=readout).attach()
+        self.recorder = ActivationMoments(model, gates, adapter, self.kinds, readout=readout, after_ln=after_ln).attach()
+        self.ema_ln: dict[tuple[str, int], float] = {}  # EMA of mean 1/σ_t² after each sub-layer (after_ln)
 
     # ---- norms and the proximal step ---------------------------------------------------------
     def _sites(self):
@@ -200,12 +211,20 @@ class ProximalPrior:
             n = max(1, rec.count(key[1]))
             old = self.ema_m.get(key)
             self.ema_m[key] = m / n if old is None else self.ema * old + (1 - self.ema) * (m / n)
+        for key in rec.ln_sq:
+            now = rec.ln_scale(key) ** 2
+            self.ema_ln[key] = now if key not in self.ema_ln else self.ema * self.ema_ln[key] + (1 - self.ema) * now
         rec.reset()
 
     def _norm(self, kind: str, layer: int, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
         """(‖f_u‖ with the current weights [n_units] float64, [out, in] view of the stored weight)."""
         w, scale = stored_out_weight(self.adapter, module)
         wd, m = w.detach().double(), self.ema_m[(kind, layer)]
+        sub = "attn" if kind == "head" else "ffn"
+        ln = self.recorder.out_norms.get((sub, layer))
+        if ln is not None:  # measured after the LayerNorm: diag(γ) C W, times sqrt(E[1/σ²]) (see scoring)
+            wd = ln.weight.detach().double()[:, None] * (wd - wd.mean(0, keepdim=True))
+            scale *= math.sqrt(self.ema_ln.get((sub, layer), 1.0))
         if kind == "head":
             dh = self.adapter.head_dim
             perm, n_units = self.recorder.unit_layout(layer, wd.shape[1] // dh)
@@ -214,6 +233,30 @@ class ProximalPrior:
         else:
             sq = (wd**2).sum(0) * m  # ‖W2[:, j]‖² E[a_j²]: [F]
         return scale * sq.clamp(min=0).sqrt(), w
+
+    def bind_optimizer(self, opt: torch.optim.Optimizer) -> None:
+        """Called by `train.train`: the optimizer whose state the "adam" metric reads."""
+        self.opt = opt
+
+    def _adam_scale(self, modules: dict) -> dict[tuple[str, int], torch.Tensor]:
+        """Per unit: mean sqrt(v) over its output weights, divided by the mean over units of its kind."""
+        raw = {}
+        for (kind, layer), module in modules.items():
+            param = (module.parametrizations.weight.original if parametrize.is_parametrized(module, "weight")
+                     else module.weight)
+            v = self.opt.state.get(param, {}).get("exp_avg_sq") if self.opt is not None else None
+            if v is None:
+                raise IdpriorError("prune.prior_metric 'adam' needs an Adam-family optimizer state for every output projection")
+            col = self.adapter.out_weight(_Stored(v)).detach().double().sqrt().mean(0)  # [in]
+            if kind == "head":
+                perm, n_units = self.recorder.unit_layout(layer, col.numel() // self.adapter.head_dim)
+                col = col.view(-1, self.adapter.head_dim)[perm.to(col.device)].reshape(n_units, -1).mean(1)  # [U]
+            raw[(kind, layer)] = col
+        out = {}
+        for kind in self.kinds:
+            mean = float(torch.cat([h for (k, _), h in raw.items() if k == kind]).mean())
+            out |= {key: h / max(mean, 1e-300) for key, h in raw.items() if key[0] == kind}
+        return out
 
     def _shrink(self, kind: str, layer: int, w: torch.Tensor, alpha: torch.Tensor) -> None:
         """w_u ← α_u w_u on the unit's output columns, in place in the stored parameter."""
@@ -234,9 +277,12 @@ class ProximalPrior:
                     raise IdpriorError(f"every {kind} unit has a zero or non-finite function norm ({mean}) at the start of the prior phase")
                 self.fbar[kind] = mean
         reached = self._reached()
+        metric = self._adam_scale(modules) if self.metric == "adam" else {}
         for (kind, layer), (norm, w) in current.items():
             fbar, lam = self.fbar[kind], self.lam[self._group(kind)]
             delta = lam * fbar * (fbar / (norm + self.eps * fbar)) ** self.gamma  # δ_u = λ ω_u F̄_k
+            if metric:
+                delta = delta / metric[(kind, layer)].clamp(min=1e-3).to(delta.device)  # Adam's metric
             if reached[self._group(kind)]:
                 delta = torch.where(norm <= self.zero_tol * fbar, delta, torch.zeros_like(delta))
             alpha = torch.where(norm > delta, 1 - delta / norm.clamp(min=1e-300), torch.zeros_like(norm))
@@ -335,12 +381,15 @@ class ProximalPrior:
     def state_dict(self) -> dict:
         """λ, F̄ and the EMA moments: what a resumed run needs to continue bit-identically."""
         state: dict = {"lam": dict(self.lam), "fbar": dict(self.fbar)}
+        if self.ema_ln:
+            state["ema_ln"] = {f"{sub}.{layer}": v for (sub, layer), v in self.ema_ln.items()}
         state.update({f"ema.{kind}.{layer}": m for (kind, layer), m in self.ema_m.items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.lam = {g: float(v) for g, v in state["lam"].items()}
         self.fbar = {k: float(v) for k, v in state["fbar"].items()}
+        self.ema_ln = {(k.split(".")[0], int(k.split(".")[1])): float(v) for k, v in state.get("ema_ln", {}).items()}
         device = next(p for p in self.model.parameters()).device
         self.ema_m = {}
         for name, m in state.items():

@@ -49,7 +49,7 @@ from pathlib import Path
 import yaml
 
 from . import io
-from .config import RunConfig, load_config
+from .config import RunConfig, load_config, load_run_config, prior_active
 from .errors import IdpriorError
 
 # snip-family method -> (sn, prior) of the fine-tune it prunes
@@ -118,39 +118,14 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
             problems.append(f"grid key {k!r} must be a non-empty list")
     problems += [f"task {t!r}: use letters, digits and . _ + - only (it names a folder)"
                  for t in raw.get("tasks") or [] if not _is_plain_name(str(t))]
-    known = (*SNIP_METHODS, *baseline_names())
-    methods: list[MethodSpec] = []
     paired = bool(raw.get("paired", False))
-    for m in raw.get("methods") or []:
-        spec = _method_spec(m, problems)
-        if spec is None or spec.method not in known:
-            problems.append(f"method {m!r}: use one of {', '.join(known)} or {{name:, method:, set: {{dotted: value}}}}")
-            continue
-        if spec.start == "start" and not paired:
-            problems.append(f"method {spec.name!r}: 'from: start' needs a paired grid (paired: true)")
-        if not _is_plain_name(spec.name):  # it becomes a folder name under OUT/cells
-            problems.append(f"method name {spec.name!r}: use letters, digits and . _ + - only (it names a folder)")
-        if spec.name == "dense" or spec.name in {s.name for s in methods}:
-            problems.append(f"method name {spec.name!r} is reserved or used twice")
-        sel = (raw.get("selection") or {}).get(spec.name, (raw.get("selection") or {}).get(spec.method))
-        if sel is not None and spec.method not in SNIP_METHODS:
-            problems.append(f"selection for {spec.name!r}: baselines use their own selection rule (see idprior.baselines)")
-        elif sel is not None:
-            spec.overrides = {"prune.selection": sel, **spec.overrides}
-        methods.append(spec)
-    overrides: dict = {}
-    for key in ("max_train", "max_eval", "max_validation", "max_length"):
-        if raw.get(key) is not None:
-            overrides[f"data.{key}"] = raw[key]
+    methods = _grid_methods(raw, paired, problems)
     continue_train = dict(raw.get("continue") or {})
     if paired and not continue_train:
         problems.append("a paired grid needs a 'continue:' section (the further steps every method gets, e.g. {epochs: 1})")
     if continue_train and not paired:
         problems.append("'continue:' is only meaningful with paired: true")
-    for section in ("train", "recover", "prune"):
-        for k, v in (raw.get(section) or {}).items():
-            overrides[f"{section}.{k}"] = v
-    overrides.update(raw.get("set") or {})
+    overrides = _grid_overrides(raw)
     if problems:
         raise IdpriorError("bad grid:\n  " + "\n  ".join(problems))
     grid = Grid(model=str(raw.get("model", "minilm-l6")), tasks=[str(t) for t in raw["tasks"]],
@@ -162,6 +137,44 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
         if paired:
             continuation_config(grid, cfg, Path("pending"))
     return grid
+
+
+def _grid_methods(raw: dict, paired: bool, problems: list[str]) -> list[MethodSpec]:
+    """The grid's `methods:` with their `selection:` entries folded in; problems appended."""
+    known = (*SNIP_METHODS, *baseline_names())
+    methods: list[MethodSpec] = []
+    selection = raw.get("selection") or {}
+    for m in raw.get("methods") or []:
+        spec = _method_spec(m, problems)
+        if spec is None or spec.method not in known:
+            problems.append(f"method {m!r}: use one of {', '.join(known)} or {{name:, method:, set: {{dotted: value}}}}")
+            continue
+        if spec.start == "start" and not paired:
+            problems.append(f"method {spec.name!r}: 'from: start' needs a paired grid (paired: true)")
+        if not _is_plain_name(spec.name):  # it becomes a folder name under OUT/cells
+            problems.append(f"method name {spec.name!r}: use letters, digits and . _ + - only (it names a folder)")
+        if spec.name == "dense" or spec.name in {s.name for s in methods}:
+            problems.append(f"method name {spec.name!r} is reserved or used twice")
+        sel = selection.get(spec.name, selection.get(spec.method))
+        if sel is not None and spec.method not in SNIP_METHODS:
+            problems.append(f"selection for {spec.name!r}: baselines use their own selection rule (see idprior.baselines)")
+        elif sel is not None:
+            spec.overrides = {"prune.selection": sel, **spec.overrides}
+        methods.append(spec)
+    return methods
+
+
+def _grid_overrides(raw: dict) -> dict:
+    """Dotted overrides for every run: data sizes, the train/recover/prune sections, then `set:`."""
+    overrides: dict = {}
+    for key in ("max_train", "max_eval", "max_validation", "max_length"):
+        if raw.get(key) is not None:
+            overrides[f"data.{key}"] = raw[key]
+    for section in ("train", "recover", "prune"):
+        for k, v in (raw.get(section) or {}).items():
+            overrides[f"{section}.{k}"] = v
+    overrides.update(raw.get("set") or {})
+    return overrides
 
 
 def _method_spec(m, problems: list[str]) -> MethodSpec | None:
@@ -192,7 +205,7 @@ def _overrides(d: dict) -> list[str]:
 
 
 def cell_config(grid: Grid, task: str, seed: int, spec: MethodSpec, target: float, *, out: str) -> RunConfig:
-    """The RunConfig of one cell: post-training mode (prune.train=false) on its variant's fine-tune."""
+    """The RunConfig of one cell: post-training mode (prune.finetune_first=false) on its variant's fine-tune."""
     base = {"model.name": grid.model, "data.task": task, "seed": seed, "bench.enabled": False, **grid.overrides,
             "prune.method": "snip" if spec.method in SNIP_METHODS else spec.method, "prune.target": target}
     if spec.method in SNIP_METHODS:
@@ -205,19 +218,17 @@ def cell_config(grid: Grid, task: str, seed: int, spec: MethodSpec, target: floa
     return load_config(None, _overrides(base))
 
 
-def prior_on(p) -> bool:
-    """Whether a fine-tune with these prune settings applies an identity prior (as stage_finetune does)."""
-    return bool(p.prior and (p.prior_mode == "proximal" or p.prior_lambda > 0))
+prior_on = prior_active  # whether a fine-tune applies an identity prior (as stage_finetune does)
 
 
 LOSS_PRIOR_FIELDS = ("prior_lambda", "prior_weight", "prior_warmup")
 PROXIMAL_PRIOR_FIELDS = ("prior_mode", "prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain", "prior_head_share",
-                         "target", "measure", "flops_seq_len", "norm_positions", "prior_freeze")
+                         "target", "measure", "flops_seq_len", "norm_positions", "prior_freeze", "norm_after_ln", "prior_metric")
 # Fields added after fine-tunes were hashed: left out of the digest at their default, so that folders
 # hashed before they existed still match (a paired grid must find the start its earlier rows used;
 # `data.problem_type` once split the starts of the paired grid's seeds 0-1 this way).
-DIGEST_OMIT_AT_DEFAULT = {"norm_positions": "all", "prior_freeze": False}
-DATA_OMIT_AT_DEFAULT = {"problem_type": None}
+DIGEST_OMIT_AT_DEFAULT = {"norm_positions": "all", "prior_freeze": False, "norm_after_ln": False, "prior_metric": "euclid"}
+DATA_OMIT_AT_DEFAULT = {"problem_type": None, "zero_shot": None, "max_zero_shot": None}
 
 
 def _prior_fields(p) -> tuple[str, ...]:
@@ -236,10 +247,10 @@ def finetune_config(cell: RunConfig, *, out: str) -> tuple[RunConfig, str]:
     p = cell.prune
     sn, prior = p.sn, prior_on(p)
     default = RunConfig().prune
-    prune = dataclasses.replace(default, sn=sn, prior=prior, train=True, recover_epochs=0,
+    prune = dataclasses.replace(default, sn=sn, prior=prior, finetune_first=True,
                                 sn_bound=p.sn_bound if sn else default.sn_bound,
                                 **({k: getattr(p, k) for k in _prior_fields(p)} if prior else {"prior_lambda": 0.0}))
-    cfg = dataclasses.replace(cell, prune=prune, recover=RunConfig().recover, out=out)
+    cfg = dataclasses.replace(cell, prune=prune, recover=dataclasses.replace(RunConfig().recover, epochs=0.0), out=out)
     return cfg, f"{VARIANTS[(sn, prior)]}-{finetune_digest(cell)}"
 
 
@@ -320,7 +331,7 @@ def append_row(results: str | os.PathLike, row: dict) -> None:
     """One line per call, synced, so a kill loses at most the line being written."""
     path = Path(results)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(row, default=io._jsonable) + "\n"
+    text = json.dumps(row, default=io.jsonable) + "\n"
     if path.is_file() and path.stat().st_size:
         with open(path, "rb") as f:  # only the last byte: the file grows by a line per cell
             f.seek(-1, os.SEEK_END)
@@ -348,14 +359,17 @@ def versions() -> dict:
 
 def _finetune_into(cfg: RunConfig, folder: Path, label: str, counter: dict | None) -> Path:
     """Run (or resume) the finetune stage of `cfg` in `folder` unless it finished earlier."""
-    from .pipeline import Run, _timed, stage_finetune
+    from .pipeline import Run, run_stages
 
     run = Run(dataclasses.replace(cfg, out=str(folder)), resume=True)
-    if not run.done("finetune"):
-        print(f"== fine-tune {label}")
-        _timed(run, "finetune", lambda: stage_finetune(run))
-        if counter is not None:
-            counter["finetune"] = counter.get("finetune", 0) + 1
+    try:
+        if not run.done("finetune"):
+            print(f"== fine-tune {label}")
+            run_stages(run, ["finetune"])
+            if counter is not None:
+                counter["finetune"] = counter.get("finetune", 0) + 1
+    finally:
+        run.close()  # shared starts: another grid process may need this folder next
     return folder
 
 
@@ -402,7 +416,7 @@ def existing_equivalent(seed_dir: Path, name: str, cfg: RunConfig) -> Path:
     folder itself aside; the start compared by path) is used instead. Several such starts: the one
     most continuations were trained from (their `start.json`), then by name.
     """
-    from .preflight import config_differences
+    from .config import config_differences, upgrade_saved
 
     wanted = seed_dir / name
     if (wanted / "stages.json").is_file() or not seed_dir.is_dir():
@@ -414,7 +428,7 @@ def existing_equivalent(seed_dir: Path, name: str, cfg: RunConfig) -> Path:
             status = json.loads((folder / "stages.json").read_text())
         except (OSError, ValueError):
             continue
-        if "finetune" in status.get("stages", {}) and not config_differences(_comparable_dict(status["config"]), now):
+        if "finetune" in status.get("stages", {}) and not config_differences(_comparable_dict(upgrade_saved(status["config"])), now):
             found.append(folder)
     if not found:
         return wanted
@@ -438,21 +452,23 @@ def dense_metrics(ft_dir: Path, with_predictions: bool = False) -> dict:
     this fine-tune reports the same dense numbers without re-evaluating them); its per-example
     outputs go to dense_predictions.safetensors beside them."""
     from .evaluate import evaluate_with_predictions, save_predictions
-    from .pipeline import Run, _load
+    from .pipeline import Run
 
     path = ft_dir / "dense_metrics.json"
     if path.is_file() and (not with_predictions or (ft_dir / "dense_predictions.safetensors").is_file()):
         return io.read_json(path)["metrics"]
-    from .config import load_config as _load_config
-
-    run = Run(_load_config(str(ft_dir / "config.yaml")), resume=True)
-    model, tok = _load(run, str(ft_dir / "finetuned"))
-    t0 = time.perf_counter()
-    metrics, per = {}, {}
-    for s in ["validation", *run.test_splits()]:
-        metrics[s], per[f"dense.{s}"] = evaluate_with_predictions(model, run.task, run.loader(s, tok, train=False), f"dense {s}")
-    save_predictions(ft_dir / "dense_predictions.safetensors", per)
-    io.write_json(path, {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 2)})
+    run = Run(load_run_config(ft_dir), resume=True)
+    try:
+        model, tok = run.load_model(str(ft_dir / "finetuned"))
+        t0 = time.perf_counter()
+        metrics, per = {}, {}
+        for s in ["validation", *run.test_splits()]:
+            metrics[s], per[f"dense.{s}"] = evaluate_with_predictions(model, run.task, run.loader(s, tok, train=False),
+                                                                     f"dense {s}")
+        save_predictions(ft_dir / "dense_predictions.safetensors", per)
+        io.write_json(path, {"metrics": metrics, "wall_s": round(time.perf_counter() - t0, 2)})
+    finally:
+        run.close()  # a fine-tune folder is shared between grid processes
     return metrics
 
 
@@ -489,21 +505,16 @@ def _start_info(ft_dir: Path) -> dict:
 def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, target: float,
              counter: dict | None = None, results: Path | None = None) -> dict:
     """Score/select/surgery/recover/evaluate one cell on its shared fine-tune; returns its JSONL row."""
-    from .pipeline import Run, _timed, stage_evaluate, stage_recover, stage_score, stage_select, stage_surgery
+    from .pipeline import Run, run_stages, stage_evaluate
 
     cell_dir = out / "cells" / task / f"seed{seed}" / spec.name / f"t{target:g}"
     cfg = cell_config(grid, task, seed, spec, target, out=str(cell_dir))
     ft_dir = ensure_finetuned(cfg, out, counter, grid=grid, start_only=spec.start == "start")
-    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, train=False))
+    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, finetune_first=False))
     run = Run(cfg, resume=True)
     _link_finetuned(cell_dir, ft_dir)
     dense = dense_metrics(ft_dir, with_predictions=grid.paired)
-    fns = {"score": stage_score, "select": stage_select, "surgery": stage_surgery, "recover": stage_recover,
-           "evaluate": lambda r: stage_evaluate(r, dense_metrics=dense)}
-    for stage in CELL_STAGES:
-        if stage == "score" and cfg.prune.method != "snip":
-            continue
-        _timed(run, stage, lambda fn=fns[stage]: fn(run))
+    run_stages(run, CELL_STAGES, fns={"evaluate": lambda r: stage_evaluate(r, dense_metrics=dense)})
     if counter is not None:
         counter["cells"] = counter.get("cells", 0) + 1
     metrics = io.read_json(run.path("metrics.json"))
@@ -548,13 +559,14 @@ def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None 
     """The "dense" row of (task, seed): the plain fine-tune (paired grids: the shared start), evaluated
     on validation and test."""
     from .metrics import main_metric
-    from .pipeline import Run, _load, compression
+    from .pipeline import Run, compression
 
     cfg = cell_config(grid, task, seed, MethodSpec("dense", "snip-no-sn-no-prior"), 0.5, out="pending")
     ft_dir = ensure_finetuned(cfg, out, counter, grid=grid, start_only=True)
     scores = dense_metrics(ft_dir, with_predictions=grid.paired)
     run = Run(io_config(ft_dir), resume=True)
-    model = _load(run, str(ft_dir / "finetuned"))[0]
+    model = run.load_model(str(ft_dir / "finetuned"))[0]
+    run.close()  # the start is shared between grid processes; only its config and data are read below
     if counter is not None:
         counter["dense"] = counter.get("dense", 0) + 1
     wall = {"finetune": io.read_json(ft_dir / "stages.json")["stages"]["finetune"]["wall_s"],
@@ -573,8 +585,8 @@ def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None 
 
 
 def io_config(ft_dir: Path) -> RunConfig:
-    """The config a fine-tune folder was made with."""
-    return load_config(str(ft_dir / "config.yaml"))
+    """The config a fine-tune folder was made with (by any idprior version)."""
+    return load_run_config(ft_dir)
 
 
 def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike | None = None,

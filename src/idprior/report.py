@@ -12,7 +12,7 @@ METHOD_NOTE = ("SNIP (spectral-normalized identity prior), reconstructed from th
                "Findings of EMNLP 2020; the method details are idprior's own design, not the paper's.")
 
 
-def _plt():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,13 +21,13 @@ def _plt():
     return plt
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     io.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
 
 
 def plot_structure(plan: dict, path: Path) -> Path:
     """Heatmap-style bars: kept head units and FFN width per layer, as fractions of the original."""
-    plt = _plt()
+    plt = pyplot()
     rows = plan["structure"]
     layers = [r["layer"] for r in rows]
     heads = [r["head_units"] / r["head_units_before"] if r["head_units_before"] else 0 for r in rows]
@@ -42,14 +42,14 @@ def plot_structure(plan: dict, path: Path) -> Path:
     ax.set_xticks([0, 1], ["head units kept", "FFN neurons kept"])
     ax.set_yticks(range(len(layers)), [f"layer {x}" for x in layers])
     ax.set_title("kept structure per layer")
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
 
 def plot_norms(norms: dict[str, float], path: Path, removed: set[str] | None = None) -> Path:
     """Histogram of log10 function norms per unit kind (removed units hatched)."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3))
     for ax, kind in zip(axes, ("head", "neuron")):
         vals = [math.log10(max(v, 1e-12)) for k, v in norms.items() if k.startswith(kind + ":")]
@@ -61,13 +61,13 @@ def plot_norms(norms: dict[str, float], path: Path, removed: set[str] | None = N
         ax.set_title(f"{kind} function norms")
         ax.set_xlabel("log10 ||f_u||")
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
 
 def plot_stage_times(stages: dict, path: Path) -> Path:
-    plt = _plt()
+    plt = pyplot()
     names = [k for k in stages if k != "report" and not stages[k].get("skipped")]
     secs = [stages[k].get("wall_s", 0) for k in names]
     fig, ax = plt.subplots(figsize=(6, 0.5 + 0.35 * len(names)))
@@ -75,7 +75,7 @@ def plot_stage_times(stages: dict, path: Path) -> Path:
     ax.invert_yaxis()
     ax.set_xlabel("wall time (s)")
     ax.set_title("stage wall times")
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -142,6 +142,10 @@ def write_run_report(out: str | Path) -> Path:
                   f"| split | dense {m} | pruned, no recovery | pruned |", "|---|---|---|---|"]
         for split, d in metrics["dense"].items():
             lines.append(f"| {split} | {_fmt(d[m])} | {_fmt(metrics['pruned_no_recovery'][split][m])} | {_fmt(metrics['pruned'][split][m])} |")
+        if zs := metrics.get("zero_shot"):
+            lines.append(f"| zero-shot {zs['task']} {zs['split']} accuracy ({zs['dense']['examples']} examples, "
+                         f"label-word likelihood) | {_fmt(zs['dense']['accuracy'])} | "
+                         f"{_fmt(zs['pruned_no_recovery']['accuracy'])} | {_fmt(zs['pruned']['accuracy'])} |")
         c = metrics["compression"]
         lines += ["", f"## Compression (FLOPs at sequence length {c['seq_len']})", "",
                   "| measure | dense | pruned | removed |", "|---|---|---|---|"]

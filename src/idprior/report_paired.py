@@ -17,7 +17,7 @@ import numpy as np
 
 from . import io
 from .paired import DENSE, Comparison, compare
-from .report import _plt, _save
+from .report import pyplot, save_figure
 
 ENDPOINTS = {"pruned_no_recovery": "before recovery", "pruned": "after recovery"}
 
@@ -126,7 +126,7 @@ def wall_table(rows: list[dict]) -> list[str]:
 
 def plot_differences(comps: list[Comparison], path: Path, title: str) -> Path:
     """Mean paired differences with 95% t intervals, one line per comparison."""
-    plt = _plt()
+    plt = pyplot()
     comps = [c for c in comps if len(c.cells) > 1]
     fig, ax = plt.subplots(figsize=(7, 0.4 * len(comps) + 1.4))
     for i, c in enumerate(comps):
@@ -139,7 +139,7 @@ def plot_differences(comps: list[Comparison], path: Path, title: str) -> Path:
     ax.set_xlabel("accuracy difference (points), mean over cells, 95% t interval")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from . import io
-from .report import _plt, _save, plot_structure
+from .report import plot_structure, pyplot, save_figure
 
 SNIP_FAMILY = ("snip", "snip-no-sn", "snip-no-prior", "snip-no-sn-no-prior")
 STAGE_ORDER = ("finetune", "score", "select", "surgery", "recover", "evaluate")
@@ -243,7 +243,7 @@ def wall_table(rows: list[dict]) -> list[str]:
 
 def plot_tradeoff(rows: list[dict], path: Path, *, split: str = "test") -> Path:
     """Metric after recovery vs measured encoder-parameter compression, one panel per task + average."""
-    plt = _plt()
+    plt = pyplot()
     tasks = tasks_of(rows)
     panels = [*tasks, "average"]
     agg = aggregate(rows, split=split)
@@ -275,14 +275,14 @@ def plot_tradeoff(rows: list[dict], path: Path, *, split: str = "test") -> Path:
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels)), fontsize=8, bbox_to_anchor=(0.5, -0.02 - 0.03 * math.ceil(len(labels) / 6)))
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
 
 def plot_norm_distributions(scores: dict[str, dict[str, float]], path: Path, title: str = "") -> Path:
     """Step histograms of log10 function norms per unit kind, one line per snip-family fine-tune."""
-    plt = _plt()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.3))
     for ax, kind in zip(axes, ("head", "neuron")):
         for i, (name, norms) in enumerate(scores.items()):
@@ -293,14 +293,14 @@ def plot_norm_distributions(scores: dict[str, dict[str, float]], path: Path, tit
         ax.set_xlabel("log10 ||f_u||")
         ax.legend(fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 
 
 def plot_wall_times(rows: list[dict], path: Path) -> Path:
     """Stacked mean wall seconds per stage for each method (the fine-tune is shared across cells)."""
-    plt = _plt()
+    plt = pyplot()
     means = wall_means(rows)
     methods = [m for m in ["dense", *methods_of(rows)] if m in means]
     fig, ax = plt.subplots(figsize=(7, 0.6 + 0.35 * len(methods)))
@@ -314,7 +314,7 @@ def plot_wall_times(rows: list[dict], path: Path) -> Path:
     ax.set_xlabel("mean wall time per cell (s)")
     ax.legend(fontsize=8)
     ax.set_title("stage wall times")
-    _save(fig, path)
+    save_figure(fig, path)
     plt.close(fig)
     return path
 

@@ -6,6 +6,12 @@ With `readout=True` (`prune.norm_positions: readout`) the mean in the LAST layer
 positions the model's head reads (the adapter's `readout_mask`, e.g. [CLS] for a BERT classifier)
 instead: a last-layer branch reaches the output only there, so its effect on other tokens is moot.
 
+With `after_ln=True` (`prune.norm_after_ln`, post-LN models) a branch is measured where it acts,
+after the LayerNorm it joins: LN(x + f) holds f as γ ⊙ C f / σ_t (C removes the mean over the hidden
+size, σ_t the token's LN input std), so the output weights are taken as diag(γ) C W and the norm is
+scaled by sqrt(mean over tokens of 1/σ_t²) of that sub-layer. Layers whose LN gain or input scale
+differ (≈3x across MiniLM's layers) are then compared on the scale the next layer sees.
+
 Heads come from the per-head context before the output projection: f_h(x) = ctx_h W_O[:, h],
 so ||f_h||^2 = ctx_h^T (W_O[:, h]^T W_O[:, h]) ctx_h, computed with the small per-head Gram
 matrix instead of materializing every head's output. A GQA head unit (one KV group) is the sum
@@ -38,24 +44,31 @@ class BranchNorms:
 
     `sums[(kind, layer)]` is a [n_units] tensor ("head", "neuron") or a [1] tensor ("attn",
     "ffn"); `tokens` counts real tokens; `input_sq[layer]` sums ||layer input||^2 (for
-    `--score relative`). `differentiable=True` keeps the graph (identity prior) and restarts the
-    sums at every training forward; otherwise they accumulate in float64 without grad. With
-    `readout=True` the last layer counts only the adapter's readout positions (`readout_tokens`).
+    `--score relative`) and `ffn_input_sq[layer]` ||residual the FFN writes into||^2 (`--score residual`:
+    in a pre-LN layer the FFN adds to x + attn(x), not to x). `differentiable=True` keeps the graph
+    (identity prior) and restarts the sums at every training forward; otherwise they accumulate in
+    float64 without grad. With `readout=True` the last layer counts only the adapter's readout
+    positions (`readout_tokens`).
     """
 
     def __init__(self, model: nn.Module, gates: Gates, adapter: Adapter, kinds: Iterable[str] = ("head", "neuron", "attn", "ffn"),
-                 differentiable: bool = False, readout: bool = False):
+                 differentiable: bool = False, readout: bool = False, after_ln: bool = False):
         self.model, self.gates, self.adapter = model, gates, adapter
         self.kinds = set(kinds)
         self.differentiable = differentiable
         self.sums: dict[tuple[str, int], torch.Tensor] = {}
         self.input_sq: dict[int, torch.Tensor] = {}
+        self.ffn_input_sq: dict[int, torch.Tensor] = {}
         self.tokens = 0
         # decided once, from the model's head, so every rank and every batch agree
         self.readout = readout and adapter.readout_mask(torch.ones(1, 1, dtype=torch.bool)) is not None
         self.last_layer = adapter.num_layers - 1
         self.readout_positions: torch.Tensor | None = None  # [B, T] bool for the current batch
         self.readout_tokens = 0
+        # post-LN: the LayerNorm after each sub-layer ("attn" | "ffn", layer) and Σ 1/σ_t² of its input
+        self.out_norms = {(sub, i): ln for i in range(adapter.num_layers) for sub in ("attn", "ffn")
+                          if after_ln and (ln := adapter.branch_out_norm(i, sub)) is not None}
+        self.ln_sq: dict[tuple[str, int], torch.Tensor] = {}
         self.active = True
         self._handles: list = []
         self._perm_cache: dict[int, tuple[torch.Tensor, int]] = {}
@@ -66,6 +79,9 @@ class BranchNorms:
         self._handles.append(self.model.register_forward_pre_hook(self._on_forward, with_kwargs=True))
         for i, layer in enumerate(self.adapter.layers()):
             self._handles.append(layer.register_forward_pre_hook(self._layer_input(i), with_kwargs=True))
+            self._handles.append(self.adapter.ffn_residual(i).register_forward_pre_hook(self._ffn_input(i), with_kwargs=True))
+        for key, ln in self.out_norms.items():
+            self._handles.append(ln.register_forward_pre_hook(self._ln_input(key)))
         return self
 
     def detach(self) -> None:
@@ -78,8 +94,10 @@ class BranchNorms:
     def reset(self) -> None:
         self.sums.clear()
         self.input_sq.clear()
+        self.ffn_input_sq.clear()
         self.tokens = 0
         self.readout_tokens = 0
+        self.ln_sq.clear()
 
     def _on_forward(self, module, args, kwargs):
         """Top-level pre-hook: remember which tokens are real and count them."""
@@ -101,6 +119,14 @@ class BranchNorms:
             self.readout_tokens += int(self.readout_positions.sum())
 
     def _layer_input(self, layer: int):
+        """Pre-hook on the layer: ||layer input||^2 into `input_sq` (subclasses may return a no-op)."""
+        return self._stream_sq(layer, self.input_sq)
+
+    def _ffn_input(self, layer: int):
+        """Pre-hook on `adapter.ffn_residual`: ||stream the FFN writes into||^2 into `ffn_input_sq`."""
+        return self._stream_sq(layer, self.ffn_input_sq)
+
+    def _stream_sq(self, layer: int, store: dict):
         def hook(module, args, kwargs):
             if not self.active or self.differentiable:
                 return
@@ -108,9 +134,33 @@ class BranchNorms:
             if x is None:
                 return
             sq = (x.detach().float() ** 2).sum(-1)  # [B, T]
-            self._add(self.input_sq, layer, self._masked_sum(sq[..., None], layer)[0])
+            self._add(store, layer, self._masked_sum(sq[..., None], layer)[0])
 
         return hook
+
+    def _ln_input(self, key: tuple[str, int]):
+        def hook(module, args):
+            if not self.active:
+                return
+            x = args[0].detach().float()
+            inv = 1.0 / (x.var(-1, unbiased=False) + module.eps)  # 1/σ_t²: [B, T]
+            self._add(self.ln_sq, key, self._masked_sum(inv[..., None], key[1]).detach().double())
+
+        return hook
+
+    def out_weight(self, module: nn.Module, layer: int, sub: str) -> torch.Tensor:
+        """[out, in] output weights of a branch, as diag(γ) C W when measured after its LayerNorm."""
+        w = self.adapter.out_weight(module)
+        ln = self.out_norms.get((sub, layer))
+        if ln is None:
+            return w
+        return ln.weight.detach()[:, None].to(w.dtype) * (w - w.mean(0, keepdim=True))
+
+    def ln_scale(self, key: tuple[str, int], n: int | None = None) -> float:
+        """sqrt(mean of 1/σ_t²) after sub-layer `key` (1 when the branch is not measured after an LN)."""
+        if key not in self.out_norms or key not in self.ln_sq:
+            return 1.0
+        return math.sqrt(float(self.ln_sq[key].sum()) / max(1, self.count(key[1]) if n is None else n))
 
     # ---- accumulation ---------------------------------------------------------------------------
     def positions(self, layer: int) -> torch.Tensor | None:
@@ -150,7 +200,7 @@ class BranchNorms:
         if not self.differentiable:
             x = x.detach()
         if site == "heads" and "head" in self.kinds:
-            w = self.adapter.out_weight(module)  # [D, H*dh]
+            w = self.out_weight(module, layer, "attn")  # [D, H*dh]
             d_out = w.shape[0]
             dh = self.adapter.head_dim
             n_heads = x.shape[-1] // dh
@@ -163,34 +213,44 @@ class BranchNorms:
             sq = torch.einsum("btui,uij,btuj->btu", ctx.float(), gram, ctx.float()).clamp(min=0)  # [B, T, U]
             self._add(self.sums, ("head", layer), self._masked_sum(sq, layer))
         elif site == "neurons" and "neuron" in self.kinds:
-            w = self.adapter.out_weight(module)  # [D, F]
+            w = self.out_weight(module, layer, "ffn")  # [D, F]
             col_sq = (w.float() ** 2).sum(0)  # [F]
             act_sq = self._masked_sum(x.float() ** 2, layer)  # [F]
             self._add(self.sums, ("neuron", layer), act_sq * col_sq)
         elif site in ("attn", "ffn") and site in self.kinds:
+            ln = self.out_norms.get((site, layer))
+            if ln is not None:
+                x = ln.weight.detach() * (x - x.mean(-1, keepdim=True))  # diag(γ) C f: [B, T, D]
             sq = (x.float() ** 2).sum(-1, keepdim=True)  # [B, T, 1]
             self._add(self.sums, (site, layer), self._masked_sum(sq, layer))
 
     # ---- results --------------------------------------------------------------------------------
     def norms(self, eps: float = 0.0) -> dict[tuple[str, int], torch.Tensor]:
         """sqrt(mean over tokens) for every (kind, layer) seen."""
-        return {k: torch.sqrt(v / max(1, self.count(k[1])) + eps) for k, v in self.sums.items()}
+        sub = {"head": "attn", "attn": "attn", "neuron": "ffn", "ffn": "ffn"}
+        return {k: torch.sqrt(v / max(1, self.count(k[1])) + eps) * self.ln_scale((sub[k[0]], k[1]))
+                for k, v in self.sums.items()}
 
 
 @torch.no_grad()
 def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = ("head", "neuron", "attn", "ffn"),
-          adapter: Adapter | None = None, relative: bool = False, readout: bool = False,
-          desc: str = "score") -> dict[Unit, float]:
+          adapter: Adapter | None = None, relative: bool = False, residual: bool = False, readout: bool = False,
+          after_ln: bool = False, desc: str = "score", lean: bool = True) -> dict[Unit, float]:
     """Function norm of every unit of `kinds`, in eval mode, in one pass over `batches`.
 
-    `readout=True`: last-layer norms over the positions the model's head reads (see BranchNorms).
+    `readout=True`: last-layer norms over the positions the model's head reads; `after_ln=True`:
+    norms measured after the LayerNorm each branch joins (post-LN models; see BranchNorms).
 
     With `relative=True` each norm is divided by the RMS norm of its layer's input, so that
-    layers with larger residual streams (pre-LN decoders) are not favoured.
+    layers with larger residual streams (pre-LN decoders) are not favoured. `residual=True` divides
+    by the RMS of the residual stream each branch writes into: the layer input for attention, the
+    FFN's own input stream for the FFN (in a pre-LN decoder x + attn(x), which an early layer's
+    attention can make much larger than x), i.e. the branch's relative update of that stream.
 
     Memory: the gate hooks reduce every branch to per-unit sums as soon as it is computed, and
     under no_grad nothing else keeps a layer's activations, so beyond the weights the peak is
-    about one layer's activations (plus the logits, cut to the last position for causal LMs).
+    about one layer's activations (plus the logits, cut to the last position for causal LMs;
+    `lean=False` keeps the full forward, for the memory benchmark's comparison).
 
     Several processes: when `torch.distributed` is initialized (e.g. under `accelerate launch`),
     rank r takes batches r, r + world, ... and the per-unit sums and token counts are all-reduced
@@ -204,9 +264,9 @@ def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = (
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    extra = _lean_forward_kwargs(model)
+    extra = lean_forward_kwargs(model) if lean else {}
     with Gates(model, adapter) as gates:
-        rec = BranchNorms(model, gates, adapter, kinds, readout=readout).attach()
+        rec = BranchNorms(model, gates, adapter, kinds, readout=readout, after_ln=after_ln).attach()
         try:
             for i, batch in enumerate(tqdm(batches, desc=desc, leave=False, dynamic_ncols=True, disable=rank != 0)):
                 if i % world != rank:
@@ -219,8 +279,9 @@ def score(model: nn.Module, batches: Iterable[dict], *, kinds: Iterable[str] = (
         _all_reduce(rec, adapter, device)
     out: dict[Unit, float] = {}
     for (kind, layer), value in sorted(rec.norms().items()):
-        if relative:
-            rms_in = float(torch.sqrt(rec.input_sq[layer] / max(1, rec.count(layer))))
+        if relative or residual:
+            store = rec.ffn_input_sq if residual and kind in ("neuron", "ffn") else rec.input_sq
+            rms_in = float(torch.sqrt(store[layer] / max(1, rec.count(layer))))
             value = value / max(rms_in, 1e-12)
         if kind in ("attn", "ffn"):
             out[Unit(kind, layer)] = float(value[0])
@@ -244,7 +305,7 @@ def check_finite(scores: dict[Unit, float]) -> None:
         )
 
 
-def _lean_forward_kwargs(model: nn.Module) -> dict:
+def lean_forward_kwargs(model: nn.Module) -> dict:
     """Forward options that skip what scoring never reads: the KV cache, and the logits of all but
     the last position (a causal LM's [B, T, vocab] logits are 1.6 GB for SmolLM2 at 64 x 128
     tokens, far more than one layer's activations)."""
@@ -275,7 +336,8 @@ def _all_reduce(rec: BranchNorms, adapter: Adapter, device: torch.device) -> Non
         sizes = {"head": adapter.num_head_units(layer) if shape.has_attn else 0, "neuron": shape.ffn_dim,
                  "attn": int(shape.has_attn), "ffn": int(shape.has_ffn)}
         layout += [(rec.sums, (kind, layer), sizes[kind]) for kind in sorted(rec.kinds) if sizes[kind]]
-        layout.append((rec.input_sq, layer, 1))
+        layout += [(rec.input_sq, layer, 1), (rec.ffn_input_sq, layer, 1)]
+        layout += [(rec.ln_sq, key, 1) for key in sorted(rec.out_norms) if key[1] == layer]
     parts = [store.get(key, torch.zeros(n, dtype=torch.float64, device=device)).reshape(n).double()
              for store, key, n in layout]
     counts = torch.tensor([float(rec.tokens), float(rec.readout_tokens)], dtype=torch.float64, device=device)

@@ -15,10 +15,16 @@ and the target is overshot by at most that one unit. Collapse: the last head of 
 whole attention sub-layer with it, the last neuron the whole FFN. Ties break by (layer, kind,
 index). No plan removes every attention sub-layer or every FFN sub-layer of the model: such a
 unit is skipped and the plan says so in `warnings`.
+
+Options for models whose layers must not be gutted (a global ranking on a pre-LN decoder empties
+its early FFNs, benchmarks/results/smollm2_selection.md): `min_keep`, a fraction of each layer's head
+units and of its neurons that always stays (so no sub-layer collapses), and `protect`, layers
+never touched. Units they hold back are skipped, like the last sub-layer.
 """
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable
 
@@ -62,13 +68,23 @@ def _key_fn(mode: str, scores: dict[Unit, float], cost_of):
     raise IdpriorError(f"unknown selection mode {mode!r}")
 
 
-class _State:
-    """Which units are gone so far, with the protection rule; costs and collapse come from `plan`."""
+def protected_layers(num_layers: int, first: int = 0, last: int = 0) -> frozenset[int]:
+    """Indices of the first `first` and the last `last` layers."""
+    return frozenset(range(min(first, num_layers))) | frozenset(range(max(0, num_layers - last), num_layers))
 
-    def __init__(self, adapter: Adapter, measure: str, seq_len: int):
+
+class _State:
+    """Which units are gone so far, with the protection rules; costs and collapse come from `plan`."""
+
+    def __init__(self, adapter: Adapter, measure: str, seq_len: int, min_keep: float = 0.0,
+                 protect: Iterable[int] = ()):
         self.adapter, self.measure, self.seq_len = adapter, measure, seq_len
         self.costs = {sub: [sublayer_costs(adapter, sub, i) for i in range(adapter.num_layers)] for sub in MEMBER}
         self.left = {sub: [c.n for c in costs] for sub, costs in self.costs.items()}  # units left per layer
+        # units that must stay per layer (>= 1 when min_keep > 0, so nothing collapses); 1e-9: 0.3 * 10 is 3.0000000000000004
+        self.floor = {sub: [math.ceil(min_keep * n - 1e-9) if min_keep > 0 and n else 0 for n in left]
+                      for sub, left in self.left.items()}
+        self.protect = frozenset(protect)
         self.taken = {sub: [0] * adapter.num_layers for sub in MEMBER}  # head units / neurons taken per layer
         self.removed: list[Unit] = []
         self.amount = 0.0
@@ -77,15 +93,26 @@ class _State:
     def _m(self, cost) -> float:
         return measure_of(cost, self.measure, self.seq_len)
 
-    def gain(self, u: Unit) -> float | None:
-        """Measure removed by taking `u` now; None if it is already gone or protected."""
+    def blocked(self, u: Unit) -> str | None:
+        """Why `u` cannot be taken now ("gone", "protected", "min_keep", "last"), or None."""
         sub, layer = SUBLAYER[u.kind], u.layer
         left = self.left[sub]
         if left[layer] == 0:
+            return "gone"
+        if layer in self.protect:
+            return "protected"
+        if self.floor[sub][layer] and (u.kind == sub or left[layer] - 1 < self.floor[sub][layer]):
+            return "min_keep"
+        if self.costs[sub][layer].collapses(u.kind, self.taken[sub][layer] + 1) and sum(1 for n in left if n > 0) == 1:
+            return "last"  # would remove the model's last attention (FFN) sub-layer
+        return None
+
+    def gain(self, u: Unit) -> float | None:
+        """Measure removed by taking `u` now; None if it is blocked (see `blocked`)."""
+        if self.blocked(u) is not None:
             return None
+        sub, layer = SUBLAYER[u.kind], u.layer
         taken, costs = self.taken[sub][layer], self.costs[sub][layer]
-        if costs.collapses(u.kind, taken + 1) and sum(1 for n in left if n > 0) == 1:
-            return None  # would remove the model's last attention (FFN) sub-layer
         return self._m(costs.removal(u.kind, taken + 1)) - self._m(costs.removal(MEMBER[sub], taken))
 
     def take(self, u: Unit, gain: float) -> None:
@@ -97,6 +124,45 @@ class _State:
         else:
             self.left[sub][u.layer] -= 1
             self.taken[sub][u.layer] += 1
+
+
+def _take_below(state: _State, order: list[Unit], key, tau: float) -> float:
+    """Every unit whose key is under `tau`, in order (the collapse and protection rules permitting); returns tau."""
+    for u in order:
+        if key(u) >= tau:
+            break
+        g = state.gain(u)
+        if g is not None:
+            state.take(u, g)
+    return tau
+
+
+def _take_budget(state: _State, order: list[Unit], key, budget: float, mode: str,
+                 head_share: float | None) -> float | None:
+    """Greedy in key order until `budget` is removed; mode "share" first fills `head_share` of it from
+    heads, the rest from the other kinds, and finishes from everything left if a pool ran dry.
+    Returns the key of the last unit taken."""
+    if mode != "share":
+        return _greedy(state, order, key, budget)
+    if head_share is None:
+        raise IdpriorError("selection 'share' needs head_share (the fraction of the budget taken from heads)")
+    heads = [u for u in order if u.kind in ("head", "attn")]
+    others = [u for u in order if u.kind not in ("head", "attn")]
+    last_key = _greedy(state, heads, key, head_share * budget)
+    last_key = _greedy(state, others, key, budget) or last_key
+    if state.amount < budget:  # a pool ran dry: finish from everything left
+        last_key = _greedy(state, order, key, budget) or last_key
+    return last_key
+
+
+def _warn_kept_last(state: _State, order: list[Unit]) -> None:
+    """A warning for each unit kind the collapse rule kept (the last attention / FFN sub-layer)."""
+    taken = set(state.removed)  # a set: `in` on the list made this quadratic (minutes for SmolLM2's 46k neurons)
+    skipped = [u for u in order[: len(state.removed) + 1] if u not in taken and state.blocked(u) == "last"]
+    if any(u.kind in ("head", "attn") for u in skipped):
+        state.warnings.append("kept the model's last attention sub-layer (a plan may not remove all attention)")
+    if any(u.kind in ("neuron", "ffn") for u in skipped):
+        state.warnings.append("kept the model's last FFN sub-layer (a plan may not remove every FFN)")
 
 
 def select(
@@ -112,8 +178,13 @@ def select(
     head_share: float | None = None,
     total_params: int | None = None,
     method: str = "snip",
+    min_keep: float = 0.0,
+    protect: Iterable[int] = (),
 ) -> PruningPlan:
-    """Choose the units to remove so that at least `target` of `measure` goes (or all below `tau`)."""
+    """Choose the units to remove so that at least `target` of `measure` goes (or all below `tau`);
+    `min_keep` and `protect` (layer indices) hold units back (module docstring)."""
+    if not 0 <= min_keep < 1:
+        raise IdpriorError(f"min_keep must be in [0, 1), got {min_keep}; it is the fraction of each layer's units kept")
     if (target is None) == (tau is None):
         raise IdpriorError("give exactly one of target (a fraction to remove) or tau (a raw threshold)")
     if target is not None and not 0 <= target < 1:
@@ -130,41 +201,22 @@ def select(
     key = _key_fn(mode, scores, cost_of)
     order = sorted(cands, key=lambda u: (key(u), *u.sort_key()))
     total = measure_total(adapter, measure, seq_len)
-    state = _State(adapter, measure, seq_len)
-    last_key = None
+    state = _State(adapter, measure, seq_len, min_keep, protect)
     if tau is not None:
-        for u in order:
-            if key(u) >= tau:
-                break
-            g = state.gain(u)
-            if g is not None:
-                state.take(u, g)
-        last_key = tau
+        last_key = _take_below(state, order, key, tau)
     elif target > 0:
-        budget = target * total
-        if mode == "share":
-            if head_share is None:
-                raise IdpriorError("selection 'share' needs head_share (the fraction of the budget taken from heads)")
-            heads = [u for u in order if u.kind in ("head", "attn")]
-            others = [u for u in order if u.kind not in ("head", "attn")]
-            last_key = _greedy(state, heads, key, head_share * budget)
-            last_key = _greedy(state, others, key, budget) or last_key
-            if state.amount < budget:  # a pool ran dry: finish from everything left
-                last_key = _greedy(state, order, key, budget) or last_key
-        else:
-            last_key = _greedy(state, order, key, budget)
-        if state.amount < budget:
+        last_key = _take_budget(state, order, key, target * total, mode, head_share)
+        if state.amount < target * total:
+            held = " or holding back what prune.min_keep / protect_first / protect_last keep" if (
+                min_keep or state.protect) else ""
             raise IdpriorError(
                 f"target {target:.0%} of {measure} is out of reach with kinds {','.join(kinds)} "
-                f"(at most {state.amount / total:.1%} can go without removing every attention or FFN sub-layer); "
+                f"(at most {state.amount / total:.1%} can go without removing every attention or FFN sub-layer{held}); "
                 "lower --target or add kinds"
             )
-    taken = set(state.removed)  # a set: `in` on the list made this quadratic (minutes for SmolLM2's 46k neurons)
-    skipped = [u for u in order[: len(state.removed) + 1] if u not in taken and state.gain(u) is None]
-    if any(u.kind in ("head", "attn") for u in skipped):
-        state.warnings.append("kept the model's last attention sub-layer (a plan may not remove all attention)")
-    if any(u.kind in ("neuron", "ffn") for u in skipped):
-        state.warnings.append("kept the model's last FFN sub-layer (a plan may not remove every FFN)")
+    else:
+        last_key = None
+    _warn_kept_last(state, order)
     units = normalize(adapter, state.removed)
     total_params = total_params if total_params is not None else sum(p.numel() for p in adapter.model.parameters())
     return PruningPlan(

@@ -215,6 +215,7 @@ def load_pruned(
     shapes = getattr(config, STRUCTURE_KEY, None)
     if shapes is not None:
         adapter.reshape_to([LayerShape(**shape) for shape in shapes])
+    adapter.add_recorded_out_biases()  # biases added by compensation (config.idprior_out_bias)
 
     _fill_tied_keys(model, state)
     try:

@@ -1,15 +1,18 @@
 """A short fine-tuning loop of our own: AdamW, linear warm-up/decay, clipping, checkpoints, resume.
 
-The loop knows nothing about pruning. SNIP plugs in through `extra_loss` (the loss-term identity
-prior, computed from what the gate observers saw during the forward pass) or `post_step` (the
-proximal prior, which edits the weights after each optimizer step), and distillation through
-`teacher`. Runs under `accelerate launch` with the same code as one process.
+The loop knows nothing about pruning. Everything beyond the task loss plugs in as a `TrainHook`:
+the loss-term identity prior (`prior.IdentityPrior`, computed from what the gate observers saw
+during the forward pass), the proximal prior (`AfterStep(proximal.ProximalPrior)`, which edits the
+weights after each optimizer step) and distillation (`Distillation`). One call of `train` is a
+`TrainState` (progress, checkpointed), a `_Loop.step` per batch, `_Loop.end_epoch` (history, best
+weights) and a `Checkpointer`. Runs under `accelerate launch` with the same code as one process.
 
 Checkpoints (in `ckpt_dir`): one folder per checkpoint, `e<epoch>-s<step in epoch>/`, holding
 `model.safetensors` (spectral-norm u, v and bounds included: they are buffers), `optimizer.pt`
 (optimizer + scheduler, read back with `weights_only=True`), `rng.safetensors` and `state.json`
-(progress, history, the running loss sums of the epoch, Python's RNG) and, when `post_step` has a
-`state_dict()`, its state: plain values in `state.json`, tensors in `post_step.safetensors`. Each folder is written
+(`TrainState`: progress, history, the running loss sums of the epoch; Python's RNG) and, for each
+hook with a `state_dict()`, its state: plain values in `state.json` under the hook's `state_key`,
+tensors in `<state_key>.safetensors` (the proximal prior's: "post_step"). Each folder is written
 under a temporary name and renamed when complete, so a crash at any moment leaves only complete
 checkpoints; older ones are deleted after the new one is in place. Written each epoch and every
 `checkpoint_every` steps. `resume=True` continues from the newest, skipping the batches already
@@ -19,6 +22,7 @@ restored, so a resumed run ends with the same weights as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -117,6 +121,254 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tem
     return kl.mean()
 
 
+# ---- hooks: what SNIP adds to a training step ------------------------------------------------------
+
+class TrainHook:
+    """One interface for everything that changes a training step beyond the task loss.
+
+    `loss` runs inside the forward's spectral-norm cache, after the task loss, and may return a new
+    loss (distillation mixes, the identity prior adds); `after_step` runs after `opt.step()`, before
+    the scheduler moves the learning rate (the proximal prior edits the weights there). Both return
+    log terms, which join the step's row in hook order. A hook with `state_dict()` /
+    `load_state_dict()` is checkpointed: plain values in state.json under `state_key`, tensors in
+    `<state_key>.safetensors`.
+    """
+
+    state_key = "hook"
+
+    def start(self, device: torch.device) -> None:
+        """Called once before the first step, with the device training runs on."""
+
+    def loss(self, model: torch.nn.Module, batch: dict, outputs, loss: torch.Tensor, step: int,
+             total: int) -> tuple[torch.Tensor, dict]:
+        return loss, {}
+
+    def after_step(self, model: torch.nn.Module, step: int, total: int) -> dict:
+        return {}
+
+
+class Distillation(TrainHook):
+    """loss <- (1 - alpha) loss + alpha KD(teacher || student) (`distill_loss`)."""
+
+    def __init__(self, teacher: torch.nn.Module, alpha: float = 0.5, temperature: float = 2.0):
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+
+    def start(self, device):
+        self.teacher.eval().to(device)
+
+    def loss(self, model, batch, outputs, loss, step, total):
+        with torch.no_grad():
+            t_logits = self.teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
+        kd = distill_loss(outputs.logits, t_logits, self.temperature, batch.get("attention_mask"))
+        return (1 - self.alpha) * loss + self.alpha * kd, {"distill_loss": float(kd.detach())}
+
+
+class AddedLoss(TrainHook):
+    """An `ExtraLoss` callable (the loss-mode identity prior) as a hook: loss <- loss + extra."""
+
+    def __init__(self, fn: ExtraLoss):
+        self.fn = fn
+
+    def loss(self, model, batch, outputs, loss, step, total):
+        extra, terms = self.fn(model, batch, step, total)
+        return loss + extra, terms
+
+
+class AfterStep(TrainHook):
+    """A `PostStep` callable (the proximal prior) as a hook, its state kept under "post_step" (the
+    name checkpoints have always used for it)."""
+
+    state_key = "post_step"
+
+    def __init__(self, fn: PostStep):
+        self.fn = fn
+        if hasattr(fn, "state_dict") and hasattr(fn, "load_state_dict"):
+            self.state_dict, self.load_state_dict = fn.state_dict, fn.load_state_dict
+        if hasattr(fn, "bind_optimizer"):
+            self.bind_optimizer = fn.bind_optimizer
+
+    def after_step(self, model, step, total):
+        return self.fn(model, step, total)
+
+
+# ---- state and checkpoints -------------------------------------------------------------------------
+
+@dataclass
+class TrainState:
+    """Progress of a training run: what a checkpoint's state.json holds, so a resume continues it."""
+
+    epoch: int = 0  # epochs finished
+    step_in_epoch: int = 0  # batches of the current epoch already done
+    global_step: int = 0
+    best_metric: float | None = None
+    best_epoch: int | None = None  # 1-based, as in the history
+    history: list[dict] = field(default_factory=list)  # one row per finished epoch
+    epoch_sums: dict[str, float] = field(default_factory=dict)  # running sums of the log terms this epoch
+    epoch_count: int = 0  # steps in those sums
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> TrainState:
+        """Also reads the state.json of earlier versions (a plain dict with these keys; the running
+        sums only in mid-epoch checkpoints)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        self.step_in_epoch = 0
+        self.epoch_sums, self.epoch_count = {}, 0
+
+
+class Checkpointer:
+    """Checkpoint folders in `ckpt_dir` (see the module docstring) and the best epoch's weights.
+
+    Without a folder the best weights are kept in memory, so the end of training restores them
+    through the same `restore_best` either way. Writes happen on the main process only.
+    """
+
+    def __init__(self, ckpt_dir: str | Path | None, acc=None, hooks: list[TrainHook] = ()):
+        self.dir = Path(ckpt_dir) if ckpt_dir else None
+        self.acc = acc
+        self.stateful = [h for h in hooks if hasattr(h, "state_dict") and hasattr(h, "load_state_dict")]
+        self._best_in_memory: dict[str, torch.Tensor] | None = None
+
+    def latest(self) -> Path | None:
+        return latest_checkpoint(self.dir)
+
+    def save(self, model, opt, sched, state: TrainState) -> None:
+        """Weights, optimizer, scheduler, RNG, progress and hook state in one folder that appears
+        complete or not at all; the other ranks wait for it."""
+        if self.dir is None:
+            return
+        if self.acc is None or self.acc.is_main_process:
+            _write_checkpoint(self.dir, model, opt, sched, state, self.stateful)
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
+
+    def load(self, folder: Path, model, opt, sched) -> TrainState:
+        return _load_checkpoint(folder, model, opt, sched, self.stateful)
+
+    def keep_best(self, epoch: int, model: torch.nn.Module) -> None:
+        """best-e<epoch>.safetensors (the only best file), or a copy in memory without a folder."""
+        if self.dir is None:
+            self._best_in_memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            return
+        if self.acc is None or self.acc.is_main_process:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            name = f"best-e{epoch:04d}.safetensors"
+            _save_weights(self.dir / name, model)
+            for old in self.dir.glob("best-e*.safetensors"):
+                if old.name != name:
+                    old.unlink(missing_ok=True)
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
+
+    def restore_best(self, model: torch.nn.Module, epoch: int) -> None:
+        """Load the weights `keep_best` kept for `epoch` (nothing if they are gone)."""
+        best_file = self.dir / f"best-e{epoch:04d}.safetensors" if self.dir else None
+        if best_file is not None and best_file.is_file():
+            model.load_state_dict(load_file(str(best_file)), strict=True)
+        elif self._best_in_memory is not None:
+            model.load_state_dict(self._best_in_memory, strict=True)
+            self._best_in_memory = None
+
+
+# ---- the loop --------------------------------------------------------------------------------------
+
+@dataclass
+class _Loop:
+    """What every step of one `train` call shares."""
+
+    model: torch.nn.Module  # as prepared by accelerate (possibly wrapped)
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    acc: object
+    cfg: TrainConfig
+    hooks: list[TrainHook]
+    total: int
+    desc: str
+
+    @property
+    def plain(self) -> torch.nn.Module:
+        return self.acc.unwrap_model(self.model)
+
+    def step(self, batch: dict, state: TrainState) -> dict:
+        """One optimizer step on `batch`; returns its log terms. Raises NonFiniteLoss on a NaN/inf
+        loss or gradient norm, before the weights change."""
+        batch = _to(batch, self.acc.device)
+        with parametrize.cached():  # spectral norm: one power-iteration step per training step
+            outputs = self.model(**batch)
+            loss = task_loss(outputs, batch)
+            terms = {"task_loss": float(loss.detach())}
+            for hook in self.hooks:
+                loss, hook_terms = hook.loss(self.plain, batch, outputs, loss, state.global_step, self.total)
+                terms.update(hook_terms)
+        where = f"at step {state.global_step + 1}/{self.total}"
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"{self.desc}: loss became {float(loss.detach())} {where} (epoch {state.epoch + 1}, {terms}); lower "
+                "the learning rate (train.lr) or the prior strength (prune.prior_lambda), or use --dtype float32; "
+                "the last good checkpoint is kept")
+        self.acc.backward(loss)
+        if self.cfg.max_grad_norm > 0:
+            grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+            if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
+                raise NonFiniteLoss(
+                    f"{self.desc}: the gradient norm became {float(grad_norm)} {where} (loss "
+                    f"{float(loss.detach()):.4g}); lower the learning rate (train.lr) or use --dtype float32; "
+                    "the last good checkpoint is kept")
+        self.opt.step()
+        for hook in self.hooks:
+            terms.update(hook.after_step(self.plain, state.global_step, self.total))
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return terms
+
+    def end_epoch(self, state: TrainState, eval_fn, main_metric: str | None, higher_is_better: bool,
+                  ckpt: Checkpointer) -> None:
+        """The epoch's row (mean log terms, eval metrics) into the history; a new best is kept."""
+        epoch = state.epoch
+        count = state.epoch_count
+        row = {"epoch": epoch + 1, "steps": state.global_step, **{k: v / max(1, count) for k, v in state.epoch_sums.items()}}
+        if eval_fn is not None:
+            metrics = eval_fn(self.plain)
+            row.update({f"eval_{k}": v for k, v in metrics.items()})
+            value = metrics[main_metric or next(iter(metrics))]
+            best = state.best_metric
+            if best is None or (value > best if higher_is_better else value < best):
+                state.best_metric, state.best_epoch = value, epoch + 1
+                ckpt.keep_best(epoch + 1, self.plain)
+        state.history.append(row)
+        if self.acc.is_main_process:
+            tqdm.write(f"{self.desc} epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()
+                                                                     if isinstance(v, float)))
+        state.end_epoch()
+
+
+def _hooks(hooks, extra_loss, post_step, teacher, distill_alpha, distill_temperature) -> list[TrainHook]:
+    """The keyword forms of `train` as hooks, in the order they act: distillation, added loss, post-step."""
+    out: list[TrainHook] = []
+    if teacher is not None:
+        out.append(Distillation(teacher, distill_alpha, distill_temperature))
+    if extra_loss is not None:
+        out.append(AddedLoss(extra_loss))
+    if post_step is not None:
+        out.append(AfterStep(post_step))
+    return out + list(hooks or [])
+
+
+def _open_log(log_path, acc, last_step: int):
+    """The step log, appended to; rows past `last_step` (a resumed run redoes them) are dropped first."""
+    if not log_path or not acc.is_main_process:
+        return None
+    Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+    _trim_log(Path(log_path), last_step)  # drop rows past the checkpoint (and a torn last line)
+    return open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - append-only log, whole rows, trimmed on resume
+
+
 def train(
     model: torch.nn.Module,
     train_loader,
@@ -126,6 +378,7 @@ def train(
     eval_fn: Callable[[torch.nn.Module], dict] | None = None,
     main_metric: str | None = None,
     higher_is_better: bool = True,
+    hooks: list[TrainHook] | None = None,
     extra_loss: ExtraLoss | None = None,
     post_step: PostStep | None = None,
     teacher: torch.nn.Module | None = None,
@@ -139,9 +392,9 @@ def train(
 ) -> TrainResult:
     """Fine-tune `model` in place; with `eval_fn`, keep (and finally load) the best epoch's weights.
 
-    `post_step(model, step, total)` runs after every `opt.step()` (before the scheduler moves the
-    learning rate); its dict of floats joins the step's log row. If it has `state_dict()` /
-    `load_state_dict()`, that state is checkpointed and restored on resume.
+    `hooks` change each step (see `TrainHook`); `teacher` (distillation), `extra_loss` (an added
+    loss term) and `post_step(model, step, total)` (after every `opt.step()`) are the same hooks
+    in keyword form, acting in that order before `hooks`.
     """
     from accelerate import Accelerator
 
@@ -157,125 +410,66 @@ def train(
     model, opt = acc.prepare(model, opt)
     if acc.num_processes > 1:
         train_loader = acc.prepare(train_loader)
-    if teacher is not None:
-        teacher.eval().to(acc.device)
-    result = TrainResult()
-    state = {"epoch": 0, "step_in_epoch": 0, "global_step": 0, "best_metric": None, "best_epoch": None, "history": []}
-    ckpt = Path(ckpt_dir) if ckpt_dir else None
-    last = latest_checkpoint(ckpt) if ckpt and resume else None
-    if last is not None:
-        state = _load_checkpoint(last, acc.unwrap_model(model), opt, sched, post_step)
-    result.history = state["history"]
+    hooks = _hooks(hooks, extra_loss, post_step, teacher, distill_alpha, distill_temperature)
+    for hook in hooks:
+        hook.start(acc.device)
+        if hasattr(hook, "bind_optimizer"):  # a proximal step in the optimizer's metric reads its state
+            hook.bind_optimizer(getattr(opt, "optimizer", opt))
+    loop = _Loop(model, opt, sched, acc, cfg, hooks, total, desc)
+    ckpt = Checkpointer(ckpt_dir, acc, hooks)
+    last = ckpt.latest() if resume else None
+    state = ckpt.load(last, loop.plain, opt, sched) if last is not None else TrainState()
     t0 = time.perf_counter()
-    log = None
-    if log_path and acc.is_main_process:
-        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
-        _trim_log(Path(log_path), state["global_step"])  # drop rows past the checkpoint (and a torn last line)
-        log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - append-only log, whole rows, trimmed on resume
+    log = _open_log(log_path, acc, state.global_step)
     try:
-        while state["global_step"] < total and state["epoch"] < n_epochs:
-            epoch = state["epoch"]
-            model.train()
-            _reseed_order(train_loader, seed, epoch)
-            sums: dict[str, float] = dict(state.pop("epoch_sums", {}))  # a resumed epoch keeps its running means
-            count = state.pop("epoch_count", 0)
-            bar = tqdm(total=min(steps_per_epoch, total - epoch * steps_per_epoch), initial=state["step_in_epoch"],
-                       desc=f"{desc} epoch {epoch + 1}/{n_epochs}", disable=not acc.is_main_process, dynamic_ncols=True,
-                       leave=False)
-            for i, batch in enumerate(train_loader):
-                if i < state["step_in_epoch"]:
-                    continue  # resumed: these batches were already seen
-                if state["global_step"] >= total:
-                    break
-                batch = _to(batch, acc.device)
-                with parametrize.cached():  # spectral norm: one power-iteration step per training step
-                    outputs = model(**batch)
-                    loss = task_loss(outputs, batch)
-                    terms = {"task_loss": float(loss.detach())}
-                    if teacher is not None:
-                        with torch.no_grad():
-                            t_logits = teacher(**{k: v for k, v in batch.items() if k != "labels"}).logits
-                        kd = distill_loss(outputs.logits, t_logits, distill_temperature, batch.get("attention_mask"))
-                        loss = (1 - distill_alpha) * loss + distill_alpha * kd
-                        terms["distill_loss"] = float(kd.detach())
-                    if extra_loss is not None:
-                        extra, extra_terms = extra_loss(acc.unwrap_model(model), batch, state["global_step"], total)
-                        loss = loss + extra
-                        terms.update(extra_terms)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"{desc}: loss became {float(loss.detach())} at step {state['global_step'] + 1}/{total} "
-                        f"(epoch {epoch + 1}, {terms}); lower the learning rate (train.lr) or the prior strength "
-                        "(prune.prior_lambda), or use --dtype float32; the last good checkpoint is kept"
-                    )
-                acc.backward(loss)
-                if cfg.max_grad_norm > 0:
-                    grad_norm = acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
-                        raise NonFiniteLoss(
-                            f"{desc}: the gradient norm became {float(grad_norm)} at step {state['global_step'] + 1}"
-                            f"/{total} (loss {float(loss.detach()):.4g}); lower the learning rate (train.lr) or use "
-                            "--dtype float32; "
-                            "the last good checkpoint is kept"
-                        )
-                opt.step()
-                if post_step is not None:
-                    terms.update(post_step(acc.unwrap_model(model), state["global_step"], total))
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                state["global_step"] += 1
-                state["step_in_epoch"] = i + 1
-                for k, v in terms.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-                bar.update(1)
-                bar.set_postfix({k: f"{v / count:.4f}" for k, v in sums.items()}, refresh=False)
-                if log:
-                    log.write(json.dumps({"step": state["global_step"], **terms, "lr": sched.get_last_lr()[0]}) + "\n")
-                if ckpt and cfg.checkpoint_every and state["global_step"] % cfg.checkpoint_every == 0:
-                    if log:
-                        log.flush()
-                    _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched,
-                                     {**state, "epoch_sums": sums, "epoch_count": count}, acc=acc, post_step=post_step)
-            bar.close()
-            row = {"epoch": epoch + 1, "steps": state["global_step"], **{k: v / max(1, count) for k, v in sums.items()}}
-            if eval_fn is not None:
-                metrics = eval_fn(acc.unwrap_model(model))
-                row.update({f"eval_{k}": v for k, v in metrics.items()})
-                key = main_metric or next(iter(metrics))
-                value = metrics[key]
-                best = state["best_metric"]
-                if best is None or (value > best if higher_is_better else value < best):
-                    state["best_metric"], state["best_epoch"] = value, epoch + 1
-                    if ckpt:
-                        _save_best(ckpt, epoch + 1, acc.unwrap_model(model), acc=acc)
-                    else:
-                        state["_best_weights"] = {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()}
-            state["history"].append(row)
-            if acc.is_main_process:
-                tqdm.write(f"{desc} epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()
-                                                                    if isinstance(v, float)))
-            state["epoch"] += 1
-            state["step_in_epoch"] = 0
-            if ckpt:
-                if log:
-                    log.flush()
-                _save_checkpoint(ckpt, acc.unwrap_model(model), opt, sched, state, acc=acc, post_step=post_step)
+        while state.global_step < total and state.epoch < n_epochs:
+            _run_epoch(loop, train_loader, state, seed, steps_per_epoch, n_epochs, log, ckpt)
+            loop.end_epoch(state, eval_fn, main_metric, higher_is_better, ckpt)
+            if log:
+                log.flush()
+            ckpt.save(loop.plain, opt, sched, state)
     finally:
         if log:
             log.close()
-    model = acc.unwrap_model(model)
-    if eval_fn is not None and state["best_epoch"] is not None:
-        best_file = ckpt / f"best-e{state['best_epoch']:04d}.safetensors" if ckpt else None
-        if best_file is not None and best_file.is_file():
-            model.load_state_dict(load_file(str(best_file)), strict=True)
-        elif "_best_weights" in state:
-            model.load_state_dict(state.pop("_best_weights"), strict=True)
+    model = loop.plain
+    if eval_fn is not None and state.best_epoch is not None:
+        ckpt.restore_best(model, state.best_epoch)
     model.eval()
-    result.best_metric, result.best_epoch = state["best_metric"], state["best_epoch"]
-    result.steps = state["global_step"]
-    result.wall_s = time.perf_counter() - t0
-    return result
+    return TrainResult(history=state.history, best_metric=state.best_metric, best_epoch=state.best_epoch,
+                       steps=state.global_step, wall_s=time.perf_counter() - t0)
+
+
+def _run_epoch(loop: _Loop, loader, state: TrainState, seed: int, steps_per_epoch: int, n_epochs: int, log,
+               ckpt: Checkpointer) -> None:
+    """The rest of the current epoch: steps, log rows, running means, mid-epoch checkpoints. A
+    resumed epoch skips the batches it has seen (its order is re-seeded, so they are the same)."""
+    epoch = state.epoch
+    loop.model.train()
+    _reseed_order(loader, seed, epoch)
+    bar = tqdm(total=min(steps_per_epoch, loop.total - epoch * steps_per_epoch), initial=state.step_in_epoch,
+               desc=f"{loop.desc} epoch {epoch + 1}/{n_epochs}", disable=not loop.acc.is_main_process,
+               dynamic_ncols=True, leave=False)
+    every = loop.cfg.checkpoint_every
+    for i, batch in enumerate(loader):
+        if i < state.step_in_epoch:
+            continue  # resumed: these batches were already seen
+        if state.global_step >= loop.total:
+            break
+        terms = loop.step(batch, state)
+        state.global_step += 1
+        state.step_in_epoch = i + 1
+        for k, v in terms.items():
+            state.epoch_sums[k] = state.epoch_sums.get(k, 0.0) + v
+        state.epoch_count += 1
+        bar.update(1)
+        bar.set_postfix({k: f"{v / state.epoch_count:.4f}" for k, v in state.epoch_sums.items()}, refresh=False)
+        if log:
+            log.write(json.dumps({"step": state.global_step, **terms, "lr": loop.sched.get_last_lr()[0]}) + "\n")
+        if ckpt.dir and every and state.global_step % every == 0:
+            if log:
+                log.flush()
+            ckpt.save(loop.plain, loop.opt, loop.sched, state)
+    bar.close()
 
 
 def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -296,8 +490,8 @@ def _save_weights(path: Path, model: torch.nn.Module) -> None:
 _CKPT_NAME = re.compile(r"e(\d{4,})-s(\d{7,})")
 
 
-def _ckpt_name(state: dict) -> str:
-    return f"e{state['epoch']:04d}-s{state['step_in_epoch']:07d}"
+def _ckpt_name(state: TrainState) -> str:
+    return f"e{state.epoch:04d}-s{state.step_in_epoch:07d}"
 
 
 def latest_checkpoint(ckpt: Path | None) -> Path | None:
@@ -307,20 +501,6 @@ def latest_checkpoint(ckpt: Path | None) -> Path | None:
     found = [(tuple(map(int, m.groups())), p) for p in ckpt.iterdir()
              if (m := _CKPT_NAME.fullmatch(p.name)) and (p / "state.json").is_file()]
     return max(found)[1] if found else None
-
-
-def _save_best(ckpt: Path, epoch: int, model: torch.nn.Module, acc=None) -> None:
-    """best-e<epoch>.safetensors; the file named by state["best_epoch"] is the one loaded at the end.
-    Written by the main process only (the weights are the same on every rank)."""
-    if acc is None or acc.is_main_process:
-        ckpt.mkdir(parents=True, exist_ok=True)
-        name = f"best-e{epoch:04d}.safetensors"
-        _save_weights(ckpt / name, model)
-        for old in ckpt.glob("best-e*.safetensors"):
-            if old.name != name:
-                old.unlink(missing_ok=True)
-    if acc is not None:
-        acc.wait_for_everyone()
 
 
 def _rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -349,57 +529,48 @@ def _set_rng_state(tensors: dict[str, torch.Tensor], extra: dict) -> None:
         random.setstate((version, tuple(py_state), gauss_next))
 
 
-def _save_checkpoint(ckpt: Path, model, opt, sched, state: dict, acc=None, post_step=None) -> None:
-    """Weights, optimizer, scheduler, RNG and progress in one folder that appears complete or not at all.
-    Written by the main process only (ranks would race for the folder); the others wait for it."""
-    if acc is None or acc.is_main_process:
-        _write_checkpoint(ckpt, model, opt, sched, state, post_step)
-    if acc is not None:
-        acc.wait_for_everyone()
-
-
-def _write_checkpoint(ckpt: Path, model, opt, sched, state: dict, post_step=None) -> None:
+def _write_checkpoint(ckpt: Path, model, opt, sched, state: TrainState, hooks: list = ()) -> None:
     ckpt.mkdir(parents=True, exist_ok=True)
     name = _ckpt_name(state)
     rng, rng_extra = _rng_state()
-    post_plain, post_tensors = _post_step_state(post_step)
     with io.atomic_dir(ckpt / name) as tmp:
         save_file(_state_tensors(model), str(tmp / "model.safetensors"))
         torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp / "optimizer.pt")
         save_file(rng, str(tmp / "rng.safetensors"))
-        if post_tensors:
-            save_file(post_tensors, str(tmp / "post_step.safetensors"))
-        extra = {"post_step": post_plain} if post_plain is not None else {}
-        io.write_json(tmp / "state.json", {**{k: v for k, v in state.items() if not k.startswith("_")}, **extra, "rng": rng_extra})
+        extra = {}
+        for hook in hooks:
+            plain, tensors = _hook_state(hook)
+            if tensors:
+                save_file(tensors, str(tmp / f"{hook.state_key}.safetensors"))
+            extra[hook.state_key] = plain
+        io.write_json(tmp / "state.json", {**state.to_json(), **extra, "rng": rng_extra})
     for old in ckpt.iterdir():  # older checkpoints (and leftovers of interrupted writes)
         if old.name != name and (_CKPT_NAME.fullmatch(old.name) or old.name.startswith(".e")):
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _post_step_state(post_step) -> tuple[dict | None, dict[str, torch.Tensor]]:
-    """`post_step.state_dict()` split into JSON values and tensors (None if it keeps no state)."""
-    if post_step is None or not hasattr(post_step, "state_dict"):
-        return None, {}
-    full = post_step.state_dict()
+def _hook_state(hook) -> tuple[dict, dict[str, torch.Tensor]]:
+    """`hook.state_dict()` split into JSON values and tensors."""
+    full = hook.state_dict()
     tensors = {k: v.detach().cpu().contiguous() for k, v in full.items() if torch.is_tensor(v)}
     return {k: v for k, v in full.items() if not torch.is_tensor(v)}, tensors
 
 
-def _load_checkpoint(folder: Path, model, opt, sched, post_step=None) -> dict:
+def _load_checkpoint(folder: Path, model, opt, sched, hooks: list = ()) -> TrainState:
     state = io.read_json(folder / "state.json")
-    post_plain = state.pop("post_step", None)
-    if post_step is not None and hasattr(post_step, "load_state_dict"):
-        if post_plain is None:
-            raise IdpriorError(f"checkpoint {folder} holds no state for the post-step hook (the prior); "
+    for hook in hooks:
+        plain = state.get(hook.state_key)
+        if plain is None:
+            raise IdpriorError(f"checkpoint {folder} holds no state for the {hook.state_key} hook (the prior); "
                                "resume with the same settings or start over with --overwrite")
-        tensors = folder / "post_step.safetensors"
-        post_step.load_state_dict({**post_plain, **(load_file(str(tensors)) if tensors.is_file() else {})})
+        tensors = folder / f"{hook.state_key}.safetensors"
+        hook.load_state_dict({**plain, **(load_file(str(tensors)) if tensors.is_file() else {})})
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
     blob = torch.load(folder / "optimizer.pt", weights_only=True)
     opt.load_state_dict(blob["opt"])
     sched.load_state_dict(blob["sched"])
-    _set_rng_state(load_file(str(folder / "rng.safetensors")), state.pop("rng", {}))
-    return state
+    _set_rng_state(load_file(str(folder / "rng.safetensors")), state.get("rng", {}))
+    return TrainState.from_json(state)
 
 
 def _trim_log(path: Path, last_step: int) -> None:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import IdpriorError
-from .base import STRUCTURE_KEY, Adapter, LayerShape
+from .base import OUT_BIAS_KEY, STRUCTURE_KEY, Adapter, LayerShape
 from .bert import BertAdapter
 from .gpt2 import GPT2Adapter
 from .llama import LlamaAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, GPT2Adapter, LlamaAdapter)
 
-__all__ = ["ADAPTERS", "STRUCTURE_KEY", "Adapter", "LayerShape", "get_adapter", "supported_model_types"]
+__all__ = ["ADAPTERS", "OUT_BIAS_KEY", "STRUCTURE_KEY", "Adapter", "LayerShape", "get_adapter", "supported_model_types"]
 
 
 def supported_model_types() -> list[str]:

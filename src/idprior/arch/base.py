@@ -33,6 +33,7 @@ from ..errors import IdpriorError
 from ..units import Cost
 
 STRUCTURE_KEY = "idprior_layers"  # config attribute holding the per-layer structure
+OUT_BIAS_KEY = "idprior_out_bias"  # config attribute: out-projections given a bias by idprior ("attn:3", "ffn:0")
 
 
 @dataclass
@@ -115,6 +116,12 @@ class Adapter(ABC):
         (`prune.norm_positions: readout`)."""
         return None
 
+    def branch_out_norm(self, layer: int, sub: str) -> nn.Module | None:
+        """The LayerNorm that normalises sub-layer `sub` ("attn" | "ffn") of `layer` together with the
+        residual, LN(x + f(x)), in post-LN models; None in pre-LN ones (nothing rescales the branch
+        before it joins the stream). Used by `prune.norm_after_ln`."""
+        return None
+
     # ---- branch modules ----------------------------------------------------------------------
     @abstractmethod
     def attn_out_proj(self, layer: int) -> nn.Module | None:
@@ -123,6 +130,11 @@ class Adapter(ABC):
     @abstractmethod
     def ffn_out_proj(self, layer: int) -> nn.Module | None:
         """Second FFN matrix (input [B,T,ffn_dim] activations); None if removed."""
+
+    @abstractmethod
+    def ffn_residual(self, layer: int) -> nn.Module:
+        """A module whose input (first argument) is the residual stream the FFN branch writes into:
+        pre-LN, the pre-FFN norm (its input x + attn(x)); post-LN, the FFN itself (its input LN(x + attn(x)))."""
 
     @abstractmethod
     def out_weight(self, module: nn.Module) -> torch.Tensor:
@@ -168,9 +180,48 @@ class Adapter(ABC):
     def remove_ffn(self, layer: int) -> None:
         """Replace the feed-forward sub-layer by the identity mapping."""
 
+    def out_proj(self, layer: int, sub: str) -> nn.Module | None:
+        """`attn_out_proj` or `ffn_out_proj` by sub-layer name ("attn" / "ffn")."""
+        if sub not in ("attn", "ffn"):
+            raise ValueError(f"unknown sub-layer {sub!r}")
+        return self.attn_out_proj(layer) if sub == "attn" else self.ffn_out_proj(layer)
+
+    @torch.no_grad()
+    def add_out_bias(self, layer: int, sub: str) -> nn.Parameter:
+        """The bias of a sub-layer's output projection, created as zeros where the family has none
+        (Llama's o_proj / down_proj), for compensation after surgery.
+
+        Llama's `attention_bias` / `mlp_bias` config flags would also give q/k/v (gate/up) biases
+        (more parameters, other unit costs), and Qwen2 has no flag for o_proj, so the added biases
+        are listed in `config.idprior_out_bias` instead; loading rebuilds them from that list.
+        """
+        proj = self.out_proj(layer, sub)
+        if proj is None:
+            raise IdpriorError(f"layer {layer} has no {sub} sub-layer to give a bias")
+        if proj.bias is None:
+            if not isinstance(proj, nn.Linear):
+                raise IdpriorError(f"cannot add a bias to {type(proj).__name__} (layer {layer} {sub})")
+            w = proj.weight
+            proj.bias = nn.Parameter(w.new_zeros(w.shape[0]), requires_grad=w.requires_grad)  # [out_features]
+            recorded = set(getattr(self.config, OUT_BIAS_KEY, None) or [])
+            setattr(self.config, OUT_BIAS_KEY, _sorted_sites(recorded | {f"{sub}:{layer}"}))
+        return proj.bias
+
+    def add_recorded_out_biases(self) -> None:
+        """Give a freshly built (and reshaped) model the zero biases `config.idprior_out_bias` lists,
+        so that the saved bias weights load strictly."""
+        for site in getattr(self.config, OUT_BIAS_KEY, None) or []:
+            sub, layer = site.split(":")
+            if self.out_proj(int(layer), sub) is not None:
+                self.add_out_bias(int(layer), sub)
+
     def sync_config(self) -> None:
         """Record the per-layer structure in `config` (saved to config.json)."""
         setattr(self.config, STRUCTURE_KEY, [s.to_dict() for s in self.shapes()])
+        recorded = getattr(self.config, OUT_BIAS_KEY, None)
+        if recorded:  # a sub-layer removed since its bias was added takes the bias with it
+            kept = [site for site in recorded if self.out_proj(int(site.split(":")[1]), site.split(":")[0]) is not None]
+            setattr(self.config, OUT_BIAS_KEY, kept)
 
     def check_config(self) -> None:
         """Raise if the modules and the recorded structure disagree."""
@@ -204,6 +255,11 @@ class Adapter(ABC):
 
 
 # ---- helpers shared by the adapters -----------------------------------------------------------
+def _sorted_sites(sites) -> list[str]:
+    """"sub:layer" strings in (layer, attn before ffn) order."""
+    return sorted(sites, key=lambda s: (int(s.split(":")[1]), s.split(":")[0] != "attn"))
+
+
 def head_index(heads: list[int], head_dim: int, device: torch.device | None = None) -> torch.Tensor:
     """Feature indices [len(heads)*head_dim] of the given heads in a [.., n_heads*head_dim] layout."""
     idx = torch.tensor(heads, dtype=torch.long).unsqueeze(1) * head_dim + torch.arange(head_dim)

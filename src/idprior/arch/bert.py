@@ -93,6 +93,10 @@ class BertAdapter(Adapter):
         mask[:, 0] = True
         return mask
 
+    def branch_out_norm(self, layer: int, sub: str) -> nn.Module | None:
+        block = self._layers[layer]
+        return block.attention.output.LayerNorm if sub == "attn" else block.output.LayerNorm
+
     def attn_out_proj(self, layer: int) -> nn.Module | None:
         attn = self._layers[layer].attention
         return None if isinstance(attn, RemovedPostLNAttention) else attn.output.dense
@@ -100,6 +104,9 @@ class BertAdapter(Adapter):
     def ffn_out_proj(self, layer: int) -> nn.Module | None:
         out = self._layers[layer].output
         return None if isinstance(out, LayerNormOnlyOutput) else out.dense
+
+    def ffn_residual(self, layer: int) -> nn.Module:
+        return self._layers[layer].intermediate  # called with the attention block's output, LN_a(x + attn(x))
 
     def out_weight(self, module: nn.Module) -> torch.Tensor:
         return module.weight

@@ -78,6 +78,9 @@ class GPT2Adapter(Adapter):
         mlp = self._mlp(layer)
         return None if mlp is None else mlp.c_proj
 
+    def ffn_residual(self, layer: int) -> nn.Module:
+        return self._blocks[layer].ln_2
+
     def out_weight(self, module: nn.Module) -> torch.Tensor:
         return module.weight.t()  # Conv1D stores [in, out]
 

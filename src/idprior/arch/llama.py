@@ -79,6 +79,9 @@ class LlamaAdapter(Adapter):
         mlp = self._mlp(layer)
         return None if mlp is None else mlp.down_proj
 
+    def ffn_residual(self, layer: int) -> nn.Module:
+        return self._layers[layer].post_attention_layernorm
+
     def out_weight(self, module: nn.Module) -> torch.Tensor:
         return module.weight
 

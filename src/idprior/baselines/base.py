@@ -7,6 +7,10 @@ are the same code for every method and only the choice of units differs (DESIGN.
 `needs_gradients`: the method runs backward passes (calibration batches need `labels`).
 `retraining_free`: the method, as published, prunes a fine-tuned model and is evaluated without
 further training, so a run may compare it with recovery switched off.
+`compensate`: what `prune.compensate: auto` means for the method ("none", "bias", "lsq";
+compensate.py), e.g. FLAP's bias compensation is part of FLAP.
+`head_share`: with selection "share", the fraction of the budget taken from heads, as for SNIP,
+so a baseline's plan can have the same head/neuron split as the SNIP plan it is compared with.
 """
 
 from __future__ import annotations
@@ -26,9 +30,13 @@ class Method:
     name: str = ""
     needs_gradients: bool = False
     retraining_free: bool = False
+    compensate: str = "none"
 
-    def __init__(self, selection: str = "norm"):
+    def __init__(self, selection: str = "norm", min_keep: float = 0.0, protect=(), head_share: float | None = None):
         self.selection = selection  # how `select` compares units of different kinds
+        self.head_share = head_share  # selection "share": fraction of the budget taken from heads
+        self.min_keep = min_keep  # `select`'s per-layer minimum keep fraction (unit-ranking methods)
+        self.protect = frozenset(protect)  # layer indices never pruned
 
     def plan(self, model: nn.Module, adapter: Adapter, calib_batches: list[dict], *, target: float,
              measure: str = "encoder_params", seq_len: int = 128, kinds=("head", "neuron"),
@@ -38,7 +46,8 @@ class Method:
     def _select(self, scores: dict[Unit, float], adapter: Adapter, *, target: float, measure: str,
                 seq_len: int, kinds) -> PruningPlan:
         return select(scores, adapter, target=target, measure=measure, seq_len=seq_len,
-                      mode=self.selection, kinds=kinds, method=self.name)
+                      mode=self.selection, kinds=kinds, method=self.name, min_keep=self.min_keep, protect=self.protect,
+                      head_share=self.head_share)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, selection={self.selection!r})"

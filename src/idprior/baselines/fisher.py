@@ -22,8 +22,8 @@ class FisherMethod(Method):
     needs_gradients = True
     retraining_free = True
 
-    def __init__(self, selection: str = "norm-per-cost"):
-        super().__init__(selection)
+    def __init__(self, selection: str = "norm-per-cost", **options):
+        super().__init__(selection, **options)
 
     def plan(self, model, adapter, calib_batches, *, target, measure="encoder_params", seq_len=128,
              kinds=("head", "neuron"), seed=0) -> PruningPlan:

@@ -8,8 +8,9 @@ top-layers  Sajjad et al. 2020/2023, "On the Effect of Dropping Layers of Pre-tr
             Models": drop the top layers, highest index first (their best-performing strategy).
 Dropping a layer removes both its `attn` and `ffn` units (identity mapping, as for every removal).
 Layers are dropped whole until the target fraction of the measure is removed, so the overshoot is
-at most one layer; `kinds` is ignored. A layer whose removal would leave the model without any
-attention or any FFN sub-layer is skipped (the plan says so in `warnings`).
+at most one layer; `kinds` and `min_keep` are ignored (a layer drop empties whole layers). A layer whose
+removal would leave the model without any attention or any FFN sub-layer is skipped (the plan says
+so in `warnings`), and so is a layer in `protect`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def block_influence(model, adapter: Adapter, batches: list[dict]) -> list[float]
 
 
 def drop_layers(adapter: Adapter, order: list[int], keys: list[float], *, target: float, measure: str,
-                seq_len: int, method: str) -> PruningPlan:
+                seq_len: int, method: str, protect=frozenset()) -> PruningPlan:
     """Drop whole layers in `order` until `target` of `measure` is removed; `keys[l]` is recorded as tau."""
     if not 0 <= target < 1:
         raise IdpriorError(f"target must be in [0, 1), got {target}; it is the fraction of {measure} to remove")
@@ -70,7 +71,7 @@ def drop_layers(adapter: Adapter, order: list[int], keys: list[float], *, target
         if amount >= target * total:
             break
         s = shapes[layer]
-        if not (s.has_attn or s.has_ffn):
+        if not (s.has_attn or s.has_ffn) or layer in protect:
             continue
         if (s.has_attn and attn_left == 1) or (s.has_ffn and ffn_left == 1):
             warnings.append(f"kept layer {layer}: dropping it would remove the model's last attention or FFN sub-layer")
@@ -106,7 +107,8 @@ class ShortGPTMethod(Method):
         check_batches(calib_batches, self.name, labels=False)
         bi = block_influence(model, adapter, calib_batches)
         order = sorted(range(adapter.num_layers), key=lambda layer: (bi[layer], layer))
-        return drop_layers(adapter, order, bi, target=target, measure=measure, seq_len=seq_len, method=self.name)
+        return drop_layers(adapter, order, bi, target=target, measure=measure, seq_len=seq_len, method=self.name,
+                           protect=self.protect)
 
 
 class TopLayersMethod(Method):
@@ -118,4 +120,4 @@ class TopLayersMethod(Method):
              kinds=("head", "neuron"), seed=0) -> PruningPlan:
         order = list(reversed(range(adapter.num_layers)))
         return drop_layers(adapter, order, [float(i) for i in range(adapter.num_layers)], target=target,
-                           measure=measure, seq_len=seq_len, method=self.name)
+                           measure=measure, seq_len=seq_len, method=self.name, protect=self.protect)

@@ -64,6 +64,20 @@ def weight_energies(adapter: Adapter, layer: int) -> tuple[torch.Tensor | None, 
     return heads, neurons
 
 
+def magnitude_scores(adapter: Adapter) -> dict[Unit, float]:
+    """Every present unit's weight norm (heads, neurons and their attn / ffn sub-layers): the scores
+    the method ranks, public so that a script can reuse them (e.g. to round FFN widths)."""
+    scores: dict[Unit, float] = {}
+    for layer in range(adapter.num_layers):
+        heads, neurons = weight_energies(adapter, layer)
+        for kind, sub, energy in (("head", "attn", heads), ("neuron", "ffn", neurons)):
+            if energy is None:
+                continue
+            scores.update({Unit(kind, layer, i): float(e) for i, e in enumerate(energy.sqrt().tolist())})
+            scores[Unit(sub, layer)] = float(energy.sum().sqrt())
+    return scores
+
+
 class MagnitudeMethod(Method):
     name = "magnitude"
     needs_gradients = False
@@ -71,12 +85,5 @@ class MagnitudeMethod(Method):
 
     def plan(self, model, adapter, calib_batches, *, target, measure="encoder_params", seq_len=128,
              kinds=("head", "neuron"), seed=0) -> PruningPlan:
-        scores: dict[Unit, float] = {}
-        for layer in range(adapter.num_layers):
-            heads, neurons = weight_energies(adapter, layer)
-            for kind, sub, energy in (("head", "attn", heads), ("neuron", "ffn", neurons)):
-                if energy is None:
-                    continue
-                scores.update({Unit(kind, layer, i): float(e) for i, e in enumerate(energy.sqrt().tolist())})
-                scores[Unit(sub, layer)] = float(energy.sum().sqrt())
-        return self._select(scores, adapter, target=target, measure=measure, seq_len=seq_len, kinds=kinds)
+        return self._select(magnitude_scores(adapter), adapter, target=target, measure=measure, seq_len=seq_len,
+                            kinds=kinds)

@@ -3,8 +3,9 @@
 Every model runs in one process on the same random token batch, in PyTorch eager (fp32,
 inference mode) and in ONNX Runtime (CPU), at every batch size x sequence length. The report
 puts the measured speed-up beside the FLOPs-ideal one (dense FLOPs / pruned FLOPs) and records
-the machine (CPU, cores, threads, library versions, load average). Writes OUT/bench.json and
-OUT/bench.md.
+the machine (CPU, cores, threads, library versions, load average). A shape whose repeats are too
+spread is timed again and, if it stays so, marked NOISY in the table (--max-iqr-fraction,
+--max-speedup-gap, --retime-rounds). Writes OUT/bench.json and OUT/bench.md.
 """
 
 from __future__ import annotations
@@ -44,6 +45,13 @@ def add_parser(sub):
     p.add_argument("--no-onnx", action="store_true", help="PyTorch eager only (no ONNX export / ONNX Runtime)")
     p.add_argument("--exporter", choices=("dynamo", "legacy"), default="dynamo", help="ONNX exporter (default dynamo)")
     p.add_argument("--attention", choices=("auto", "fused", "eager"), default="auto", help=ATTENTION_HELP)
+    p.add_argument("--max-iqr-fraction", type=float, default=0.10, metavar="F",
+                   help="noise guard: a model's IQR above F x its median marks a timing as too spread (default 0.10)")
+    p.add_argument("--max-speedup-gap", type=float, default=0.08, metavar="F",
+                   help="noise guard: the speed-up from the fastest repeats more than F (relative) from the one from "
+                        "the medians marks it too (default 0.08)")
+    p.add_argument("--retime-rounds", type=int, default=2, metavar="N",
+                   help="noise guard: time a too spread shape again up to N more rounds before marking it NOISY (default 2)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for bench.json and bench.md")
     return p
 
@@ -68,12 +76,14 @@ def run(args) -> int:
     from pathlib import Path
 
     from .. import io
-    from ..bench import benchmark, format_bench_markdown
+    from ..bench import NoiseGuard, benchmark, format_bench_markdown
     from ..errors import IdpriorError
     from .export import load_with_head
 
     if args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise IdpriorError("--repeats and --threads must be >= 1 and --warmup >= 0")
+    if args.max_iqr_fraction <= 0 or args.max_speedup_gap <= 0 or args.retime_rounds < 0:
+        raise IdpriorError("--max-iqr-fraction and --max-speedup-gap must be > 0 and --retime-rounds >= 0")
     pruned = {}
     for folder in args.pruned:
         name = Path(folder).resolve().name
@@ -83,7 +93,8 @@ def run(args) -> int:
     dense = load_dense_like(args.dense, next(iter(pruned.values())))
     result = benchmark({"dense": dense, **pruned}, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens,
                        threads=args.threads, repeats=args.repeats, warmup=args.warmup, onnx=not args.no_onnx,
-                       exporter=args.exporter, attention=args.attention)
+                       exporter=args.exporter, attention=args.attention,
+                       noise=NoiseGuard(args.max_iqr_fraction, args.max_speedup_gap, args.retime_rounds))
     result["command"] = command_line(args)
     result["inputs"] = {"dense": args.dense, "pruned": list(args.pruned)}
     out = Path(args.out)
@@ -109,5 +120,6 @@ def command_line(args) -> str:
     parts += ["--repeats", str(args.repeats), "--warmup", str(args.warmup)]
     if args.no_onnx:
         parts.append("--no-onnx")
-    parts += ["--exporter", args.exporter, "--attention", args.attention, "--out", args.out]
+    parts += ["--exporter", args.exporter, "--attention", args.attention, "--max-iqr-fraction", str(args.max_iqr_fraction),
+              "--max-speedup-gap", str(args.max_speedup_gap), "--retime-rounds", str(args.retime_rounds), "--out", args.out]
     return shlex.join(["idprior", "bench", *parts])

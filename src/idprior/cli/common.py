@@ -17,7 +17,8 @@ RUN_FLAGS = {
     "data_validation": ("data.validation_file", "user validation file (task custom)"),
     "data_test": ("data.test_file", "user test file (task custom)"),
     "text_column": ("data.text_column", "text column of the user files (default: text)"),
-    "text_pair_column": ("data.text_pair_column", "second text column for pair tasks"),
+    "text_pair_column": ("data.text_pair_column", "second text column for pair tasks (default: a known pair such as "
+                         "sentence1/sentence2 when the file has one)"),
     "label_column": ("data.label_column", "label column of the user files (default: label)"),
     "problem_type": ("data.problem_type", "what the label column of the user files is: classification or "
                                           "regression (default: inferred; a numeric column with a few other "
@@ -36,7 +37,8 @@ ATTENTION_HELP = ("how attention is exported to ONNX: auto (default; encoders fu
                   "own), fused (one ONNX Attention node per layer, opset >= 23), eager (matmul, mask, softmax, matmul)")
 
 PRUNE_FLAGS = {
-    "method": ("prune.method", "snip (default) or a baseline: random, magnitude, michel, fisher, shortgpt, top-layers"),
+    "method": ("prune.method", "snip (default) or a baseline: random, magnitude, michel, fisher, shortgpt, top-layers, "
+                               "flap, wanda-sp"),
     "target": ("prune.target", "fraction of --measure to remove, in (0, 1)"),
     "measure": ("prune.measure", "encoder_params (default), linear_params or flops"),
     "tau": ("prune.tau", "raw function-norm threshold instead of --target"),
@@ -44,17 +46,28 @@ PRUNE_FLAGS = {
     "selection": ("prune.selection", "auto (the model family's tuned default: share 0.3 for encoders, norm for "
                                      "decoders), norm, norm-per-cost, energy-per-cost, share, relative"),
     "head_share": ("prune.head_share", "with --selection share: fraction of the budget taken from heads"),
+    "score": ("prune.score", "absolute (default), relative (norm / RMS of the layer input) or residual (norm / RMS "
+                             "of the residual stream each branch writes into)"),
     "prior_lambda": ("prune.prior_lambda", "strength of the identity prior"),
     "prior_weight": ("prune.prior_weight", "uniform or cost"),
     "sn_bound": ("prune.sn_bound", "'init' (each matrix's pretrained sigma) or a number"),
     "calib_size": ("prune.calib_size", "calibration examples for the function norms"),
     "iterative": ("prune.iterative", "reach the target in K prune/recover rounds"),
-    "recover_epochs": ("prune.recover_epochs", "fine-tuning epochs after surgery"),
+    "recover_epochs": ("recover.epochs", "fine-tuning epochs after surgery (recovery)"),
+    "zero_shot": ("data.zero_shot", "LM tasks: also classify this task's test split (rt-polarity, sst2) zero-shot "
+                                    "by label-word likelihood, dense vs pruned"),
+    "min_keep": ("prune.min_keep", "fraction of each layer's head units and of its FFN neurons that always stays "
+                                   "(e.g. 0.25; no sub-layer is then removed whole)"),
+    "protect_first": ("prune.protect_first", "never prune the first N layers"),
+    "protect_last": ("prune.protect_last", "never prune the last N layers"),
+    "compensate": ("prune.compensate", "after surgery, from calibration activations: none, bias (FLAP's bias "
+                                       "compensation), lsq (ridge re-fit of the kept columns), or auto (default: "
+                                       "the method's own, bias for flap and wanda-sp, else none)"),
 }
 SWITCHES = {
     "no_sn": ("prune.sn", False, "ablation: no spectral normalization"),
     "no_prior": ("prune.prior", False, "ablation: no identity prior"),
-    "no_train": ("prune.train", False, "post-training mode: score and prune the model as given"),
+    "no_train": ("prune.finetune_first", False, "post-training mode: score and prune the model as given"),
     "distill": ("prune.distill", True, "distil from the unpruned model during recovery"),
     "per_query_head": ("model.per_query_head", True, "GQA decoders: a head unit is a query-head slot of every "
                        "KV group (groups stay equal) instead of a whole KV group"),

@@ -34,6 +34,9 @@ def add_parser(sub):
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", help="folder for metrics.json (default: print only)")
+    p.add_argument("--zero-shot", default=None, metavar="TASK",
+                   help="LM tasks: also classify TASK's test split (rt-polarity, sst2) zero-shot by label-word "
+                        "likelihood; --max-eval caps its examples too")
     return p
 
 
@@ -53,10 +56,29 @@ def _load_data(args, task: str):
                            f"{(str(e).strip().splitlines() or [''])[0][:200]}") from None
 
 
+def _metrics_path(args) -> Path | None:
+    """--out's metrics.json, checked first: a finished evaluation must not fail at the last write."""
+    from .. import io
+    from ..errors import IdpriorError
+
+    if not args.out:
+        return None
+    metrics_path = Path(args.out) / "metrics.json"
+    out = metrics_path.parent
+    if out.exists() and not out.is_dir():
+        raise IdpriorError(f"--out {out} is a file; give a folder for metrics.json")
+    if metrics_path.is_dir():
+        raise IdpriorError(f"--out {out} holds a folder named metrics.json; remove it or choose another --out")
+    problem = io.writable_problem(metrics_path, "--out")
+    if problem:
+        raise IdpriorError(problem)
+    return metrics_path
+
+
 def run(args) -> int:
     from .. import io, models
     from ..data import make_dataloader, make_lm_dataloader
-    from ..data.labels import align_labels, labels_of_spec
+    from ..data.labels import align_labels
     from ..errors import ConfigError, IdpriorError
     from ..evaluate import evaluate
     from ..preflight import check_evaluation
@@ -71,21 +93,18 @@ def run(args) -> int:
         task = "custom"
     if task.strip().lower() == "custom" and not args.data and args.data_test:
         args.data = args.data_test  # one labelled file to evaluate on: its own train split is not used
-    metrics_path = Path(args.out) / "metrics.json" if args.out else None
-    if metrics_path is not None:  # checked first: a finished evaluation must not fail at the last write
-        out = metrics_path.parent
-        if out.exists() and not out.is_dir():
-            raise IdpriorError(f"--out {out} is a file; give a folder for metrics.json")
-        if metrics_path.is_dir():
-            raise IdpriorError(f"--out {out} holds a folder named metrics.json; remove it or choose another --out")
-        problem = io.writable_problem(metrics_path, "--out")
-        if problem:
-            raise IdpriorError(problem)
+    metrics_path = _metrics_path(args)
     data = _load_data(args, task)
+    if args.zero_shot is not None:
+        from ..zeroshot import get_spec
+
+        get_spec(args.zero_shot)  # an unknown task fails before the model loads
+        if data.task.kind != "lm":
+            raise IdpriorError(f"--zero-shot needs a language-modelling task (e.g. lm-rt), not {data.task.name!r}")
     problems = check_evaluation(args.model, data, args.max_length)
     if problems:
         raise ConfigError(problems)
-    data = align_labels(data, labels_of_spec(args.model), args.model)
+    data = align_labels(data, models.labels_of_spec(args.model), args.model)
     model, tok = models.load(args.model, data.task)
     splits = [s.strip() for s in args.split.split(",") if s.strip()]
     missing = [s for s in splits if s not in data.splits]
@@ -101,6 +120,12 @@ def run(args) -> int:
             loader = make_dataloader(ex, tok, data.task, batch_size=args.batch_size, max_length=args.max_length, shuffle=False)
         results[split] = evaluate(model, data.task, loader, desc=f"eval {split}")
     out = {"model": args.model, "task": data.task.name, **results}
+    if args.zero_shot is not None:
+        from ..zeroshot import zero_shot_models
+
+        zs, _ = zero_shot_models({"model": model}, tok, args.zero_shot, max_examples=args.max_eval,
+                                 batch_size=args.batch_size)
+        out["zero_shot"] = {"task": zs["task"], "split": zs["split"], **zs["model"]}
     if metrics_path is not None:
         io.write_json(metrics_path, out)
     print(json.dumps(out, indent=2))

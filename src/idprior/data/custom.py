@@ -4,7 +4,12 @@ Formats by extension: `.csv` (standard CSV quoting, header row), `.tsv` (header 
 separated, no quoting: the GLUE convention; use CSV or JSONL for texts with tabs or newlines),
 `.jsonl` / `.json` (one JSON object per line; `.json` may also be one array of objects).
 
-Columns default to `text` and `label` (and no text pair); `--text-column` & co. name others.
+Columns default to `text` and `label`; `--text-column` & co. name others. Without `--text-column`
+and `--text-pair-column`, a training file whose columns are a known sentence pair (PAIR_COLUMNS:
+`sentence1`/`sentence2`, `premise`/`hypothesis`, ...) is read as a pair, with one line on stderr
+naming the columns; a file with several candidates (two known pairs, or a pair beside a `text`
+column) is refused with the flags that choose, since reading one text of a pair task would train
+and evaluate on half of each example without any error.
 
 Labels: `problem_type` ("classification" / "regression", CLI `--problem-type`) says what the label
 column is; without it the type is inferred: regression when every training label is a number,
@@ -40,6 +45,16 @@ REGRESSION_MIN_VALUES = 10
 MOSTLY_NUMERIC = 0.5  # inference: at least this share of numbers, and some non-numbers, is refused
 _EXTRA = "\x00extra"  # DictReader key of the fields beyond the header
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
+PAIR_COLUMNS = (  # (first, second) text columns of common pair datasets, detected in this order
+    ("sentence1", "sentence2"),  # GLUE MRPC, RTE, STS-B, WNLI
+    ("question", "sentence"),  # QNLI
+    ("question1", "question2"),  # QQP
+    ("premise", "hypothesis"),  # MNLI, SNLI, CB
+    ("question", "passage"),  # BoolQ
+    ("query", "passage"),
+    ("text_a", "text_b"),  # the InputExample convention
+    ("text", "text_pair"),  # the tokenizer's own argument names
+)
 
 
 def load_custom(
@@ -53,7 +68,6 @@ def load_custom(
     """Read the user's files into a classification or regression task (see the module docstring)."""
     if problem_type is not None and problem_type not in PROBLEM_TYPES:
         raise IdpriorError(f"--problem-type must be classification or regression, got {problem_type!r}")
-    text_column = text_column or "text"
     label_column = label_column or "label"
     files = {k: v for k, v in (data_files or {}).items() if v is not None}
     unknown = sorted(set(files) - set(SPLITS))
@@ -61,10 +75,15 @@ def load_custom(
         raise IdpriorError(f"unknown data split(s) {unknown}: use train, validation and test")
     if "train" not in files:
         raise IdpriorError("task 'custom' needs a training file: pass --data train.csv (CSV, TSV or JSONL)")
+    train_path = Path(files["train"])
+    records = _read_records(train_path)
+    text_column, text_pair_column = _text_columns(records, train_path, text_column, text_pair_column, label_column)
     columns = [text_column] + ([text_pair_column] if text_pair_column else []) + [label_column]
 
-    raw = {split: _read_rows(Path(files[split]), columns) for split in SPLITS if split in files}
-    train_path = Path(files["train"])
+    raw = {"train": _fields(records, train_path, columns)}
+    del records
+    raw |= {split: _fields(_read_records(Path(files[split])), Path(files[split]), columns)
+            for split in ("validation", "test") if split in files}
     regression = _problem_is_regression(raw["train"], problem_type, train_path, label_column)
     if regression:
         label_names: tuple[str, ...] = ()
@@ -128,8 +147,8 @@ def _metrics(regression: bool, num_labels: int) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_rows(path: Path, columns: list[str]) -> list[tuple[tuple, int]]:
-    """((text, text_pair or None, raw label), line number) for every data row of `path`."""
+def _read_records(path: Path) -> list[tuple[dict, int]]:
+    """(record, line number) for every data row of `path`, a CSV, TSV or JSON-lines file."""
     if path.is_dir():
         raise IdpriorError(f"data file {path} is a folder: give a CSV, TSV or JSONL file with --data")
     if not path.is_file():
@@ -145,6 +164,32 @@ def _read_rows(path: Path, columns: list[str]) -> list[tuple[tuple, int]]:
         raise IdpriorError(f"data file {path} has an unknown format '{suffix}': use .csv, .tsv or .jsonl")
     if not records:
         raise IdpriorError(f"data file {path} has no rows: give it at least one example")
+    return records
+
+
+def _text_columns(records: list[tuple[dict, int]], path: Path, text_column: str | None,
+                  pair_column: str | None, label_column: str) -> tuple[str, str | None]:
+    """(text column, pair column or None): as given, else `text` alone or the one known pair of
+    PAIR_COLUMNS among the first record's columns (printed to stderr); several candidates are refused."""
+    if text_column is not None or pair_column is not None:
+        return text_column or "text", pair_column
+    have = set(records[0][0])
+    pairs = [p for p in PAIR_COLUMNS if set(p) <= have and label_column not in p]
+    single = "text" in have and ("text", "text_pair") not in pairs
+    if not pairs:
+        return "text", None
+    if len(pairs) == 1 and not single:
+        first, second = pairs[0]
+        print(f"idprior: {path.name}: reading columns '{first}' and '{second}' as a text pair "
+              f"(--text-column {first} --text-pair-column {second}; --text-column alone reads one text)", file=sys.stderr)
+        return first, second
+    options = [f"--text-column {a} --text-pair-column {b}" for a, b in pairs] + (["--text-column text"] if single else [])
+    raise IdpriorError(f"{path} has columns of more than one text input ({', '.join(f'{a} + {b}' for a, b in pairs)}"
+                       f"{', text' if single else ''}): say which to read with {' or '.join(options)}")
+
+
+def _fields(records: list[tuple[dict, int]], path: Path, columns: list[str]) -> list[tuple[tuple, int]]:
+    """((text, text_pair or None, raw label), line number) for every record; missing or empty cells refused."""
     text_column, label_column = columns[0], columns[-1]
     pair_column = columns[1] if len(columns) == 3 else None
     rows = []

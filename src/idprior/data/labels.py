@@ -11,9 +11,7 @@ head take the task's names. A label set that does not match is an error listing 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
-from pathlib import Path
 
 from idprior.data.tasks import TaskData
 from idprior.errors import IdpriorError
@@ -41,21 +39,7 @@ def model_labels(config) -> tuple[str, ...] | None:
     return names
 
 
-def labels_of_spec(spec: str) -> tuple[str, ...] | None:
-    """`model_labels` of a model folder, alias or .gguf file (None when there is no config.json)."""
-    from idprior.models import resolve
-
-    try:
-        folder, gguf = resolve(spec)
-        if gguf:
-            return None
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (IdpriorError, OSError, ValueError):
-        return None  # the load itself reports an unreadable model
-    return model_labels(config) if isinstance(config, dict) else None
-
-
-def _shown(names, limit: int = 12) -> str:
+def shown_labels(names, limit: int = 12) -> str:
     names = list(names)
     text = ", ".join(names[:limit])
     return text + (f", ... ({len(names)} in all)" if len(names) > limit else "")
@@ -80,8 +64,8 @@ def align_labels(data: TaskData, names: tuple[str, ...] | None, model: str = "th
         why = (f"{', '.join(map(repr, unknown[:5]))} {'is' if len(unknown) == 1 else 'are'} not among the model's labels"
                if unknown else f"the model has {len(names)} labels and the data {len(task.labels)}")
         raise IdpriorError(
-            f"the labels of {model} ({_shown(names)}) do not match the labels of task {task.name} "
-            f"({_shown(task.labels)}): {why}; name the data's labels like the model's, or start from a model "
+            f"the labels of {model} ({shown_labels(names)}) do not match the labels of task {task.name} "
+            f"({shown_labels(task.labels)}): {why}; name the data's labels like the model's, or start from a model "
             "without a classification head"
         )
     new_task = dataclasses.replace(task, labels=tuple(names))

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The exact command sequence behind benchmarks/results/prior_tuning.{jsonl,md,_paired.png}: the tuning
+# cells of benchmarks/prior_tuning{,_posthoc,_r2}.yaml (on the paired grid's shared starts, so they pair with its rows),
+# then a paired report of the tuning rows together with the grid's fisher / snip / norm rows of the same
+# (task, seed) cells. Decisions read the VALIDATION tables only. Resumable.
+set -eu
+cd "$(dirname "$0")/.."
+command -v idprior >/dev/null || . .venv/bin/activate
+mkdir -p runs
+for grid in prior_tuning prior_tuning_posthoc prior_tuning_r2; do  # round 1, post-hoc criteria, round 2
+  idprior bench-quality "benchmarks/$grid.yaml" --out runs/quality_paired \
+      --results benchmarks/results/prior_tuning.jsonl --threads 1 --resume >> runs/tune.log 2>&1
+done
+python - <<'PY'
+import json
+keep = {"fisher", "snip", "norm-start", "fisher-start", "michel"}
+grid = [json.loads(line) for line in open("benchmarks/results/quality_paired.jsonl")]
+tuning = [json.loads(line) for line in open("benchmarks/results/prior_tuning.jsonl")]
+cells = {(r["task"], r["seed"]) for r in tuning}
+rows = tuning + [r for r in grid if r["method"] in keep and (r["task"], r["seed"]) in cells and r["target"] == 0.5]
+with open("runs/prior_tuning_with_grid.jsonl", "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in rows)
+PY
+cp runs/prior_tuning_with_grid.jsonl benchmarks/results/prior_tuning_with_grid.jsonl
+idprior report benchmarks/results/prior_tuning_with_grid.jsonl --out benchmarks/results --name prior_tuning \
+    --reference h15 --baseline fisher --command "bash benchmarks/run_prior_tuning.sh"

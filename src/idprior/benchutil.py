@@ -1,0 +1,164 @@
+"""What the scripts in benchmarks/ share: memory probes, CPU priority, the timing models, publishing.
+
+The scripts import only from idprior (never from each other, never through `sys.path`;
+tests/test_code_health.py checks it), so each runs on its own from any directory, and a change
+here is seen by every script that uses it.
+
+Memory (Linux): `peak_mb()` is the process's high-water RSS, VmHWM in /proc/self/status.
+`reset_peak()` writes 5 to /proc/self/clear_refs, which resets VmHWM to the current RSS, so the
+peak of one stage can be read on its own; it returns False where the kernel does not allow it
+(then peaks are cumulative since process start). `getrusage().ru_maxrss` is not used for stage
+peaks: the kernel folds VmHWM into it whenever a thread exits (tqdm's monitor, worker pools), and
+clear_refs cannot undo that.
+
+Timing models: the speed benchmarks time dense models against weight-magnitude plans (idprior's
+`magnitude` baseline: no data, no training), since accuracy is not what they measure.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from . import io
+from .plan import PruningPlan
+
+TIMING_MODELS = ("minilm-l6", "smollm2-135m")  # what `load_for_timing` knows
+HEAD_SHARE = 0.3  # the speed benchmarks' "heads+neurons" plan: 30% of the budget from heads
+
+
+def _write_proc(name: str, text: str) -> None:
+    """Write a kernel control file of this process; not through io: /proc takes no atomic rename."""
+    Path("/proc/self", name).write_text(text)
+
+
+def _status_mb(field: str) -> float:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) / 1024
+
+
+def rss_mb() -> float:
+    """Current resident set size."""
+    return _status_mb("VmRSS")
+
+
+def peak_mb() -> float:
+    """High-water resident set size since process start or the last `reset_peak()`."""
+    return _status_mb("VmHWM")
+
+
+def lifetime_peak_mb() -> float:
+    """getrusage's ru_maxrss: at least every VmHWM seen when a thread exited (see module doc)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS; False where the kernel refuses (peaks are then cumulative)."""
+    try:
+        _write_proc("clear_refs", "5")
+        return True
+    except OSError:
+        return False
+
+
+def set_priority(nice: int) -> None:
+    """Raise (negative) or lower this process's CPU priority, for timing on a shared machine.
+
+    Called before torch / ONNX Runtime start their worker threads, which inherit it. With the
+    kernel's autogroup scheduling on, a thread's nice value only counts inside its session's
+    group, so the group's nice (/proc/self/autogroup) is set too.
+    """
+    try:
+        os.nice(nice)
+    except OSError as e:
+        print(f"warning: could not change the nice value by {nice}: {e}", file=sys.stderr)
+    if Path("/proc/self/autogroup").exists():
+        try:
+            _write_proc("autogroup", str(nice))
+        except OSError as e:
+            print(f"warning: could not set the autogroup nice value to {nice}: {e}", file=sys.stderr)
+
+
+def publish(out_dir: str | Path, stem: str, result: dict, markdown: str) -> None:
+    """Write OUT_DIR/STEM.json and STEM.md (atomically) and print the markdown."""
+    out = Path(out_dir)
+    io.write_json(out / f"{stem}.json", result)
+    io.write_text(out / f"{stem}.md", markdown)
+    print(markdown)
+
+
+def load_for_timing(name: str):
+    """A model of TIMING_MODELS in eval mode: MiniLM-L6 with a 2-label head, SmolLM2 as a causal LM."""
+    from . import models
+    from .data.tasks import Task
+
+    if name == "minilm-l6":
+        task = Task(name="speed", kind="classification", labels=("neg", "pos"), metrics=(), text_fields=("text",),
+                    description="2-label head for timing")
+        model, _ = models.load(name, task)
+    else:
+        model, _ = models.load(name)
+    return model.eval()
+
+
+def magnitude_plan(model, target: float, head_share: float | None = None) -> PruningPlan:
+    """The `magnitude` baseline's plan removing `target` of encoder params from heads and neurons: one
+    global ranking (FFN neurons in practice: raw magnitudes put every head above every neuron), or,
+    with `head_share`, that fraction of the budget from heads and the rest from neurons."""
+    from .arch import get_adapter
+    from .baselines import get_method
+
+    method = get_method("magnitude", selection="norm" if head_share is None else "share", head_share=head_share)
+    return method.plan(model, get_adapter(model), [], target=target, kinds=("head", "neuron"))
+
+
+def pruned_copy(dense, plan: PruningPlan):
+    """A physically pruned deep copy of `dense` (the dense model is left as it is)."""
+    from .surgery import apply_plan
+
+    model = copy.deepcopy(dense)
+    apply_plan(model, plan.units)
+    return model
+
+
+def minilm_timing_models() -> dict:
+    """MiniLM-L6 dense and its two 50% magnitude plans (neurons only; heads + neurons), pruned."""
+    dense = load_for_timing("minilm-l6")
+    return {"dense": dense, "pruned-neurons": pruned_copy(dense, magnitude_plan(dense, 0.5)),
+            "pruned-heads+neurons": pruned_copy(dense, magnitude_plan(dense, 0.5, head_share=HEAD_SHARE))}
+
+
+ATTENTION_MODES = ("eager", "fused")
+
+
+def export_attention_modes(models: dict, tmp: str | Path, threads: int, info: dict) -> dict:
+    """An ONNX Runtime session per (model, attention mode in ATTENTION_MODES); parity and opset go
+    into info[model]."""
+    from .export import attention_mode, example_inputs, export_onnx, input_names, ort_session, parity
+
+    sessions = {}
+    for name, model in models.items():
+        check = example_inputs(model, input_names(model), batch=3, seq_len=24, seed=1, pad=True)
+        entry = info.setdefault(name, {})
+        for mode in ATTENTION_MODES:
+            path = export_onnx(model, None, Path(tmp) / f"{name}-{mode}.onnx", attention=mode)
+            entry[f"{mode}_opset"] = attention_mode(model, "dynamo", None, mode)[1] or "exporter default"
+            entry[f"{mode}_max_abs_diff"] = parity(model, path, check)["max_abs_diff"]
+            sessions[(name, mode)] = ort_session(path, threads)
+    return sessions
+
+
+def ort_runners(sessions: dict, dense, batch: int, seq_len: int) -> dict:
+    """One zero-argument callable per session, all on the same random [batch, seq_len] tokens."""
+    from .export import ort_feed
+
+    ids = torch.randint(0, dense.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(batch))
+    full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
+    feeds = {key: ort_feed(s, full) for key, s in sessions.items()}
+    return {key: (lambda s=s, f=feeds[key]: s.run(["logits"], f)) for key, s in sessions.items()}

@@ -1,0 +1,53 @@
+"""idprior.benchutil, the helpers the benchmark scripts share: the memory probes read this
+process's RSS, and the timing plans are the `magnitude` baseline's, cut from a copy."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from idprior import benchutil
+from idprior.arch import get_adapter
+from idprior.baselines import get_method
+from tiny_models import tiny_bert
+
+
+def test_peak_follows_an_allocation_and_resets():
+    """A 64 MB buffer shows in the peak; after it is freed, `reset_peak` brings the peak back down,
+    so a stage's peak can be read on its own."""
+    if not benchutil.reset_peak():
+        pytest.skip("this kernel does not allow /proc/self/clear_refs")
+    base = benchutil.peak_mb()
+    assert base == pytest.approx(benchutil.rss_mb(), abs=8)
+    block = bytearray(64 * 2**20)  # zero-filled by the allocator: every page resident
+    assert benchutil.peak_mb() >= base + 60
+    assert benchutil.lifetime_peak_mb() >= base + 60
+    del block
+    benchutil.reset_peak()
+    assert benchutil.peak_mb() < base + 30
+
+
+def test_timing_plans_are_the_magnitude_baselines():
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    for share in (None, 0.3):
+        plan = benchutil.magnitude_plan(model, 0.3, head_share=share)
+        method = get_method("magnitude", selection="norm" if share is None else "share", head_share=share)
+        assert plan.to_dict() == method.plan(model, adapter, [], target=0.3).to_dict()
+        assert (plan.counts()["head"] > 0) == (share is not None)
+
+
+def test_pruned_copy_leaves_the_dense_model_alone():
+    dense = tiny_bert()
+    state = {k: v.clone() for k, v in dense.state_dict().items()}
+    plan = benchutil.magnitude_plan(dense, 0.3, head_share=0.3)
+    pruned = benchutil.pruned_copy(dense, plan)
+    assert all(torch.equal(v, dense.state_dict()[k]) for k, v in state.items())
+    assert sum(p.numel() for p in pruned.parameters()) == plan.measures["after"]["total_params"]
+
+
+def test_publish_writes_json_and_markdown(tmp_path, capsys):
+    benchutil.publish(tmp_path / "out", "x", {"a": 1}, "# x\n")
+    assert (tmp_path / "out" / "x.md").read_text() == "# x\n"
+    assert '"a": 1' in (tmp_path / "out" / "x.json").read_text()
+    assert "# x" in capsys.readouterr().out
