@@ -13,7 +13,7 @@ for grid in prior_tuning prior_tuning_posthoc prior_tuning_r2; do  # round 1, po
 done
 python - <<'PY'
 import json
-keep = {"fisher", "snip", "norm-start", "fisher-start", "michel"}
+keep = {"fisher", "snip", "norm-start", "fisher-start", "michel", "snip-no-sn-no-prior", "snip-prox-h15"}
 grid = [json.loads(line) for line in open("benchmarks/results/quality_paired.jsonl")]
 tuning = [json.loads(line) for line in open("benchmarks/results/prior_tuning.jsonl")]
 cells = {(r["task"], r["seed"]) for r in tuning}
@@ -23,4 +23,4 @@ with open("runs/prior_tuning_with_grid.jsonl", "w") as f:
 PY
 cp runs/prior_tuning_with_grid.jsonl benchmarks/results/prior_tuning_with_grid.jsonl
 idprior report benchmarks/results/prior_tuning_with_grid.jsonl --out benchmarks/results --name prior_tuning \
-    --reference h15 --baseline fisher --command "bash benchmarks/run_prior_tuning.sh"
+    --reference all-adam --baseline fisher --command "bash benchmarks/run_prior_tuning.sh" --notes benchmarks/notes/prior_tuning.md

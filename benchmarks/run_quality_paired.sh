@@ -17,4 +17,4 @@ for i in 0 1; do
 done
 wait
 idprior report benchmarks/results/quality_paired.jsonl --out benchmarks/results \
-    --command "bash benchmarks/run_quality_paired.sh"
+    --command "bash benchmarks/run_quality_paired.sh" --notes benchmarks/notes/quality_paired.md
