@@ -44,8 +44,8 @@ from torch.nn.utils import parametrize
 from .arch.base import Adapter
 from .errors import IdpriorError
 from .gates import Gates
-from .plan import measure_of, model_cost, removal_cost
-from .scoring import BranchNorms
+from .plan import SUBLAYER, measure_of, model_cost, removal_cost
+from .scoring import BranchNorms, seen_after_ln
 from .spectral import BoundedSpectralNorm, sn_modules
 from .units import Unit
 
@@ -220,10 +220,10 @@ class ProximalPrior:
         """(‖f_u‖ with the current weights [n_units] float64, [out, in] view of the stored weight)."""
         w, scale = stored_out_weight(self.adapter, module)
         wd, m = w.detach().double(), self.ema_m[(kind, layer)]
-        sub = "attn" if kind == "head" else "ffn"
+        sub = SUBLAYER[kind]
         ln = self.recorder.out_norms.get((sub, layer))
         if ln is not None:  # measured after the LayerNorm: diag(γ) C W, times sqrt(E[1/σ²]) (see scoring)
-            wd = ln.weight.detach().double()[:, None] * (wd - wd.mean(0, keepdim=True))
+            wd = seen_after_ln(ln, wd)
             scale *= math.sqrt(self.ema_ln.get((sub, layer), 1.0))
         if kind == "head":
             dh = self.adapter.head_dim

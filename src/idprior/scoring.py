@@ -36,6 +36,7 @@ from .arch import get_adapter
 from .arch.base import Adapter
 from .errors import IdpriorError
 from .gates import Gates
+from .plan import SUBLAYER
 from .units import Unit
 
 
@@ -152,9 +153,7 @@ class BranchNorms:
         """[out, in] output weights of a branch, as diag(γ) C W when measured after its LayerNorm."""
         w = self.adapter.out_weight(module)
         ln = self.out_norms.get((sub, layer))
-        if ln is None:
-            return w
-        return ln.weight.detach()[:, None].to(w.dtype) * (w - w.mean(0, keepdim=True))
+        return w if ln is None else seen_after_ln(ln, w)
 
     def ln_scale(self, key: tuple[str, int], n: int | None = None) -> float:
         """sqrt(mean of 1/σ_t²) after sub-layer `key` (1 when the branch is not measured after an LN)."""
@@ -227,9 +226,14 @@ class BranchNorms:
     # ---- results --------------------------------------------------------------------------------
     def norms(self, eps: float = 0.0) -> dict[tuple[str, int], torch.Tensor]:
         """sqrt(mean over tokens) for every (kind, layer) seen."""
-        sub = {"head": "attn", "attn": "attn", "neuron": "ffn", "ffn": "ffn"}
-        return {k: torch.sqrt(v / max(1, self.count(k[1])) + eps) * self.ln_scale((sub[k[0]], k[1]))
+        return {k: torch.sqrt(v / max(1, self.count(k[1])) + eps) * self.ln_scale((SUBLAYER[k[0]], k[1]))
                 for k, v in self.sums.items()}
+
+
+def seen_after_ln(ln: nn.Module, w: torch.Tensor) -> torch.Tensor:
+    """diag(γ) C W: output weights [out, in] as the LayerNorm after the branch sees them (C removes the
+    mean over the hidden size; the 1/σ scale is applied to the norm, see `BranchNorms.ln_scale`)."""
+    return ln.weight.detach()[:, None].to(w.dtype) * (w - w.mean(0, keepdim=True))
 
 
 @torch.no_grad()
