@@ -256,8 +256,8 @@ def test_rows_from_different_starts_are_not_paired():
 # default, so these are the names seeds 0-1 were trained under): run folders are keyed by these digests,
 # so a change to what goes into `finetune_digest` (or to its values) would orphan the sweep's fine-tunes
 # (`existing_equivalent` would still find them, but only by reading every sibling's config).
-QUALITY_PAIRED_CELLS = 348
-QUALITY_PAIRED_SHA256 = "0be53ffba97638ea20d8076f20b3337828480ec1f6bfdc64dae820d3171b2fbd"
+QUALITY_PAIRED_CELLS = 336
+QUALITY_PAIRED_SHA256 = "8ed1a233ce039cbf59eeb9531fb8e0f5f71c20e973c4b6c584f3f805b52c2936"
 QUALITY_PAIRED_RT0 = {
     "dense/0": "start-92566183", "snip/0.5": "start-92566183/sn+prior-945f25ee",
     "snip-no-sn/0.5": "start-92566183/prior-a37543c8", "snip-no-prior/0.5": "start-92566183/sn-4b89dad8",
@@ -267,9 +267,11 @@ QUALITY_PAIRED_RT0 = {
     "snip-prox-share/0.5": "start-92566183/sn+prior-5aaf2584", "snip-prox-h15/0.5": "start-92566183/sn+prior-76a97c81",
     "snip-prox-h05/0.5": "start-92566183/sn+prior-e5357700", "snip-prox-no-sn/0.5": "start-92566183/prior-7c384c7f",
     "snip-prox-g0/0.5": "start-92566183/sn+prior-c5000609", "norm-start/0.5": "start-92566183",
-    "fisher-start/0.5": "start-92566183", "snip/0.3": "start-92566183/sn+prior-945f25ee",
-    "fisher/0.3": "start-92566183/plain-6818006a", "snip/0.7": "start-92566183/sn+prior-945f25ee",
-    "fisher/0.7": "start-92566183/plain-6818006a",
+    "fisher-start/0.5": "start-92566183",
+    "fisher/0.3": "start-92566183/plain-6818006a", "fisher/0.7": "start-92566183/plain-6818006a",
+    # the tuned proximal prior at 50% shares its fine-tune with prior_tuning.yaml's "all-adam"
+    "snip-prox-tuned/0.5": "start-92566183/sn+prior-f0309484", "snip-prox-tuned/0.3": "start-92566183/sn+prior-bcdc0963",
+    "snip-prox-tuned/0.7": "start-92566183/sn+prior-48ce2c7a",
 }
 
 

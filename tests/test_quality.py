@@ -105,6 +105,24 @@ def test_grid_rejects_bad_entries(tiny_folder):
     assert "nope" in text and "colour" in text and "random" in text
 
 
+def test_grid_name_repeats_only_as_one_configuration(tiny_folder):
+    """A method may run at more targets on fewer seeds under the same name; a name that would mean two
+    configurations (other settings, or the same target twice) is refused."""
+    from idprior.errors import IdpriorError
+    from idprior.quality import cells
+
+    base = _grid(tiny_folder) | {"targets": [0.5, 0.3], "seeds": [0, 1]}
+    grid = load_grid(base | {"methods": [{"name": "random", "targets": [0.5]},
+                                         {"name": "random", "targets": [0.3], "seeds": [0]}]})
+    got = [(seed, target) for seed, _, target, spec in cells(grid) if spec is not None]
+    assert sorted(got) == [(0, 0.3), (0, 0.5), (1, 0.5)]
+    for second in ({"name": "random", "targets": [0.3], "set": {"prune.calib_size": 8}},
+                   {"name": "random", "targets": [0.5, 0.3]},
+                   {"name": "random"}):
+        with pytest.raises(IdpriorError, match="used twice"):
+            load_grid(base | {"methods": [{"name": "random", "targets": [0.5]}, second]})
+
+
 def _row(task, seed, method, target, acc, removed=0.5):
     metrics = {"accuracy": acc}
     comp = {k: {"dense": 100, "pruned": int(100 * (1 - removed)), "removed_fraction": removed}

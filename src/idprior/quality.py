@@ -153,8 +153,9 @@ def _grid_methods(raw: dict, paired: bool, problems: list[str]) -> list[MethodSp
             problems.append(f"method {spec.name!r}: 'from: start' needs a paired grid (paired: true)")
         if not _is_plain_name(spec.name):  # it becomes a folder name under OUT/cells
             problems.append(f"method name {spec.name!r}: use letters, digits and . _ + - only (it names a folder)")
-        if spec.name == "dense" or spec.name in {s.name for s in methods}:
-            problems.append(f"method name {spec.name!r} is reserved or used twice")
+        if spec.name == "dense" or any(not _same_column(s, spec) for s in methods if s.name == spec.name):
+            problems.append(f"method name {spec.name!r} is reserved or used twice (a name may repeat only with "
+                            "the same method, from and set, and other targets: one name, one configuration)")
         sel = selection.get(spec.name, selection.get(spec.method))
         if sel is not None and spec.method not in SNIP_METHODS:
             problems.append(f"selection for {spec.name!r}: baselines use their own selection rule (see idprior.baselines)")
@@ -191,6 +192,12 @@ def _method_spec(m, problems: list[str]) -> MethodSpec | None:
     targets, seeds = m.get("targets"), m.get("seeds")
     return MethodSpec(str(m.get("name")), str(m.get("method", m.get("name"))), dict(m.get("set") or {}),
                       [float(t) for t in targets] if targets else None, [int(x) for x in seeds] if seeds else None, start)
+
+
+def _same_column(a: MethodSpec, b: MethodSpec) -> bool:
+    """Two entries of one name are one method run at more targets (say, on fewer seeds there)."""
+    return ((a.method, a.overrides, a.start) == (b.method, b.overrides, b.start)
+            and a.targets is not None and b.targets is not None and not set(a.targets) & set(b.targets))
 
 
 def _is_plain_name(name: str) -> bool:
