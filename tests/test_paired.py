@@ -15,6 +15,7 @@ from idprior.paired import (
     DENSE,
     Comparison,
     PairedCell,
+    blocked_interval,
     bootstrap_interval,
     compare,
     mcnemar_p,
@@ -65,6 +66,22 @@ def test_bootstrap_interval_contains_the_truth_and_excludes_zero_when_clear():
     tied = [_cell(20, 20, 700, 1000, seed=s) for s in range(5)]
     lo, hi = bootstrap_interval(tied, n_boot=2000, seed=1)
     assert lo < 0 < hi
+
+
+def test_task_blocked_interval_matches_hand_computation():
+    # task x: diffs 1, 3; task y: 5, 7 (points). Task means 2 and 6 -> mean 4. Within-task squares
+    # (1 + 1) + (1 + 1) = 4 over df = 4 - 2 = 2 -> s_w^2 = 2; se = sqrt(2 * (1/2 + 1/2)) / 2 = 0.707107;
+    # half-width t_{.975,2} * se = 4.302653 * 0.707107 = 3.042435; MDE (4.302653 + t_{.80,2} 1.060660) * se
+    cells = [_cell(k, 0, 50, 100, task=t, seed=s) for s, (t, k) in enumerate([("x", 1), ("x", 3), ("y", 5), ("y", 7)])]
+    mean, lo, hi, mde = blocked_interval(cells)
+    assert mean == pytest.approx(4.0)
+    assert (lo, hi) == pytest.approx((4 - 3.042435, 4 + 3.042435), abs=1e-5)
+    assert mde == pytest.approx(5.363313 * 0.707107, abs=1e-5)
+    assert lo < 4 < hi and lo > 0  # contains the truth, excludes 0 ...
+    assert t_interval([c.diff for c in cells])[1] < 0  # ... where the unblocked interval does not (tasks differ)
+    assert math.isnan(blocked_interval(cells[::2])[1])  # one cell per task: no within-task spread to use
+    s = Comparison("a", "b", 0.5, "pruned_no_recovery", "test", cells).summary(n_boot=0)
+    assert (s["block_low"], s["block_mde"]) == pytest.approx((lo, mde))
 
 
 def test_min_detectable_difference():
@@ -164,8 +181,15 @@ def test_finetune_folder_does_not_depend_on_selection(tiny_folder):
     a = cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", {"prune.selection": "norm"}), 0.5, out="x")
     b = cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", {"prune.selection": "share", "prune.head_share": 0.3}), 0.5, out="y")
     assert finetune_config(a, out="p")[1] == finetune_config(b, out="p")[1]
-    c = cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", {"prune.prior_lambda": 0.3}), 0.5, out="x")
+    c = cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", {"prune.prior_gamma": 1.0}), 0.5, out="x")
     assert finetune_config(a, out="p")[1] != finetune_config(c, out="p")[1]
+    # the loss prior's own strength changes its fine-tune; the proximal prior ignores it
+    loss = {"prune.prior_mode": "loss"}
+    d, e = (cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", loss | {"prune.prior_lambda": lam}), 0.5, out="x")
+            for lam in (0.1, 0.3))
+    assert finetune_config(d, out="p")[1] != finetune_config(e, out="p")[1]
+    f = cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", {"prune.prior_lambda": 0.3}), 0.5, out="x")
+    assert finetune_config(a, out="p")[1] == finetune_config(f, out="p")[1]
 
 
 def test_paired_grid_errors(tiny_folder):
@@ -181,16 +205,21 @@ def test_paired_grid_errors(tiny_folder):
 
 
 def test_resume_accepts_a_field_added_later_at_its_default():
-    """A grid's fine-tunes outlive code changes: a config field added after a run started, left at
-    its default, must not block --resume; a changed value still does."""
+    """A grid's fine-tunes outlive code changes: a config field added after a run started must not block
+    --resume while it holds the value the run had without it; a changed value still does. That value is
+    the behaviour before the field existed, not today's default: a saved config without `prior_mode`
+    ran the loss prior, though the default is now the proximal one."""
     from idprior.config import config_differences, load_config, resume_key
 
+    old = resume_key(load_config(None, ["out=x", "prune.prior_mode=loss"]))
+    saved = json.loads(json.dumps(old))
+    del saved["prune"]["prior_mode"]
+    assert config_differences(saved, old) == []
+    assert config_differences(saved, resume_key(load_config(None, ["out=x"]))) == ["prune.prior_mode"]
     now = resume_key(load_config(None, ["out=x"]))
     saved = json.loads(json.dumps(now))
-    del saved["prune"]["prior_mode"]
+    del saved["prune"]["norm_after_ln"]  # added later; its value then equals today's default
     assert config_differences(saved, now) == []
-    changed = resume_key(load_config(None, ["out=x", "prune.prior_mode=proximal"]))
-    assert config_differences(saved, changed) == ["prune.prior_mode"]
 
 
 def test_paired_cells_order_and_per_method_targets_and_seeds(tiny_folder):

@@ -37,6 +37,7 @@ def test_prune_cli_writes_every_artefact(tiny_folder, tmp_path, capsys):
     pruned = load_pruned(out / "pruned")
     assert sum(p.numel() for p in pruned.parameters()) == plan["measures"]["after"]["total_params"]
     assert metrics["compression"]["encoder_params"]["removed_fraction"] >= 0.4
+    assert plan["selection"] == "prior"  # "auto" after the default (proximal) prior phase
     assert set(json.loads((out / "stages.json").read_text())["stages"]) >= {"finetune", "score", "select", "surgery",
                                                                             "recover", "evaluate", "report"}
     assert "test accuracy" in capsys.readouterr().out
@@ -77,7 +78,8 @@ def test_prune_variants(tiny_folder, tmp_path, extra):
     trained = "--no-train" not in extra
     assert ("steps" in finetune) == trained
     assert ("sn_matrices" in finetune) == (trained and "--no-sn" not in extra)
-    assert ("prior" in _log_keys(out / "train_log.jsonl")) == (trained and "--no-prior" not in extra)
+    prior_logged = {"prior", "prior_identity_frac"} & _log_keys(out / "train_log.jsonl")  # loss / proximal prior
+    assert bool(prior_logged) == (trained and "--no-prior" not in extra)
     if "--iterative" in extra:
         rounds = [json.loads((out / f"round{r}" / "plan.json").read_text()) for r in (1, 2)]
         assert all(p["units"] for p in rounds) and not (out / "round3").exists()

@@ -293,7 +293,7 @@ def test_config_fields_are_validated():
     cfg = load_config(None, ["prune.prior_mode=proximal", "prune.prior_gamma=0", "prune.prior_head_share=0.3",
                              "prune.selection=prior"])
     assert (cfg.prune.prior_mode, cfg.prune.prior_gamma, cfg.prune.prior_head_share) == ("proximal", 0.0, 0.3)
-    assert load_config(None, []).prune.prior_mode == "loss"
+    assert load_config(None, []).prune.prior_mode == "proximal"  # the default since issue 14
     with pytest.raises(ConfigError) as e:
         load_config(None, ["prune.prior_mode=prox", "prune.prior_lambda0=0", "prune.prior_ramp=1.5",
                            "prune.prior_gain=-1", "prune.prior_head_share=2", "prune.prior_gamma=-1"])
@@ -377,3 +377,21 @@ def test_adam_metric_trains_with_the_optimizer_bound(tmp_path):
     assert prior.opt is not None and prior.norms
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert rows[-1]["prior_identity_frac"] > 0
+
+
+def test_auto_selection_is_prior_only_after_a_proximal_phase():
+    """Selection "auto" removes the units the proximal prior brought to the identity first; without a
+    proximal phase (loss prior, no prior, post-training mode) it is the model family's default."""
+    from idprior.config import proximal_phase
+    from idprior.pipeline import resolve_selection
+
+    class Family:
+        default_selection = ("share", 0.3)
+
+    p = load_config(None, []).prune
+    assert proximal_phase(p) and resolve_selection(p.selection, p.head_share, Family(), after_prior=True) == ("prior", None)
+    for over in (["prune.prior_mode=loss"], ["prune.prior=false"], ["prune.finetune_first=false"]):
+        p = load_config(None, over).prune
+        assert not proximal_phase(p)
+        assert resolve_selection(p.selection, p.head_share, Family(), after_prior=proximal_phase(p)) == ("share", 0.3)
+    assert resolve_selection("norm", None, Family(), after_prior=True) == ("norm", None)  # explicit choices stand

@@ -56,10 +56,11 @@ def test_grid_runs_resumes_and_shares_finetunes(tiny_folder, tmp_path):
         assert {"finetune", "select", "surgery", "recover", "evaluate"} <= set(r["wall_s"])
         assert r["config"]["prune"]["finetune_first"] is False and r["config"]["prune"]["target"] == r["target"]
     assert {r["variant"] for r in rows} == {"plain", "sn+prior"}
-    # one fine-tune per variant, shared by every target (and the dense row)
+    # the plain fine-tune is shared by every target and the dense row; the default (proximal) prior is
+    # driven by the target, so SNIP has one fine-tune per target
     ft = sorted(p.name.split("-")[0] for p in (out / "finetune" / "rt-polarity" / "seed0").iterdir())
-    assert ft == ["plain", "sn+prior"]
-    assert len({r["finetune_dir"] for r in rows}) == 2
+    assert ft == ["plain", "sn+prior", "sn+prior"]
+    assert len({r["finetune_dir"] for r in rows}) == 3
     assert all(r["dense"] == rows[0]["dense"] for r in rows if r["variant"] == "plain")
     # snip cells keep their function norms for the report
     assert all((out / r["cell_dir"] / "scores.json").is_file() for r in cells if r["method"] == "snip")

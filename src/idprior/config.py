@@ -103,9 +103,10 @@ class PruneConfig:
     flops_seq_len: int = 128
     tau: float | None = None  # raw function-norm threshold instead of a target
     kinds: str = "head,neuron"
-    # "auto": the model family's default (its adapter's `default_selection`): for encoders
-    # "share" with head_share 0.3, picked on validation (benchmarks/results/tuning.md); for
-    # decoders "norm" (benchmarks/results/smollm2_selection.md).
+    # "auto": "prior" after a proximal prior phase (the units it brought to the identity go first;
+    # tuned on validation, benchmarks/notes/prior_tuning.md); otherwise the model family's default (its
+    # adapter's `default_selection`): for encoders "share" with head_share 0.3 (benchmarks/results/tuning.md),
+    # for decoders "norm" (benchmarks/results/smollm2_selection.md).
     selection: Selection = "auto"
     head_share: float | None = None  # selection "share": fraction of the budget taken from heads
     # "relative": divide by the RMS of the layer input; "residual": by the RMS of the residual stream each
@@ -113,7 +114,7 @@ class PruneConfig:
     score: ScoreMode = "absolute"
     # "readout": last-layer function norms over the positions the model's head reads ([CLS] for a
     # BERT classifier), in scoring and in the proximal prior; "all": every real token
-    norm_positions: str = "all"
+    norm_positions: str = "readout"
     # True: post-LN branches measured after the LayerNorm they join (diag(γ) C W, scaled by the LN's
     # mean 1/σ), so layers are compared on the scale the next layer sees; scoring and proximal prior
     norm_after_ln: bool = False
@@ -124,18 +125,20 @@ class PruneConfig:
     prior_lambda: float = 0.1  # also the tuned value (λ in {0, 0.03, 0.1, 0.3}, tuning.md)
     prior_weight: PriorWeight = "uniform"
     prior_warmup: float = 0.1  # fraction of steps over which lambda ramps up linearly
+    # "proximal" (default since the paired benchmark, issue 14): a soft-threshold of each unit's function
+    # norm after every optimizer step, its strength λ driven so that the target fraction of `measure`
+    # reaches the identity on a cubic schedule (proximal.py; prior_lambda/weight/warmup are not used).
     # "loss": λ Σ c_u ‖f_u‖ added to the task loss (prior_lambda, prior_weight, prior_warmup; measured
-    # inert under Adam). "proximal": a soft-threshold of each unit's function norm after every
-    # optimizer step, its strength λ driven so that the target fraction of `measure` reaches the
-    # identity on a cubic schedule (proximal.py; prior_lambda/weight/warmup are not used).
-    prior_mode: PriorMode = "loss"
+    # inert under Adam: the first definition). The proximal defaults below were picked on validation
+    # (seeds 0-1 of the paired grid; benchmarks/notes/prior_tuning.md, "all-adam").
+    prior_mode: PriorMode = "proximal"
     prior_lambda0: float = 0.01  # proximal: starting λ (unitless: 0.01 = 1% of a mean unit norm per step)
-    prior_gamma: float = 1.0  # proximal: reweighting exponent (1: small units pulled harder; 0: plain)
-    prior_ramp: float = 0.75  # proximal: fraction of the fine-tune over which the schedule reaches the target
+    prior_gamma: float = 3.0  # proximal: reweighting exponent (larger: small units pulled harder; 0: plain)
+    prior_ramp: float = 0.5  # proximal: fraction of the fine-tune over which the schedule reaches the target
     prior_gain: float = 0.5  # proximal: controller gain κ (0 keeps λ at prior_lambda0)
-    prior_head_share: float | None = None  # proximal: share of the target taken by heads (None: free)
-    prior_freeze: bool = False  # proximal: stop pulling once the target sits at the identity (no overshoot)
-    prior_metric: str = "euclid"  # proximal: "adam" takes the step in Adam's metric (see proximal.py)
+    prior_head_share: float | None = 0.15  # proximal: share of the target taken by heads (None: free)
+    prior_freeze: bool = True  # proximal: stop pulling once the target sits at the identity (no overshoot)
+    prior_metric: str = "adam"  # proximal: "adam" takes the step in Adam's metric (see proximal.py); "euclid"
     finetune_first: bool = True  # fine-tune with SN + prior first; False: post-training mode (old name: prune.train)
     iterative: int = 1
     distill: bool = False
@@ -522,6 +525,12 @@ def prior_active(p: PruneConfig) -> bool:
     return bool(p.prior and (p.prior_mode == "proximal" or p.prior_lambda > 0))
 
 
+def proximal_phase(p: PruneConfig) -> bool:
+    """Whether the model is fine-tuned with the proximal prior before scoring (selection "auto" then
+    means "prior")."""
+    return bool(p.finetune_first and p.prior and p.prior_mode == "proximal")
+
+
 def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
 
@@ -534,12 +543,22 @@ def resume_key(cfg: RunConfig) -> dict:
     return d
 
 
+# Fields added after run folders were first written, with the behaviour idprior had before each existed:
+# a saved config that lacks one ran with this value, whatever today's default is (the proximal prior and
+# its options arrived with default "loss"/off and became the default later, issue 14).
+ADDED_LATER = {"prune": {"prior_mode": "loss", "prior_lambda0": 0.01, "prior_gamma": 1.0, "prior_ramp": 0.75,
+                         "prior_gain": 0.5, "prior_head_share": None, "prior_freeze": False, "prior_metric": "euclid",
+                         "norm_positions": "all", "norm_after_ln": False}}
+
+
 def config_differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
     """Dotted keys whose values differ (`out` may change: a run folder can be moved). A key the saved
-    config lacks is no difference while it holds its default: a field added to idprior after the run
-    started, left at its default, does not change what the run computes."""
+    config lacks is no difference while it holds the value the run had without it (`ADDED_LATER`, else
+    today's default): a field added to idprior after the run started does not change what it computed."""
     if defaults is None and prefix == "":
         defaults = RunConfig().to_dict()
+        for section, values in ADDED_LATER.items():
+            defaults[section] = {**defaults[section], **values}
     defaults = defaults or {}
     keys = [k for k in dict.fromkeys([*saved, *now]) if not (prefix == "" and k in ("out", "bench"))]
     out = []

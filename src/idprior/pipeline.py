@@ -30,7 +30,7 @@ import torch
 
 from . import io, lock, models
 from .arch import get_adapter
-from .config import RunConfig, dump_config, prior_active, resume_differences, resume_key
+from .config import RunConfig, dump_config, prior_active, proximal_phase, resume_differences, resume_key
 from .data import load_task
 from .data.labels import align_labels
 from .errors import IdpriorError
@@ -238,8 +238,12 @@ def stage_score(run: Run) -> dict:
     return {"units": len(scores)}
 
 
-def resolve_selection(selection: str, head_share: float | None, adapter) -> tuple[str, float | None]:
-    """"auto" -> the model family's tuned (mode, head_share); an explicit head_share always wins."""
+def resolve_selection(selection: str, head_share: float | None, adapter, *,
+                      after_prior: bool = False) -> tuple[str, float | None]:
+    """"auto" -> "prior" after a proximal prior phase (`after_prior`: its units at the identity go first),
+    else the model family's tuned (mode, head_share); an explicit head_share always wins."""
+    if selection == "auto" and after_prior:
+        return "prior", head_share
     if selection == "auto":
         selection, default_share = adapter.default_selection
         head_share = head_share if head_share is not None else default_share
@@ -257,7 +261,7 @@ def stage_select(run: Run) -> dict:
     held = {"min_keep": p.min_keep, "protect": protected_layers(adapter.num_layers, p.protect_first, p.protect_last)}
     if p.method == "snip":
         scores = scores_from_json(io.read_json(run.path("scores.json"))["norms"])
-        mode, head_share = resolve_selection(p.selection, p.head_share, adapter)
+        mode, head_share = resolve_selection(p.selection, p.head_share, adapter, after_prior=proximal_phase(p))
         plan = select(scores, adapter, target=None if p.tau is not None else p.target, tau=p.tau,
                       measure=p.measure, seq_len=p.flops_seq_len, mode=mode, kinds=kinds,
                       head_share=head_share, **held)

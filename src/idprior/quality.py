@@ -228,13 +228,16 @@ def cell_config(grid: Grid, task: str, seed: int, spec: MethodSpec, target: floa
 prior_on = prior_active  # whether a fine-tune applies an identity prior (as stage_finetune does)
 
 
-LOSS_PRIOR_FIELDS = ("prior_lambda", "prior_weight", "prior_warmup")
+LOSS_PRIOR_FIELDS = ("prior_mode", "prior_lambda", "prior_weight", "prior_warmup")
 PROXIMAL_PRIOR_FIELDS = ("prior_mode", "prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain", "prior_head_share",
                          "target", "measure", "flops_seq_len", "norm_positions", "prior_freeze", "norm_after_ln", "prior_metric")
 # Fields added after fine-tunes were hashed: left out of the digest at their default, so that folders
 # hashed before they existed still match (a paired grid must find the start its earlier rows used;
 # `data.problem_type` once split the starts of the paired grid's seeds 0-1 this way).
-DIGEST_OMIT_AT_DEFAULT = {"norm_positions": "all", "prior_freeze": False, "norm_after_ln": False, "prior_metric": "euclid"}
+# (prior_mode "loss": loss-prior fine-tunes were hashed before the mode existed, and it joined their fields
+# when "proximal" became the default.)
+DIGEST_OMIT_AT_DEFAULT = {"norm_positions": "all", "prior_freeze": False, "norm_after_ln": False, "prior_metric": "euclid",
+                          "prior_mode": "loss"}
 DATA_OMIT_AT_DEFAULT = {"problem_type": None, "zero_shot": None, "max_zero_shot": None}
 
 

@@ -46,7 +46,8 @@ def _targets(rows: list[dict]) -> list[float]:
 
 def comparison_table(comps: list[Comparison], n_boot: int) -> list[str]:
     lines = ["| comparison | target | cells | mean diff (pts) | t 95% CI | bootstrap 95% CI | wins / losses / ties "
-             "| McNemar sig. wins / losses | MDE (80% power) |", "|---|---|---|---|---|---|---|---|---|"]
+             "| McNemar sig. wins / losses | MDE (80% power) | task-blocked mean [95% CI] | task-blocked MDE |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     unpaired = []
     for c in comps:
         if c.unpaired:
@@ -58,7 +59,8 @@ def comparison_table(comps: list[Comparison], n_boot: int) -> list[str]:
         lines.append(f"| {c.a} − {b} | {c.target:g} | {s['cells']} | **{_fmt(s['mean'])}** | "
                      f"[{_fmt(s['t_low'])}, {_fmt(s['t_high'])}] | [{_fmt(s['boot_low'])}, {_fmt(s['boot_high'])}] | "
                      f"{s['wins']} / {s['losses']} / {s['ties']} | {s['sig_wins']} / {s['sig_losses']} | "
-                     f"{_fmt(s['mde'], sign=False)} |")
+                     f"{_fmt(s['mde'], sign=False)} | {_fmt(s['block_mean'])} [{_fmt(s['block_low'])}, "
+                     f"{_fmt(s['block_high'])}] | {_fmt(s['block_mde'], sign=False)} |")
     if unpaired:
         lines += ["", "Left out, trained from a different start than the other method's row (not paired): "
                   + "; ".join(unpaired) + "."]
@@ -184,7 +186,9 @@ def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str |
         "cells. *t 95% CI*: Student t over cells. *Bootstrap*: two-level percentile bootstrap (cells, then examples "
         "within a cell), 4,000 draws. *McNemar*: exact test per cell on the discordant examples, counted at p < 0.05. "
         "*MDE*: the smallest true mean difference this many cells detect with 80% power (two-sided 5% t-test), from "
-        "the observed spread of the differences. Defaults are chosen on validation; test is reported once.",
+        "the observed spread of the differences. *Task-blocked*: tasks as blocks (the claim is about these tasks, "
+        "each weighted equally); the noise is the seed-to-seed spread within a task, pooled over tasks "
+        "(`idprior.paired` docstring). Defaults are chosen on validation; test is reported once.",
         "",
         f"## Primary: accuracy before recovery, test ({reference} against every method)", "",
         *comparison_table(primary, n_boot), "",
