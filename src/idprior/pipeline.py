@@ -30,7 +30,15 @@ import torch
 
 from . import io, lock, models
 from .arch import get_adapter
-from .config import RunConfig, dump_config, prior_active, proximal_phase, resume_differences, resume_key
+from .config import (
+    PruneConfig,
+    RunConfig,
+    dump_config,
+    prior_active,
+    proximal_phase,
+    resume_differences,
+    resume_key,
+)
 from .data import load_task
 from .data.labels import align_labels
 from .errors import IdpriorError
@@ -161,15 +169,14 @@ def _eval_fn(run: Run, tokenizer, split: str = "validation"):
 
 # ---- stages -------------------------------------------------------------------------------------
 
-def _prior_hooks(run: Run, model, adapter) -> tuple[list, list]:
-    """(training hooks, objects to detach after training, in order) of the identity prior the config
-    asks for: the proximal prior after each step, or the loss term; none without a prior."""
+def prior_hooks(p: PruneConfig, model, adapter) -> tuple[list, list]:
+    """(training hooks, objects to detach after training, in order) of the identity prior the prune
+    settings ask for: the proximal prior after each step, or the loss term; none without a prior."""
     from .gates import Gates
     from .prior import IdentityPrior
     from .proximal import ProximalPrior
     from .train import AfterStep
 
-    p = run.cfg.prune
     if not prior_active(p):
         return [], []
     gates = Gates(model, adapter).attach()
@@ -197,7 +204,7 @@ def stage_finetune(run: Run) -> dict:
         adapter = get_adapter(model, per_query_head=cfg.model.per_query_head)
         if p.sn:
             info["sn_matrices"] = spectral.attach(model, adapter, p.sn_bound)
-        hooks, attached = _prior_hooks(run, model, adapter)
+        hooks, attached = prior_hooks(p, model, adapter)
         metric = main_metric(run.task)
         result = train(model, run.loader("train", tok, train=True), cfg.train, seed=cfg.seed,
                        eval_fn=_eval_fn(run, tok) if cfg.train.eval_each_epoch else None, main_metric=metric,
