@@ -43,13 +43,18 @@ PRUNE_FLAGS = {
     "measure": ("prune.measure", "encoder_params (default), linear_params or flops"),
     "tau": ("prune.tau", "raw function-norm threshold instead of --target"),
     "kinds": ("prune.kinds", "comma list of unit kinds: head, attn, ffn, neuron"),
-    "selection": ("prune.selection", "auto (the model family's tuned default: share 0.3 for encoders, norm for "
-                                     "decoders), norm, norm-per-cost, energy-per-cost, share, relative"),
+    "selection": ("prune.selection", "auto (default: after the proximal prior phase 'prior', the units at the "
+                                     "identity first; otherwise the model family's tuned default, share 0.3 for "
+                                     "encoders, norm for decoders), prior, norm, norm-per-cost, energy-per-cost, "
+                                     "share, relative"),
     "head_share": ("prune.head_share", "with --selection share: fraction of the budget taken from heads"),
     "score": ("prune.score", "absolute (default), relative (norm / RMS of the layer input) or residual (norm / RMS "
                              "of the residual stream each branch writes into)"),
-    "prior_lambda": ("prune.prior_lambda", "strength of the identity prior"),
-    "prior_weight": ("prune.prior_weight", "uniform or cost"),
+    "prior_mode": ("prune.prior_mode", "proximal (default: drives the target fraction of --measure to the "
+                                       "identity during fine-tuning) or loss (lambda * sum of function norms added "
+                                       "to the loss, the first form)"),
+    "prior_lambda": ("prune.prior_lambda", "with --prior-mode loss: strength of the identity prior"),
+    "prior_weight": ("prune.prior_weight", "with --prior-mode loss: uniform or cost"),
     "sn_bound": ("prune.sn_bound", "'init' (each matrix's pretrained sigma) or a number"),
     "calib_size": ("prune.calib_size", "calibration examples for the function norms"),
     "iterative": ("prune.iterative", "reach the target in K prune/recover rounds"),
