@@ -519,6 +519,19 @@ def _bench_problems(b: BenchConfig) -> list[str]:
     return [msg for ok, msg in checks if not ok]
 
 
+def prune_config(base: PruneConfig | None = None, **options: Any) -> PruneConfig:
+    """A copy of `base` (default: `PruneConfig()`, read now) with `options` set, converted and
+    checked as a loaded config's prune: section is, for APIs that take the prune settings as
+    keywords (`hf.SnipTrainer`); raises ConfigError, one line naming every bad option."""
+    cfg = dataclasses.replace(base if base is not None else PruneConfig())
+    problems: list[str] = []
+    _merge(cfg, options, "prune.", problems)
+    _validate_prune(cfg, lambda ok, msg: ok or problems.append(msg))
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
 def prior_active(p: PruneConfig) -> bool:
     """Whether a fine-tune with these prune settings applies an identity prior: the proximal one, or
     the loss term with a positive λ."""

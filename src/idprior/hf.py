@@ -1,53 +1,140 @@
 """SNIP for users of the Hugging Face `Trainer`: spectral normalization attached at construction,
-the identity prior added in `compute_loss`, everything folded back by `finish()`.
+the identity prior applied while `train()` runs, everything folded back by `finish()`.
 
-    trainer = SnipTrainer(model=model, args=args, train_dataset=ds, prior_lambda=0.1)
-    trainer.train()
-    trainer.finish()                    # fold SN, remove hooks: a plain model again
-    scores = idprior.score(model, batches)
+    trainer = SnipTrainer(model=model, args=args, train_dataset=ds, target=0.5)
+    trainer.train()                     # drives `target` of the encoder parameters to the identity
+    model = trainer.finish()            # detach, fold SN: a plain model again
+    plan = idprior.select(idprior.score(model, batches), idprior.get_adapter(model), target=0.5, mode="prior")
+    idprior.apply_plan(model, plan.units)
+
+The settings are `PruneConfig` fields, given as `prune=` and/or keywords (keywords win), with the
+config's defaults (read at call time) and validation, so the trainer does what `idprior.prune` does
+with the same settings (`prior_kinds` is the old name of `kinds`):
+  prior_mode "proximal" (default): `proximal.ProximalPrior` after every optimizer step, from a
+             callback's `on_step_end`; target, measure, flops_seq_len, prior_lambda0, prior_gamma,
+             prior_ramp, prior_gain, prior_head_share, prior_freeze, prior_metric, norm_positions,
+             norm_after_ln. With gradient accumulation its activation moments come from the last
+             micro-batch of each step.
+             "loss": λ Σ c_u ‖f_u‖ added in `compute_loss`; prior_lambda, prior_weight, prior_warmup.
+  both       kinds, sn, sn_bound; prior=False trains with SN alone.
+A keyword the chosen mode does not use is refused, not ignored: `prior_lambda=` alone used to mean
+the loss prior, and silently training with another prior would hide that.
+The prior's log terms join the Trainer's logs as `snip_<term>` (snip_lambda, snip_prior_identity_frac, ...).
 """
 
 from __future__ import annotations
 
+import inspect
+
+import torch
 from torch.nn.utils import parametrize
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from . import spectral
 from .arch import get_adapter
+from .config import PruneConfig, prior_active, prune_config
+from .errors import IdpriorError
 from .gates import Gates
 from .prior import IdentityPrior
+from .proximal import ProximalPrior
 from .units import parse_kinds
+
+LOSS_ONLY = ("prior_lambda", "prior_weight", "prior_warmup")
+PROXIMAL_ONLY = ("target", "measure", "flops_seq_len", "prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain",
+                 "prior_head_share", "prior_freeze", "prior_metric", "norm_positions", "norm_after_ln")
+OPTIONS = ("prior", "prior_mode", "kinds", "sn", "sn_bound", *LOSS_ONLY, *PROXIMAL_ONLY)
+RENAMED = {"prior_kinds": "kinds"}
+
+
+def trainer_settings(prune: PruneConfig | None, kwargs: dict) -> tuple[PruneConfig, dict]:
+    """(prune settings, the keywords left for `Trainer.__init__`) from SnipTrainer's keywords."""
+    own = inspect.signature(Trainer.__init__).parameters
+    options = {RENAMED.get(k, k): v for k, v in kwargs.items() if k not in own}
+    cfg = prune_config(prune, **options)  # unknown names (with a close match) and bad values, one line
+    unused = [k for k in options if k not in OPTIONS]
+    if unused:
+        raise IdpriorError(f"SnipTrainer does not use {', '.join(unused)} (it fine-tunes; selection and surgery "
+                           f"options go to idprior.select / apply_plan); its options: {', '.join(OPTIONS)}")
+    other, names = ("loss", LOSS_ONLY) if cfg.prior_mode == "proximal" else ("proximal", PROXIMAL_ONLY)
+    ignored = [k for k in options if k in names]
+    if ignored:
+        raise IdpriorError(f"{', '.join(ignored)}: only for prior_mode {other!r}, and this trainer's is "
+                           f"{cfg.prior_mode!r} (the default: {PruneConfig().prior_mode!r}); pass "
+                           f"prior_mode={other!r} or drop {'them' if len(ignored) > 1 else 'it'}")
+    return cfg, {k: v for k, v in kwargs.items() if k in own}
+
+
+def proximal_prior(model, adapter, gates: Gates, p: PruneConfig) -> ProximalPrior:
+    """The proximal prior of `p`, built as the pipeline builds it."""
+    return ProximalPrior(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
+                         seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
+                         gain=p.prior_gain, head_share=p.prior_head_share, readout=p.norm_positions == "readout",
+                         freeze=p.prior_freeze, after_ln=p.norm_after_ln, metric=p.prior_metric)
+
+
+class ProximalCallback(TrainerCallback):
+    """Runs the proximal prior after every optimizer step. The Trainer calls `on_step_end` after
+    `optimizer.step()` (and the scheduler step), with `global_step` already counting that step;
+    `train.train` passes the steps done before it, so the prior gets `global_step - 1`."""
+
+    def __init__(self, prior: ProximalPrior):
+        self.prior, self.terms = prior, {}
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        if optimizer is not None:  # the "adam" metric reads the optimizer's second moments
+            self.prior.bind_optimizer(getattr(optimizer, "optimizer", optimizer))  # accelerate's wrapper
+
+    def on_step_end(self, args, state, control, **kwargs):
+        with torch.no_grad():
+            self.terms = self.prior(self.prior.model, state.global_step - 1, max(1, state.max_steps))
 
 
 class SnipTrainer(Trainer):
-    def __init__(self, *args, prior_lambda: float = 0.1, prior_kinds: str = "head,neuron", prior_weight: str = "uniform",
-                 prior_warmup: float = 0.1, sn: bool = True, sn_bound: str | float = "init", **kwargs):
+    """A `Trainer` that fine-tunes with SN and the identity prior (module docstring); `finish()` after training."""
+
+    def __init__(self, *args, prune: PruneConfig | None = None, **kwargs):
+        cfg, kwargs = trainer_settings(prune, kwargs)
         super().__init__(*args, **kwargs)
+        self.snip_config = cfg
         self.snip_adapter = get_adapter(self.model)
-        if sn:
-            spectral.attach(self.model, self.snip_adapter, sn_bound)
+        if cfg.sn:  # before the optimizer exists, so that it owns the parametrizations' originals
+            spectral.attach(self.model, self.snip_adapter, cfg.sn_bound)
         self.snip_gates = Gates(self.model, self.snip_adapter)
-        self.snip_prior = IdentityPrior(self.model, self.snip_adapter, self.snip_gates, parse_kinds(prior_kinds),
-                                        lam=prior_lambda, weight=prior_weight, warmup=prior_warmup)
+        self.snip_prior: IdentityPrior | ProximalPrior | None = None
+        self.snip_callback: ProximalCallback | None = None
         self._snip_terms: dict[str, float] = {}
+        if not prior_active(cfg):
+            return
+        if cfg.prior_mode == "proximal":
+            self.snip_prior = proximal_prior(self.model, self.snip_adapter, self.snip_gates, cfg)
+            self.snip_callback = ProximalCallback(self.snip_prior)
+            self.add_callback(self.snip_callback)
+        else:
+            self.snip_prior = IdentityPrior(self.model, self.snip_adapter, self.snip_gates, parse_kinds(cfg.kinds),
+                                            lam=cfg.prior_lambda, weight=cfg.prior_weight, warmup=cfg.prior_warmup)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with parametrize.cached():  # one power-iteration step per training step
             loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            if model.training:
+            if model.training and isinstance(self.snip_prior, IdentityPrior):
                 extra, terms = self.snip_prior(model, inputs, self.state.global_step, max(1, self.state.max_steps))
                 loss = loss + extra.to(loss.device)
                 self._snip_terms = terms
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        if "loss" in logs and self._snip_terms:
-            logs = {**logs, "snip_prior": self._snip_terms.get("prior"), "snip_lambda": self._snip_terms.get("lambda")}
+        terms = self.snip_callback.terms if self.snip_callback is not None else self._snip_terms
+        if "loss" in logs and terms:  # training logs only; the terms of the step just taken
+            logs = {**logs, **{f"snip_{k}": v for k, v in terms.items()}}
         super().log(logs, *args, **kwargs)
 
     def finish(self):
-        """Remove the prior's hooks and fold SN into plain weights; returns the model."""
-        self.snip_prior.detach()
+        """Remove the prior (its callback and hooks) and the gates, fold SN into plain weights; returns the model."""
+        if self.snip_callback is not None:
+            self.remove_callback(self.snip_callback)
+            self.snip_callback = None
+        if self.snip_prior is not None:
+            self.snip_prior.detach()
         self.snip_gates.detach()
         spectral.fold(self.model)
         return self.model
