@@ -64,14 +64,6 @@ def trainer_settings(prune: PruneConfig | None, kwargs: dict) -> tuple[PruneConf
     return cfg, {k: v for k, v in kwargs.items() if k in own}
 
 
-def proximal_prior(model, adapter, gates: Gates, p: PruneConfig) -> ProximalPrior:
-    """The proximal prior of `p`, built as the pipeline builds it."""
-    return ProximalPrior(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
-                         seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
-                         gain=p.prior_gain, head_share=p.prior_head_share, readout=p.norm_positions == "readout",
-                         freeze=p.prior_freeze, after_ln=p.norm_after_ln, metric=p.prior_metric)
-
-
 class ProximalCallback(TrainerCallback):
     """Runs the proximal prior after every optimizer step. The Trainer calls `on_step_end` after
     `optimizer.step()` (and the scheduler step), with `global_step` already counting that step;
@@ -106,7 +98,7 @@ class SnipTrainer(Trainer):
         if not prior_active(cfg):
             return
         if cfg.prior_mode == "proximal":
-            self.snip_prior = proximal_prior(self.model, self.snip_adapter, self.snip_gates, cfg)
+            self.snip_prior = ProximalPrior.from_config(self.model, self.snip_adapter, self.snip_gates, cfg)
             self.snip_callback = ProximalCallback(self.snip_prior)
             self.add_callback(self.snip_callback)
         else:

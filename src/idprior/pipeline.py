@@ -181,10 +181,7 @@ def prior_hooks(p: PruneConfig, model, adapter) -> tuple[list, list]:
         return [], []
     gates = Gates(model, adapter).attach()
     if p.prior_mode == "proximal":
-        prox = ProximalPrior(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
-                             seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
-                             gain=p.prior_gain, head_share=p.prior_head_share, readout=p.norm_positions == "readout",
-                             freeze=p.prior_freeze, after_ln=p.norm_after_ln, metric=p.prior_metric)
+        prox = ProximalPrior.from_config(model, adapter, gates, p)
         return [AfterStep(prox)], [prox, gates]
     prior = IdentityPrior(model, adapter, gates, parse_kinds(p.kinds), lam=p.prior_lambda,
                           weight=p.prior_weight, warmup=p.prior_warmup)

@@ -47,7 +47,7 @@ from .gates import Gates
 from .plan import SUBLAYER, measure_of, model_cost, removal_cost
 from .scoring import BranchNorms, seen_after_ln
 from .spectral import BoundedSpectralNorm, sn_modules
-from .units import Unit
+from .units import Unit, parse_kinds
 
 PROX_KINDS = ("head", "neuron")
 
@@ -164,6 +164,14 @@ class ProximalPrior:
     target, its units still away from zero are no longer pulled (only the zeros stay pinned), so the
     prior stops at the target instead of overshooting it by the units already on their way down.
     """
+
+    @classmethod
+    def from_config(cls, model: nn.Module, adapter: Adapter, gates: Gates, p) -> ProximalPrior:
+        """The prior a `config.PruneConfig` asks for (the pipeline and `hf.SnipTrainer` build it here)."""
+        return cls(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
+                   seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
+                   gain=p.prior_gain, head_share=p.prior_head_share, readout=p.norm_positions == "readout",
+                   freeze=p.prior_freeze, after_ln=p.norm_after_ln, metric=p.prior_metric)
 
     def __init__(self, model: nn.Module, adapter: Adapter, gates: Gates, *, target: float,
                  kinds: Iterable[str] = PROX_KINDS, measure: str = "encoder_params", seq_len: int = 128,
