@@ -20,6 +20,8 @@ with the same settings (`prior_kinds` is the old name of `kinds`):
 A keyword the chosen mode does not use is refused, not ignored: `prior_lambda=` alone used to mean
 the loss prior, and silently training with another prior would hide that.
 The prior's log terms join the Trainer's logs as `snip_<term>` (snip_lambda, snip_prior_identity_frac, ...).
+Not yet: the proximal prior's state (its λ, starting norms, moment averages) is not written into the
+Trainer's checkpoints, so `resume_from_checkpoint` restarts its controller (`idprior prune --resume` keeps it).
 """
 
 from __future__ import annotations
