@@ -48,19 +48,23 @@ def plot_structure(plan: dict, path: Path) -> Path:
 
 
 def plot_norms(norms: dict[str, float], path: Path, removed: set[str] | None = None) -> Path:
-    """Histogram of log10 function norms per unit kind (removed units hatched)."""
+    """Histogram of log10 function norms per unit kind, kept and removed units stacked on shared bins
+    (units at the identity, norm 0, sit at 1e-12)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(9, 3))
+    removed = removed or set()
     for ax, kind in zip(axes, ("head", "neuron")):
-        vals = [math.log10(max(v, 1e-12)) for k, v in norms.items() if k.startswith(kind + ":")]
-        gone = [math.log10(max(v, 1e-12)) for k, v in norms.items() if k.startswith(kind + ":") and removed and k in removed]
-        if vals:
-            ax.hist(vals, bins=40, color="tab:blue", alpha=0.7, label="all")
-        if gone:
-            ax.hist(gone, bins=40, color="tab:red", alpha=0.6, label="removed")
+        units = {k: math.log10(max(v, 1e-12)) for k, v in norms.items() if k.startswith(kind + ":")}
+        if units:
+            lo, hi = min(units.values()), max(units.values())
+            bins = [lo + (hi - lo + 1e-9) * i / 40 for i in range(41)]  # shared, so removed bars are visible
+            kept = [v for k, v in units.items() if k not in removed]
+            gone = [v for k, v in units.items() if k in removed]
+            ax.hist([kept, gone], bins=bins, stacked=True, color=["tab:blue", "tab:red"], alpha=0.75,
+                    label=[f"kept ({len(kept)})", f"removed ({len(gone)})"])
+            ax.legend(fontsize=8)
         ax.set_title(f"{kind} function norms")
-        ax.set_xlabel("log10 ||f_u||")
-        ax.legend(fontsize=8)
+        ax.set_xlabel("log10 ||f_u||  (0 shown at -12)")
     save_figure(fig, path)
     plt.close(fig)
     return path
