@@ -16,5 +16,5 @@ for i in 0 1; do
       > "runs/quality_paired_shard$i.log" 2>&1 &
 done
 wait
-idprior report benchmarks/results/quality_paired.jsonl --out benchmarks/results \
+idprior report benchmarks/results/quality_paired.jsonl --out benchmarks/results --reference snip-prox-tuned \
     --command "bash benchmarks/run_quality_paired.sh" --notes benchmarks/notes/quality_paired.md

@@ -80,6 +80,7 @@ def test_task_blocked_interval_matches_hand_computation():
     assert lo < 4 < hi and lo > 0  # contains the truth, excludes 0 ...
     assert t_interval([c.diff for c in cells])[1] < 0  # ... where the unblocked interval does not (tasks differ)
     assert math.isnan(blocked_interval(cells[::2])[1])  # one cell per task: no within-task spread to use
+    assert math.isnan(blocked_interval(cells[:3])[1])  # nor when one task has a single cell
     s = Comparison("a", "b", 0.5, "pruned_no_recovery", "test", cells).summary(n_boot=0)
     assert (s["block_low"], s["block_mde"]) == pytest.approx((lo, mde))
 

@@ -71,8 +71,9 @@ def t_interval(diffs: Iterable[float], level: float = 0.95) -> tuple[float, floa
 
 def blocked_interval(cells: list[PairedCell], level: float = 0.95,
                      power: float = 0.8) -> tuple[float, float, float, float]:
-    """(mean, low, high, MDE) with tasks as blocks (module docstring); nan where a task-blocked
-    variance cannot be estimated (no task with two cells)."""
+    """(mean, low, high, MDE) with tasks as blocks (module docstring); nan unless every task has at
+    least two cells (a task seen once adds no spread, and a pooled variance from one or two
+    differences would give an interval of any width)."""
     from scipy import stats
 
     by_task: dict[str, list[float]] = {}
@@ -83,7 +84,7 @@ def blocked_interval(cells: list[PairedCell], level: float = 0.95,
     n, T = sum(len(v) for v in by_task.values()), len(by_task)
     mean = float(np.mean([np.mean(v) for v in by_task.values()]))
     df = n - T
-    if df < 1:
+    if min(len(v) for v in by_task.values()) < 2:
         return mean, math.nan, math.nan, math.nan
     within = sum(float(((np.asarray(v) - np.mean(v)) ** 2).sum()) for v in by_task.values()) / df
     se = math.sqrt(within * sum(1.0 / len(v) for v in by_task.values())) / T
