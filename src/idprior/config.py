@@ -556,6 +556,12 @@ def resume_key(cfg: RunConfig) -> dict:
     return d
 
 
+# The prune fields only one form of the identity prior reads (besides prior_mode itself): the loss
+# prior's strength, and what drives the proximal prior (its target and the norms it measures).
+LOSS_PRIOR_OPTIONS = ("prior_lambda", "prior_weight", "prior_warmup")
+PROXIMAL_PRIOR_OPTIONS = ("prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain", "prior_head_share", "target",
+                          "measure", "flops_seq_len", "norm_positions", "prior_freeze", "norm_after_ln", "prior_metric")
+
 # Fields added after run folders were first written, with the behaviour idprior had before each existed:
 # a saved config that lacks one ran with this value, whatever today's default is (the proximal prior and
 # its options arrived with default "loss"/off and became the default later, issue 14).

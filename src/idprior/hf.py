@@ -34,17 +34,14 @@ from transformers import Trainer, TrainerCallback
 
 from . import spectral
 from .arch import get_adapter
-from .config import PruneConfig, prior_active, prune_config
+from .config import LOSS_PRIOR_OPTIONS, PROXIMAL_PRIOR_OPTIONS, PruneConfig, prior_active, prune_config
 from .errors import IdpriorError
 from .gates import Gates
 from .prior import IdentityPrior
 from .proximal import ProximalPrior
 from .units import parse_kinds
 
-LOSS_ONLY = ("prior_lambda", "prior_weight", "prior_warmup")
-PROXIMAL_ONLY = ("target", "measure", "flops_seq_len", "prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain",
-                 "prior_head_share", "prior_freeze", "prior_metric", "norm_positions", "norm_after_ln")
-OPTIONS = ("prior", "prior_mode", "kinds", "sn", "sn_bound", *LOSS_ONLY, *PROXIMAL_ONLY)
+OPTIONS = ("prior", "prior_mode", "kinds", "sn", "sn_bound", *LOSS_PRIOR_OPTIONS, *PROXIMAL_PRIOR_OPTIONS)
 RENAMED = {"prior_kinds": "kinds"}
 
 
@@ -57,7 +54,7 @@ def trainer_settings(prune: PruneConfig | None, kwargs: dict) -> tuple[PruneConf
     if unused:
         raise IdpriorError(f"SnipTrainer does not use {', '.join(unused)} (it fine-tunes; selection and surgery "
                            f"options go to idprior.select / apply_plan); its options: {', '.join(OPTIONS)}")
-    other, names = ("loss", LOSS_ONLY) if cfg.prior_mode == "proximal" else ("proximal", PROXIMAL_ONLY)
+    other, names = ("loss", LOSS_PRIOR_OPTIONS) if cfg.prior_mode == "proximal" else ("proximal", PROXIMAL_PRIOR_OPTIONS)
     ignored = [k for k in options if k in names]
     if ignored:
         raise IdpriorError(f"{', '.join(ignored)}: only for prior_mode {other!r}, and this trainer's is "

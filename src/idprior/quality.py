@@ -49,7 +49,15 @@ from pathlib import Path
 import yaml
 
 from . import io
-from .config import RunConfig, load_config, load_run_config, prior_active
+from .config import (
+    ADDED_LATER,
+    LOSS_PRIOR_OPTIONS,
+    PROXIMAL_PRIOR_OPTIONS,
+    RunConfig,
+    load_config,
+    load_run_config,
+    prior_active,
+)
 from .errors import IdpriorError
 
 # snip-family method -> (sn, prior) of the fine-tune it prunes
@@ -228,16 +236,15 @@ def cell_config(grid: Grid, task: str, seed: int, spec: MethodSpec, target: floa
 prior_on = prior_active  # whether a fine-tune applies an identity prior (as stage_finetune does)
 
 
-LOSS_PRIOR_FIELDS = ("prior_mode", "prior_lambda", "prior_weight", "prior_warmup")
-PROXIMAL_PRIOR_FIELDS = ("prior_mode", "prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain", "prior_head_share",
-                         "target", "measure", "flops_seq_len", "norm_positions", "prior_freeze", "norm_after_ln", "prior_metric")
+LOSS_PRIOR_FIELDS = ("prior_mode", *LOSS_PRIOR_OPTIONS)
+PROXIMAL_PRIOR_FIELDS = ("prior_mode", *PROXIMAL_PRIOR_OPTIONS)
 # Fields added after fine-tunes were hashed: left out of the digest at their default, so that folders
 # hashed before they existed still match (a paired grid must find the start its earlier rows used;
 # `data.problem_type` once split the starts of the paired grid's seeds 0-1 this way).
 # (prior_mode "loss": loss-prior fine-tunes were hashed before the mode existed, and it joined their fields
 # when "proximal" became the default.)
-DIGEST_OMIT_AT_DEFAULT = {"norm_positions": "all", "prior_freeze": False, "norm_after_ln": False, "prior_metric": "euclid",
-                          "prior_mode": "loss"}
+DIGEST_OMIT_AT_DEFAULT = {k: ADDED_LATER["prune"][k]
+                          for k in ("norm_positions", "prior_freeze", "norm_after_ln", "prior_metric", "prior_mode")}
 DATA_OMIT_AT_DEFAULT = {"problem_type": None, "zero_shot": None, "max_zero_shot": None}
 
 
