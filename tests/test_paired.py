@@ -286,8 +286,8 @@ def test_rows_from_different_starts_are_not_paired():
 # default, so these are the names seeds 0-1 were trained under): run folders are keyed by these digests,
 # so a change to what goes into `finetune_digest` (or to its values) would orphan the sweep's fine-tunes
 # (`existing_equivalent` would still find them, but only by reading every sibling's config).
-QUALITY_PAIRED_CELLS = 336
-QUALITY_PAIRED_SHA256 = "8ed1a233ce039cbf59eeb9531fb8e0f5f71c20e973c4b6c584f3f805b52c2936"
+QUALITY_PAIRED_CELLS = 368
+QUALITY_PAIRED_SHA256 = "6172cdd9a0c4e4271bdfe5c9dad70492b55d52feacccd5a637040ad5b334bd38"
 QUALITY_PAIRED_RT0 = {
     "dense/0": "start-92566183", "snip/0.5": "start-92566183/sn+prior-945f25ee",
     "snip-no-sn/0.5": "start-92566183/prior-a37543c8", "snip-no-prior/0.5": "start-92566183/sn-4b89dad8",
