@@ -265,6 +265,34 @@ def test_existing_equivalent_finds_the_start_earlier_rows_used(tmp_path):
     assert existing_equivalent(tmp_path, "sn+prior-9999", cfg).name == "sn+prior-9999"  # variants never cross
 
 
+def test_a_finetune_recorded_under_older_defaults_resumes(tmp_path):
+    """A plain fine-tune folder written before the proximal prior's options became the defaults lacks
+    them (so they read as the legacy values) and holds the then-defaults of fields a plain fine-tune
+    never reads; the grid must still resume it, since its digest (what changes a fine-tune) agrees. A
+    folder that trained differently (another learning rate) must still be refused."""
+    import dataclasses
+
+    import yaml
+
+    from idprior.config import RunConfig, resume_differences
+    from idprior.quality import _as_recorded, finetune_config
+
+    cell = RunConfig()
+    cell.train.epochs = 1  # as a grid file writes it; the folder records 1.0
+    cfg, _ = finetune_config(dataclasses.replace(cell, prune=dataclasses.replace(cell.prune, sn=False, prior=False)),
+                             out=str(tmp_path))
+    old = cfg.to_dict()
+    old["train"]["epochs"] = 1.0
+    for key in ("prior_mode", "prior_gamma", "prior_ramp", "prior_head_share", "prior_freeze", "prior_metric", "norm_positions"):
+        del old["prune"][key]
+    _finished(tmp_path / "f", old)
+    (tmp_path / "f" / "config.yaml").write_text(yaml.safe_dump(old))
+    assert resume_differences(old, cfg)  # compared whole, today's defaults differ from what it recorded
+    assert resume_differences(old, _as_recorded(cfg, tmp_path / "f")) == []
+    other = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, lr=cfg.train.lr * 2))
+    assert _as_recorded(other, tmp_path / "f") is other and resume_differences(old, other)
+
+
 def test_rows_from_different_starts_are_not_paired():
     from idprior.paired import compare
 

@@ -289,7 +289,8 @@ def _apply_aliases(raw: dict, source: str) -> list[str]:
 def upgrade_saved(saved: dict) -> dict:
     """A config dict recorded by an earlier idprior (stages.json, config.yaml) in current names, with
     the meaning it had then: `prune.recover_epochs` replaced `recover.epochs`, `prune.train` is
-    `prune.finetune_first`. A copy; a current dict comes back unchanged."""
+    `prune.finetune_first`, a field added later is the value it had before (`ADDED_LATER`). A copy; a
+    current dict comes back unchanged."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
     prune = out.get("prune")
     if isinstance(prune, dict):
@@ -297,6 +298,9 @@ def upgrade_saved(saved: dict) -> dict:
             out["recover"] = {**(out.get("recover") or {}), "epochs": prune.pop("recover_epochs")}
         if "train" in prune:
             prune["finetune_first"] = prune.pop("train")
+    for section, values in ADDED_LATER.items():  # a field the run did not record: the behaviour it had
+        if isinstance(out.get(section), dict):
+            out[section] = {**values, **out[section]}
     return out
 
 

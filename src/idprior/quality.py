@@ -378,7 +378,7 @@ def _finetune_into(cfg: RunConfig, folder: Path, label: str, counter: dict | Non
     """Run (or resume) the finetune stage of `cfg` in `folder` unless it finished earlier."""
     from .pipeline import Run, run_stages
 
-    run = Run(dataclasses.replace(cfg, out=str(folder)), resume=True)
+    run = Run(dataclasses.replace(_as_recorded(cfg, folder), out=str(folder)), resume=True)
     try:
         if not run.done("finetune"):
             print(f"== fine-tune {label}")
@@ -388,6 +388,27 @@ def _finetune_into(cfg: RunConfig, folder: Path, label: str, counter: dict | Non
     finally:
         run.close()  # shared starts: another grid process may need this folder next
     return folder
+
+
+def _as_recorded(cfg: RunConfig, folder: Path) -> RunConfig:
+    """The config `folder` recorded when it computes the same fine-tune as `cfg`, else `cfg`.
+
+    A fine-tune folder is named by `finetune_digest`, the fields that change a fine-tune; the rest of
+    the config (selection, scoring, the defaults of later idprior versions: the proximal prior's became
+    the defaults after most starts were trained) was reset to the defaults of the day it was written.
+    Resuming compares whole configs, so it takes the recorded one whenever the digests agree."""
+    if not (folder / "config.yaml").is_file():
+        return cfg
+    try:
+        recorded = load_run_config(folder)
+    except IdpriorError:
+        return cfg
+
+    def key(c: RunConfig) -> str:  # epochs: a grid's `1` is recorded and read back as 1.0
+        c = dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=float(c.train.epochs)))
+        return finetune_digest(c, model_name=_comparable_dict(c)["model"]["name"])
+
+    return recorded if key(recorded) == key(cfg) else cfg
 
 
 def weights_sha256(folder: Path) -> str:
