@@ -85,6 +85,61 @@ def test_sn_fixed_bound_rescales():
     assert sigma == pytest.approx(0.5, rel=1e-3)
 
 
+def test_sn_under_its_bound_is_the_weight_itself_and_records_binding():
+    """Under the bound SN returns the stored weight (no scaled copy: same values, same gradient);
+    over it, the weight is rescaled onto the bound and `clipped` (what sn_clip_frac counts) is set."""
+    from idprior.proximal import sn_clip_fraction
+
+    model = tiny_bert()
+    spectral.attach(model, get_adapter(model))  # bound = each matrix's own sigma at load
+    mods = spectral.sn_modules(model)
+    module, sn = mods[0]
+    model.train()
+    original = module.parametrizations.weight.original
+    assert module.weight is original and not sn.clipped and sn_clip_fraction(model) == 0.0
+    with torch.no_grad():
+        original.mul_(3.0)  # now well over its bound
+    for _ in range(5):
+        w = module.weight
+    assert sn.clipped and sn_clip_fraction(model) == pytest.approx(1 / len(mods))
+    sigma = torch.linalg.matrix_norm(w.detach().t() if sn.transpose else w.detach(), ord=2)
+    assert float(sigma) == pytest.approx(float(sn.bound), rel=1e-3)
+
+
+@pytest.mark.parametrize("make", FAMILIES)
+def test_open_gates_skip_the_products_but_observers_still_see_every_site(make):
+    """With every gate at 1 and none trained, the hooks hand the model and its observers the tensors
+    unchanged (bit-identical logits and gradients to the ungated model); a closed or trained gate
+    takes the product path."""
+    model = make()
+    b = batch()
+    model.train()
+    torch.manual_seed(0)
+    ref = model(**b)
+    ref.logits.square().mean().backward()
+    ref_grad = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    gates = Gates(model)
+    seen = []
+    gates.observers.append(lambda layer, site, x, module: seen.append((layer, site)))
+    torch.manual_seed(0)
+    out = model(**b)
+    out.logits.square().mean().backward()
+    assert torch.equal(out.logits, ref.logits)
+    assert all(torch.equal(g, p.grad) for g, p in zip(ref_grad, [p for p in model.parameters() if p.grad is not None]))
+    sites = {site for _, site in seen}
+    assert sites == {"heads", "attn", "neurons", "ffn"}
+    gates.set(Unit("head", 0, 0), 0.0)
+    with torch.no_grad():
+        closed = model(**b).logits
+    assert not torch.equal(closed, ref.logits)  # the closed head now changes the output
+    gates.reset()
+    gates.requires_grad_()
+    model(**b).logits.square().mean().backward()
+    assert gates.head[0].grad is not None  # trained gates stay in the graph (Michel et al.)
+    gates.detach()
+
+
 # ---- identity prior ----------------------------------------------------------------------------
 
 def test_prior_zero_when_all_branches_closed_and_positive_otherwise():

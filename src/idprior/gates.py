@@ -137,6 +137,9 @@ class Gates:
 
         def hook(module, args):
             x = args[0]  # [B, T, n_heads*head_dim]
+            if _open(self.head[layer]):  # every gate 1 and not trained: nothing to multiply
+                self._notify(layer, "heads", x, module)
+                return None
             gate = self.head[layer][self._unit_of_q[layer]]  # [n_heads]
             x = x * gate.repeat_interleave(head_dim).to(x.dtype)  # [n_heads*head_dim] broadcast
             self._notify(layer, "heads", x, module)
@@ -146,6 +149,9 @@ class Gates:
 
     def _neurons_hook(self, layer: int):
         def hook(module, args):
+            if _open(self.neuron[layer]):
+                self._notify(layer, "neurons", args[0], module)
+                return None
             x = args[0] * self.neuron[layer].to(args[0].dtype)  # [B, T, ffn] * [ffn]
             self._notify(layer, "neurons", x, module)
             return (x, *args[1:])
@@ -158,9 +164,21 @@ class Gates:
         def hook(module, args, output):
             # Looked up per call: callers may swap the tensors. A sub-layer whose units are all
             # closed is removed whole by surgery (the collapse rule), output bias included.
+            sub = getattr(self, site)[layer : layer + 1]
+            if _open(sub) and (getattr(self, units)[layer] != 0).any():
+                self._notify(layer, site, output, module)
+                return None
             gate = getattr(self, site)[layer] * (getattr(self, units)[layer] != 0).any()
             output = output * gate.to(output.dtype)  # [B, T, D] * scalar
             self._notify(layer, site, output, module)
             return output
 
         return hook
+
+
+def _open(gate: torch.Tensor) -> bool:
+    """Every gate in `gate` is 1 and none is being trained: multiplying by them changes nothing (the
+    observers and the caller see the very same tensor), so the hooks skip it. Most gated passes are
+    observers on an ungated model (the proximal prior's activation moments), where the products
+    were an extra pass over every branch's activations forward and backward."""
+    return not gate.requires_grad and bool((gate == 1).all())

@@ -40,6 +40,7 @@ class BoundedSpectralNorm(nn.Module):
         self.register_buffer("bound", torch.tensor(max(sigma, sigma_est) if bound is None else sigma))
         self.register_buffer("u", u.to(weight.dtype))
         self.register_buffer("v", v.to(weight.dtype))
+        self.clipped = False  # whether the last forward rescaled the weight onto the bound (SN binding)
 
     def _mat(self, w: torch.Tensor) -> torch.Tensor:
         return w.t() if self.transpose else w
@@ -64,9 +65,14 @@ class BoundedSpectralNorm(nn.Module):
                 u = F.normalize(w @ v, dim=0, eps=self.eps)
                 self.u.copy_(u)
                 self.v.copy_(v)
+        with torch.no_grad():
+            self.clipped = bool(self.u @ w @ self.v > self.bound)
+        if not self.clipped:
+            # under the bound SN is the identity: the weight itself, not a scaled copy (the same values
+            # and gradients as `weight * 1`, without a copy of every matrix per forward and its backward)
+            return weight
         sigma = self.u.clone() @ w @ self.v.clone()  # clones: later in-place updates must not touch the graph
-        scale = torch.where(sigma > self.bound, self.bound / sigma.clamp(min=self.eps), torch.ones_like(sigma))
-        return weight * scale
+        return weight * (self.bound / sigma.clamp(min=self.eps))
 
 
 def attach(model: nn.Module, adapter: Adapter, bound: str | float = "init") -> int:

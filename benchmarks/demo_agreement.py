@@ -1,0 +1,95 @@
+"""Do the demo's own bench table and a standalone `idprior bench` agree? (issue 18)
+
+`bash benchmarks/run_demo_agreement.sh` makes three fresh `idprior prune --config demo` runs (each
+with its bench stage, RUN/bench/bench.json) and, after each, a standalone `idprior bench` of the
+same two models at the same shape in a new process (RUN/bench_standalone/bench.json). This script
+reads them all and, for every backend x batch x sequence length, puts the speed-ups side by side:
+per run the stage's and the standalone's, and over all six the largest relative distance from
+their median. Done when every one is within `--tolerance` (5%). It also gives each speed-up as a
+fraction of its FLOPs-ideal one and flags timings the noise guard marked.
+
+    python benchmarks/demo_agreement.py runs/demo_rep1 runs/demo_rep2 runs/demo_rep3
+
+writes benchmarks/results/demo_agreement.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+from idprior.benchutil import publish
+
+
+def speedups(bench: dict) -> dict[tuple[str, int, int], dict]:
+    """{(backend, batch, seq_len): row} of the pruned model's rows of one bench.json."""
+    out = {}
+    for row in bench["rows"]:
+        if row.get("speedup") is not None and row["model"] != bench.get("reference"):
+            out[(row["backend"], row["batch_size"], row["seq_len"])] = row
+    return out
+
+
+def compare(runs: list[Path], tolerance: float) -> dict:
+    sources = {}
+    for run in runs:
+        for kind, rel in (("stage", "bench/bench.json"), ("standalone", "bench_standalone/bench.json")):
+            path = run / rel
+            if not path.is_file():
+                raise SystemExit(f"error: {path} not found; run benchmarks/run_demo_agreement.sh first")
+            sources[f"{run.name}/{kind}"] = json.loads(path.read_text())
+    shapes = sorted(set.intersection(*(set(speedups(b)) for b in sources.values())))
+    rows = []
+    for shape in shapes:
+        values = {name: speedups(b)[shape] for name, b in sources.items()}
+        s = {name: r["speedup"] for name, r in values.items()}
+        mid = statistics.median(s.values())
+        spread = max(abs(v - mid) / mid for v in s.values())
+        rows.append({"backend": shape[0], "batch_size": shape[1], "seq_len": shape[2], "speedups": s,
+                     "fraction_of_ideal": {n: r.get("fraction_of_ideal") for n, r in values.items()},
+                     "flops_ideal": statistics.median(r["flops_ideal_speedup"] for r in values.values()),
+                     "noisy": [n for n, r in values.items() if r.get("noise")],
+                     "median": mid, "max_rel_dev": spread, "agree": spread <= tolerance})
+    env = next(iter(sources.values()))["environment"]
+    return {"runs": [str(r) for r in runs], "tolerance": tolerance, "environment": env, "rows": rows,
+            "all_agree": all(r["agree"] for r in rows), "command": "python benchmarks/demo_agreement.py " + shlex.join(sys.argv[1:])}
+
+
+def markdown(result: dict) -> str:
+    env = result["environment"]
+    names = list(result["rows"][0]["speedups"]) if result["rows"] else []
+    lines = ["# Demo bench stage vs standalone `idprior bench` (issue 18)", "",
+             "```", "bash benchmarks/run_demo_agreement.sh", result["command"], "```", "",
+             f"Three fresh `idprior prune --config demo` runs; after each, a standalone `idprior bench` of its dense "
+             f"and pruned models at the same shape. fp32, {env.get('cpu', '?')}, {env.get('threads', '?')} threads. "
+             f"Speed-up = dense median latency / pruned median latency. Agreement: every speed-up within "
+             f"{result['tolerance']:.0%} of the median of the six.", "",
+             "| backend | batch x seq | " + " | ".join(names) + " | median | max deviation | FLOPs ideal | median % of ideal | verdict |",
+             "|---|---|" + "---|" * len(names) + "---|---|---|---|---|"]
+    for r in result["rows"]:
+        cells = [f"{r['speedups'][n]:.2f}x" + (" (NOISY)" if n in r["noisy"] else "") for n in names]
+        frac = r["median"] / r["flops_ideal"]
+        lines.append(f"| {r['backend']} | {r['batch_size']} x {r['seq_len']} | " + " | ".join(cells) +
+                     f" | {r['median']:.2f}x | {r['max_rel_dev']:.1%} | {r['flops_ideal']:.2f}x | {frac:.0%} | "
+                     f"{'agree' if r['agree'] else 'DISAGREE'} |")
+    lines += ["", f"**{'All timings agree' if result['all_agree'] else 'Not all timings agree'}** within "
+              f"{result['tolerance']:.0%}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("runs", nargs="+", type=Path, help="demo run folders (each with bench/ and bench_standalone/)")
+    ap.add_argument("--tolerance", type=float, default=0.05, help="largest relative distance from the median (default 0.05)")
+    ap.add_argument("--out-dir", default="benchmarks/results")
+    args = ap.parse_args()
+    result = compare(args.runs, args.tolerance)
+    publish(args.out_dir, "demo_agreement", result, markdown(result))
+
+
+if __name__ == "__main__":
+    main()
