@@ -82,25 +82,31 @@ def main(argv: list[str]) -> None:
     ap.add_argument("--steps", type=int, default=24, help="optimizer steps per train call")
     ap.add_argument("--skip", type=int, default=4, help="first steps of each call left out (warm-up)")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of the variants (plain always runs)")
+    ap.add_argument("--name", default="prior_step_cost", help="output file stem")
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args(argv)
+    chosen = {"plain", *args.variants.split(",")}
+    if unknown := chosen - set(VARIANTS):
+        raise SystemExit(f"error: unknown variant(s) {', '.join(sorted(unknown))}; choose from {', '.join(VARIANTS)}")
+    variants = {name: extra for name, extra in VARIANTS.items() if name in chosen}
     torch.set_num_threads(args.threads)
     common = [f"data.task={args.task}", f"data.max_length={args.max_length}", f"train.batch_size={args.batch_size}",
               f"data.max_train={args.steps * args.batch_size}", "train.epochs=1", "train.eval_each_epoch=false",
               "train.checkpoint_every=0", "prune.target=0.5"]
     with tempfile.TemporaryDirectory() as tmp:
-        cfgs = {name: load_config(None, [*common, *extra, f"out={tmp}/{i}"]) for i, (name, extra) in enumerate(VARIANTS.items())}
+        cfgs = {name: load_config(None, [*common, *extra, f"out={tmp}/{i}"]) for i, (name, extra) in enumerate(variants.items())}
         run = Run(cfgs["plain"])
         base, tok = run.load_model(run.cfg.model.name)
         loader = run.loader("train", tok, train=True)
-        per_round = {name: [] for name in VARIANTS}
+        per_round = {name: [] for name in variants}
         for r in range(args.rounds):
             for name, cfg in cfgs.items():
                 per_round[name].append(one_call(base, loader, cfg, args.skip))
             print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{k} {v[-1] * 1e3:.0f} ms" for k, v in per_round.items()),
                   file=sys.stderr)
     ratio = {name: statistics.median(v / p for v, p in zip(per_round[name], per_round["plain"], strict=True))
-             for name in VARIANTS}
+             for name in variants}
     env = environment(args.threads)
     result = {"command": "python benchmarks/prior_step_cost.py " + " ".join(argv), "environment": env,
               "settings": vars(args), "model": run.cfg.model.name, "seconds_per_step": per_round, "ratio_to_plain": ratio}
@@ -116,7 +122,7 @@ def main(argv: list[str]) -> None:
     for name, v in per_round.items():
         lines.append(f"| {name} | {statistics.median(v) * 1e3:.0f} | {min(v) * 1e3:.0f} – {max(v) * 1e3:.0f} | "
                      f"{ratio[name]:.3f} |")
-    publish(args.out, "prior_step_cost", result, "\n".join(lines) + "\n")
+    publish(args.out, args.name, result, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

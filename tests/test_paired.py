@@ -250,8 +250,11 @@ def test_existing_equivalent_finds_the_start_earlier_rows_used(tmp_path):
     from idprior.quality import existing_equivalent
 
     cfg = RunConfig()
+    cfg.prune.prior = False  # a start is a plain fine-tune
     old = cfg.to_dict()
     del old["data"]["problem_type"]  # saved before the field existed
+    for key in ("prior_mode", "prior_gamma", "prior_ramp", "prior_head_share", "prior_freeze", "norm_positions"):
+        del old["prune"][key]  # ... and before these were the defaults: they read as their legacy values
     _finished(tmp_path / "start-aaaa", old)
     _finished(tmp_path / "start-bbbb", cfg.to_dict())
     _finished(tmp_path / "plain-1111", cfg.to_dict(), start="start-aaaa")
@@ -260,6 +263,7 @@ def test_existing_equivalent_finds_the_start_earlier_rows_used(tmp_path):
     assert existing_equivalent(tmp_path, "start-cccc", cfg).name == "start-aaaa"
     assert existing_equivalent(tmp_path, "start-bbbb", cfg).name == "start-bbbb"  # the exact name wins when finished
     other = RunConfig()
+    other.prune.prior = False
     other.train.lr = 1e-3
     assert existing_equivalent(tmp_path, "start-dddd", other).name == "start-dddd"  # nothing equivalent: its own name
     assert existing_equivalent(tmp_path, "sn+prior-9999", cfg).name == "sn+prior-9999"  # variants never cross

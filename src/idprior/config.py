@@ -237,7 +237,12 @@ def load_run_config(path: str | Path) -> RunConfig:
     """The config of a run folder (the folder or its config.yaml), written by any idprior version:
     old names are read with the rule that held when they were written (`upgrade_saved`)."""
     path = Path(path)
-    return _build(upgrade_saved(_read_yaml(path / "config.yaml" if path.is_dir() else path)), [])
+    return config_from_saved(_read_yaml(path / "config.yaml" if path.is_dir() else path))
+
+
+def config_from_saved(saved: dict) -> RunConfig:
+    """A RunConfig from a config dict recorded by any idprior version (config.yaml, stages.json)."""
+    return _build(upgrade_saved(saved), [])
 
 
 def _build(raw: dict, problems: list[str]) -> RunConfig:

@@ -54,6 +54,7 @@ from .config import (
     LOSS_PRIOR_OPTIONS,
     PROXIMAL_PRIOR_OPTIONS,
     RunConfig,
+    config_from_saved,
     load_config,
     load_run_config,
     prior_active,
@@ -391,24 +392,28 @@ def _finetune_into(cfg: RunConfig, folder: Path, label: str, counter: dict | Non
 
 
 def _as_recorded(cfg: RunConfig, folder: Path) -> RunConfig:
-    """The config `folder` recorded when it computes the same fine-tune as `cfg`, else `cfg`.
+    """The config `folder` recorded when it computes the same fine-tune as `cfg`, else `cfg` (resuming
+    compares whole configs; see `_recorded_if_same`)."""
+    return _recorded_if_same(cfg, folder) or cfg
 
-    A fine-tune folder is named by `finetune_digest`, the fields that change a fine-tune; the rest of
-    the config (selection, scoring, the defaults of later idprior versions: the proximal prior's became
-    the defaults after most starts were trained) was reset to the defaults of the day it was written.
-    Resuming compares whole configs, so it takes the recorded one whenever the digests agree."""
-    if not (folder / "config.yaml").is_file():
-        return cfg
+
+def _recorded_if_same(cfg: RunConfig, folder: Path) -> RunConfig | None:
+    """The config a fine-tune folder recorded (stages.json) if it computes the same fine-tune as `cfg`.
+
+    The same fine-tune means the same `finetune_digest`, the fields that change a fine-tune (the
+    start compared by folder name). The rest of the config (selection, scoring, the defaults of later
+    idprior versions: the proximal prior's became the defaults after most starts were trained) was
+    reset to the defaults of the day it was written, so whole configs must not be compared."""
     try:
-        recorded = load_run_config(folder)
-    except IdpriorError:
-        return cfg
+        recorded = config_from_saved(json.loads((folder / "stages.json").read_text())["config"])
+    except (OSError, ValueError, KeyError, IdpriorError):
+        return None
 
     def key(c: RunConfig) -> str:  # epochs: a grid's `1` is recorded and read back as 1.0
         c = dataclasses.replace(c, train=dataclasses.replace(c.train, epochs=float(c.train.epochs)))
         return finetune_digest(c, model_name=_comparable_dict(c)["model"]["name"])
 
-    return recorded if key(recorded) == key(cfg) else cfg
+    return recorded if key(recorded) == key(cfg) else None
 
 
 def weights_sha256(folder: Path) -> str:
@@ -450,23 +455,19 @@ def existing_equivalent(seed_dir: Path, name: str, cfg: RunConfig) -> Path:
     The folder name's digest is only a cache key: a field added to idprior later changes it, and a
     paired grid that then trained a second start for a (task, seed) would pair later methods with a
     different model than its earlier rows. So when `name` is not there, a finished sibling of the same
-    variant whose saved config has no difference from `cfg` (fields added at their default and the
-    folder itself aside; the start compared by path) is used instead. Several such starts: the one
+    variant that computes the same fine-tune (`_recorded_if_same`) is used instead. Several such starts: the one
     most continuations were trained from (their `start.json`), then by name.
     """
-    from .config import config_differences, upgrade_saved
-
     wanted = seed_dir / name
     if (wanted / "stages.json").is_file() or not seed_dir.is_dir():
         return wanted
-    now = _comparable_dict(cfg)
     found = []
     for folder in sorted(seed_dir.glob(name.split("-", 1)[0] + "-*")):
         try:
-            status = json.loads((folder / "stages.json").read_text())
+            finished = "finetune" in json.loads((folder / "stages.json").read_text()).get("stages", {})
         except (OSError, ValueError):
             continue
-        if "finetune" in status.get("stages", {}) and not config_differences(_comparable_dict(upgrade_saved(status["config"])), now):
+        if finished and _recorded_if_same(cfg, folder) is not None:
             found.append(folder)
     if not found:
         return wanted
