@@ -1,7 +1,7 @@
 """Do the demo's own bench table and a standalone `idprior bench` agree? (issue 18)
 
 `bash benchmarks/run_demo_agreement.sh` makes three fresh `idprior prune --config demo` runs (each
-with its bench stage, RUN/bench/bench.json) and, after each, a standalone `idprior bench` of the
+with its bench stage, RUN/bench.json) and, after each, a standalone `idprior bench` of the
 same two models at the same shape in a new process (RUN/bench_standalone/bench.json). This script
 reads them all and, for every backend x batch x sequence length, puts the speed-ups side by side:
 per run the stage's and the standalone's, and over all six the largest relative distance from
@@ -37,7 +37,7 @@ def speedups(bench: dict) -> dict[tuple[str, int, int], dict]:
 def compare(runs: list[Path], tolerance: float) -> dict:
     sources = {}
     for run in runs:
-        for kind, rel in (("stage", "bench/bench.json"), ("standalone", "bench_standalone/bench.json")):
+        for kind, rel in (("stage", "bench.json"), ("standalone", "bench_standalone/bench.json")):
             path = run / rel
             if not path.is_file():
                 raise SystemExit(f"error: {path} not found; run benchmarks/run_demo_agreement.sh first")
@@ -83,7 +83,7 @@ def markdown(result: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("runs", nargs="+", type=Path, help="demo run folders (each with bench/ and bench_standalone/)")
+    ap.add_argument("runs", nargs="+", type=Path, help="demo run folders (each with bench.json and bench_standalone/)")
     ap.add_argument("--tolerance", type=float, default=0.05, help="largest relative distance from the median (default 0.05)")
     ap.add_argument("--out-dir", default="benchmarks/results")
     args = ap.parse_args()
