@@ -7,9 +7,10 @@ set -eu
 cd "$(dirname "$0")/.."
 command -v idprior >/dev/null || . .venv/bin/activate
 runs=()
+timer=(); [ -x /usr/bin/time ] && timer=(/usr/bin/time -v)  # wall time and peak memory, where installed
 for i in 1 2 3; do
   out=runs/demo_rep$i
-  /usr/bin/time -v idprior prune --config demo --overwrite --out "$out" > "$out.log" 2>&1
+  "${timer[@]}" idprior prune --config demo --overwrite --out "$out" > "$out.log" 2>&1
   idprior bench --dense "$out/finetuned" --pruned "$out/pruned" --batch-sizes 32 --seq-lens 128 \
       --repeats 5 --warmup 2 --out "$out/bench_standalone" >> "$out.log" 2>&1
   runs+=("$out")

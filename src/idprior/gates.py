@@ -164,11 +164,11 @@ class Gates:
         def hook(module, args, output):
             # Looked up per call: callers may swap the tensors. A sub-layer whose units are all
             # closed is removed whole by surgery (the collapse rule), output bias included.
-            sub = getattr(self, site)[layer : layer + 1]
-            if _open(sub) and (getattr(self, units)[layer] != 0).any():
+            sub, alive = getattr(self, site), (getattr(self, units)[layer] != 0).any()
+            if alive and _open(sub[layer : layer + 1]):
                 self._notify(layer, site, output, module)
                 return None
-            gate = getattr(self, site)[layer] * (getattr(self, units)[layer] != 0).any()
+            gate = sub[layer] * alive
             output = output * gate.to(output.dtype)  # [B, T, D] * scalar
             self._notify(layer, site, output, module)
             return output
