@@ -107,6 +107,46 @@ def test_sn_under_its_bound_is_the_weight_itself_and_records_binding():
 
 
 @pytest.mark.parametrize("make", FAMILIES)
+def test_sn_out_scale_binds_only_the_output_projections(make):
+    """`sn_out_scale` < 1: the attention-O and FFN-out weights are held at that fraction of their
+    pretrained sigma from the first forward (SN binds), Q/K/V/FFN-in keep their plain bound, and the
+    folded model computes what the parametrized one did."""
+    model = make()
+    adapter = get_adapter(model)
+    b = batch()
+    before = logits(model, b)
+    sigma0 = {}
+    for layer in range(adapter.num_layers):
+        for module, kind in adapter.sn_targets(layer):
+            w = module.weight.detach()
+            sigma0[id(module)] = float(torch.linalg.matrix_norm(w.t() if kind == "conv1d" else w, ord=2))
+    spectral.attach(model, adapter, out_scale=0.8)
+    outputs = {id(m) for layer in range(adapter.num_layers)
+               for m in (adapter.attn_out_proj(layer), adapter.ffn_out_proj(layer))}
+    scaled = 0
+    for module, sn in spectral.sn_modules(model):
+        expect = 0.8 if id(module) in outputs else 1.0
+        assert float(sn.bound) == pytest.approx(expect * sigma0[id(module)], rel=1e-4)
+        scaled += id(module) in outputs
+    assert scaled == 2 * adapter.num_layers
+    for module, sn in spectral.sn_modules(model):
+        sn.refresh(module.parametrizations.weight.original)  # exact sigma, as fold() uses
+    bound_logits = logits(model, b)
+    assert not torch.allclose(bound_logits, before, atol=1e-4)  # the bound binds: the function changed
+    for module, sn in spectral.sn_modules(model):
+        if id(module) in outputs:
+            assert sn.clipped
+    spectral.fold(model)
+    for layer in range(adapter.num_layers):
+        for module, kind in adapter.sn_targets(layer):
+            if id(module) in outputs:
+                w = module.weight.detach()
+                sigma = float(torch.linalg.matrix_norm(w.t() if kind == "conv1d" else w, ord=2))
+                assert sigma == pytest.approx(0.8 * sigma0[id(module)], rel=1e-3)
+    torch.testing.assert_close(logits(model, b), bound_logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("make", FAMILIES)
 def test_open_gates_skip_the_products_but_observers_still_see_every_site(make):
     """With every gate at 1 and none trained, the hooks hand the model and its observers the tensors
     unchanged (bit-identical logits and gradients to the ungated model); a closed or trained gate

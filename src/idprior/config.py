@@ -121,6 +121,10 @@ class PruneConfig:
     calib_size: int = 512
     sn: bool = True
     sn_bound: str = "init"  # "init" (each matrix's own sigma at load) or a float
+    # bound of the branch output projections (attention O, FFN-out) as a fraction of the bound above: below 1
+    # SN binds from the first step and caps every branch's gain under its pretrained value ("SN that binds",
+    # issue 14; measured in benchmarks/prior_tuning_r4.yaml); Q, K, V and FFN-in keep the plain bound
+    sn_out_scale: float = 1.0
     prior: bool = True
     prior_lambda: float = 0.1  # also the tuned value (λ in {0, 0.03, 0.1, 0.3}, tuning.md)
     prior_weight: PriorWeight = "uniform"
@@ -472,6 +476,7 @@ def _validate_prune(pr: PruneConfig, need) -> None:
             need(float(pr.sn_bound) > 0, f"prune.sn_bound must be 'init' or a positive number, got {pr.sn_bound!r}")
         except ValueError:
             need(False, f"prune.sn_bound must be 'init' or a positive number, got {pr.sn_bound!r}")
+    need(0 < pr.sn_out_scale <= 1, f"prune.sn_out_scale must be in (0, 1], got {pr.sn_out_scale}")
     need(pr.prior_lambda >= 0 and math.isfinite(pr.prior_lambda), f"prune.prior_lambda must be >= 0, got {pr.prior_lambda}")
     need(pr.prior_weight in PRIOR_WEIGHTS, f"prune.prior_weight must be one of {', '.join(PRIOR_WEIGHTS)}, got {pr.prior_weight!r}")
     need(0 <= pr.prior_warmup <= 1, f"prune.prior_warmup must be in [0, 1], got {pr.prior_warmup}")
@@ -576,7 +581,7 @@ PROXIMAL_PRIOR_OPTIONS = ("prior_lambda0", "prior_gamma", "prior_ramp", "prior_g
 # its options arrived with default "loss"/off and became the default later, issue 14).
 ADDED_LATER = {"prune": {"prior_mode": "loss", "prior_lambda0": 0.01, "prior_gamma": 1.0, "prior_ramp": 0.75,
                          "prior_gain": 0.5, "prior_head_share": None, "prior_freeze": False, "prior_metric": "euclid",
-                         "norm_positions": "all", "norm_after_ln": False}}
+                         "norm_positions": "all", "norm_after_ln": False, "sn_out_scale": 1.0}}
 
 
 def config_differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:

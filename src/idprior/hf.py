@@ -16,7 +16,7 @@ with the same settings (`prior_kinds` is the old name of `kinds`):
              norm_after_ln. With gradient accumulation its activation moments come from the last
              micro-batch of each step.
              "loss": λ Σ c_u ‖f_u‖ added in `compute_loss`; prior_lambda, prior_weight, prior_warmup.
-  both       kinds, sn, sn_bound; prior=False trains with SN alone.
+  both       kinds, sn, sn_bound, sn_out_scale; prior=False trains with SN alone.
 A keyword the chosen mode does not use is refused, not ignored: `prior_lambda=` alone used to mean
 the loss prior, and silently training with another prior would hide that.
 The prior's log terms join the Trainer's logs as `snip_<term>` (snip_lambda, snip_prior_identity_frac, ...).
@@ -41,7 +41,7 @@ from .prior import IdentityPrior
 from .proximal import ProximalPrior
 from .units import parse_kinds
 
-OPTIONS = ("prior", "prior_mode", "kinds", "sn", "sn_bound", *LOSS_PRIOR_OPTIONS, *PROXIMAL_PRIOR_OPTIONS)
+OPTIONS = ("prior", "prior_mode", "kinds", "sn", "sn_bound", "sn_out_scale", *LOSS_PRIOR_OPTIONS, *PROXIMAL_PRIOR_OPTIONS)
 RENAMED = {"prior_kinds": "kinds"}
 
 
@@ -89,7 +89,7 @@ class SnipTrainer(Trainer):
         self.snip_config = cfg
         self.snip_adapter = get_adapter(self.model)
         if cfg.sn:  # before the optimizer exists, so that it owns the parametrizations' originals
-            spectral.attach(self.model, self.snip_adapter, cfg.sn_bound)
+            spectral.attach(self.model, self.snip_adapter, cfg.sn_bound, cfg.sn_out_scale)
         self.snip_gates = Gates(self.model, self.snip_adapter)
         self.snip_prior: IdentityPrior | ProximalPrior | None = None
         self.snip_callback: ProximalCallback | None = None

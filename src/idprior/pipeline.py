@@ -200,7 +200,7 @@ def stage_finetune(run: Run) -> dict:
     if p.finetune_first and cfg.train.epochs > 0:
         adapter = get_adapter(model, per_query_head=cfg.model.per_query_head)
         if p.sn:
-            info["sn_matrices"] = spectral.attach(model, adapter, p.sn_bound)
+            info["sn_matrices"] = spectral.attach(model, adapter, p.sn_bound, p.sn_out_scale)
         hooks, attached = prior_hooks(p, model, adapter)
         metric = main_metric(run.task)
         result = train(model, run.loader("train", tok, train=True), cfg.train, seed=cfg.seed,

@@ -267,6 +267,7 @@ def finetune_config(cell: RunConfig, *, out: str) -> tuple[RunConfig, str]:
     default = RunConfig().prune
     prune = dataclasses.replace(default, sn=sn, prior=prior, finetune_first=True,
                                 sn_bound=p.sn_bound if sn else default.sn_bound,
+                                sn_out_scale=p.sn_out_scale if sn else default.sn_out_scale,
                                 **({k: getattr(p, k) for k in _prior_fields(p)} if prior else {"prior_lambda": 0.0}))
     cfg = dataclasses.replace(cell, prune=prune, recover=dataclasses.replace(RunConfig().recover, epochs=0.0), out=out)
     return cfg, f"{VARIANTS[(sn, prior)]}-{finetune_digest(cell)}"
@@ -282,6 +283,8 @@ def finetune_digest(cfg: RunConfig, model_name: str | None = None) -> str:
     keep: dict = {"sn": p.sn, "prior": prior}
     if p.sn:
         keep["sn_bound"] = p.sn_bound
+        if p.sn_out_scale != 1.0:  # omitted at 1.0: fine-tunes from before the field keep their digest
+            keep["sn_out_scale"] = p.sn_out_scale
     if prior:
         keep |= {k: getattr(p, k) for k in _prior_fields(p) if DIGEST_OMIT_AT_DEFAULT.get(k, object()) != getattr(p, k)}
     model = dataclasses.asdict(cfg.model) | ({"name": model_name} if model_name is not None else {})

@@ -56,6 +56,8 @@ PRUNE_FLAGS = {
     "prior_lambda": ("prune.prior_lambda", "with --prior-mode loss: strength of the identity prior"),
     "prior_weight": ("prune.prior_weight", "with --prior-mode loss: uniform or cost"),
     "sn_bound": ("prune.sn_bound", "'init' (each matrix's pretrained sigma) or a number"),
+    "sn_out_scale": ("prune.sn_out_scale", "bound of the output projections (attention O, FFN-out) as a fraction "
+                                           "of --sn-bound; below 1 SN binds from the first step"),
     "calib_size": ("prune.calib_size", "calibration examples for the function norms"),
     "iterative": ("prune.iterative", "reach the target in K prune/recover rounds"),
     "recover_epochs": ("recover.epochs", "fine-tuning epochs after surgery (recovery)"),
