@@ -53,8 +53,10 @@ def compare(runs: list[Path], tolerance: float) -> dict:
                      "fraction_of_ideal": {n: r.get("fraction_of_ideal") for n, r in values.items()},
                      "flops_ideal": statistics.median(r["flops_ideal_speedup"] for r in values.values()),
                      "noisy": [n for n, r in values.items() if r.get("noise")],
+                     "process_speedups": {n: r.get("process_speedups") for n, r in values.items()},
                      "median": mid, "max_rel_dev": spread, "agree": spread <= tolerance})
     env = next(iter(sources.values()))["environment"]
+    env = dict(env, processes=sorted({b["environment"].get("processes", 1) for b in sources.values()}))
     return {"runs": [str(r) for r in runs], "tolerance": tolerance, "environment": env, "rows": rows,
             "all_agree": all(r["agree"] for r in rows), "command": "python benchmarks/demo_agreement.py " + shlex.join(sys.argv[1:])}
 
@@ -67,7 +69,8 @@ def markdown(result: dict) -> str:
              f"Three fresh `idprior prune --config demo` runs; after each, a standalone `idprior bench` of its dense "
              f"and pruned models at the same shape. fp32, {env.get('cpu', '?')}, {env.get('threads', '?')} threads. "
              f"Speed-up = dense median latency / pruned median latency. Agreement: every speed-up within "
-             f"{result['tolerance']:.0%} of the median of the six.", "",
+             f"{result['tolerance']:.0%} of the median of the six. Fresh processes per bench (the median speed-up over "
+             f"them is the bench's figure): {', '.join(map(str, env.get('processes', [1])))}.", "",
              "| backend | batch x seq | " + " | ".join(names) + " | median | max deviation | FLOPs ideal | median % of ideal | verdict |",
              "|---|---|" + "---|" * len(names) + "---|---|---|---|---|"]
     for r in result["rows"]:
@@ -78,6 +81,12 @@ def markdown(result: dict) -> str:
                      f"{'agree' if r['agree'] else 'DISAGREE'} |")
     lines += ["", f"**{'All timings agree' if result['all_agree'] else 'Not all timings agree'}** within "
               f"{result['tolerance']:.0%}."]
+    per_process = [(r, n, p) for r in result["rows"] for n, p in r.get("process_speedups", {}).items() if p]
+    if per_process:
+        lines += ["", "Per-process speed-ups behind each figure (the figure is their median):", "",
+                  "| backend | batch x seq | bench | processes |", "|---|---|---|---|"]
+        lines += [f"| {r['backend']} | {r['batch_size']} x {r['seq_len']} | {n} | " + ", ".join(f"{x:.2f}x" for x in p) + " |"
+                  for r, n, p in per_process]
     return "\n".join(lines) + "\n"
 
 

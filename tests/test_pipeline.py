@@ -126,6 +126,20 @@ def test_bench_stage_times_like_a_fresh_process(tiny_folder, tmp_path):
     assert "| check |" in (out / "report.md").read_text()
 
 
+def test_bench_stage_can_time_in_fresh_processes(tiny_folder, tmp_path):
+    """bench.processes 2: the stage loads the run's dense and pruned folders in two fresh processes
+    and reports the median of their speed-ups (issue 18: a whole process can run slow)."""
+    out = tmp_path / "run"
+    assert main(["prune", "--model", str(tiny_folder), *QUICK[:-1], "--target", "0.3", "--no-onnx", "--out", str(out),
+                 "--set", "bench.batch_sizes=[2]", "--set", "bench.seq_lens=[8]", "--set", "bench.repeats=2",
+                 "--set", "bench.processes=2"]) == 0
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["environment"]["processes"] == 2
+    pruned = next(r for r in bench["rows"] if r["model"] == "pruned")
+    assert len(pruned["process_speedups"]) == 2 and pruned["repeats"] == 4
+    assert "Timed in 2 fresh processes" in (out / "bench.md").read_text()
+
+
 def test_a_stage_cannot_leak_torch_settings(tmp_path):
     """A stage that changes torch's thread count or grad mode (training code, a library it calls)
     leaves them as they were for the next stage."""
@@ -189,9 +203,10 @@ def test_config_reports_every_problem_at_once():
     assert "did you mean train.epochs" in text
     assert "prune.prior_lambda must be float" in text
     with pytest.raises(ConfigError) as e:
-        load_config("demo", ["bench.max_iqr_fraction=0", "bench.max_speedup_gap=-0.1", "bench.retime_rounds=-1"])
+        load_config("demo", ["bench.max_iqr_fraction=0", "bench.max_speedup_gap=-0.1", "bench.retime_rounds=-1",
+                             "bench.processes=0"])
     assert [q.split(" must")[0] for q in e.value.problems] == [
-        "bench.max_iqr_fraction", "bench.max_speedup_gap", "bench.retime_rounds"]
+        "bench.max_iqr_fraction", "bench.max_speedup_gap", "bench.retime_rounds", "bench.processes"]
 
 
 def test_config_modes_are_typed_choices():

@@ -24,12 +24,22 @@ What else the process holds must not leak into the timed calls, so:
 
 Latency is the median over repeats with its inter-quartile range. `NoiseGuard` re-times a shape
 whose repeats are too spread and flags it in the table if it stays so.
+
+Alternation cancels load that changes *within* a process, not a state that a whole process keeps.
+On the shared 2-core VM the same model's eager latency differed by up to a third between fresh
+processes (1225 vs 1690 ms dense at batch 32 x 128), and with it the speed-up of a few processes
+(1.79x and 1.68x where every other process gave 1.88-1.97x; benchmarks/results/demo_agreement.md),
+with tight repeats inside each, so no in-process check could see it. `benchmark_processes` therefore
+times the same models in several fresh processes and reports, per timing, the median over processes
+of the speed-up each process measured (`bench.processes`, `idprior bench --processes`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
+import multiprocessing
 import os
 import platform
 import re
@@ -246,6 +256,81 @@ def benchmark(
     return result
 
 
+def _load_and_time(loaders: Mapping[str, Callable[[], object]], kwargs: dict) -> dict:
+    """Child side of `benchmark_processes`: load every model in this fresh process, then `benchmark`."""
+    models = {}
+    for name, load in loaders.items():
+        loaded = load()
+        models[name] = loaded[0] if isinstance(loaded, tuple) else loaded  # loaders may return (model, tokenizer)
+    return benchmark(models, **kwargs)
+
+
+def benchmark_processes(loaders: Mapping[str, Callable[[], object]], processes: int = 3, **kwargs) -> dict:
+    """`benchmark` run `processes` times, each in a fresh process (one after another, never two at once),
+    merged by `merge_processes`. `loaders` maps a model name to a picklable callable that loads it (a
+    top-level function or a `functools.partial` of one) returning the model or (model, tokenizer);
+    `kwargs` go to `benchmark` (`workdir`, if given, gets one sub-folder per process)."""
+    if processes < 1:
+        raise IdpriorError(f"bench processes must be >= 1, got {processes}")
+    kwargs = dict(kwargs, threads=int(kwargs.get("threads") or torch.get_num_threads()))  # what this process would use
+    workdir = kwargs.pop("workdir", None)
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this process's state
+    results = []
+    for i in range(processes):
+        child = dict(kwargs, workdir=None if workdir is None else Path(workdir) / f"process{i}")
+        with ctx.Pool(1) as pool:
+            results.append(pool.apply(_load_and_time, (dict(loaders), child)))
+    return merge_processes(results, kwargs.get("noise") or NoiseGuard())
+
+
+def merge_processes(results: list[dict], guard: NoiseGuard) -> dict:
+    """One result from the same benchmark timed in several processes.
+
+    Per timing: speed-up = the median of the speed-ups the processes measured (each within one process,
+    so a process that runs everything slower cancels out of its own ratio), latency = the median of the
+    processes' medians (IQR and quartiles likewise), min = the fastest repeat of any process. A timing is
+    flagged when fewer than a majority of processes measured a speed-up within `guard.max_gap` of that
+    median (the processes do not agree), or when a majority of processes flagged it themselves.
+    """
+    out = copy.deepcopy(results[0])
+    if len(results) == 1:
+        return out
+    def key(r: dict) -> tuple:
+        return r["model"], r["backend"], r["batch_size"], r["seq_len"]
+
+    by_process = [{key(r): r for r in res["rows"]} for res in results]
+    majority = len(results) // 2 + 1
+    for row in out["rows"]:
+        rows = [p[key(row)] for p in by_process]
+        speedups = [r["speedup"] for r in rows]
+        speedup = float(np.median(speedups))
+        for k in ("latency_ms_median", "latency_ms_iqr", "latency_ms_p25", "latency_ms_p75"):
+            row[k] = float(np.median([r[k] for r in rows]))
+        row["latency_ms_min"] = min(r["latency_ms_min"] for r in rows)
+        row["throughput_seq_per_s"] = row["batch_size"] / (row["latency_ms_median"] / 1000.0)
+        row["repeats"] = sum(r["repeats"] for r in rows)
+        row["timing_rounds"] = max(r.get("timing_rounds", 1) for r in rows)
+        row["latency_ms_repeats"] = [x for r in rows for x in r["latency_ms_repeats"]]
+        row["speedup"] = speedup
+        row["speedup_min"] = float(np.median([r["speedup_min"] for r in rows]))
+        row["fraction_of_ideal"] = speedup / row["flops_ideal_speedup"]
+        row["process_speedups"] = speedups
+        row["process_latency_ms"] = [r["latency_ms_median"] for r in rows]
+        agree = sum(abs(s / max(speedup, 1e-12) - 1.0) <= guard.max_gap for s in speedups)
+        noise = []
+        if agree < majority:
+            noise.append("processes disagree: speed-ups " + ", ".join(f"{s:.2f}x" for s in speedups))
+        flagged = [r["noise"] for r in rows if r.get("noise")]
+        if len(flagged) >= majority:
+            noise += list(dict.fromkeys(reason for reasons in flagged for reason in reasons))
+        row["noise"] = noise
+    env = out["environment"]
+    env["processes"] = len(results)
+    env["loadavg_end"] = results[-1]["environment"].get("loadavg_end")
+    env["wall_s"] = round(sum(r["environment"].get("wall_s", 0.0) for r in results), 1)
+    return out
+
+
 @contextlib.contextmanager
 def _torch_threads(threads: int):
     old = torch.get_num_threads()
@@ -453,6 +538,10 @@ def format_bench_markdown(result: dict) -> str:
         modes = "; ".join(f"attention {a}, opset {o or 'exporter default'}" for a, o in onnx_modes)
         lines.append(f"ONNX export: {env.get('onnx_exporter', 'dynamo')} exporter, {modes}; ONNX Runtime CPU provider, "
                      "all graph optimizations except idprior.export.DISABLED_ORT_FUSIONS.")
+    if env.get("processes", 1) > 1:
+        lines.append(f"Timed in {env['processes']} fresh processes, one after another: each figure is the median over "
+                     "processes (a speed-up is measured within one process; the table's check also flags processes that "
+                     "disagree by more than the noise guard's speed-up gap).")
     guard = result.get("noise_guard")
     if guard:
         lines.append(f"Noise guard: a shape is timed again (up to {guard['retime_rounds']} more rounds, the quietest kept) "

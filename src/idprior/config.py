@@ -172,6 +172,9 @@ class BenchConfig:
     max_iqr_fraction: float = 0.10  # a model's IQR / median above this is too spread
     max_speedup_gap: float = 0.08  # |speed-up from the fastest repeats / from the medians - 1| above this too
     retime_rounds: int = 2
+    # time in this many fresh processes, one after another, and report the median over them (bench.py
+    # docstring: a whole process can run slow, which no in-process check sees); 1 times in the run's process
+    processes: int = 1
 
 
 @dataclass
@@ -529,6 +532,7 @@ def _bench_problems(b: BenchConfig) -> list[str]:
         (b.max_iqr_fraction > 0, f"bench.max_iqr_fraction must be > 0, got {b.max_iqr_fraction}"),
         (b.max_speedup_gap > 0, f"bench.max_speedup_gap must be > 0, got {b.max_speedup_gap}"),
         (b.retime_rounds >= 0, f"bench.retime_rounds must be >= 0, got {b.retime_rounds}"),
+        (b.processes >= 1, f"bench.processes must be >= 1, got {b.processes}"),
     ]
     return [msg for ok, msg in checks if not ok]
 

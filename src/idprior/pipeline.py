@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import shutil
 import time
@@ -395,15 +396,19 @@ def stage_bench(run: Run) -> dict:
     if not b.enabled:
         return {"skipped": "bench.enabled is false"}
     try:
-        from .bench import NoiseGuard, benchmark, format_bench_markdown
+        from .bench import NoiseGuard, benchmark, benchmark_processes, format_bench_markdown
     except ImportError as e:
         return {"skipped": f"benchmark unavailable: {e}"}
-    dense = run.load_model(finetuned_spec(run))[0]
-    pruned = run.load_model(str(run.path("pruned")))[0]
+    m = run.cfg.model
+    loaders = {name: functools.partial(models.load, spec, run.task, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+               for name, spec in (("dense", finetuned_spec(run)), ("pruned", str(run.path("pruned"))))}
     guard = NoiseGuard(max_iqr=b.max_iqr_fraction, max_gap=b.max_speedup_gap, retime_rounds=b.retime_rounds)
-    result = benchmark({"dense": dense, "pruned": pruned}, batch_sizes=b.batch_sizes, seq_lens=b.seq_lens,
-                       threads=b.threads, repeats=b.repeats, warmup=b.warmup, onnx=b.onnx, workdir=run.path("bench_tmp"),
-                       noise=guard)
+    timing = dict(batch_sizes=b.batch_sizes, seq_lens=b.seq_lens, threads=b.threads, repeats=b.repeats, warmup=b.warmup,
+                  onnx=b.onnx, workdir=run.path("bench_tmp"), noise=guard)
+    if b.processes > 1:  # fresh processes: none of this run's state (bench.py docstring)
+        result = benchmark_processes(loaders, b.processes, **timing)
+    else:
+        result = benchmark({name: load()[0] for name, load in loaders.items()}, **timing)
     shutil.rmtree(run.path("bench_tmp"), ignore_errors=True)
     io.write_json(run.path("bench.json"), result)
     io.write_text(run.path("bench.md"), format_bench_markdown(result))

@@ -52,8 +52,19 @@ def add_parser(sub):
                         "the medians marks it too (default 0.08)")
     p.add_argument("--retime-rounds", type=int, default=2, metavar="N",
                    help="noise guard: time a too spread shape again up to N more rounds before marking it NOISY (default 2)")
+    p.add_argument("--processes", type=int, default=1, metavar="N",
+                   help="time in N fresh processes, one after another, and report the median over them (a whole "
+                        "process can run slow on a shared machine; default 1: this process)")
     p.add_argument("--out", required=True, metavar="DIR", help="folder for bench.json and bench.md")
     return p
+
+
+def dense_for(spec: str, pruned_folder: str):
+    """The dense model with the head of the pruned model in `pruned_folder` (a picklable loader for
+    `bench.benchmark_processes`)."""
+    from .export import load_with_head
+
+    return load_dense_like(spec, load_with_head(pruned_folder)[0])
 
 
 def load_dense_like(spec: str, pruned):
@@ -73,10 +84,11 @@ def load_dense_like(spec: str, pruned):
 
 
 def run(args) -> int:
+    import functools
     from pathlib import Path
 
     from .. import io
-    from ..bench import NoiseGuard, benchmark, format_bench_markdown
+    from ..bench import NoiseGuard, benchmark, benchmark_processes, format_bench_markdown
     from ..errors import IdpriorError
     from .export import load_with_head
 
@@ -84,17 +96,24 @@ def run(args) -> int:
         raise IdpriorError("--repeats and --threads must be >= 1 and --warmup >= 0")
     if args.max_iqr_fraction <= 0 or args.max_speedup_gap <= 0 or args.retime_rounds < 0:
         raise IdpriorError("--max-iqr-fraction and --max-speedup-gap must be > 0 and --retime-rounds >= 0")
-    pruned = {}
+    if args.processes < 1:
+        raise IdpriorError(f"--processes must be >= 1, got {args.processes}")
+    folders = {}  # table name -> pruned folder
     for folder in args.pruned:
         name = Path(folder).resolve().name
-        if name in pruned or name == "dense":
-            name = str(folder)
-        pruned[name], _ = load_with_head(folder)
+        folders[str(folder) if name in folders or name == "dense" else name] = folder
+    pruned = {name: load_with_head(folder)[0] for name, folder in folders.items()}  # checks every folder first
     dense = load_dense_like(args.dense, next(iter(pruned.values())))
-    result = benchmark({"dense": dense, **pruned}, batch_sizes=args.batch_sizes, seq_lens=args.seq_lens,
-                       threads=args.threads, repeats=args.repeats, warmup=args.warmup, onnx=not args.no_onnx,
-                       exporter=args.exporter, attention=args.attention,
-                       noise=NoiseGuard(args.max_iqr_fraction, args.max_speedup_gap, args.retime_rounds))
+    timing = dict(batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, threads=args.threads, repeats=args.repeats,
+                  warmup=args.warmup, onnx=not args.no_onnx, exporter=args.exporter, attention=args.attention,
+                  noise=NoiseGuard(args.max_iqr_fraction, args.max_speedup_gap, args.retime_rounds))
+    if args.processes > 1:
+        del dense, pruned  # each process loads its own copies
+        loaders = {"dense": functools.partial(dense_for, args.dense, args.pruned[0]),
+                   **{name: functools.partial(load_with_head, folder) for name, folder in folders.items()}}
+        result = benchmark_processes(loaders, args.processes, **timing)
+    else:
+        result = benchmark({"dense": dense, **pruned}, **timing)
     result["command"] = command_line(args)
     result["inputs"] = {"dense": args.dense, "pruned": list(args.pruned)}
     out = Path(args.out)
@@ -121,5 +140,6 @@ def command_line(args) -> str:
     if args.no_onnx:
         parts.append("--no-onnx")
     parts += ["--exporter", args.exporter, "--attention", args.attention, "--max-iqr-fraction", str(args.max_iqr_fraction),
-              "--max-speedup-gap", str(args.max_speedup_gap), "--retime-rounds", str(args.retime_rounds), "--out", args.out]
+              "--max-speedup-gap", str(args.max_speedup_gap), "--retime-rounds", str(args.retime_rounds), "--processes", str(args.processes),
+              "--out", args.out]
     return shlex.join(["idprior", "bench", *parts])
