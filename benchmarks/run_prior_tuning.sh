@@ -7,13 +7,14 @@ set -eu
 cd "$(dirname "$0")/.."
 command -v idprior >/dev/null || . .venv/bin/activate
 mkdir -p runs
-for grid in prior_tuning prior_tuning_posthoc prior_tuning_r2 prior_tuning_r3; do  # round 1, post-hoc criteria, rounds 2-3
+for grid in prior_tuning prior_tuning_posthoc prior_tuning_r2 prior_tuning_r3 prior_tuning_r4; do  # round 1, post-hoc criteria, rounds 2-4
   idprior bench-quality "benchmarks/$grid.yaml" --out runs/quality_paired \
       --results benchmarks/results/prior_tuning.jsonl --threads 1 --resume >> runs/tune.log 2>&1
 done
 python - <<'PY'
 import json
-keep = {"fisher", "snip", "norm-start", "fisher-start", "michel", "snip-no-sn-no-prior", "snip-prox-h15"}
+keep = {"fisher", "snip", "norm-start", "fisher-start", "michel", "snip-no-sn-no-prior", "snip-prox-h15",
+        "snip-no-prior", "snip-prox-tuned-no-sn"}  # the last two: the SN x prior 2x2 of round 4
 grid = [json.loads(line) for line in open("benchmarks/results/quality_paired.jsonl")]
 tuning = [json.loads(line) for line in open("benchmarks/results/prior_tuning.jsonl")]
 cells = {(r["task"], r["seed"]) for r in tuning}
@@ -24,3 +25,6 @@ PY
 cp runs/prior_tuning_with_grid.jsonl benchmarks/results/prior_tuning_with_grid.jsonl
 idprior report benchmarks/results/prior_tuning_with_grid.jsonl --out benchmarks/results --name prior_tuning \
     --reference all-adam --baseline fisher --command "bash benchmarks/run_prior_tuning.sh" --notes benchmarks/notes/prior_tuning.md
+# round 4's SN x prior 2x2, read from the binding-SN arm (SN at 0.8 of the output projections' sigma)
+idprior report benchmarks/results/prior_tuning_with_grid.jsonl --out benchmarks/results --name prior_tuning_sn2x2 \
+    --reference all-adam-sn80 --baseline fisher --command "bash benchmarks/run_prior_tuning.sh" --notes benchmarks/notes/prior_tuning.md

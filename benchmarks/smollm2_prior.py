@@ -1,0 +1,134 @@
+"""SNIP's prior phase on the LM loss for SmolLM2-135M, against the decoder baselines with the same
+training budget (issue 15).
+
+    python benchmarks/smollm2_prior.py                 # 20% of decoder-layer parameters, 2 threads
+
+Every arm gets one epoch of LM training on the same lm-rt texts (the first --max-train, packed into
+128-token blocks; batch 8, lr 5e-5), run as `idprior` CLI commands in subprocesses (printed, so each
+can be repeated by hand; a finished run is read back, not redone):
+
+  snip (prior phase)       the method proper: the epoch is SNIP's fine-tune with spectral normalization
+                           and the proximal identity prior driving the target to the identity on the
+                           LM loss, then the cut (no recovery: the epoch was the training);
+  snip post-training       no prior: function norms relative to the residual stream, at least 25% of each
+                           layer kept (the best post-training SNIP of smollm2_decoder_grid_20.md), then the
+                           epoch as recovery;
+  fisher / flap            post-training baselines, then the epoch as recovery;
+  dense control            the dense model fine-tuned for the same epoch: smollm2_recovery.py's control
+                           (the same `idprior finetune` command), read from its committed results.
+
+One seed. Writes benchmarks/results/smollm2_prior.{json,md} (or --name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from smollm2_recovery import run  # the same subprocess runner (same folder)
+
+from idprior import io
+from idprior.bench import cpu_model, environment
+
+
+def commands(args) -> dict[str, list[str]]:
+    common = ["--model", "smollm2-135m", "--task", "lm-rt", "--max-train", str(args.max_train), "--max-length", "128",
+              "--max-eval", str(args.max_eval), "--set", "train.eval_batch_size=8", "--seed", "0"]
+    train = ["--epochs", "1", "--batch-size", "8", "--lr", str(args.lr)]
+    prune = ["prune", *common, "--target", str(args.target), "--measure", "encoder_params", "--calib-size", "64", "--no-bench"]
+    posthoc = [*prune, "--no-train", "--recover-epochs", "1", "--set", "recover.batch_size=8", "--set", f"recover.lr={args.lr}"]
+    runs = Path(args.runs_dir)
+    t = f"t{args.target:g}"
+    return {
+        "snip (prior phase)": [*prune, *train, "--recover-epochs", "0", "--out", str(runs / f"snip_prior_{t}")],
+        "snip post-training + recovery": [*posthoc, "--score", "residual", "--min-keep", "0.25",
+                                          "--out", str(runs / f"snip_posthoc_{t}")],
+        "fisher + recovery": [*posthoc, "--method", "fisher", "--out", str(runs / f"fisher_{t}")],
+        "flap + recovery": [*posthoc, "--method", "flap", "--out", str(runs / f"flap_{t}")],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", type=float, default=0.2)
+    p.add_argument("--max-train", type=int, default=2000)
+    p.add_argument("--max-eval", type=int, default=100)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs-dir", default="runs/smollm2_prior")
+    p.add_argument("--control", default=str(Path(__file__).resolve().parent / "results" / "smollm2_recovery.json"),
+                   help="results of smollm2_recovery.py, whose dense control got the same epoch")
+    p.add_argument("--only", default=None, help="comma list of arm names to run (default: all)")
+    p.add_argument("--name", default="smollm2_prior")
+    p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
+    args = p.parse_args(argv)
+    command = "python benchmarks/smollm2_prior.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    started = time.perf_counter()
+    result = {"command": command, "environment": environment(args.threads), "cpu": cpu_model(), "target": args.target,
+              "runs": {}}
+    only = set(args.only.split(",")) if args.only else None
+    for name, cli in commands(args).items():
+        if only is not None and name not in only:
+            continue
+        wall = run(cli, args.threads)
+        out = Path(cli[cli.index("--out") + 1])
+        metrics = json.loads((out / "metrics.json").read_text())
+        stages = json.loads((out / "stages.json").read_text())["stages"] if (out / "stages.json").exists() else {}
+        entry = {"command": "idprior " + " ".join(shlex.quote(a) for a in cli), "wall_s": round(wall, 1),
+                 "metrics": metrics, "stage_s": {k: v.get("wall_s") for k, v in stages.items()}}
+        if (out / "plan.json").exists():
+            plan = json.loads((out / "plan.json").read_text())
+            entry["structure"] = plan.get("structure")
+            entry["removed"] = plan.get("counts")
+        result["runs"][name] = entry
+    control = json.loads(Path(args.control).read_text())["runs"]["dense+finetune (control)"]
+    result["runs"]["dense + the same epoch (control)"] = dict(control, wall_s=control.get("wall_s"),
+                                                              read_from=args.control)
+    result["wall_s"] = round(time.perf_counter() - started, 1)
+    out = Path(args.out_dir)
+    io.write_json(out / f"{args.name}.json", result)
+    io.write_text(out / f"{args.name}.md", render(result))
+    print(render(result))
+    return 0
+
+
+def _ppl(block: dict | None, split: str) -> str:
+    return f"{block[split]['perplexity']:.1f}" if block and split in block else "–"
+
+
+def render(result: dict) -> str:
+    env, runs = result["environment"], result["runs"]
+    control = runs.get("dense + the same epoch (control)", {}).get("metrics")
+    ref = next((r["metrics"]["dense"] for r in runs.values() if "dense" in r["metrics"]), None)
+    lines = ["# SmolLM2-135M: SNIP's prior phase on the LM loss vs the baselines, same training budget (issue 15)", "",
+             "```", result["command"], "```", "",
+             f"Machine: {env['cpu']}, {env['usable_cores']} usable cores, {env['threads']} threads, float32, torch "
+             f"{env['torch']}; script wall {result['wall_s']} s (nan: a run read back from its folder). Target "
+             f"{result['target']:.0%} of decoder-layer parameters. Every arm gets one epoch of LM training on the same "
+             "lm-rt texts (SNIP: its SN + identity-prior phase before the cut; the others: recovery after the cut). "
+             "Perplexity on fixed subsets of lm-rt validation / test; one seed, so no interval: differences of a few "
+             "percent are within what a second seed could move.", "",
+             "| arm | pruned, before its epoch (val / test) | final (val / test) | final test × control | wall s |",
+             "|---|---|---|---|---|"]
+    for name, r in runs.items():
+        m = r["metrics"]
+        final = m.get("pruned", m)  # the control has no pruned model: its metrics are its own
+        before = m.get("pruned_no_recovery") if "recover" in name else None
+        ratio = "–"
+        if control and "test" in final and "test" in control:
+            ratio = f"{final['test']['perplexity'] / control['test']['perplexity']:.2f}x"
+        lines.append(f"| {name} | {_ppl(before, 'validation')} / {_ppl(before, 'test')} | {_ppl(final, 'validation')} / "
+                     f"{_ppl(final, 'test')} | {ratio} | {r['wall_s']} |")
+    if ref:
+        lines += ["", f"Dense as shipped: {_ppl(ref, 'validation')} / {_ppl(ref, 'test')}."]
+    lines += ["", "Commands:", ""] + [f"- {name}: `{r['command']}`" for name, r in runs.items()]
+    lines += ["", "Stage wall times (s):", ""] + [f"- {name}: {r['stage_s']}" for name, r in runs.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
