@@ -17,6 +17,7 @@ for i in 1 2 3; do
   runs+=("$out")
 done
 python benchmarks/demo_agreement.py "${runs[@]}"
+[ "${AGREEMENT_ONLY:-0}" = 1 ] && exit 0  # AGREEMENT_ONLY=1: the agreement alone (batch 1 below measured before)
 # batch 1 (not in the demo's own table): both backends, then where eager's time goes
 idprior bench --dense runs/demo_rep3/finetuned --pruned runs/demo_rep3/pruned --batch-sizes 1 --seq-lens 128 \
     --out runs/demo_rep3/bench_b1 > runs/demo_rep3_b1.log 2>&1
