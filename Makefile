@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   install everything, then prune MiniLM-L6 on rt-polarity (about 12 minutes on 2 cores)
+#   make demo   install everything, then prune MiniLM-L6 on rt-polarity (about 15 minutes on 2 cores)
 #   make test   install everything, then run the default test suite (under 10 minutes on 2 cores)
 PYTHON ?= python3
 VENV   ?= .venv

@@ -29,10 +29,9 @@ import sys
 import time
 from pathlib import Path
 
-from smollm2_recovery import run  # the same subprocess runner (same folder)
-
 from idprior import io
 from idprior.bench import cpu_model, environment
+from idprior.benchutil import run_idprior as run
 
 
 def commands(args) -> dict[str, list[str]]:

@@ -21,15 +21,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 from idprior import io
 from idprior.bench import cpu_model, environment
+from idprior.benchutil import run_idprior as run
 
 
 def commands(args) -> dict[str, list[str]]:
@@ -45,18 +44,6 @@ def commands(args) -> dict[str, list[str]]:
         "dense+finetune (control)": ["finetune", *common, "--epochs", str(args.epochs), "--batch-size", "8", "--lr", str(args.lr),
                                      "--out", str(runs / "dense_finetune")],
     }
-
-
-def run(argv: list[str], threads: int) -> float:
-    """Run one idprior command unless its folder already holds metrics.json; returns wall seconds."""
-    out = Path(argv[argv.index("--out") + 1])
-    if (out / "metrics.json").exists():
-        return float("nan")
-    t0 = time.perf_counter()
-    cmd = [sys.executable, "-m", "idprior.cli.main", *argv, "--overwrite"]
-    print("$ idprior " + " ".join(shlex.quote(a) for a in argv), flush=True)
-    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    return time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ import re
 import tempfile
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -278,8 +279,10 @@ def benchmark_processes(loaders: Mapping[str, Callable[[], object]], processes: 
     results = []
     for i in range(processes):
         child = dict(kwargs, workdir=None if workdir is None else Path(workdir) / f"process{i}")
-        with ctx.Pool(1) as pool:
-            results.append(pool.apply(_load_and_time, (dict(loaders), child)))
+        # an executor, not a Pool: its shutdown joins the worker and frees its semaphores (a Pool left as a
+        # context manager is terminated and the resource tracker warns about leaked semaphores at exit)
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
+            results.append(pool.submit(_load_and_time, dict(loaders), child).result())
     return merge_processes(results, kwargs.get("noise") or NoiseGuard())
 
 

@@ -162,3 +162,20 @@ def ort_runners(sessions: dict, dense, batch: int, seq_len: int) -> dict:
     full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}
     feeds = {key: ort_feed(s, full) for key, s in sessions.items()}
     return {key: (lambda s=s, f=feeds[key]: s.run(["logits"], f)) for key, s in sessions.items()}
+
+
+def run_idprior(argv: list[str], threads: int) -> float:
+    """Run one `idprior` command in a subprocess (printed first, so it can be repeated by hand) unless
+    its `--out` folder already holds metrics.json; returns wall seconds (nan when read back)."""
+    import shlex
+    import subprocess
+    import time
+
+    out = Path(argv[argv.index("--out") + 1])
+    if (out / "metrics.json").exists():
+        return float("nan")
+    t0 = time.perf_counter()
+    print("$ idprior " + " ".join(shlex.quote(a) for a in argv), flush=True)
+    subprocess.run([sys.executable, "-m", "idprior.cli.main", *argv, "--overwrite"], check=True,
+                   env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    return time.perf_counter() - t0
