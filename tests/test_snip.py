@@ -194,7 +194,7 @@ def test_prior_zero_when_all_branches_closed_and_positive_otherwise():
     for t in gates.tensors():
         t.zero_()
     model(**b)
-    assert float(prior.penalty()) == pytest.approx(0.0, abs=1e-6)
+    assert float(prior.penalty().detach()) == pytest.approx(0.0, abs=1e-6)
 
 
 def test_prior_gradient_reaches_branches_not_the_task_head():
