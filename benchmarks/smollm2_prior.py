@@ -102,7 +102,8 @@ def _ppl(block: dict | None, split: str) -> str:
 def render(result: dict) -> str:
     env, runs = result["environment"], result["runs"]
     control = runs.get("dense + the same epoch (control)", {}).get("metrics")
-    ref = next((r["metrics"]["dense"] for r in runs.values() if "dense" in r["metrics"]), None)
+    # the model as shipped: the dense model of a post-training arm (SNIP's "dense" is its own fine-tune)
+    ref = next((r["metrics"]["dense"] for name, r in runs.items() if "recovery" in name), None)
     lines = ["# SmolLM2-135M: SNIP's prior phase on the LM loss vs the baselines, same training budget (issue 15)", "",
              "```", result["command"], "```", "",
              f"Machine: {env['cpu']}, {env['usable_cores']} usable cores, {env['threads']} threads, float32, torch "
