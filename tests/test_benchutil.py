@@ -51,3 +51,21 @@ def test_publish_writes_json_and_markdown(tmp_path, capsys):
     assert (tmp_path / "out" / "x.md").read_text() == "# x\n"
     assert '"a": 1' in (tmp_path / "out" / "x.json").read_text()
     assert "# x" in capsys.readouterr().out
+
+
+def test_run_idprior_reads_back_a_finished_run_and_runs_the_cli(tmp_path, capsys):
+    """The SmolLM2 scripts' runner: a folder with metrics.json is not run again (nan wall time); otherwise
+    the command runs in a subprocess, printed first, and a failing command raises."""
+    import math
+    import subprocess
+
+    from idprior.benchutil import run_idprior
+
+    done = tmp_path / "done"
+    done.mkdir()
+    (done / "metrics.json").write_text("{}")
+    assert math.isnan(run_idprior(["prune", "--out", str(done)], threads=1))
+    assert capsys.readouterr().out == ""
+    with pytest.raises(subprocess.CalledProcessError):
+        run_idprior(["prune", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "new")], threads=1)
+    assert "$ idprior prune --model" in capsys.readouterr().out

@@ -271,7 +271,7 @@ def test_head_norm_matches_explicit_branch_output():
     branch = outs[(0, "attn")] - proj.bias  # f_h excludes the shared output bias
     mask = b["attention_mask"].bool()
     expected = torch.sqrt((branch[mask] ** 2).sum(-1).mean())
-    assert scores[Unit("head", 0, 2)] == pytest.approx(float(expected), rel=1e-4)
+    assert scores[Unit("head", 0, 2)] == pytest.approx(float(expected.detach()), rel=1e-4)
 
 
 # ---- selection --------------------------------------------------------------------------------
