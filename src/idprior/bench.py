@@ -31,7 +31,8 @@ processes (1225 vs 1690 ms dense at batch 32 x 128), and with it the speed-up of
 (1.79x and 1.68x where every other process gave 1.88-1.97x; benchmarks/results/demo_agreement.md),
 with tight repeats inside each, so no in-process check could see it. `benchmark_processes` therefore
 times the same models in several fresh processes and reports, per timing, the median over processes
-of the speed-up each process measured (`bench.processes`, `idprior bench --processes`).
+of the speed-up each process measured (`bench.processes`, `idprior bench --processes`). It narrows the
+spread, it does not remove it: on another day 36 fresh processes gave 1.63-2.06x for the same models.
 """
 
 from __future__ import annotations
