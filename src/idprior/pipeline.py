@@ -119,8 +119,12 @@ class Run:
 
     def load_model(self, spec: str):
         """(model, tokenizer) of a model folder or alias, with this run's task head, dtype and trust setting."""
+        return self.model_loader(spec)()
+
+    def model_loader(self, spec: str) -> Callable[[], tuple]:
+        """`load_model(spec)` as a picklable callable (for timing in fresh processes)."""
         m = self.cfg.model
-        return models.load(spec, self.task, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
+        return functools.partial(models.load, spec, self.task, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
 
     # shared inputs
     @property
@@ -399,9 +403,7 @@ def stage_bench(run: Run) -> dict:
         from .bench import NoiseGuard, benchmark, benchmark_processes, format_bench_markdown
     except ImportError as e:
         return {"skipped": f"benchmark unavailable: {e}"}
-    m = run.cfg.model
-    loaders = {name: functools.partial(models.load, spec, run.task, dtype=m.dtype, trust_remote_code=m.trust_remote_code)
-               for name, spec in (("dense", finetuned_spec(run)), ("pruned", str(run.path("pruned"))))}
+    loaders = {"dense": run.model_loader(finetuned_spec(run)), "pruned": run.model_loader(str(run.path("pruned")))}
     guard = NoiseGuard(max_iqr=b.max_iqr_fraction, max_gap=b.max_speedup_gap, retime_rounds=b.retime_rounds)
     timing = dict(batch_sizes=b.batch_sizes, seq_lens=b.seq_lens, threads=b.threads, repeats=b.repeats, warmup=b.warmup,
                   onnx=b.onnx, workdir=run.path("bench_tmp"), noise=guard)
