@@ -395,3 +395,53 @@ def test_auto_selection_is_prior_only_after_a_proximal_phase():
         assert not proximal_phase(p)
         assert resolve_selection(p.selection, p.head_share, Family(), after_prior=proximal_phase(p)) == ("share", 0.3)
     assert resolve_selection("norm", None, Family(), after_prior=True) == ("norm", None)  # explicit choices stand
+
+
+def test_min_keep_floor_is_never_pulled_and_no_sublayer_empties():
+    """`min_keep`: in every sub-layer the ceil(min_keep · n) largest units get no threshold, so a prior
+    strong enough to empty sub-layers without the floor leaves each at least that many units."""
+    model = no_dropout(tiny_bert()).train()
+    emptied = {}
+    for min_keep in (0.0, 0.5):
+        prior, _, _ = make_prior(copy.deepcopy(model).train(), target=0.9, lam0=0.5, gain=0.0, min_keep=min_keep)
+        for step in range(12):
+            with torch.no_grad():
+                prior.model(**batch(step))
+            prior(prior.model, step, 100)
+        emptied[min_keep] = [key for key, n in prior.norms.items() if bool((n == 0).all())]
+        if min_keep:
+            for key, n in prior.norms.items():
+                floor = math.ceil(min_keep * n.numel())
+                assert int((n > 0).sum()) >= floor
+                spared = prior.spared[key]
+                assert int(spared.sum()) == floor and torch.all(prior.deltas[key][spared] == 0)
+    assert emptied[0.0] and not emptied[0.5]
+
+
+def test_layer_scale_pulls_each_layer_on_its_own_scale():
+    """`scale` "layer": shrinking one layer's branch outputs by c shrinks its thresholds by exactly c (the
+    pull relative to its units is unchanged); with "kind" the layer is measured against the kind's mean
+    over all layers, so the same layer's relative pull grows."""
+    base = no_dropout(tiny_bert()).train()
+    small = copy.deepcopy(base)
+    adapter = get_adapter(small)
+    with torch.no_grad():
+        adapter.ffn_out_proj(0).weight.mul_(0.1)  # layer 0's FFN writes 10x smaller vectors; its input is unchanged
+    for scale in ("layer", "kind"):
+        deltas = []
+        for model in (base, small):
+            prior, _, _ = make_prior(copy.deepcopy(model).train(), lam0=0.01, gain=0.0, gamma=3.0, scale=scale)
+            with torch.no_grad():
+                prior.model(**batch())
+            prior(prior.model, 0, 10)
+            deltas.append(prior.deltas[("neuron", 0)])
+            again, _, _ = make_prior(copy.deepcopy(model), scale=scale)
+            again.load_state_dict(json.loads(json.dumps({k: v for k, v in prior.state_dict().items() if "." not in k})))
+            assert again.fbar_layer == (prior.fbar_layer if scale == "layer" else {})  # what a resume reads back
+        ratio = deltas[1] / deltas[0]
+        if scale == "layer":
+            assert torch.allclose(ratio, torch.full_like(ratio, 0.1), rtol=1e-6)
+        else:
+            assert bool((ratio > 0.5).all())  # 10x smaller units, pulled at least 5x harder relative to their size
+    with pytest.raises(Exception, match="prior scale"):
+        make_prior(no_dropout(tiny_bert()), scale="global")

@@ -142,6 +142,7 @@ class PruneConfig:
     prior_gain: float = 0.5  # proximal: controller gain κ (0 keeps λ at prior_lambda0)
     prior_head_share: float | None = 0.15  # proximal: share of the target taken by heads (None: free)
     prior_freeze: bool = True  # proximal: stop pulling once the target sits at the identity (no overshoot)
+    prior_scale: str = "kind"  # proximal: "layer" pulls each layer on its own starting scale F̄_{k,l} (proximal.py)
     prior_metric: str = "adam"  # proximal: "adam" takes the step in Adam's metric (see proximal.py); "euclid"
     finetune_first: bool = True  # fine-tune with SN + prior first; False: post-training mode (old name: prune.train)
     iterative: int = 1
@@ -153,7 +154,7 @@ class PruneConfig:
     # columns by ridge regression; "auto" is the method's own (bias for flap and wanda-sp, else none).
     compensate: Compensation = "auto"
     compensate_ridge: float = 0.01  # lsq: ridge toward the old weights, relative to the mean E[x_j^2]
-    min_keep: float = 0.0  # fraction of each layer's head units and of its neurons that always stays
+    min_keep: float = 0.0  # fraction of each layer's head units and of its neurons that always stays (the proximal prior spares them too)
     protect_first: int = 0  # the first N layers are never pruned
     protect_last: int = 0  # the last N layers are never pruned
 
@@ -487,6 +488,7 @@ def _validate_prune(pr: PruneConfig, need) -> None:
     need(0 < pr.prior_lambda0 <= 1, f"prune.prior_lambda0 must be in (0, 1], got {pr.prior_lambda0}")
     need(0 <= pr.prior_gamma <= 4, f"prune.prior_gamma must be in [0, 4], got {pr.prior_gamma}")
     need(0 < pr.prior_ramp <= 1, f"prune.prior_ramp must be in (0, 1], got {pr.prior_ramp}")
+    need(pr.prior_scale in ("kind", "layer"), f"prune.prior_scale must be 'kind' or 'layer', got {pr.prior_scale!r}")
     need(pr.prior_metric in ("euclid", "adam"), f"prune.prior_metric must be 'euclid' or 'adam', got {pr.prior_metric!r}")
     need(0 <= pr.prior_gain <= 10, f"prune.prior_gain must be in [0, 10], got {pr.prior_gain}")
     need(pr.prior_head_share is None or 0 <= pr.prior_head_share <= 1,
@@ -578,14 +580,15 @@ def resume_key(cfg: RunConfig) -> dict:
 # prior's strength, and what drives the proximal prior (its target and the norms it measures).
 LOSS_PRIOR_OPTIONS = ("prior_lambda", "prior_weight", "prior_warmup")
 PROXIMAL_PRIOR_OPTIONS = ("prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain", "prior_head_share", "target",
-                          "measure", "flops_seq_len", "norm_positions", "prior_freeze", "norm_after_ln", "prior_metric")
+                          "measure", "flops_seq_len", "norm_positions", "prior_freeze", "norm_after_ln", "prior_metric",
+                          "min_keep", "prior_scale")
 
 # Fields added after run folders were first written, with the behaviour idprior had before each existed:
 # a saved config that lacks one ran with this value, whatever today's default is (the proximal prior and
 # its options arrived with default "loss"/off and became the default later, issue 14).
 ADDED_LATER = {"prune": {"prior_mode": "loss", "prior_lambda0": 0.01, "prior_gamma": 1.0, "prior_ramp": 0.75,
                          "prior_gain": 0.5, "prior_head_share": None, "prior_freeze": False, "prior_metric": "euclid",
-                         "norm_positions": "all", "norm_after_ln": False, "sn_out_scale": 1.0}}
+                         "prior_scale": "kind", "norm_positions": "all", "norm_after_ln": False, "sn_out_scale": 1.0}}
 
 
 def config_differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:

@@ -161,6 +161,14 @@ class ProximalPrior:
     `freeze` (`prior_freeze`): once a group's fraction at the identity reaches its share of the
     target, its units still away from zero are no longer pulled (only the zeros stay pinned), so the
     prior stops at the target instead of overshooting it by the units already on their way down.
+    `scale` (`prior_scale`): "kind" measures δ_u and ω_u against F̄_k, the mean norm of the kind over
+    all layers, so a layer whose branches write small vectors (early layers of a post-LN encoder or a
+    pre-LN decoder) is pulled hardest, ×(F̄_k/‖f_u‖)^γ; "layer" against F̄_{k,l}, the mean norm of that
+    kind in that layer at the phase start, so each layer is pulled on its own scale and which layers give
+    way is left to the loss (Adam's metric) and the controller.
+    `min_keep` (`prune.min_keep`, the selection's per-layer floor): in every sub-layer the
+    ceil(min_keep · n) units of largest norm are not pulled, so the prior cannot empty a layer the
+    selection would refill (its removal then follows the prior's zeros, not a partial layer).
     """
 
     @classmethod
@@ -169,14 +177,16 @@ class ProximalPrior:
         return cls(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
                    seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
                    gain=p.prior_gain, head_share=p.prior_head_share, readout=p.norm_positions == "readout",
-                   freeze=p.prior_freeze, after_ln=p.norm_after_ln, metric=p.prior_metric)
+                   freeze=p.prior_freeze, after_ln=p.norm_after_ln, metric=p.prior_metric, min_keep=p.min_keep,
+                   scale=p.prior_scale)
 
     def __init__(self, model: nn.Module, adapter: Adapter, gates: Gates, *, target: float,
                  kinds: Iterable[str] = PROX_KINDS, measure: str = "encoder_params", seq_len: int = 128,
                  lam0: float = 0.01, gamma: float = 1.0, ramp: float = 0.75, gain: float = 0.5,
                  head_share: float | None = None, ema: float = 0.9, eps: float = 0.1, zero_tol: float = 1e-3,
                  lam_min: float = 1e-5, lam_max: float = 1.0, horizon: float = 0.2, readout: bool = False,
-                 freeze: bool = False, after_ln: bool = False, metric: str = "euclid"):
+                 freeze: bool = False, after_ln: bool = False, metric: str = "euclid", min_keep: float = 0.0,
+                 scale: str = "kind"):
         self.model, self.adapter = model, adapter
         self.kinds = tuple(k for k in PROX_KINDS if k in tuple(kinds))
         if not self.kinds:
@@ -187,12 +197,20 @@ class ProximalPrior:
         if metric not in ("euclid", "adam"):
             raise IdpriorError(f"prior metric must be 'euclid' or 'adam', got {metric!r}")
         self.metric, self.opt = metric, None
+        if scale not in ("kind", "layer"):
+            raise IdpriorError(f"prior scale must be 'kind' or 'layer', got {scale!r}")
+        self.scale = scale
+        if not 0 <= min_keep < 1:
+            raise IdpriorError(f"min_keep must be in [0, 1), got {min_keep}; it is the fraction of each layer's units kept")
+        self.min_keep = min_keep
+        self.spared: dict[tuple[str, int], torch.Tensor] = {}  # units the floor kept from the last step's pull
         self.head_share = head_share if len(self.kinds) == 2 else None
         self.lam = {g: float(lam0) for g in (("head", "neuron") if self.head_share is not None else ("all",))}
         # the whole of the measure, as selection.select counts it (encoder params include the norms)
         self.total = (float(adapter.layer_params()) if measure == "encoder_params"
                       else measure_of(model_cost(adapter), measure, seq_len))
         self.fbar: dict[str, float] = {}  # F̄_k, set at the first step of the phase
+        self.fbar_layer: dict[tuple[str, int], float] = {}  # F̄_{k,l}, likewise
         self.ema_m: dict[tuple[str, int], torch.Tensor] = {}  # EMA of per-token moments (float64)
         self.norms: dict[tuple[str, int], torch.Tensor] = {}  # ‖f_u‖ right after the last step
         self.deltas: dict[tuple[str, int], torch.Tensor] = {}  # δ_u of the last step
@@ -282,15 +300,21 @@ class ProximalPrior:
                 if not mean > 0:
                     raise IdpriorError(f"every {kind} unit has a zero or non-finite function norm ({mean}) at the start of the prior phase")
                 self.fbar[kind] = mean
+            for (kind, layer), (n, _) in current.items():  # floored: a layer of dead units must not divide by 0
+                self.fbar_layer[(kind, layer)] = max(float(n.mean()), self.zero_tol * self.fbar[kind])
         reached = self._reached()
         metric = self._adam_scale(modules) if self.metric == "adam" else {}
         for (kind, layer), (norm, w) in current.items():
-            fbar, lam = self.fbar[kind], self.lam[self._group(kind)]
-            delta = lam * fbar * (fbar / (norm + self.eps * fbar)) ** self.gamma  # δ_u = λ ω_u F̄_k
+            fbar, ref, lam = self.fbar[kind], self._ref(kind, layer), self.lam[self._group(kind)]
+            delta = lam * ref * (ref / (norm + self.eps * ref)) ** self.gamma  # δ_u = λ ω_u F̄ (F̄_k or F̄_{k,l})
             if metric:
                 delta = delta / metric[(kind, layer)].clamp(min=1e-3).to(delta.device)  # Adam's metric
             if reached[self._group(kind)]:
                 delta = torch.where(norm <= self.zero_tol * fbar, delta, torch.zeros_like(delta))
+            if self.min_keep > 0:
+                spared = self._floor(norm)
+                delta = torch.where(spared, torch.zeros_like(delta), delta)
+                self.spared[(kind, layer)] = spared
             alpha = torch.where(norm > delta, 1 - delta / norm.clamp(min=1e-300), torch.zeros_like(norm))
             self._shrink(kind, layer, w, alpha)
             if not bool((alpha > 0).any()):
@@ -302,6 +326,18 @@ class ProximalPrior:
         sched = self.schedule(step, total)
         self.control(lead, sched)
         return self._terms(model, fracs, lead, sched)
+
+    def _ref(self, kind: str, layer: int) -> float:
+        """The scale δ_u and ω_u are measured against: F̄_k, or F̄_{k,l} with `scale` "layer"."""
+        return self.fbar_layer[(kind, layer)] if self.scale == "layer" else self.fbar[kind]
+
+    def _floor(self, norm: torch.Tensor) -> torch.Tensor:
+        """Mask of the ceil(min_keep · n) largest units of one sub-layer (as `selection.select` counts
+        its floor; 1e-9: 0.3 * 10 is 3.0000000000000004)."""
+        keep = math.ceil(self.min_keep * norm.numel() - 1e-9)
+        mask = torch.zeros_like(norm, dtype=torch.bool)
+        mask[torch.topk(norm, keep).indices] = True
+        return mask
 
     # ---- target and controller ----------------------------------------------------------------
     def _reached(self) -> dict[str, bool]:
@@ -333,12 +369,15 @@ class ProximalPrior:
     def _bound_for_identity(self, steps: float) -> dict[tuple[str, int], torch.Tensor]:
         """Units at the identity or that the current λ takes there within `steps` steps, were the
         loss not to resist: dn/dt = −λ F̄ (F̄ / (n + εF̄))^γ falls from n to 0 in
-        ((n + εF̄)^(γ+1) − (εF̄)^(γ+1)) / ((γ+1) λ F̄^(γ+1)) steps."""
+        ((n + εF̄)^(γ+1) − (εF̄)^(γ+1)) / ((γ+1) λ F̄^(γ+1)) steps (F̄ the unit's reference, `_ref`)."""
         out = {}
         for (kind, layer), n in self.norms.items():
-            fbar, lam, g1 = self.fbar[kind], self.lam[self._group(kind)], self.gamma + 1
-            fall = (((n / fbar + self.eps) ** g1 - self.eps**g1) / (g1 * lam))  # in steps
-            out[(kind, layer)] = (n <= self.zero_tol * fbar) | (fall <= steps)
+            fbar, ref, lam, g1 = self.fbar[kind], self._ref(kind, layer), self.lam[self._group(kind)], self.gamma + 1
+            fall = (((n / ref + self.eps) ** g1 - self.eps**g1) / (g1 * lam))  # in steps
+            falls = fall <= steps
+            if (kind, layer) in self.spared:
+                falls = falls & ~self.spared[(kind, layer)]  # the floor's units are not pulled
+            out[(kind, layer)] = (n <= self.zero_tol * fbar) | falls
         return out
 
     def fractions(self, at: dict[tuple[str, int], torch.Tensor] | None = None) -> dict[str, float]:
@@ -387,6 +426,8 @@ class ProximalPrior:
     def state_dict(self) -> dict:
         """λ, F̄ and the EMA moments: what a resumed run needs to continue bit-identically."""
         state: dict = {"lam": dict(self.lam), "fbar": dict(self.fbar)}
+        if self.scale == "layer":
+            state["fbar_layer"] = {f"{kind}.{layer}": v for (kind, layer), v in self.fbar_layer.items()}
         if self.ema_ln:
             state["ema_ln"] = {f"{sub}.{layer}": v for (sub, layer), v in self.ema_ln.items()}
         state.update({f"ema.{kind}.{layer}": m for (kind, layer), m in self.ema_m.items()})
@@ -395,6 +436,7 @@ class ProximalPrior:
     def load_state_dict(self, state: dict) -> None:
         self.lam = {g: float(v) for g, v in state["lam"].items()}
         self.fbar = {k: float(v) for k, v in state["fbar"].items()}
+        self.fbar_layer = {(k.split(".")[0], int(k.split(".")[1])): float(v) for k, v in state.get("fbar_layer", {}).items()}
         self.ema_ln = {(k.split(".")[0], int(k.split(".")[1])): float(v) for k, v in state.get("ema_ln", {}).items()}
         device = next(p for p in self.model.parameters()).device
         self.ema_m = {}

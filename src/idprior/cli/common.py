@@ -64,7 +64,7 @@ PRUNE_FLAGS = {
     "zero_shot": ("data.zero_shot", "LM tasks: also classify this task's test split (rt-polarity, sst2) zero-shot "
                                     "by label-word likelihood, dense vs pruned"),
     "min_keep": ("prune.min_keep", "fraction of each layer's head units and of its FFN neurons that always stays "
-                                   "(e.g. 0.25; no sub-layer is then removed whole)"),
+                                   "(e.g. 0.25; no sub-layer is then removed whole; the proximal prior does not pull them)"),
     "protect_first": ("prune.protect_first", "never prune the first N layers"),
     "protect_last": ("prune.protect_last", "never prune the last N layers"),
     "compensate": ("prune.compensate", "after surgery, from calibration activations: none, bias (FLAP's bias "
