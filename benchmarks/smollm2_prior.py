@@ -10,6 +10,9 @@ can be repeated by hand; a finished run is read back, not redone):
   snip (prior phase)       the method proper: the epoch is SNIP's fine-tune with spectral normalization
                            and the proximal identity prior driving the target to the identity on the
                            LM loss, then the cut (no recovery: the epoch was the training);
+  snip (prior phase, layer scale, floor)
+                           the same, each layer's units pulled on that layer's own scale (prior_scale
+                           layer), at least 25% of each layer kept (min_keep), reweighting gamma 1;
   snip post-training       no prior: function norms relative to the residual stream, at least 25% of each
                            layer kept (the best post-training SNIP of smollm2_decoder_grid_20.md), then the
                            epoch as recovery;
@@ -44,6 +47,12 @@ def commands(args) -> dict[str, list[str]]:
     t = f"t{args.target:g}"
     return {
         "snip (prior phase)": [*prune, *train, "--recover-epochs", "0", "--out", str(runs / f"snip_prior_{t}")],
+        # the prior with the two fixes post-training SNIP needed on this model (issue 15): each layer pulled on
+        # its own scale (a pre-LN decoder's early branches write small vectors: on the kind's scale they were
+        # all pulled first) and a per-layer floor; gamma 1 so the controller does not overshoot
+        "snip (prior phase, layer scale, floor)": [
+            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
+            "--set", "prune.prior_gamma=1.0", "--out", str(runs / f"snip_prior_layer_{t}")],
         "snip post-training + recovery": [*posthoc, "--score", "residual", "--min-keep", "0.25",
                                           "--out", str(runs / f"snip_posthoc_{t}")],
         "fisher + recovery": [*posthoc, "--method", "fisher", "--out", str(runs / f"fisher_{t}")],
