@@ -128,3 +128,6 @@ def test_snip_trainer_takes_the_config_defaults_and_overrides(tmp_path):
     trainer = SnipTrainer(model=tiny_bert(), args=_args(tmp_path, 1), train_dataset=_Data(), prune=base, prior_gamma=2.0)
     assert (trainer.snip_prior.target, trainer.snip_prior.gamma) == (0.3, 2.0)  # keywords over prune=
     assert base.prior_gamma == 1.0  # the caller's config is not modified
+    trainer = SnipTrainer(model=tiny_bert(), args=_args(tmp_path, 1), train_dataset=_Data(), min_keep=0.25,
+                          prior_scale="layer")
+    assert (trainer.snip_prior.min_keep, trainer.snip_prior.scale) == (0.25, "layer")  # the prior's floor and scale
