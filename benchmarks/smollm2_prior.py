@@ -13,6 +13,7 @@ can be repeated by hand; a finished run is read back, not redone):
   snip (prior phase, layer scale, floor)
                            the same, each layer's units pulled on that layer's own scale (prior_scale
                            layer), at least 25% of each layer kept (min_keep), reweighting gamma 1;
+  ... no SN                the same without spectral normalization;
   snip post-training       no prior: function norms relative to the residual stream, at least 25% of each
                            layer kept (the best post-training SNIP of smollm2_decoder_grid_20.md), then the
                            epoch as recovery;
@@ -53,6 +54,11 @@ def commands(args) -> dict[str, list[str]]:
         "snip (prior phase, layer scale, floor)": [
             *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
             "--set", "prune.prior_gamma=1.0", "--out", str(runs / f"snip_prior_layer_{t}")],
+        # the same without spectral normalization (SN at its initial sigma clips ~13% of this model's matrices
+        # during the phase, where it hardly ever binds on MiniLM): the SN half of the 2x2 for decoders
+        "snip (prior phase, layer scale, floor, no SN)": [
+            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
+            "--set", "prune.prior_gamma=1.0", "--no-sn", "--out", str(runs / f"snip_prior_layer_nosn_{t}")],
         "snip post-training + recovery": [*posthoc, "--score", "residual", "--min-keep", "0.25",
                                           "--out", str(runs / f"snip_posthoc_{t}")],
         "fisher + recovery": [*posthoc, "--method", "fisher", "--out", str(runs / f"fisher_{t}")],
