@@ -14,6 +14,7 @@ can be repeated by hand; a finished run is read back, not redone):
                            the same, each layer's units pulled on that layer's own scale (prior_scale
                            layer), at least 25% of each layer kept (min_keep), reweighting gamma 1;
   ... no SN                the same without spectral normalization;
+  ... ramp 0.25            and with the target at the identity by a quarter of the epoch (default half);
   snip post-training       no prior: function norms relative to the residual stream, at least 25% of each
                            layer kept (the best post-training SNIP of smollm2_decoder_grid_20.md), then the
                            epoch as recovery;
@@ -59,6 +60,12 @@ def commands(args) -> dict[str, list[str]]:
         "snip (prior phase, layer scale, floor, no SN)": [
             *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
             "--set", "prune.prior_gamma=1.0", "--no-sn", "--out", str(runs / f"snip_prior_layer_nosn_{t}")],
+        # the target at the identity by a quarter of the phase instead of half: the layer-scaled phase's loss
+        # stays flat once the target is reached, so this leaves three quarters of the epoch to train what stays
+        "snip (prior phase, layer scale, floor, no SN, ramp 0.25)": [
+            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
+            "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_ramp=0.25",
+            "--out", str(runs / f"snip_prior_layer_nosn_r25_{t}")],
         "snip post-training + recovery": [*posthoc, "--score", "residual", "--min-keep", "0.25",
                                           "--out", str(runs / f"snip_posthoc_{t}")],
         "fisher + recovery": [*posthoc, "--method", "fisher", "--out", str(runs / f"fisher_{t}")],
