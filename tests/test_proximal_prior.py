@@ -445,3 +445,44 @@ def test_layer_scale_pulls_each_layer_on_its_own_scale():
             assert bool((ratio > 0.5).all())  # 10x smaller units, pulled at least 5x harder relative to their size
     with pytest.raises(Exception, match="prior scale"):
         make_prior(no_dropout(tiny_bert()), scale="global")
+
+
+def test_gate_metric_records_per_example_gate_gradients():
+    """The "gate" metric's recorder: Σ_b (∂L_b/∂g_u)² equals the per-example derivative of the loss with
+    respect to scaling the unit's output columns (central differences), for a neuron and a head unit."""
+    torch.manual_seed(0)
+    model = no_dropout(tiny_bert()).train()
+    prior, adapter, _ = make_prior(model, metric="gate", gain=0.0)
+    b = batch()
+    labels = torch.tensor([0, 1, 0, 1])
+
+    def losses(m):
+        logits = m(**b).logits
+        return torch.nn.functional.cross_entropy(logits, labels, reduction="none")  # [B]
+
+    losses(model).sum().backward()
+    rec = prior.recorder
+    assert rec.gate_examples == 4
+    for kind, layer, unit in (("neuron", 0, 3), ("head", 1, 2)):
+        mod = adapter.ffn_out_proj(layer) if kind == "neuron" else adapter.attn_out_proj(layer)
+        w = adapter.out_weight(mod)
+        if kind == "neuron":
+            cols = torch.tensor([unit])
+        else:
+            owner = adapter.head_unit_of_query_heads(layer).repeat_interleave(adapter.head_dim)
+            cols = (owner == unit).nonzero().flatten()
+        fd = []
+        for h in (1e-3, -1e-3):
+            m = copy.deepcopy(model)
+            ww = adapter.out_weight(get_adapter(m).ffn_out_proj(layer) if kind == "neuron" else get_adapter(m).attn_out_proj(layer))
+            with torch.no_grad():
+                ww[:, cols] *= 1 + h
+                fd.append(losses(m).double())
+        expected = (((fd[0] - fd[1]) / 2e-3) ** 2).sum()
+        assert w.shape[1] > int(cols.max())
+        got = rec.gate_sq[(kind, layer)][unit]
+        assert torch.allclose(got, expected, rtol=2e-2, atol=1e-10), (kind, got, expected)
+    prior(model, 0, 10)  # the step runs on what was recorded
+    scale = prior._gate_scale()
+    live = torch.cat([s[s != 1] for s in scale.values()])
+    assert live.numel() and bool((live > 0).all())

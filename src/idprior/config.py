@@ -143,7 +143,9 @@ class PruneConfig:
     prior_head_share: float | None = 0.15  # proximal: share of the target taken by heads (None: free)
     prior_freeze: bool = True  # proximal: stop pulling once the target sits at the identity (no overshoot)
     prior_scale: str = "kind"  # proximal: "layer" pulls each layer on its own starting scale F̄_{k,l} (proximal.py)
-    prior_metric: str = "adam"  # proximal: "adam" takes the step in Adam's metric (see proximal.py); "euclid"
+    # proximal: "adam" takes the step in Adam's metric (see proximal.py); "gate": scaled by the loss's per-example
+    # sensitivity to each unit's norm; "euclid": the plain soft-threshold
+    prior_metric: str = "adam"
     finetune_first: bool = True  # fine-tune with SN + prior first; False: post-training mode (old name: prune.train)
     iterative: int = 1
     distill: bool = False
@@ -489,7 +491,8 @@ def _validate_prune(pr: PruneConfig, need) -> None:
     need(0 <= pr.prior_gamma <= 4, f"prune.prior_gamma must be in [0, 4], got {pr.prior_gamma}")
     need(0 < pr.prior_ramp <= 1, f"prune.prior_ramp must be in (0, 1], got {pr.prior_ramp}")
     need(pr.prior_scale in ("kind", "layer"), f"prune.prior_scale must be 'kind' or 'layer', got {pr.prior_scale!r}")
-    need(pr.prior_metric in ("euclid", "adam"), f"prune.prior_metric must be 'euclid' or 'adam', got {pr.prior_metric!r}")
+    need(pr.prior_metric in ("euclid", "adam", "gate"),
+         f"prune.prior_metric must be 'euclid', 'adam' or 'gate', got {pr.prior_metric!r}")
     need(0 <= pr.prior_gain <= 10, f"prune.prior_gain must be in [0, 10], got {pr.prior_gain}")
     need(pr.prior_head_share is None or 0 <= pr.prior_head_share <= 1,
          f"prune.prior_head_share must be in [0, 1], got {pr.prior_head_share}")

@@ -65,10 +65,15 @@ class ActivationMoments(BranchNorms):
                  readout: bool = False, after_ln: bool = False):
         super().__init__(model, gates, adapter, kinds, differentiable=False, readout=readout, after_ln=after_ln)
         self.moments: dict[tuple[str, int], torch.Tensor] = {}
+        self.gate_grads = False  # set by the "gate" metric: also record per-example gate gradients
+        self.gate_sq: dict[tuple[str, int], torch.Tensor] = {}  # Σ_b (∂L/∂g_u)² of the last backward: [U]
+        self.gate_examples = 0
 
     def reset(self) -> None:
         super().reset()
         self.moments.clear()
+        self.gate_sq.clear()
+        self.gate_examples = 0
 
     def _on_forward(self, module, args, kwargs):
         self.active = module.training
@@ -83,9 +88,33 @@ class ActivationMoments(BranchNorms):
     def _layer_input(self, layer: int):
         return lambda module, args, kwargs: None  # the residual-stream norm is not needed here
 
+    def _record_gate_grads(self, key: tuple[str, int], x: torch.Tensor) -> None:
+        """On the backward of this batch: per example b and unit u, ∂L/∂g_u = Σ_t ⟨∂L/∂x_u, x_u⟩ (g_u a gate
+        scaling the unit's columns of the out-projection input x), squared and summed over examples."""
+        if not (self.gate_grads and x.requires_grad and torch.is_grad_enabled()):
+            return
+        kind, layer = key
+
+        def hook(grad: torch.Tensor) -> None:
+            gx = (grad.detach() * x.detach()).float().sum(1)  # [B, in]
+            if kind == "head":
+                dh = self.adapter.head_dim
+                perm, n_units = self._unit_layout(layer, gx.shape[-1] // dh)
+                gx = gx.view(gx.shape[0], -1, dh)[:, perm.to(gx.device)].reshape(gx.shape[0], n_units, -1)  # [B, U, k*dh]
+                gx = gx.sum(-1)  # [B, U]
+            self._add(self.gate_sq, key, (gx.double() ** 2).sum(0))
+            if key == next(iter(self.gate_sq)):
+                self.gate_examples += gx.shape[0]
+
+        x.register_hook(hook)
+
     def __call__(self, layer: int, site: str, x: torch.Tensor, module: nn.Module) -> None:
         if not self.active:
             return
+        if site == "heads" and "head" in self.kinds:
+            self._record_gate_grads(("head", layer), x)
+        elif site == "neurons" and "neuron" in self.kinds:
+            self._record_gate_grads(("neuron", layer), x)
         x = x.detach()
         mask = self.positions(layer)
         if mask is not None and mask.shape == x.shape[:2]:
@@ -158,6 +187,12 @@ class ProximalPrior:
     it ignores. Under Adam every weight moves ~lr a step whatever its gradient, so in the Euclidean
     metric the prior's equilibrium does not see how much the loss needs a unit; this restores it. The
     criterion stays the function norm (units at zero are removed, the rest by norm).
+    "gate": δ_u divided instead by the unit's loss sensitivity per unit of norm, sqrt(E_b[(∂L_b/∂g_u)²]) /
+    ‖f_u‖ (g_u a gate on the branch, per training example b; an EMA over steps), relative to its kind's
+    mean: the plain group-lasso equilibrium keeps a unit while |∂L/∂‖f_u‖| exceeds its threshold, and
+    this restores that comparison under Adam with the loss's own per-example spread (Adam's v measures
+    how hard the loss pushes on the weights, which is large in late layers whether or not the loss needs
+    the unit there). The criterion is still the function norm.
     `freeze` (`prior_freeze`): once a group's fraction at the identity reaches its share of the
     target, its units still away from zero are no longer pulled (only the zeros stay pinned), so the
     prior stops at the target instead of overshooting it by the units already on their way down.
@@ -194,8 +229,8 @@ class ProximalPrior:
         self.target, self.measure, self.seq_len = target, measure, seq_len
         self.gamma, self.ramp, self.gain, self.ema, self.eps, self.zero_tol = gamma, ramp, gain, ema, eps, zero_tol
         self.lam_min, self.lam_max, self.horizon, self.freeze = lam_min, lam_max, horizon, freeze
-        if metric not in ("euclid", "adam"):
-            raise IdpriorError(f"prior metric must be 'euclid' or 'adam', got {metric!r}")
+        if metric not in ("euclid", "adam", "gate"):
+            raise IdpriorError(f"prior metric must be 'euclid', 'adam' or 'gate', got {metric!r}")
         self.metric, self.opt = metric, None
         if scale not in ("kind", "layer"):
             raise IdpriorError(f"prior scale must be 'kind' or 'layer', got {scale!r}")
@@ -215,6 +250,9 @@ class ProximalPrior:
         self.norms: dict[tuple[str, int], torch.Tensor] = {}  # ‖f_u‖ right after the last step
         self.deltas: dict[tuple[str, int], torch.Tensor] = {}  # δ_u of the last step
         self.recorder = ActivationMoments(model, gates, adapter, self.kinds, readout=readout, after_ln=after_ln).attach()
+        self.recorder.gate_grads = metric == "gate"
+        self.ema_gate: dict[tuple[str, int], torch.Tensor] = {}  # "gate": EMA of E_b[(∂L_b/∂g_u)²] / ‖f_u‖²
+        self._gate_sq: dict[tuple[str, int], torch.Tensor] = {}  # E_b[(∂L_b/∂g_u)²] of the last batch
         self.ema_ln: dict[tuple[str, int], float] = {}  # EMA of mean 1/σ_t² after each sub-layer (after_ln)
 
     # ---- norms and the proximal step ---------------------------------------------------------
@@ -238,6 +276,9 @@ class ProximalPrior:
         for key in rec.ln_sq:
             now = rec.ln_scale(key) ** 2
             self.ema_ln[key] = now if key not in self.ema_ln else self.ema * self.ema_ln[key] + (1 - self.ema) * now
+        self._gate_sq = {key: g / max(1, rec.gate_examples) for key, g in rec.gate_sq.items()}  # E_b[(∂L_b/∂g_u)²]
+        if self.metric == "gate" and not self._gate_sq:
+            raise IdpriorError("prune.prior_metric 'gate' needs a backward pass before each prior step (no gate gradients were recorded)")
         rec.reset()
 
     def _norm(self, kind: str, layer: int, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -282,6 +323,25 @@ class ProximalPrior:
             out |= {key: h / max(mean, 1e-300) for key, h in raw.items() if key[0] == kind}
         return out
 
+    def _update_gate(self, current: dict) -> None:
+        """EMA of E_b[(∂L_b/∂g_u)²] / ‖f_u‖², with ‖f_u‖ as the forward saw it (the last step's result; the
+        optimizer step since moved it little): the loss's sensitivity per unit of the branch's norm."""
+        for key, g in self._gate_sq.items():
+            norm = self.norms.get(key, current[key][0])
+            q = torch.where(norm > 0, g / norm.clamp(min=1e-300) ** 2, torch.zeros_like(g))
+            old = self.ema_gate.get(key)
+            self.ema_gate[key] = q if old is None else torch.where(norm > 0, self.ema * old + (1 - self.ema) * q, old)
+
+    def _gate_scale(self) -> dict[tuple[str, int], torch.Tensor]:
+        """Per unit: sqrt(EMA q_u) divided by its mean over the kind's units away from zero (1 where q is 0)."""
+        out = {}
+        for kind in self.kinds:
+            raw = {key: q.sqrt() for key, q in self.ema_gate.items() if key[0] == kind}
+            live = torch.cat([r[r > 0] for r in raw.values()])
+            mean = float(live.mean()) if live.numel() else 1.0
+            out |= {key: torch.where(r > 0, r / max(mean, 1e-300), torch.ones_like(r)) for key, r in raw.items()}
+        return out
+
     def _shrink(self, kind: str, layer: int, w: torch.Tensor, alpha: torch.Tensor) -> None:
         """w_u ← α_u w_u on the unit's output columns, in place in the stored parameter."""
         if kind == "head":
@@ -303,12 +363,15 @@ class ProximalPrior:
             for (kind, layer), (n, _) in current.items():  # floored: a layer of dead units must not divide by 0
                 self.fbar_layer[(kind, layer)] = max(float(n.mean()), self.zero_tol * self.fbar[kind])
         reached = self._reached()
-        metric = self._adam_scale(modules) if self.metric == "adam" else {}
+        if self.metric == "gate":
+            self._update_gate(current)
+        metric = (self._adam_scale(modules) if self.metric == "adam" else self._gate_scale() if self.metric == "gate"
+                  else {})
         for (kind, layer), (norm, w) in current.items():
             fbar, ref, lam = self.fbar[kind], self._ref(kind, layer), self.lam[self._group(kind)]
             delta = lam * ref * (ref / (norm + self.eps * ref)) ** self.gamma  # δ_u = λ ω_u F̄ (F̄_k or F̄_{k,l})
             if metric:
-                delta = delta / metric[(kind, layer)].clamp(min=1e-3).to(delta.device)  # Adam's metric
+                delta = delta / metric[(kind, layer)].clamp(min=1e-3).to(delta.device)  # Adam's or the gate metric
             if reached[self._group(kind)]:
                 delta = torch.where(norm <= self.zero_tol * fbar, delta, torch.zeros_like(delta))
             if self.min_keep > 0:
@@ -431,6 +494,7 @@ class ProximalPrior:
         if self.ema_ln:
             state["ema_ln"] = {f"{sub}.{layer}": v for (sub, layer), v in self.ema_ln.items()}
         state.update({f"ema.{kind}.{layer}": m for (kind, layer), m in self.ema_m.items()})
+        state.update({f"gate.{kind}.{layer}": q for (kind, layer), q in self.ema_gate.items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -439,21 +503,24 @@ class ProximalPrior:
         self.fbar_layer = {(k.split(".")[0], int(k.split(".")[1])): float(v) for k, v in state.get("fbar_layer", {}).items()}
         self.ema_ln = {(k.split(".")[0], int(k.split(".")[1])): float(v) for k, v in state.get("ema_ln", {}).items()}
         device = next(p for p in self.model.parameters()).device
-        self.ema_m = {}
+        self.ema_m, self.ema_gate = {}, {}
         for name, m in state.items():
-            if name.startswith("ema."):
-                _, kind, layer = name.split(".")
-                self.ema_m[(kind, int(layer))] = m.to(device=device, dtype=torch.float64)
+            if name.startswith(("ema.", "gate.")):
+                which, kind, layer = name.split(".")
+                store = self.ema_m if which == "ema" else self.ema_gate
+                store[(kind, int(layer))] = m.to(device=device, dtype=torch.float64)
 
     def detach(self) -> None:
         self.recorder.detach()
 
 
 def _all_reduce_moments(rec: ActivationMoments) -> None:
-    """Sum the batch moments and token count over ranks (same keys on every rank: same model)."""
-    for key in sorted(rec.moments):
-        torch.distributed.all_reduce(rec.moments[key], op=torch.distributed.ReduceOp.SUM)
+    """Sum the batch moments, gate gradients and counts over ranks (same keys on every rank: same model)."""
+    for store in (rec.moments, rec.gate_sq):  # gate_sq: empty unless the "gate" metric records it
+        for key in sorted(store):
+            torch.distributed.all_reduce(store[key], op=torch.distributed.ReduceOp.SUM)
     device = next(iter(rec.moments.values())).device
-    tokens = torch.tensor([float(rec.tokens), float(rec.readout_tokens)], dtype=torch.float64, device=device)
+    counts = [float(rec.tokens), float(rec.readout_tokens), float(rec.gate_examples)]
+    tokens = torch.tensor(counts, dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tokens, op=torch.distributed.ReduceOp.SUM)
-    rec.tokens, rec.readout_tokens = int(round(float(tokens[0]))), int(round(float(tokens[1])))
+    rec.tokens, rec.readout_tokens, rec.gate_examples = (int(round(float(t))) for t in tokens)
