@@ -11,7 +11,9 @@ cd "$(dirname "$0")/.."
 command -v idprior >/dev/null || . .venv/bin/activate
 run=${1:-runs/demo_rep1}
 outs=()
+[ "${SUMMARY_ONLY:-0}" = 1 ] && outs=($(ls -d "$run"/bench_thp?_r? | sort -t_ -k3,3 -k2,2))  # re-render only
 for rep in $(seq "${REPS:-1}"); do  # REPS=2: each setting twice
+  [ "${SUMMARY_ONLY:-0}" = 1 ] && break
   for thp in 0 1; do
     out=$run/bench_thp${thp}_r$rep; rm -rf "$out"
     if [ "$thp" = 1 ]; then export THP_MEM_ALLOC_ENABLE=1; else unset THP_MEM_ALLOC_ENABLE; fi
@@ -48,9 +50,9 @@ for thp in ("off", "on"):
         sel = [r for r in rows if r["thp"] == thp and r["backend"] == backend]
         allv = [x for r in sel for x in r["process_speedups"]]
         if allv:
+            meds = ", ".join(f"{r['median']:.2f}x" for r in sel)
             lines.append(f"\nTHP {thp}, {backend}: all {len(allv)} per-process speed-ups {min(allv):.2f}-{max(allv):.2f}x, "
-                         f"median {statistics.median(allv):.2f}x, sd {statistics.stdev(allv):.3f}; "
-                         f"medians of 5: {', '.join(f'{r['median']:.2f}x' for r in sel)}.")
+                         f"median {statistics.median(allv):.2f}x, sd {statistics.stdev(allv):.3f}; medians of 5: {meds}.")
 io.write_json("benchmarks/results/thp_spread.json", {"rows": rows})
 io.write_text("benchmarks/results/thp_spread.md", "\n".join(lines) + "\n")
 print("\n".join(lines))
