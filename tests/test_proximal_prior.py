@@ -6,10 +6,12 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
 from idprior import spectral
@@ -486,3 +488,48 @@ def test_gate_metric_records_per_example_gate_gradients():
     scale = prior._gate_scale()
     live = torch.cat([s[s != 1] for s in scale.values()])
     assert live.numel() and bool((live > 0).all())
+
+
+def _gate_step(model, rows: slice) -> dict:
+    """One prior step with the "gate" metric after a forward/backward of `rows` of a fixed batch."""
+    prior, _, _ = make_prior(model, metric="gate", gain=0.0, lam0=0.05)
+    b = {k: v[rows] for k, v in batch(b=4).items()}
+    labels = torch.tensor([0, 1, 0, 1])[rows]
+    torch.nn.functional.cross_entropy(model(**b).logits, labels).backward()
+    prior(model, 0, 10)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _gate_worker(rank: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        state = _gate_step(no_dropout(tiny_bert()).train(), slice(2 * rank, 2 * rank + 2))
+    finally:
+        dist.destroy_process_group()
+    save_file(state, str(Path(out) / f"rank{rank}.safetensors"))
+
+
+def test_gate_metric_over_two_ranks_matches_one_process(tmp_path):
+    """Ranks holding half the batch each shrink the same weights by the same factors as one process
+    with the whole batch: the gate gradients and counts are all-reduced with the moments."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gate_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(2)]
+    torch.manual_seed(0)
+    single = _gate_step(no_dropout(tiny_bert()).train(), slice(0, 4))
+    for key, want in single.items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        assert torch.allclose(ranks[0][key], want, rtol=1e-4, atol=1e-6), key
+    changed = [k for k in single if not torch.equal(single[k], _initial_state()[k])]
+    assert changed  # the step shrank something, so agreement means something
+
+
+def _initial_state() -> dict:
+    torch.manual_seed(0)
+    return no_dropout(tiny_bert()).state_dict()
