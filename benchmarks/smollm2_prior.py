@@ -15,6 +15,7 @@ can be repeated by hand; a finished run is read back, not redone):
                            layer), at least 25% of each layer kept (min_keep), reweighting gamma 1;
   ... no SN                the same without spectral normalization;
   ... ramp 0.25            and with the target at the identity by a quarter of the epoch (default half);
+  ... target 0.01          a diagnostic: the same phase with 1% to remove instead of the target;
   snip post-training       no prior: function norms relative to the residual stream, at least 25% of each
                            layer kept (the best post-training SNIP of smollm2_decoder_grid_20.md), then the
                            epoch as recovery;
@@ -66,6 +67,12 @@ def commands(args) -> dict[str, list[str]]:
             *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
             "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_ramp=0.25",
             "--out", str(runs / f"snip_prior_layer_nosn_r25_{t}")],
+        # diagnostic: the same phase with (almost) nothing to remove (target 1%): does the phase's machinery
+        # itself stop the LM loss from falling, or is it what the prior removes?
+        "snip (prior phase, layer scale, floor, no SN, target 0.01)": [
+            *[a if a != str(args.target) else "0.01" for a in prune], *train, "--recover-epochs", "0",
+            "--min-keep", "0.25", "--set", "prune.prior_scale=layer", "--set", "prune.prior_gamma=1.0", "--no-sn",
+            "--out", str(runs / "snip_prior_layer_nosn_t0.01")],
         "snip post-training + recovery": [*posthoc, "--score", "residual", "--min-keep", "0.25",
                                           "--out", str(runs / f"snip_posthoc_{t}")],
         "fisher + recovery": [*posthoc, "--method", "fisher", "--out", str(runs / f"fisher_{t}")],
