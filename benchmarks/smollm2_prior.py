@@ -90,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", default="runs/smollm2_prior")
     p.add_argument("--control", default=str(Path(__file__).resolve().parent / "results" / "smollm2_recovery.json"),
                    help="results of smollm2_recovery.py, whose dense control got the same epoch")
-    p.add_argument("--only", default=None, help="comma list of arm names to run (default: all)")
+    p.add_argument("--only", action="append", default=None, metavar="ARM",
+                   help="run only this arm (its full name, e.g. 'fisher + recovery'); repeat for several (default: all)")
     p.add_argument("--name", default="smollm2_prior")
     p.add_argument("--out-dir", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
@@ -98,8 +99,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     result = {"command": command, "environment": environment(args.threads), "cpu": cpu_model(), "target": args.target,
               "runs": {}}
-    only = set(args.only.split(",")) if args.only else None
-    for name, cli in commands(args).items():
+    arms = commands(args)
+    only = set(args.only) if args.only else None
+    unknown = sorted(only - set(arms)) if only else []
+    if unknown:  # names hold commas, so a list cannot be split on them: each arm is its own --only
+        p.error(f"unknown arm(s) {unknown}; the arms are: {'; '.join(arms)}")
+    for name, cli in arms.items():
         if only is not None and name not in only:
             continue
         wall = run(cli, args.threads)
