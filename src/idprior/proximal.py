@@ -46,6 +46,7 @@ from .errors import IdpriorError
 from .gates import Gates
 from .plan import SUBLAYER, measure_of, model_cost, removal_cost
 from .scoring import BranchNorms, seen_after_ln
+from .selection import floor_count
 from .spectral import BoundedSpectralNorm, sn_modules
 from .units import Unit, parse_kinds
 
@@ -94,6 +95,7 @@ class ActivationMoments(BranchNorms):
         if not (self.gate_grads and x.requires_grad and torch.is_grad_enabled()):
             return
         kind, layer = key
+        self.gate_examples = x.shape[0]  # the batch this backward belongs to (a forward restarts the sums)
 
         def hook(grad: torch.Tensor) -> None:
             gx = (grad.detach() * x.detach()).float().sum(1)  # [B, in]
@@ -103,8 +105,6 @@ class ActivationMoments(BranchNorms):
                 gx = gx.view(gx.shape[0], -1, dh)[:, perm.to(gx.device)].reshape(gx.shape[0], n_units, -1)  # [B, U, k*dh]
                 gx = gx.sum(-1)  # [B, U]
             self._add(self.gate_sq, key, (gx.double() ** 2).sum(0))
-            if key == next(iter(self.gate_sq)):
-                self.gate_examples += gx.shape[0]
 
         x.register_hook(hook)
 
@@ -395,9 +395,8 @@ class ProximalPrior:
         return self.fbar_layer[(kind, layer)] if self.scale == "layer" else self.fbar[kind]
 
     def _floor(self, norm: torch.Tensor) -> torch.Tensor:
-        """Mask of the ceil(min_keep · n) largest units of one sub-layer (as `selection.select` counts
-        its floor; 1e-9: 0.3 * 10 is 3.0000000000000004)."""
-        keep = math.ceil(self.min_keep * norm.numel() - 1e-9)
+        """Mask of the largest units of one sub-layer that `selection.select`'s floor keeps."""
+        keep = floor_count(self.min_keep, norm.numel())
         mask = torch.zeros_like(norm, dtype=torch.bool)
         mask[torch.topk(norm, keep).indices] = True
         return mask

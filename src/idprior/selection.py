@@ -73,6 +73,13 @@ def protected_layers(num_layers: int, first: int = 0, last: int = 0) -> frozense
     return frozenset(range(min(first, num_layers))) | frozenset(range(max(0, num_layers - last), num_layers))
 
 
+def floor_count(min_keep: float, n: int) -> int:
+    """Units of an n-unit sub-layer that `min_keep` always keeps: ceil(min_keep * n), so at least one
+    when min_keep > 0 (nothing collapses); 1e-9 because 0.3 * 10 is 3.0000000000000004. The proximal
+    prior spares the same number."""
+    return math.ceil(min_keep * n - 1e-9) if min_keep > 0 and n else 0
+
+
 class _State:
     """Which units are gone so far, with the protection rules; costs and collapse come from `plan`."""
 
@@ -81,9 +88,7 @@ class _State:
         self.adapter, self.measure, self.seq_len = adapter, measure, seq_len
         self.costs = {sub: [sublayer_costs(adapter, sub, i) for i in range(adapter.num_layers)] for sub in MEMBER}
         self.left = {sub: [c.n for c in costs] for sub, costs in self.costs.items()}  # units left per layer
-        # units that must stay per layer (>= 1 when min_keep > 0, so nothing collapses); 1e-9: 0.3 * 10 is 3.0000000000000004
-        self.floor = {sub: [math.ceil(min_keep * n - 1e-9) if min_keep > 0 and n else 0 for n in left]
-                      for sub, left in self.left.items()}
+        self.floor = {sub: [floor_count(min_keep, n) for n in left] for sub, left in self.left.items()}
         self.protect = frozenset(protect)
         self.taken = {sub: [0] * adapter.num_layers for sub in MEMBER}  # head units / neurons taken per layer
         self.removed: list[Unit] = []
