@@ -449,6 +449,34 @@ def test_layer_scale_pulls_each_layer_on_its_own_scale():
         make_prior(no_dropout(tiny_bert()), scale="global")
 
 
+def test_unit_scale_pulls_every_unit_at_the_same_relative_rate_until_it_falls():
+    """`scale` "unit": at the phase start every unit above the floor gets δ_u = λ ‖f_u‖ / (1 + ε)^γ, the
+    same fraction of its own norm whatever its size; a unit that has since shrunk relative to its start
+    is pulled harder relative to its size (the reweighting finishes off what the loss lets fall); the
+    starting norms are checkpointed."""
+    model = no_dropout(tiny_bert()).train()
+    prior, _, _ = make_prior(copy.deepcopy(model).train(), lam0=0.01, gain=0.0, gamma=3.0, scale="unit")
+    with torch.no_grad():
+        prior.model(**batch())
+    prior(prior.model, 0, 10)
+    before = prior.norms[("neuron", 0)] + prior.deltas[("neuron", 0)]  # norms before the step
+    live = before > prior.eps * prior.fbar["neuron"]
+    assert live.sum() > 10 and before[live].max() > 2 * before[live].min()  # sizes differ...
+    rel = prior.deltas[("neuron", 0)][live] / before[live]
+    assert torch.allclose(rel, torch.full_like(rel, 0.01 / 1.1**3), rtol=1e-9)  # ...the relative pull does not
+    adapter = get_adapter(prior.model)
+    with torch.no_grad():
+        adapter.out_weight(adapter.ffn_out_proj(0))[:, 0] *= 0.5  # neuron 0 falls to half its start
+        prior.model(**batch())
+    prior(prior.model, 1, 10)
+    rel = prior.deltas[("neuron", 0)] / (prior.norms[("neuron", 0)] + prior.deltas[("neuron", 0)])
+    assert rel[0] > 1.5 * rel[1:][live[1:]].median()
+    again, _, _ = make_prior(copy.deepcopy(model), scale="unit")
+    again.load_state_dict(prior.state_dict())
+    assert again.fbar_unit.keys() == prior.fbar_unit.keys()
+    assert all(torch.equal(again.fbar_unit[k], prior.fbar_unit[k]) for k in prior.fbar_unit)
+
+
 def test_gate_metric_records_per_example_gate_gradients():
     """The "gate" metric's recorder: Σ_b (∂L_b/∂g_u)² equals the per-example derivative of the loss with
     respect to scaling the unit's output columns (central differences), for a neuron and a head unit."""

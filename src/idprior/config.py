@@ -142,7 +142,7 @@ class PruneConfig:
     prior_gain: float = 0.5  # proximal: controller gain κ (0 keeps λ at prior_lambda0)
     prior_head_share: float | None = 0.15  # proximal: share of the target taken by heads (None: free)
     prior_freeze: bool = True  # proximal: stop pulling once the target sits at the identity (no overshoot)
-    prior_scale: str = "kind"  # proximal: "layer" pulls each layer on its own starting scale F̄_{k,l} (proximal.py)
+    prior_scale: str = "kind"  # proximal: "layer" pulls each layer on its own starting scale F̄_{k,l}, "unit" each unit on its own (proximal.py)
     # proximal: "adam" takes the step in Adam's metric (see proximal.py); "gate": scaled by the loss's per-example
     # sensitivity to each unit's norm; "euclid": the plain soft-threshold
     prior_metric: str = "adam"
@@ -490,7 +490,7 @@ def _validate_prune(pr: PruneConfig, need) -> None:
     need(0 < pr.prior_lambda0 <= 1, f"prune.prior_lambda0 must be in (0, 1], got {pr.prior_lambda0}")
     need(0 <= pr.prior_gamma <= 4, f"prune.prior_gamma must be in [0, 4], got {pr.prior_gamma}")
     need(0 < pr.prior_ramp <= 1, f"prune.prior_ramp must be in (0, 1], got {pr.prior_ramp}")
-    need(pr.prior_scale in ("kind", "layer"), f"prune.prior_scale must be 'kind' or 'layer', got {pr.prior_scale!r}")
+    need(pr.prior_scale in ("kind", "layer", "unit"), f"prune.prior_scale must be 'kind', 'layer' or 'unit', got {pr.prior_scale!r}")
     need(pr.prior_metric in ("euclid", "adam", "gate"),
          f"prune.prior_metric must be 'euclid', 'adam' or 'gate', got {pr.prior_metric!r}")
     need(0 <= pr.prior_gain <= 10, f"prune.prior_gain must be in [0, 10], got {pr.prior_gain}")

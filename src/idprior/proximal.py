@@ -200,7 +200,10 @@ class ProximalPrior:
     all layers, so a layer whose branches write small vectors (early layers of a post-LN encoder or a
     pre-LN decoder) is pulled hardest, ×(F̄_k/‖f_u‖)^γ; "layer" against F̄_{k,l}, the mean norm of that
     kind in that layer at the phase start, so each layer is pulled on its own scale and which layers give
-    way is left to the loss (Adam's metric) and the controller.
+    way is left to the loss (Adam's metric) and the controller; "unit" against ‖f_u(0)‖, the unit's own
+    norm at the phase start (floored at ε F̄_k), so every unit falls at the same relative rate until the
+    loss resists (through the metric) and the reweighting (‖f_u(0)‖/‖f_u‖)^γ finishes off the units the
+    loss lets fall: which units go is decided by the loss's resistance, not by how large they started.
     `min_keep` (`prune.min_keep`, the selection's per-layer floor): in every sub-layer the
     ceil(min_keep · n) units of largest norm are not pulled, so the prior cannot empty a layer the
     selection would refill (its removal then follows the prior's zeros, not a partial layer).
@@ -232,8 +235,8 @@ class ProximalPrior:
         if metric not in ("euclid", "adam", "gate"):
             raise IdpriorError(f"prior metric must be 'euclid', 'adam' or 'gate', got {metric!r}")
         self.metric, self.opt = metric, None
-        if scale not in ("kind", "layer"):
-            raise IdpriorError(f"prior scale must be 'kind' or 'layer', got {scale!r}")
+        if scale not in ("kind", "layer", "unit"):
+            raise IdpriorError(f"prior scale must be 'kind', 'layer' or 'unit', got {scale!r}")
         self.scale = scale
         if not 0 <= min_keep < 1:
             raise IdpriorError(f"min_keep must be in [0, 1), got {min_keep}; it is the fraction of each layer's units kept")
@@ -246,6 +249,7 @@ class ProximalPrior:
                       else measure_of(model_cost(adapter), measure, seq_len))
         self.fbar: dict[str, float] = {}  # F̄_k, set at the first step of the phase
         self.fbar_layer: dict[tuple[str, int], float] = {}  # F̄_{k,l}, likewise
+        self.fbar_unit: dict[tuple[str, int], torch.Tensor] = {}  # ‖f_u‖ at the phase start ("unit" scale)
         self.ema_m: dict[tuple[str, int], torch.Tensor] = {}  # EMA of per-token moments (float64)
         self.norms: dict[tuple[str, int], torch.Tensor] = {}  # ‖f_u‖ right after the last step
         self.deltas: dict[tuple[str, int], torch.Tensor] = {}  # δ_u of the last step
@@ -362,6 +366,8 @@ class ProximalPrior:
                 self.fbar[kind] = mean
             for (kind, layer), (n, _) in current.items():  # floored: a layer of dead units must not divide by 0
                 self.fbar_layer[(kind, layer)] = max(float(n.mean()), self.zero_tol * self.fbar[kind])
+                # floored at the reweighting's ε·F̄_k: a unit that starts near zero is pulled like a small unit
+                self.fbar_unit[(kind, layer)] = n.clamp(min=self.eps * self.fbar[kind])
         reached = self._reached()
         if self.metric == "gate":
             self._update_gate(current)
@@ -390,8 +396,11 @@ class ProximalPrior:
         self.control(lead, sched)
         return self._terms(model, fracs, lead, sched)
 
-    def _ref(self, kind: str, layer: int) -> float:
-        """The scale δ_u and ω_u are measured against: F̄_k, or F̄_{k,l} with `scale` "layer"."""
+    def _ref(self, kind: str, layer: int) -> float | torch.Tensor:
+        """The scale δ_u and ω_u are measured against: F̄_k, F̄_{k,l} with `scale` "layer", or per unit
+        its own starting norm ‖f_u(0)‖ with "unit" ([n_units])."""
+        if self.scale == "unit":
+            return self.fbar_unit[(kind, layer)]
         return self.fbar_layer[(kind, layer)] if self.scale == "layer" else self.fbar[kind]
 
     def _floor(self, norm: torch.Tensor) -> torch.Tensor:
@@ -490,6 +499,7 @@ class ProximalPrior:
         state: dict = {"lam": dict(self.lam), "fbar": dict(self.fbar)}
         if self.scale == "layer":
             state["fbar_layer"] = {f"{kind}.{layer}": v for (kind, layer), v in self.fbar_layer.items()}
+        state.update({f"unit.{kind}.{layer}": n for (kind, layer), n in self.fbar_unit.items() if self.scale == "unit"})
         if self.ema_ln:
             state["ema_ln"] = {f"{sub}.{layer}": v for (sub, layer), v in self.ema_ln.items()}
         state.update({f"ema.{kind}.{layer}": m for (kind, layer), m in self.ema_m.items()})
@@ -502,11 +512,11 @@ class ProximalPrior:
         self.fbar_layer = {(k.split(".")[0], int(k.split(".")[1])): float(v) for k, v in state.get("fbar_layer", {}).items()}
         self.ema_ln = {(k.split(".")[0], int(k.split(".")[1])): float(v) for k, v in state.get("ema_ln", {}).items()}
         device = next(p for p in self.model.parameters()).device
-        self.ema_m, self.ema_gate = {}, {}
+        self.ema_m, self.ema_gate, self.fbar_unit = {}, {}, {}
         for name, m in state.items():
-            if name.startswith(("ema.", "gate.")):
+            if name.startswith(("ema.", "gate.", "unit.")):
                 which, kind, layer = name.split(".")
-                store = self.ema_m if which == "ema" else self.ema_gate
+                store = {"ema": self.ema_m, "gate": self.ema_gate, "unit": self.fbar_unit}[which]
                 store[(kind, int(layer))] = m.to(device=device, dtype=torch.float64)
 
     def detach(self) -> None:
