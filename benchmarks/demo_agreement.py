@@ -34,6 +34,14 @@ def speedups(bench: dict) -> dict[tuple[str, int, int], dict]:
     return out
 
 
+def dense_latencies(bench: dict, shape: tuple[str, int, int]) -> list[float] | None:
+    """The reference model's median latency in each timing process at `shape` (None for older files)."""
+    for row in bench["rows"]:
+        if row["model"] == bench.get("reference") and (row["backend"], row["batch_size"], row["seq_len"]) == shape:
+            return row.get("process_latency_ms")
+    return None
+
+
 def compare(runs: list[Path], tolerance: float) -> dict:
     sources = {}
     for run in runs:
@@ -43,6 +51,7 @@ def compare(runs: list[Path], tolerance: float) -> dict:
                 raise SystemExit(f"error: {path} not found; run benchmarks/run_demo_agreement.sh first")
             sources[f"{run.name}/{kind}"] = json.loads(path.read_text())
     shapes = sorted(set.intersection(*(set(speedups(b)) for b in sources.values())))
+    syncs = {name: b["environment"].get("sync_s") for name, b in sources.items()}  # os.sync before each process
     rows = []
     for shape in shapes:
         values = {name: speedups(b)[shape] for name, b in sources.items()}
@@ -54,10 +63,11 @@ def compare(runs: list[Path], tolerance: float) -> dict:
                      "flops_ideal": statistics.median(r["flops_ideal_speedup"] for r in values.values()),
                      "noisy": [n for n, r in values.items() if r.get("noise")],
                      "process_speedups": {n: r.get("process_speedups") for n, r in values.items()},
+                     "process_dense_ms": {n: dense_latencies(sources[n], shape) for n in values},
                      "median": mid, "max_rel_dev": spread, "agree": spread <= tolerance})
     env = next(iter(sources.values()))["environment"]
     env = dict(env, processes=sorted({b["environment"].get("processes", 1) for b in sources.values()}))
-    return {"runs": [str(r) for r in runs], "tolerance": tolerance, "environment": env, "rows": rows,
+    return {"runs": [str(r) for r in runs], "tolerance": tolerance, "environment": env, "rows": rows, "sync_s": syncs,
             "all_agree": all(r["agree"] for r in rows), "command": "python benchmarks/demo_agreement.py " + shlex.join(sys.argv[1:])}
 
 
@@ -83,10 +93,16 @@ def markdown(result: dict) -> str:
               f"{result['tolerance']:.0%}."]
     per_process = [(r, n, p) for r in result["rows"] for n, p in r.get("process_speedups", {}).items() if p]
     if per_process:
-        lines += ["", "Per-process speed-ups behind each figure (the figure is their median):", "",
-                  "| backend | batch x seq | bench | processes |", "|---|---|---|---|"]
-        lines += [f"| {r['backend']} | {r['batch_size']} x {r['seq_len']} | {n} | " + ", ".join(f"{x:.2f}x" for x in p) + " |"
-                  for r, n, p in per_process]
+        lines += ["", "Per-process speed-ups behind each figure (the figure is their median), the dense model's "
+                  "median latency in each process, and the seconds `os.sync()` took before each process (where "
+                  "recorded; pending writes of the run's files):", "",
+                  "| backend | batch x seq | bench | speed-up per process | dense ms per process | sync s |",
+                  "|---|---|---|---|---|---|"]
+        for r, n, p in per_process:
+            dense, sync = (r.get("process_dense_ms") or {}).get(n), result.get("sync_s", {}).get(n)
+            lines.append(f"| {r['backend']} | {r['batch_size']} x {r['seq_len']} | {n} | " + ", ".join(f"{x:.2f}x" for x in p)
+                         + " | " + (", ".join(f"{x:.0f}" for x in dense) if dense else "–")
+                         + " | " + (", ".join(f"{x:.2f}" for x in sync) if sync else "–") + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -126,9 +126,15 @@ def test_bench_stage_times_like_a_fresh_process(tiny_folder, tmp_path):
     assert "| check |" in (out / "report.md").read_text()
 
 
-def test_bench_stage_can_time_in_fresh_processes(tiny_folder, tmp_path):
+def test_bench_stage_can_time_in_fresh_processes(tiny_folder, tmp_path, monkeypatch):
     """bench.processes 2: the stage loads the run's dense and pruned folders in two fresh processes
-    and reports the median of their speed-ups (issue 18: a whole process can run slow)."""
+    and reports the median of their speed-ups (issue 18: a whole process can run slow); the run's
+    writes are flushed before each of them."""
+    import os
+
+    syncs = []
+    real_sync = getattr(os, "sync", lambda: None)
+    monkeypatch.setattr(os, "sync", lambda: (syncs.append(1), real_sync())[1], raising=False)
     out = tmp_path / "run"
     assert main(["prune", "--model", str(tiny_folder), *QUICK[:-1], "--target", "0.3", "--no-onnx", "--out", str(out),
                  "--set", "bench.batch_sizes=[2]", "--set", "bench.seq_lens=[8]", "--set", "bench.repeats=2",
@@ -138,6 +144,7 @@ def test_bench_stage_can_time_in_fresh_processes(tiny_folder, tmp_path):
     pruned = next(r for r in bench["rows"] if r["model"] == "pruned")
     assert len(pruned["process_speedups"]) == 2 and pruned["repeats"] == 4
     assert "Timed in 2 fresh processes" in (out / "bench.md").read_text()
+    assert len(syncs) == 2 and len(bench["environment"]["sync_s"]) == 2  # os.sync before each process, timed
 
 
 def test_a_stage_cannot_leak_torch_settings(tmp_path):

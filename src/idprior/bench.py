@@ -277,14 +277,32 @@ def benchmark_processes(loaders: Mapping[str, Callable[[], object]], processes: 
     kwargs = dict(kwargs, threads=int(kwargs.get("threads") or torch.get_num_threads()))  # what this process would use
     workdir = kwargs.pop("workdir", None)
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing of this process's state
-    results = []
+    results, synced = [], []
     for i in range(processes):
         child = dict(kwargs, workdir=None if workdir is None else Path(workdir) / f"process{i}")
+        synced.append(flush_writes())
         # an executor, not a Pool: its shutdown joins the worker and frees its semaphores (a Pool left as a
         # context manager is terminated and the resource tracker warns about leaked semaphores at exit)
         with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
             results.append(pool.submit(_load_and_time, dict(loaders), child).result())
-    return merge_processes(results, kwargs.get("noise") or NoiseGuard())
+    merged = merge_processes(results, kwargs.get("noise") or NoiseGuard())
+    merged["environment"]["sync_s"] = synced
+    return merged
+
+
+def flush_writes() -> float | None:
+    """`os.sync()` before a timing process starts; returns the seconds it took (None where there is none).
+
+    Why: inside `idprior prune` the first timing process starts right after the run wrote its models
+    (hundreds of MB of safetensors), and the kernel's writeback of those dirty pages then runs beside the
+    timed calls; in 2 of 3 demo runs that process timed the dense model ~20% slower than the other
+    processes (benchmarks/results/demo_agreement.md). The recorded seconds show how much was pending.
+    """
+    if not hasattr(os, "sync"):
+        return None
+    start = time.perf_counter()
+    os.sync()
+    return round(time.perf_counter() - start, 3)
 
 
 def merge_processes(results: list[dict], guard: NoiseGuard) -> dict:
