@@ -302,6 +302,9 @@ def test_config_fields_are_validated():
     text = str(e.value)
     for field in ("prior_mode", "prior_lambda0", "prior_ramp", "prior_gain", "prior_head_share", "prior_gamma"):
         assert f"prune.{field} must" in text
+    with pytest.raises(ConfigError, match="prior_debias needs prune.prior_freeze"):
+        load_config(None, ["prune.prior_debias=true", "prune.prior_freeze=false"])
+    assert load_config(None, ["prune.prior_debias=true"]).prune.prior_debias is True
 
 
 @pytest.mark.parametrize("make", [tiny_bert, tiny_gpt2])
@@ -475,6 +478,50 @@ def test_unit_scale_pulls_every_unit_at_the_same_relative_rate_until_it_falls():
     again.load_state_dict(prior.state_dict())
     assert again.fbar_unit.keys() == prior.fbar_unit.keys()
     assert all(torch.equal(again.fbar_unit[k], prior.fbar_unit[k]) for k in prior.fbar_unit)
+
+
+def test_debias_gives_survivors_back_the_prior_shrinkage_and_keeps_zeros():
+    """`debias`: with only the prior moving the weights, the step the target is reached every unit still
+    away from zero is back at its starting weights exactly, and the units at zero stay at zero; the
+    restore happens once, and the state a resume needs round-trips."""
+    model = no_dropout(tiny_bert()).train()
+    prior, adapter, _ = make_prior(copy.deepcopy(model).train(), target=0.1, lam0=0.05, gain=0.0, gamma=1.0,
+                                   freeze=True, debias=True)
+    start = {k: v.clone() for k, v in prior.model.state_dict().items()}
+    for step in range(200):
+        with torch.no_grad():
+            prior.model(**batch())
+        prior(prior.model, step, 200)
+        if prior.restored:
+            break
+    assert prior.restored == {"all"} and step > 1
+    zeros = 0
+    for layer in range(adapter.num_layers):
+        w = adapter.out_weight(adapter.ffn_out_proj(layer))
+        w0 = adapter.out_weight(_Module(start[_weight_name(prior.model, adapter.ffn_out_proj(layer))]))
+        at_zero = w.abs().sum(0) == 0
+        zeros += int(at_zero.sum())
+        assert torch.allclose(w[:, ~at_zero], w0[:, ~at_zero], rtol=1e-5, atol=1e-7)
+    assert zeros > 0
+    shrunk_before = {k: v.clone() for k, v in prior.shrunk.items()}
+    with torch.no_grad():
+        prior.model(**batch())
+    prior(prior.model, step + 1, 200)  # reached: only zeros are pinned, nothing is restored again
+    assert all(torch.equal(prior.shrunk[k][prior.norms[k] > 0], shrunk_before[k][prior.norms[k] > 0]) for k in shrunk_before)
+    again, _, _ = make_prior(copy.deepcopy(model), freeze=True, debias=True)
+    again.load_state_dict(prior.state_dict())
+    assert again.restored == {"all"} and all(torch.equal(again.shrunk[k], prior.shrunk[k]) for k in prior.shrunk)
+    with pytest.raises(Exception, match="prior_freeze"):
+        make_prior(no_dropout(tiny_bert()), debias=True, freeze=False)
+
+
+class _Module:
+    def __init__(self, weight):
+        self.weight = weight
+
+
+def _weight_name(model, module) -> str:
+    return next(f"{name}.weight" for name, m in model.named_modules() if m is module)
 
 
 def test_gate_metric_records_per_example_gate_gradients():

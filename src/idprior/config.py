@@ -142,6 +142,7 @@ class PruneConfig:
     prior_gain: float = 0.5  # proximal: controller gain κ (0 keeps λ at prior_lambda0)
     prior_head_share: float | None = 0.15  # proximal: share of the target taken by heads (None: free)
     prior_freeze: bool = True  # proximal: stop pulling once the target sits at the identity (no overshoot)
+    prior_debias: bool = False  # proximal: give the surviving units back the prior's shrinkage once the target is reached
     prior_scale: str = "kind"  # proximal: "layer" pulls each layer on its own starting scale F̄_{k,l}, "unit" each unit on its own (proximal.py)
     # proximal: "adam" takes the step in Adam's metric (see proximal.py); "gate": scaled by the loss's per-example
     # sensitivity to each unit's norm; "euclid": the plain soft-threshold
@@ -490,6 +491,8 @@ def _validate_prune(pr: PruneConfig, need) -> None:
     need(0 < pr.prior_lambda0 <= 1, f"prune.prior_lambda0 must be in (0, 1], got {pr.prior_lambda0}")
     need(0 <= pr.prior_gamma <= 4, f"prune.prior_gamma must be in [0, 4], got {pr.prior_gamma}")
     need(0 < pr.prior_ramp <= 1, f"prune.prior_ramp must be in (0, 1], got {pr.prior_ramp}")
+    need(not pr.prior_debias or pr.prior_freeze,
+         "prune.prior_debias needs prune.prior_freeze=true (survivors are restored when the target is reached)")
     need(pr.prior_scale in ("kind", "layer", "unit"), f"prune.prior_scale must be 'kind', 'layer' or 'unit', got {pr.prior_scale!r}")
     need(pr.prior_metric in ("euclid", "adam", "gate"),
          f"prune.prior_metric must be 'euclid', 'adam' or 'gate', got {pr.prior_metric!r}")
@@ -584,14 +587,14 @@ def resume_key(cfg: RunConfig) -> dict:
 LOSS_PRIOR_OPTIONS = ("prior_lambda", "prior_weight", "prior_warmup")
 PROXIMAL_PRIOR_OPTIONS = ("prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain", "prior_head_share", "target",
                           "measure", "flops_seq_len", "norm_positions", "prior_freeze", "norm_after_ln", "prior_metric",
-                          "min_keep", "prior_scale")
+                          "min_keep", "prior_scale", "prior_debias")
 
 # Fields added after run folders were first written, with the behaviour idprior had before each existed:
 # a saved config that lacks one ran with this value, whatever today's default is (the proximal prior and
 # its options arrived with default "loss"/off and became the default later, issue 14).
 ADDED_LATER = {"prune": {"prior_mode": "loss", "prior_lambda0": 0.01, "prior_gamma": 1.0, "prior_ramp": 0.75,
                          "prior_gain": 0.5, "prior_head_share": None, "prior_freeze": False, "prior_metric": "euclid",
-                         "prior_scale": "kind", "norm_positions": "all", "norm_after_ln": False, "sn_out_scale": 1.0}}
+                         "prior_scale": "kind", "prior_debias": False, "norm_positions": "all", "norm_after_ln": False, "sn_out_scale": 1.0}}
 
 
 def config_differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:

@@ -12,7 +12,7 @@ config's defaults (read at call time) and validation, so the trainer does what `
 with the same settings (`prior_kinds` is the old name of `kinds`):
   prior_mode "proximal" (default): `proximal.ProximalPrior` after every optimizer step, from a
              callback's `on_step_end`; target, measure, flops_seq_len, prior_lambda0, prior_gamma,
-             prior_ramp, prior_gain, prior_head_share, prior_freeze, prior_metric, prior_scale,
+             prior_ramp, prior_gain, prior_head_share, prior_freeze, prior_metric, prior_scale, prior_debias,
              min_keep, norm_positions, norm_after_ln. With gradient accumulation its activation moments come from the last
              micro-batch of each step.
              "loss": λ Σ c_u ‖f_u‖ added in `compute_loss`; prior_lambda, prior_weight, prior_warmup.

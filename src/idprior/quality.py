@@ -245,7 +245,7 @@ PROXIMAL_PRIOR_FIELDS = ("prior_mode", *PROXIMAL_PRIOR_OPTIONS)
 # (prior_mode "loss": loss-prior fine-tunes were hashed before the mode existed, and it joined their fields
 # when "proximal" became the default.)
 DIGEST_OMIT_AT_DEFAULT = {k: ADDED_LATER["prune"][k]
-                          for k in ("norm_positions", "prior_freeze", "norm_after_ln", "prior_metric", "prior_mode", "prior_scale")}
+                          for k in ("norm_positions", "prior_freeze", "norm_after_ln", "prior_metric", "prior_mode", "prior_scale", "prior_debias")}
 DIGEST_OMIT_AT_DEFAULT["min_keep"] = 0.0  # the proximal prior reads it since issue 14's per-layer floor
 DATA_OMIT_AT_DEFAULT = {"problem_type": None, "zero_shot": None, "max_zero_shot": None}
 
