@@ -546,6 +546,25 @@ def test_checkpoint_holds_spectral_norm_vectors_and_is_all_or_nothing(tmp_path, 
     assert any(k.endswith("parametrizations.weight.0.u") for k in keys)
     assert any(k.endswith("parametrizations.weight.0.v") for k in keys)
     assert json.loads((last / "state.json").read_text())["global_step"] == 2
+    # no pickle: the optimizer's tensors are safetensors (Adam's moments for every trained parameter)
+    assert sorted(p.name for p in last.iterdir() if p.suffix not in (".json", ".safetensors")) == []
+    opt_keys = load_file(str(last / "optimizer.safetensors")).keys()
+    assert any(k.endswith(".exp_avg_sq") for k in opt_keys) and any(k.endswith(".exp_avg") for k in opt_keys)
+
+
+def test_a_checkpoint_with_a_pickled_optimizer_is_refused_with_the_fix(tmp_path):
+    """Checkpoints of older versions kept the optimizer in a pickle (`optimizer.pt`); idprior no longer
+    reads pickles, so resuming one says to start over instead of loading it."""
+    from idprior.errors import IdpriorError
+    from idprior.train import latest_checkpoint
+
+    ckpt = tmp_path / "run" / "ckpt"
+    with pytest.raises(_Stop):
+        _tiny_training(ckpt, stop_at=3)
+    last = latest_checkpoint(ckpt)
+    (last / "optimizer.safetensors").rename(last / "optimizer.pt")
+    with pytest.raises(IdpriorError, match="older idprior.*--overwrite"):
+        _tiny_training(ckpt, resume=True)
 
 
 def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):

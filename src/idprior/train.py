@@ -8,8 +8,9 @@ weights after each optimizer step) and distillation (`Distillation`). One call o
 weights) and a `Checkpointer`. Runs under `accelerate launch` with the same code as one process.
 
 Checkpoints (in `ckpt_dir`): one folder per checkpoint, `e<epoch>-s<step in epoch>/`, holding
-`model.safetensors` (spectral-norm u, v and bounds included: they are buffers), `optimizer.pt`
-(optimizer + scheduler, read back with `weights_only=True`), `rng.safetensors` and `state.json`
+`model.safetensors` (spectral-norm u, v and bounds included: they are buffers), `optimizer.safetensors`
+(the optimizer's per-parameter tensors; its groups and the scheduler go to `state.json`: no pickle anywhere),
+`rng.safetensors` and `state.json`
 (`TrainState`: progress, history, the running loss sums of the epoch; Python's RNG) and, for each
 hook with a `state_dict()`, its state: plain values in `state.json` under the hook's `state_key`,
 tensors in `<state_key>.safetensors` (the proximal prior's: "post_step"). Each folder is written
@@ -535,9 +536,10 @@ def _write_checkpoint(ckpt: Path, model, opt, sched, state: TrainState, hooks: l
     rng, rng_extra = _rng_state()
     with io.atomic_dir(ckpt / name) as tmp:
         save_file(_state_tensors(model), str(tmp / "model.safetensors"))
-        torch.save({"opt": opt.state_dict(), "sched": sched.state_dict()}, tmp / "optimizer.pt")
+        opt_tensors, opt_plain = _optimizer_state(opt, sched)
+        save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng, str(tmp / "rng.safetensors"))
-        extra = {}
+        extra = {"optimizer": opt_plain}
         for hook in hooks:
             plain, tensors = _hook_state(hook)
             if tensors:
@@ -549,6 +551,29 @@ def _write_checkpoint(ckpt: Path, model, opt, sched, state: TrainState, hooks: l
             shutil.rmtree(old, ignore_errors=True)
 
 
+def _optimizer_state(opt, sched) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer and scheduler state as (tensors for safetensors, JSON values): per-parameter tensors
+    (Adam's step, exp_avg, exp_avg_sq) under `<param index>.<name>`, everything else plain."""
+    sd = opt.state_dict()
+    tensors, plain_state = {}, {}
+    for pid, entry in sd["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                plain_state.setdefault(str(pid), {})[name] = value
+    return tensors, {"param_groups": sd["param_groups"], "state": plain_state, "sched": sched.state_dict()}
+
+
+def _load_optimizer_state(opt, sched, tensors: dict[str, torch.Tensor], plain: dict) -> None:
+    state: dict[int, dict] = {int(pid): dict(values) for pid, values in plain["state"].items()}
+    for key, value in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": plain["param_groups"]})
+    sched.load_state_dict(plain["sched"])
+
+
 def _hook_state(hook) -> tuple[dict, dict[str, torch.Tensor]]:
     """`hook.state_dict()` split into JSON values and tensors."""
     full = hook.state_dict()
@@ -558,6 +583,9 @@ def _hook_state(hook) -> tuple[dict, dict[str, torch.Tensor]]:
 
 def _load_checkpoint(folder: Path, model, opt, sched, hooks: list = ()) -> TrainState:
     state = io.read_json(folder / "state.json")
+    if "optimizer" not in state or not (folder / "optimizer.safetensors").is_file():
+        raise IdpriorError(f"checkpoint {folder} was written by an older idprior (optimizer state in a pickle file, "
+                           "which idprior no longer reads); start the run over with --overwrite")
     for hook in hooks:
         plain = state.get(hook.state_key)
         if plain is None:
@@ -566,9 +594,7 @@ def _load_checkpoint(folder: Path, model, opt, sched, hooks: list = ()) -> Train
         tensors = folder / f"{hook.state_key}.safetensors"
         hook.load_state_dict({**plain, **(load_file(str(tensors)) if tensors.is_file() else {})})
     model.load_state_dict(load_file(str(folder / "model.safetensors")), strict=True)
-    blob = torch.load(folder / "optimizer.pt", weights_only=True)
-    opt.load_state_dict(blob["opt"])
-    sched.load_state_dict(blob["sched"])
+    _load_optimizer_state(opt, sched, load_file(str(folder / "optimizer.safetensors")), state["optimizer"])
     _set_rng_state(load_file(str(folder / "rng.safetensors")), state.get("rng", {}))
     return TrainState.from_json(state)
 
