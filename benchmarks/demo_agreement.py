@@ -22,6 +22,9 @@ import statistics
 import sys
 from pathlib import Path
 
+import numpy as np
+from scipy.stats import mannwhitneyu
+
 from idprior.benchutil import publish
 
 
@@ -40,6 +43,40 @@ def dense_latencies(bench: dict, shape: tuple[str, int, int]) -> list[float] | N
         if row["model"] == bench.get("reference") and (row["backend"], row["batch_size"], row["seq_len"]) == shape:
             return row.get("process_latency_ms")
     return None
+
+
+def processes_needed(values: dict[str, dict], tolerance: float, benches: int, draws: int = 4000,
+                     counts: tuple[int, ...] = (1, 3, 5, 7, 9, 15)) -> dict[str, float] | None:
+    """How many fresh processes a bench needs for `benches` benches to agree within `tolerance`.
+
+    Every bench here times the same two models (the demo is deterministic), so the per-process
+    speed-ups of all of them are draws from one distribution: that of this VM. Resampling them
+    (bootstrap) gives, per process count n, the probability that `benches` medians of n processes all
+    lie within `tolerance` of their own median. None without per-process speed-ups.
+    """
+    pooled = np.array([x for r in values.values() for x in (r.get("process_speedups") or [])])
+    if pooled.size < 4:
+        return None
+    rng = np.random.default_rng(0)
+    out = {}
+    for n in counts:
+        medians = np.median(rng.choice(pooled, size=(draws, benches, n)), axis=2)  # [draws, benches]
+        mid = np.median(medians, axis=1, keepdims=True)
+        out[str(n)] = float((np.abs(medians / mid - 1).max(axis=1) <= tolerance).mean())
+    return out
+
+
+def stage_vs_standalone(values: dict[str, dict]) -> dict | None:
+    """Does the bench stage inside `idprior prune` measure differently from a standalone `idprior bench`?
+    Per-process speed-ups of every stage against every standalone bench: medians and a two-sided
+    Mann-Whitney U test (no assumption of normality; each process is one draw)."""
+    groups = {kind: [x for n, r in values.items() if n.endswith("/" + kind) for x in (r.get("process_speedups") or [])]
+              for kind in ("stage", "standalone")}
+    if min(len(g) for g in groups.values()) < 3:
+        return None
+    test = mannwhitneyu(groups["stage"], groups["standalone"], alternative="two-sided")
+    return {"stage_median": statistics.median(groups["stage"]), "standalone_median": statistics.median(groups["standalone"]),
+            "n": [len(groups["stage"]), len(groups["standalone"])], "p_value": float(test.pvalue)}
 
 
 def compare(runs: list[Path], tolerance: float) -> dict:
@@ -64,7 +101,9 @@ def compare(runs: list[Path], tolerance: float) -> dict:
                      "noisy": [n for n, r in values.items() if r.get("noise")],
                      "process_speedups": {n: r.get("process_speedups") for n, r in values.items()},
                      "process_dense_ms": {n: dense_latencies(sources[n], shape) for n in values},
-                     "median": mid, "max_rel_dev": spread, "agree": spread <= tolerance})
+                     "median": mid, "max_rel_dev": spread, "agree": spread <= tolerance,
+                     "processes_needed": processes_needed(values, tolerance, len(values)),
+                     "stage_vs_standalone": stage_vs_standalone(values)})
     env = next(iter(sources.values()))["environment"]
     env = dict(env, processes=sorted({b["environment"].get("processes", 1) for b in sources.values()}))
     return {"runs": [str(r) for r in runs], "tolerance": tolerance, "environment": env, "rows": rows, "sync_s": syncs,
@@ -91,6 +130,28 @@ def markdown(result: dict) -> str:
                      f"{'agree' if r['agree'] else 'DISAGREE'} |")
     lines += ["", f"**{'All timings agree' if result['all_agree'] else 'Not all timings agree'}** within "
               f"{result['tolerance']:.0%}."]
+    needed = [r for r in result["rows"] if r.get("processes_needed")]
+    if needed:
+        counts = list(needed[0]["processes_needed"])
+        lines += ["", "How many fresh processes would make the six agree: the probability that six benches of n processes "
+                  f"each all fall within {result['tolerance']:.0%} of their median, resampling the per-process speed-ups "
+                  "measured here (all of them time the same two models; `processes_needed` in the script):", "",
+                  "| backend | batch x seq | per-process speed-ups: median, sd | " + " | ".join(f"n = {c}" for c in counts) + " |",
+                  "|---|---|---|" + "---|" * len(counts)]
+        for r in needed:
+            pooled = [x for p in r["process_speedups"].values() if p for x in p]
+            lines.append(f"| {r['backend']} | {r['batch_size']} x {r['seq_len']} | {statistics.median(pooled):.2f}x, "
+                         f"{statistics.stdev(pooled) / statistics.median(pooled):.1%} | "
+                         + " | ".join(f"{r['processes_needed'][c]:.0%}" for c in counts) + " |")
+    versus = [r for r in result["rows"] if r.get("stage_vs_standalone")]
+    if versus:
+        lines += ["", "Stage against standalone, every process one draw (two-sided Mann-Whitney U):", "",
+                  "| backend | batch x seq | stage: median of processes | standalone: median of processes | processes | p |",
+                  "|---|---|---|---|---|---|"]
+        for r in versus:
+            v = r["stage_vs_standalone"]
+            lines.append(f"| {r['backend']} | {r['batch_size']} x {r['seq_len']} | {v['stage_median']:.2f}x | "
+                         f"{v['standalone_median']:.2f}x | {v['n'][0]} / {v['n'][1]} | {v['p_value']:.2f} |")
     per_process = [(r, n, p) for r in result["rows"] for n, p in r.get("process_speedups", {}).items() if p]
     if per_process:
         lines += ["", "Per-process speed-ups behind each figure (the figure is their median), the dense model's "
