@@ -163,7 +163,7 @@ def markdown(result: dict) -> str:
             dense, sync = (r.get("process_dense_ms") or {}).get(n), result.get("sync_s", {}).get(n)
             lines.append(f"| {r['backend']} | {r['batch_size']} x {r['seq_len']} | {n} | " + ", ".join(f"{x:.2f}x" for x in p)
                          + " | " + (", ".join(f"{x:.0f}" for x in dense) if dense else "–")
-                         + " | " + (", ".join(f"{x:.2f}" for x in sync) if sync else "–") + " |")
+                         + " | " + (", ".join(f"{x:.3f}" for x in sync) if sync else "–") + " |")
     return "\n".join(lines) + "\n"
 
 

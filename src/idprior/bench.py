@@ -296,7 +296,9 @@ def flush_writes() -> float | None:
     Why: inside `idprior prune` the first timing process starts right after the run wrote its models
     (hundreds of MB of safetensors), and the kernel's writeback of those dirty pages then runs beside the
     timed calls; in 2 of 3 demo runs that process timed the dense model ~20% slower than the other
-    processes (benchmarks/results/demo_agreement.md). The recorded seconds show how much was pending.
+    processes (benchmarks/results/demo_agreement.md). The recorded seconds show how much was pending:
+    1-4 ms in every process of the next three demo runs, so pending writes were not the cause; kept,
+    as it costs nothing and rules that cause out in every bench.
     """
     if not hasattr(os, "sync"):
         return None
