@@ -20,7 +20,7 @@ from idprior.config import TrainConfig, load_config
 from idprior.errors import ConfigError
 from idprior.gates import Gates
 from idprior.plan import sublayer_cost
-from idprior.proximal import ProximalPrior
+from idprior.proximal import ProximalPrior, _Stored
 from idprior.selection import select
 from idprior.surgery import apply_plan
 from idprior.train import train
@@ -498,7 +498,7 @@ def test_debias_gives_survivors_back_the_prior_shrinkage_and_keeps_zeros():
     zeros = 0
     for layer in range(adapter.num_layers):
         w = adapter.out_weight(adapter.ffn_out_proj(layer))
-        w0 = adapter.out_weight(_Module(start[_weight_name(prior.model, adapter.ffn_out_proj(layer))]))
+        w0 = adapter.out_weight(_Stored(start[_weight_name(prior.model, adapter.ffn_out_proj(layer))]))
         at_zero = w.abs().sum(0) == 0
         zeros += int(at_zero.sum())
         assert torch.allclose(w[:, ~at_zero], w0[:, ~at_zero], rtol=1e-5, atol=1e-7)
@@ -513,11 +513,6 @@ def test_debias_gives_survivors_back_the_prior_shrinkage_and_keeps_zeros():
     assert again.restored == {"all"} and all(torch.equal(again.shrunk[k], prior.shrunk[k]) for k in prior.shrunk)
     with pytest.raises(Exception, match="prior_freeze"):
         make_prior(no_dropout(tiny_bert()), debias=True, freeze=False)
-
-
-class _Module:
-    def __init__(self, weight):
-        self.weight = weight
 
 
 def _weight_name(model, module) -> str:

@@ -373,11 +373,11 @@ class ProximalPrior:
                 self.fbar[kind] = mean
             for (kind, layer), (n, _) in current.items():  # floored: a layer of dead units must not divide by 0
                 self.fbar_layer[(kind, layer)] = max(float(n.mean()), self.zero_tol * self.fbar[kind])
-                # floored at the reweighting's ε·F̄_k: a unit that starts near zero is pulled like a small unit
-                self.fbar_unit[(kind, layer)] = n.clamp(min=self.eps * self.fbar[kind])
+                if self.scale == "unit":  # floored at ε·F̄_k: a unit that starts near zero is pulled like a small unit
+                    self.fbar_unit[(kind, layer)] = n.clamp(min=self.eps * self.fbar[kind])
         reached = self._reached()
         if self.debias:
-            self._restore_survivors(reached, modules, current)
+            self._restore_survivors(reached, current)
         if self.metric == "gate":
             self._update_gate(current)
         metric = (self._adam_scale(modules) if self.metric == "adam" else self._gate_scale() if self.metric == "gate"
@@ -407,7 +407,7 @@ class ProximalPrior:
         self.control(lead, sched)
         return self._terms(model, fracs, lead, sched)
 
-    def _restore_survivors(self, reached: dict[str, bool], modules: dict, current: dict) -> None:
+    def _restore_survivors(self, reached: dict[str, bool], current: dict) -> None:
         """Debias (`prior_debias`): the step a group's share of the target first sits at the identity, every
         unit of it still away from zero gets back the shrinkage the prior applied to it, w_u ← w_u / Π_t α_u(t).
 
@@ -533,7 +533,7 @@ class ProximalPrior:
         state: dict = {"lam": dict(self.lam), "fbar": dict(self.fbar)}
         if self.scale == "layer":
             state["fbar_layer"] = {f"{kind}.{layer}": v for (kind, layer), v in self.fbar_layer.items()}
-        state.update({f"unit.{kind}.{layer}": n for (kind, layer), n in self.fbar_unit.items() if self.scale == "unit"})
+        state.update({f"unit.{kind}.{layer}": n for (kind, layer), n in self.fbar_unit.items()})
         if self.debias:
             state["restored"] = sorted(self.restored)
             state.update({f"shrunk.{kind}.{layer}": a for (kind, layer), a in self.shrunk.items()})
