@@ -360,3 +360,22 @@ def test_quality_paired_yaml_keeps_its_finetune_folders():
     assert {k.split("/", 2)[2]: v for k, v in names.items() if k.startswith("rt-polarity/0/")} == QUALITY_PAIRED_RT0
     assert len(names) == QUALITY_PAIRED_CELLS
     assert hashlib.sha256(json.dumps(names, sort_keys=True).encode()).hexdigest() == QUALITY_PAIRED_SHA256
+
+
+def test_finetune_distill_splits_the_continuation_not_the_start():
+    """Distillation during the fine-tune changes the continuation a cell prunes (its own folder), never
+    the shared start (a plain fine-tune from the pretrained model, nothing to distil from)."""
+    from pathlib import Path
+
+    from idprior.quality import MethodSpec, cell_config, continuation_config, start_config
+
+    grid = load_grid(Path(__file__).resolve().parents[1] / "benchmarks" / "quality_paired.yaml")
+    names = {}
+    for name, extra in [("off", {}), ("kd", {"prune.finetune_distill": True}),
+                        ("kd-a1", {"prune.finetune_distill": True, "prune.distill_alpha": 1.0})]:
+        spec = MethodSpec(name, "snip", overrides=extra)
+        cfg = cell_config(grid, "rt-polarity", 0, spec, 0.5, out="pending")
+        start = start_config(cfg, out="pending")[1]
+        names[name] = (start, continuation_config(grid, cfg, Path("x") / start)[1])
+    assert len({s for s, _ in names.values()}) == 1
+    assert len({c for _, c in names.values()}) == 3

@@ -64,7 +64,8 @@ def _log_keys(path) -> set[str]:
 
 
 @pytest.mark.parametrize("extra", [["--no-sn", "--no-prior"], ["--no-train"], ["--iterative", "2", "--no-sn"],
-                                   ["--selection", "share", "--head-share", "0.3", "--distill"]])
+                                   ["--selection", "share", "--head-share", "0.3", "--distill"],
+                                   ["--set", "prune.finetune_distill=true"]])
 def test_prune_variants(tiny_folder, tmp_path, extra):
     """Each option shows in the artefacts, so an option that were ignored would fail here."""
     out = tmp_path / "run"
@@ -80,6 +81,7 @@ def test_prune_variants(tiny_folder, tmp_path, extra):
     assert ("sn_matrices" in finetune) == (trained and "--no-sn" not in extra)
     prior_logged = {"prior", "prior_identity_frac"} & _log_keys(out / "train_log.jsonl")  # loss / proximal prior
     assert bool(prior_logged) == (trained and "--no-prior" not in extra)
+    assert ("distill_loss" in _log_keys(out / "train_log.jsonl")) == ("prune.finetune_distill=true" in extra)
     if "--iterative" in extra:
         rounds = [json.loads((out / f"round{r}" / "plan.json").read_text()) for r in (1, 2)]
         assert all(p["units"] for p in rounds) and not (out / "round3").exists()

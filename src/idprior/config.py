@@ -149,7 +149,10 @@ class PruneConfig:
     prior_metric: str = "adam"
     finetune_first: bool = True  # fine-tune with SN + prior first; False: post-training mode (old name: prune.train)
     iterative: int = 1
-    distill: bool = False
+    distill: bool = False  # distil from the unpruned model during recovery
+    # distil from the model the fine-tune starts from, during the fine-tune (SN + prior phase): only for a
+    # start already tuned on the task (a paired grid's shared start, a user's fine-tuned classifier)
+    finetune_distill: bool = False
     distill_alpha: float = 0.5
     distill_temperature: float = 2.0
     # After surgery, from calibration activations of the unpruned model (compensate.py): "bias" adds the
@@ -594,7 +597,7 @@ PROXIMAL_PRIOR_OPTIONS = ("prior_lambda0", "prior_gamma", "prior_ramp", "prior_g
 # its options arrived with default "loss"/off and became the default later, issue 14).
 ADDED_LATER = {"prune": {"prior_mode": "loss", "prior_lambda0": 0.01, "prior_gamma": 1.0, "prior_ramp": 0.75,
                          "prior_gain": 0.5, "prior_head_share": None, "prior_freeze": False, "prior_metric": "euclid",
-                         "prior_scale": "kind", "prior_debias": False, "norm_positions": "all", "norm_after_ln": False, "sn_out_scale": 1.0}}
+                         "prior_scale": "kind", "prior_debias": False, "finetune_distill": False, "norm_positions": "all", "norm_after_ln": False, "sn_out_scale": 1.0}}
 
 
 def config_differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:

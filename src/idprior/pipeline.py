@@ -197,7 +197,7 @@ def stage_finetune(run: Run) -> dict:
     """Fine-tune with SN + identity prior (or take the model as is with prune.finetune_first=false)."""
     from . import spectral
     from .surgery import save_pruned
-    from .train import train
+    from .train import Distillation, train
 
     cfg, p = run.cfg, run.cfg.prune
     model, tok = run.load_model(cfg.model.name)
@@ -207,6 +207,8 @@ def stage_finetune(run: Run) -> dict:
         if p.sn:
             info["sn_matrices"] = spectral.attach(model, adapter, p.sn_bound, p.sn_out_scale)
         hooks, attached = prior_hooks(p, model, adapter)
+        if p.finetune_distill:  # the start itself, frozen, as the teacher (a start already tuned on the task)
+            hooks = [Distillation(run.load_model(cfg.model.name)[0], p.distill_alpha, p.distill_temperature), *hooks]
         metric = main_metric(run.task)
         result = train(model, run.loader("train", tok, train=True), cfg.train, seed=cfg.seed,
                        eval_fn=_eval_fn(run, tok) if cfg.train.eval_each_epoch else None, main_metric=metric,

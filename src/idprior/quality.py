@@ -269,14 +269,22 @@ def finetune_config(cell: RunConfig, *, out: str) -> tuple[RunConfig, str]:
     prune = dataclasses.replace(default, sn=sn, prior=prior, finetune_first=True,
                                 sn_bound=p.sn_bound if sn else default.sn_bound,
                                 sn_out_scale=p.sn_out_scale if sn else default.sn_out_scale,
+                                **_distill_fields(p),
                                 **({k: getattr(p, k) for k in _prior_fields(p)} if prior else {"prior_lambda": 0.0}))
     cfg = dataclasses.replace(cell, prune=prune, recover=dataclasses.replace(RunConfig().recover, epochs=0.0), out=out)
     return cfg, f"{VARIANTS[(sn, prior)]}-{finetune_digest(cell)}"
 
 
+def _distill_fields(p) -> dict:
+    """The prune fields of distillation during the fine-tune (`finetune_distill`), when it is on."""
+    if not p.finetune_distill:
+        return {}
+    return {"finetune_distill": True, "distill_alpha": p.distill_alpha, "distill_temperature": p.distill_temperature}
+
+
 def finetune_digest(cfg: RunConfig, model_name: str | None = None) -> str:
     """A short hash of exactly the fields that change a fine-tune: model, data, training, seed, and the
-    SN / prior settings in use. Selection, recovery and other post-fine-tune fields are left out, so a
+    SN / prior settings in use, distillation from the start. Selection, recovery and other post-fine-tune fields are left out, so a
     change of default selection no longer splits cells that prune the same model (an earlier bug).
     A target-driven prior (`prior_mode` "proximal") depends on the target and measure too."""
     p = cfg.prune
@@ -288,6 +296,7 @@ def finetune_digest(cfg: RunConfig, model_name: str | None = None) -> str:
             keep["sn_out_scale"] = p.sn_out_scale
     if prior:
         keep |= {k: getattr(p, k) for k in _prior_fields(p) if DIGEST_OMIT_AT_DEFAULT.get(k, object()) != getattr(p, k)}
+    keep |= _distill_fields(p)  # omitted when off: fine-tunes from before the field keep their digest
     model = dataclasses.asdict(cfg.model) | ({"name": model_name} if model_name is not None else {})
     data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if DATA_OMIT_AT_DEFAULT.get(k, object()) != v}
     blob = {"model": model, "data": data, "train": dataclasses.asdict(cfg.train),
@@ -297,7 +306,7 @@ def finetune_digest(cfg: RunConfig, model_name: str | None = None) -> str:
 
 def start_config(cell: RunConfig, *, out: str) -> tuple[RunConfig, str]:
     """Paired grids: the shared start of a (task, seed), a plain fine-tune (no SN, no prior)."""
-    plain = dataclasses.replace(cell, prune=dataclasses.replace(cell.prune, sn=False, prior=False))
+    plain = dataclasses.replace(cell, prune=dataclasses.replace(cell.prune, sn=False, prior=False, finetune_distill=False))
     cfg, name = finetune_config(plain, out=out)
     return cfg, "start-" + name.split("-", 1)[1]
 
