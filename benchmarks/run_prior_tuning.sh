@@ -7,7 +7,7 @@ set -eu
 cd "$(dirname "$0")/.."
 command -v idprior >/dev/null || . .venv/bin/activate
 mkdir -p runs
-for grid in prior_tuning prior_tuning_posthoc prior_tuning_r2 prior_tuning_r3 prior_tuning_r4 prior_tuning_r5 prior_tuning_r6 prior_tuning_r7 prior_tuning_r8; do  # round 1, post-hoc criteria, rounds 2-8
+for grid in prior_tuning prior_tuning_posthoc prior_tuning_r2 prior_tuning_r3 prior_tuning_r4 prior_tuning_r5 prior_tuning_r6 prior_tuning_r7 prior_tuning_r8 prior_tuning_r9 prior_tuning_r10; do  # round 1, post-hoc criteria, rounds 2-10
   idprior bench-quality "benchmarks/$grid.yaml" --out runs/quality_paired \
       --results benchmarks/results/prior_tuning.jsonl --threads 1 --resume >> runs/tune.log 2>&1
 done

@@ -3,12 +3,13 @@ or least-squares compensation, at several targets, on SmolLM2-135M (or any decod
 
     python benchmarks/smollm2_decoder_grid.py                      # 20% and 30%, validation, 2 threads
     python benchmarks/smollm2_decoder_grid.py --split test --zero-shot 500
+    python benchmarks/smollm2_decoder_grid.py --task lm-20ng --split test   # the confirmation on a second corpus
 
 Everything starts from the same unpruned model and the same calibration blocks (the first
---calib-blocks blocks of --seq-len lm-rt training tokens). Scores and gradients are computed once
+--calib-blocks blocks of --seq-len training tokens of --task, lm-rt by default). Scores and gradients are computed once
 per kind, plans once per (variant, target), and compensation statistics once for the whole grid
 (one calibration pass with every output projection's input moments, `compensate.channel_stats`).
-Each row is physical surgery on a copy, then lm-rt perplexity on a fixed subset of --split and,
+Each row is physical surgery on a copy, then --task perplexity on a fixed subset of --split and,
 with --zero-shot N, zero-shot rt-polarity accuracy by label-word likelihood on N test examples.
 No training anywhere: a post-training screen, one seed. Writes
 benchmarks/results/smollm2_decoder_grid.json and .md (or --name).
@@ -60,13 +61,15 @@ VARIANTS = {
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--task", default="lm-rt", choices=("lm-rt", "lm-20ng"), help="language-modelling task: "
+                   "calibration from its training split, perplexity on --split")
     p.add_argument("--targets", default="0.2,0.3", help="fractions of decoder-layer parameters to remove")
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--compensate", default="none,bias,lsq", help="comma list of none, bias, lsq")
     p.add_argument("--ridge", type=float, default=0.01, help="lsq ridge (prune.compensate_ridge)")
     p.add_argument("--calib-blocks", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--eval-examples", type=int, default=100, help="lm-rt snippets of --split (fixed subset)")
+    p.add_argument("--eval-examples", type=int, default=100, help="--task snippets of --split (fixed subset)")
     p.add_argument("--split", default="validation", choices=("validation", "test"))
     p.add_argument("--zero-shot", type=int, default=0, metavar="N", help="rt-polarity test examples (0: skip)")
     p.add_argument("--batch", type=int, default=8)
@@ -85,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown variant or compensation: {', '.join(unknown)}")
 
-    model, tok = models.load(args.model, get_task("lm-rt"))
+    model, tok = models.load(args.model, get_task(args.task))
     adapter = get_adapter(model)
-    data = load_task("lm-rt", max_eval=args.eval_examples)
+    data = load_task(args.task, max_eval=args.eval_examples)
     train_blocks = make_lm_dataloader(data.splits["train"], tok, batch_size=args.batch, block_size=args.seq_len)
     calib = [b for _, b in zip(range(math.ceil(args.calib_blocks / args.batch)), train_blocks, strict=False)]
     evaluation = make_lm_dataloader(data.splits[args.split], tok, batch_size=args.batch, block_size=args.seq_len)
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
               "machine": {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)), "threads": args.threads,
                           "torch": torch.__version__, "loadavg_start": load_start,
                           "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
-              "calib_blocks": args.calib_blocks, "seq_len": args.seq_len, "split": args.split,
+              "task": args.task, "calib_blocks": args.calib_blocks, "seq_len": args.seq_len, "split": args.split,
               "eval_examples": args.eval_examples, "zero_shot_examples": args.zero_shot, "ridge": args.ridge,
               "dense": dense, "rows": rows, "timings": timings, "wall_s": round(time.perf_counter() - started, 1)}
     out = Path(args.out_dir)
@@ -163,11 +166,12 @@ def render(r: dict) -> str:
     m = r["machine"]
     zs = r["zero_shot_examples"]
     d = r["dense"]
+    task = r.get("task", "lm-rt")  # files written before --task existed are lm-rt
     lines = [f"# Post-training decoder grid: {r['model']}", "", "Command:", "", "```", r["command"], "```", "",
              f"Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']}, float32; load "
              f"average {m['loadavg_start']} at start, {m['loadavg_end']} at end; wall time {r['wall_s']} s.", "",
-             f"Calibration (scores, gradients, compensation): first {r['calib_blocks']} blocks of {r['seq_len']} lm-rt "
-             f"training tokens. Perplexity: {r['eval_examples']} lm-rt {r['split']} snippets (fixed subset), after "
+             f"Calibration (scores, gradients, compensation): first {r['calib_blocks']} blocks of {r['seq_len']} {task} "
+             f"training tokens. Perplexity: {r['eval_examples']} {task} {r['split']} snippets (fixed subset), after "
              f"surgery, no training, one seed. Dense perplexity {d['perplexity']:.2f}"
              + (f", zero-shot rt-polarity accuracy {d['zero_shot']:.3f} on {zs} test examples." if zs else "."), "",
              "| variant | target | compensation | perplexity | x dense | zero-shot acc | removed | units (head / attn / neuron / ffn) | min kept FFN |",
