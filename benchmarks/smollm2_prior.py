@@ -2,9 +2,12 @@
 training budget (issue 15).
 
     python benchmarks/smollm2_prior.py                 # 20% of decoder-layer parameters, 2 threads
+    python benchmarks/smollm2_prior.py --task lm-20ng --max-train 150 --max-eval 40 --control run \
+        --only "fisher + recovery" --only "snip (prior phase, layer scale, floor, no SN)"   # the second corpus
 
-Every arm gets one epoch of LM training on the same lm-rt texts (the first --max-train, packed into
-128-token blocks; batch 8, lr 5e-5), run as `idprior` CLI commands in subprocesses (printed, so each
+Every arm gets one epoch of LM training on the same --task texts (lm-rt by default; the first
+--max-train, packed into 128-token blocks; batch 8, lr 5e-5; 150 lm-20ng texts are about as many
+characters as 2,000 lm-rt ones), run as `idprior` CLI commands in subprocesses (printed, so each
 can be repeated by hand; a finished run is read back, not redone):
 
   snip (prior phase)       the method proper: the epoch is SNIP's fine-tune with spectral normalization
@@ -21,7 +24,8 @@ can be repeated by hand; a finished run is read back, not redone):
                            epoch as recovery;
   fisher / flap            post-training baselines, then the epoch as recovery;
   dense control            the dense model fine-tuned for the same epoch: smollm2_recovery.py's control
-                           (the same `idprior finetune` command), read from its committed results.
+                           (the same `idprior finetune` command), read from its committed results, or
+                           run here with --control run (needed for any other --task or budget).
 
 One seed. Writes benchmarks/results/smollm2_prior.{json,md} (or --name).
 """
@@ -39,9 +43,11 @@ from idprior import io
 from idprior.bench import cpu_model, environment
 from idprior.benchutil import run_idprior as run
 
+CONTROL = "dense + the same epoch (control)"
+
 
 def commands(args) -> dict[str, list[str]]:
-    common = ["--model", "smollm2-135m", "--task", "lm-rt", "--max-train", str(args.max_train), "--max-length", "128",
+    common = ["--model", "smollm2-135m", "--task", args.task, "--max-train", str(args.max_train), "--max-length", "128",
               "--max-eval", str(args.max_eval), "--set", "train.eval_batch_size=8", "--seed", "0"]
     train = ["--epochs", "1", "--batch-size", "8", "--lr", str(args.lr)]
     prune = ["prune", *common, "--target", str(args.target), "--measure", "encoder_params", "--calib-size", "64", "--no-bench"]
@@ -77,19 +83,22 @@ def commands(args) -> dict[str, list[str]]:
                                           "--out", str(runs / f"snip_posthoc_{t}")],
         "fisher + recovery": [*posthoc, "--method", "fisher", "--out", str(runs / f"fisher_{t}")],
         "flap + recovery": [*posthoc, "--method", "flap", "--out", str(runs / f"flap_{t}")],
+        CONTROL: ["finetune", *common, *train, "--out", str(runs / "dense_finetune")],
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", type=float, default=0.2)
+    p.add_argument("--task", default="lm-rt", choices=("lm-rt", "lm-20ng"), help="language-modelling task")
     p.add_argument("--max-train", type=int, default=2000)
     p.add_argument("--max-eval", type=int, default=100)
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs-dir", default="runs/smollm2_prior")
     p.add_argument("--control", default=str(Path(__file__).resolve().parent / "results" / "smollm2_recovery.json"),
-                   help="results of smollm2_recovery.py, whose dense control got the same epoch")
+                   help="results of smollm2_recovery.py, whose dense control got the same epoch (lm-rt), or "
+                        "'run' to fine-tune the dense control here")
     p.add_argument("--only", action="append", default=None, metavar="ARM",
                    help="run only this arm (its full name, e.g. 'fisher + recovery'); repeat for several (default: all)")
     p.add_argument("--name", default="smollm2_prior")
@@ -98,14 +107,18 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/smollm2_prior.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
     result = {"command": command, "environment": environment(args.threads), "cpu": cpu_model(), "target": args.target,
-              "runs": {}}
+              "task": args.task, "runs": {}}
     arms = commands(args)
+    if args.control != "run":
+        if args.task != "lm-rt":
+            p.error("the committed control is lm-rt's; with another --task use --control run")
+        arms.pop(CONTROL)  # read from the file below
     only = set(args.only) if args.only else None
     unknown = sorted(only - set(arms)) if only else []
     if unknown:  # names hold commas, so a list cannot be split on them: each arm is its own --only
         p.error(f"unknown arm(s) {unknown}; the arms are: {'; '.join(arms)}")
     for name, cli in arms.items():
-        if only is not None and name not in only:
+        if only is not None and name not in only and name != CONTROL:
             continue
         wall = run(cli, args.threads)
         out = Path(cli[cli.index("--out") + 1])
@@ -118,9 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             entry["structure"] = plan.get("structure")
             entry["removed"] = plan.get("counts")
         result["runs"][name] = entry
-    control = json.loads(Path(args.control).read_text())["runs"]["dense+finetune (control)"]
-    result["runs"]["dense + the same epoch (control)"] = dict(control, wall_s=control.get("wall_s"),
-                                                              read_from=args.control)
+    if args.control != "run":
+        control = json.loads(Path(args.control).read_text())["runs"]["dense+finetune (control)"]
+        result["runs"][CONTROL] = dict(control, wall_s=control.get("wall_s"), read_from=args.control)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out_dir)
     io.write_json(out / f"{args.name}.json", result)
@@ -135,7 +148,8 @@ def _ppl(block: dict | None, split: str) -> str:
 
 def render(result: dict) -> str:
     env, runs = result["environment"], result["runs"]
-    control = runs.get("dense + the same epoch (control)", {}).get("metrics")
+    control = runs.get(CONTROL, {}).get("metrics")
+    task = result.get("task", "lm-rt")  # files written before --task existed are lm-rt
     # the model as shipped: the dense model of a post-training arm (SNIP's "dense" is its own fine-tune)
     ref = next((r["metrics"]["dense"] for name, r in runs.items() if "recovery" in name), None)
     lines = ["# SmolLM2-135M: SNIP's prior phase on the LM loss vs the baselines, same training budget (issue 15)", "",
@@ -143,8 +157,8 @@ def render(result: dict) -> str:
              f"Machine: {env['cpu']}, {env['usable_cores']} usable cores, {env['threads']} threads, float32, torch "
              f"{env['torch']}; script wall {result['wall_s']} s (nan: a run read back from its folder). Target "
              f"{result['target']:.0%} of decoder-layer parameters. Every arm gets one epoch of LM training on the same "
-             "lm-rt texts (SNIP: its SN + identity-prior phase before the cut; the others: recovery after the cut). "
-             "Perplexity on fixed subsets of lm-rt validation / test; one seed, so no interval: differences of a few "
+             f"{task} texts (SNIP: its SN + identity-prior phase before the cut; the others: recovery after the cut). "
+             f"Perplexity on fixed subsets of {task} validation / test; one seed, so no interval: differences of a few "
              "percent are within what a second seed could move.", "",
              "| arm | pruned, before its epoch (val / test) | final (val / test) | final test × control | wall s |",
              "|---|---|---|---|---|"]
