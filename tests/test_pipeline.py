@@ -216,6 +216,9 @@ def test_config_reports_every_problem_at_once():
                              "bench.processes=0"])
     assert [q.split(" must")[0] for q in e.value.problems] == [
         "bench.max_iqr_fraction", "bench.max_speedup_gap", "bench.retime_rounds", "bench.processes"]
+    with pytest.raises(ConfigError, match="finetune_distill needs prune.finetune_first"):
+        load_config("demo", ["prune.finetune_distill=true", "prune.finetune_first=false"])
+    assert load_config("demo", ["prune.finetune_distill=true"]).prune.finetune_distill
 
 
 def test_config_modes_are_typed_choices():

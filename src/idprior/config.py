@@ -505,6 +505,8 @@ def _validate_prune(pr: PruneConfig, need) -> None:
     need(pr.iterative >= 1, f"prune.iterative must be >= 1, got {pr.iterative}")
     need(0 <= pr.distill_alpha <= 1, f"prune.distill_alpha must be in [0, 1], got {pr.distill_alpha}")
     need(pr.distill_temperature > 0, f"prune.distill_temperature must be > 0, got {pr.distill_temperature}")
+    need(not pr.finetune_distill or pr.finetune_first,
+         "prune.finetune_distill needs prune.finetune_first=true (it distils during the fine-tune); drop one of them")
     need(pr.compensate in COMPENSATIONS, f"prune.compensate must be one of {', '.join(COMPENSATIONS)}, got {pr.compensate!r}")
     need(pr.compensate_ridge > 0 and math.isfinite(pr.compensate_ridge),
          f"prune.compensate_ridge must be > 0, got {pr.compensate_ridge}")

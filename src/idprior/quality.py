@@ -283,9 +283,10 @@ def _distill_fields(p) -> dict:
 
 
 def finetune_digest(cfg: RunConfig, model_name: str | None = None) -> str:
-    """A short hash of exactly the fields that change a fine-tune: model, data, training, seed, and the
-    SN / prior settings in use, distillation from the start. Selection, recovery and other post-fine-tune fields are left out, so a
-    change of default selection no longer splits cells that prune the same model (an earlier bug).
+    """A short hash of exactly the fields that change a fine-tune: model, data, training, seed, the SN /
+    prior settings in use and distillation from the start. Selection, recovery and other post-fine-tune
+    fields are left out, so a change of default selection no longer splits cells that prune the same
+    model (an earlier bug).
     A target-driven prior (`prior_mode` "proximal") depends on the target and measure too."""
     p = cfg.prune
     prior = prior_on(p)
