@@ -3,6 +3,7 @@ training budget (issue 15).
 
     python benchmarks/smollm2_prior.py                 # 20% of decoder-layer parameters, 2 threads
     python benchmarks/smollm2_prior.py --task lm-20ng --max-train 150 --max-eval 40 --control run \
+        --runs-dir runs/smollm2_prior_lm20ng --name smollm2_prior_lm20ng \
         --only "fisher + recovery" --only "snip (prior phase, layer scale, floor, no SN)"   # the second corpus
 
 Every arm gets one epoch of LM training on the same --task texts (lm-rt by default; the first
