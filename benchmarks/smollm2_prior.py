@@ -68,6 +68,12 @@ def commands(args) -> dict[str, list[str]]:
         "snip (prior phase, layer scale, floor, no SN)": [
             *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
             "--set", "prune.prior_gamma=1.0", "--no-sn", "--out", str(runs / f"snip_prior_layer_nosn_{t}")],
+        # the survivors' shrinkage given back when the target is reached (prior_debias, encoder round 8): the
+        # phase's LM loss stops falling from its first steps on lm-20ng, while the control's falls
+        "snip (prior phase, layer scale, floor, no SN, debias)": [
+            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
+            "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
+            "--out", str(runs / f"snip_prior_layer_nosn_debias_{t}")],
         # the target at the identity by a quarter of the phase instead of half: the layer-scaled phase's loss
         # stays flat once the target is reached, so this leaves three quarters of the epoch to train what stays
         "snip (prior phase, layer scale, floor, no SN, ramp 0.25)": [
