@@ -32,11 +32,11 @@ def child(route: str, run: str, threads: int) -> dict:
     import torch
 
     from idprior import models
-    from idprior.data import load_task
+    from idprior.data import get_task
 
     torch.set_num_threads(threads)
     if route == "stage":  # pipeline.stage_bench's loaders
-        task = load_task("rt-polarity", max_train=8).task
+        task = get_task("rt-polarity")
         dense, pruned = models.load(f"{run}/finetuned", task)[0], models.load(f"{run}/pruned", task)[0]
     else:  # cli.bench's loaders
         from idprior.cli.bench import dense_for
