@@ -28,7 +28,7 @@ can be repeated by hand; a finished run is read back, not redone):
                            (the same `idprior finetune` command), read from its committed results, or
                            run here with --control run (needed for any other --task or budget).
 
-One seed. Writes benchmarks/results/smollm2_prior.{json,md} (or --name).
+One seed per call (--seed, default 0). Writes benchmarks/results/smollm2_prior.{json,md} (or --name).
 """
 
 from __future__ import annotations
@@ -49,12 +49,12 @@ CONTROL = "dense + the same epoch (control)"
 
 def commands(args) -> dict[str, list[str]]:
     common = ["--model", "smollm2-135m", "--task", args.task, "--max-train", str(args.max_train), "--max-length", "128",
-              "--max-eval", str(args.max_eval), "--set", "train.eval_batch_size=8", "--seed", "0"]
+              "--max-eval", str(args.max_eval), "--set", "train.eval_batch_size=8", "--seed", str(args.seed)]
     train = ["--epochs", "1", "--batch-size", "8", "--lr", str(args.lr)]
     prune = ["prune", *common, "--target", str(args.target), "--measure", "encoder_params", "--calib-size", "64", "--no-bench"]
     posthoc = [*prune, "--no-train", "--recover-epochs", "1", "--set", "recover.batch_size=8", "--set", f"recover.lr={args.lr}"]
     runs = Path(args.runs_dir)
-    t = f"t{args.target:g}"
+    t = f"t{args.target:g}" + (f"_s{args.seed}" if args.seed else "")  # seed 0 keeps the folders' first names
     return {
         "snip (prior phase)": [*prune, *train, "--recover-epochs", "0", "--out", str(runs / f"snip_prior_{t}")],
         # the prior with the two fixes post-training SNIP needed on this model (issue 15): each layer pulled on
@@ -74,6 +74,12 @@ def commands(args) -> dict[str, list[str]]:
             *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
             "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
             "--out", str(runs / f"snip_prior_layer_nosn_debias_{t}")],
+        # debias with the target at the identity by a quarter of the phase: three quarters of the epoch left to
+        # train the survivors at their full size
+        "snip (prior phase, layer scale, floor, no SN, debias, ramp 0.25)": [
+            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
+            "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
+            "--set", "prune.prior_ramp=0.25", "--out", str(runs / f"snip_prior_layer_nosn_debias_r25_{t}")],
         # the target at the identity by a quarter of the phase instead of half: the layer-scaled phase's loss
         # stays flat once the target is reached, so this leaves three quarters of the epoch to train what stays
         "snip (prior phase, layer scale, floor, no SN, ramp 0.25)": [
@@ -90,7 +96,8 @@ def commands(args) -> dict[str, list[str]]:
                                           "--out", str(runs / f"snip_posthoc_{t}")],
         "fisher + recovery": [*posthoc, "--method", "fisher", "--out", str(runs / f"fisher_{t}")],
         "flap + recovery": [*posthoc, "--method", "flap", "--out", str(runs / f"flap_{t}")],
-        CONTROL: ["finetune", *common, *train, "--out", str(runs / "dense_finetune")],
+        CONTROL: ["finetune", *common, *train,
+                  "--out", str(runs / ("dense_finetune" + (f"_s{args.seed}" if args.seed else "")))],
     }
 
 
@@ -101,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train", type=int, default=2000)
     p.add_argument("--max-eval", type=int, default=100)
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--seed", type=int, default=0, help="seed of every arm (data order, calibration sample)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs-dir", default="runs/smollm2_prior")
     p.add_argument("--control", default=str(Path(__file__).resolve().parent / "results" / "smollm2_recovery.json"),
@@ -114,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/smollm2_prior.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
     result = {"command": command, "environment": environment(args.threads), "cpu": cpu_model(), "target": args.target,
-              "task": args.task, "runs": {}}
+              "task": args.task, "seed": args.seed, "runs": {}}
     arms = commands(args)
     if args.control != "run":
-        if args.task != "lm-rt":
-            p.error("the committed control is lm-rt's; with another --task use --control run")
+        if args.task != "lm-rt" or args.seed != 0:
+            p.error("the committed control is lm-rt's with seed 0; with another --task or --seed use --control run")
         arms.pop(CONTROL)  # read from the file below
     only = set(args.only) if args.only else None
     unknown = sorted(only - set(arms)) if only else []
@@ -165,7 +173,7 @@ def render(result: dict) -> str:
              f"{env['torch']}; script wall {result['wall_s']} s (nan: a run read back from its folder). Target "
              f"{result['target']:.0%} of decoder-layer parameters. Every arm gets one epoch of LM training on the same "
              f"{task} texts (SNIP: its SN + identity-prior phase before the cut; the others: recovery after the cut). "
-             f"Perplexity on fixed subsets of {task} validation / test; one seed, so no interval: differences of a few "
+             f"Perplexity on fixed subsets of {task} validation / test; one seed ({result.get('seed', 0)}), so no interval: differences of a few "
              "percent are within what a second seed could move.", "",
              "| arm | pruned, before its epoch (val / test) | final (val / test) | final test × control | wall s |",
              "|---|---|---|---|---|"]
