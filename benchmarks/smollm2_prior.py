@@ -74,6 +74,17 @@ def commands(args) -> dict[str, list[str]]:
             *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
             "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
             "--out", str(runs / f"snip_prior_layer_nosn_debias_{t}")],
+        # debias with the stronger reweighting of the encoder defaults (gamma 3) and with the prior's step scaled by
+        # the loss's per-example sensitivity to each unit's norm (prior_metric gate): can the prior's choice of
+        # units, which is what still costs against fisher, be made more loss-aware within the prior itself?
+        "snip (prior phase, layer scale, floor, no SN, debias, gamma 3)": [
+            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
+            "--set", "prune.prior_gamma=3.0", "--no-sn", "--set", "prune.prior_debias=true",
+            "--out", str(runs / f"snip_prior_layer_nosn_debias_g3_{t}")],
+        "snip (prior phase, layer scale, floor, no SN, debias, gate metric)": [
+            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
+            "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
+            "--set", "prune.prior_metric=gate", "--out", str(runs / f"snip_prior_layer_nosn_debias_gate_{t}")],
         # debias with the target at the identity by a quarter of the phase: three quarters of the epoch left to
         # train the survivors at their full size
         "snip (prior phase, layer scale, floor, no SN, debias, ramp 0.25)": [

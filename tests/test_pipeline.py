@@ -290,6 +290,33 @@ def test_every_preset_validates(capsys):
     assert "prune.target must be in (0, 1)" in capsys.readouterr().err
 
 
+def test_decoder_preset_is_the_measured_decoder_recipe():
+    """`--config decoder` must be the run the README's decoder figures come from: the debias arm of
+    benchmarks/smollm2_prior.py (its command, parsed by the CLI) resolves to the same config, apart
+    from where it writes and whether it benches."""
+    import argparse
+    import dataclasses
+    import importlib.util
+    from pathlib import Path
+
+    from idprior.cli.common import config_from_args
+    from idprior.cli.main import build_parser
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2_prior.py"
+    spec = importlib.util.spec_from_file_location("smollm2_prior", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    defaults = argparse.Namespace(task="lm-rt", max_train=2000, max_eval=100, lr=5e-5, target=0.2, seed=0,
+                                  runs_dir="runs/x")
+    argv = bench.commands(defaults)["snip (prior phase, layer scale, floor, no SN, debias)"]
+    measured = dataclasses.asdict(config_from_args(build_parser().parse_args(argv)))
+    preset = dataclasses.asdict(load_config("decoder"))
+    for cfg in (measured, preset):
+        cfg.pop("out"), cfg.pop("bench")
+    assert measured == preset
+    assert preset["prune"]["prior_debias"] and preset["prune"]["prior_scale"] == "layer"
+
+
 def test_overrides_change_typed_fields():
     cfg = load_config("demo", ["train.lr=3e-5", "bench.batch_sizes=[1,32]", "prune.tau=0.01", "data.max_train=null"])
     assert cfg.train.lr == 3e-5 and cfg.bench.batch_sizes == [1, 32] and cfg.prune.tau == 0.01
