@@ -36,7 +36,7 @@ def bench(run: str, threads: int, out: Path, processes: int) -> dict:
             "--warmup", "2", "--out", str(out)]
     if not (out / "bench.json").exists():
         print("$ idprior " + " ".join(shlex.quote(a) for a in argv), flush=True)
-        subprocess.run([sys.executable, "-m", "idprior.cli.main", *argv, "--overwrite"], check=True,
+        subprocess.run([sys.executable, "-m", "idprior.cli.main", *argv], check=True,
                        env={**os.environ, "OMP_NUM_THREADS": str(threads)})
     return json.loads((out / "bench.json").read_text())
 
