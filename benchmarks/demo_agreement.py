@@ -66,6 +66,33 @@ def processes_needed(values: dict[str, dict], tolerance: float, benches: int, dr
     return out
 
 
+def paired_estimator(sources: dict[str, dict], shape: tuple[str, int, int]) -> dict | None:
+    """Would pairing cancel the noise? Per timing process, the speed-up as the ratio of the two models'
+    median latencies (what the bench reports) and as the median of paired ratios, each dense repeat over
+    the pruned repeat of the same alternating round (`bench.time_blocks`), which cancels load that
+    drifts slowly within a process. Their relative sd over all processes; None when the raw repeats
+    cannot be split by process (older files, or processes that kept different numbers of repeats)."""
+    ratio, paired = [], []
+    for bench in sources.values():
+        rows = {r["model"]: r for r in bench["rows"] if (r["backend"], r["batch_size"], r["seq_len"]) == shape}
+        ref = rows.get(bench.get("reference"))
+        pruned = next((r for m, r in rows.items() if m != bench.get("reference")), None)
+        n = len((pruned or {}).get("process_speedups") or [])
+        if ref is None or pruned is None or not n:
+            return None
+        a, b = ref.get("latency_ms_repeats") or [], pruned.get("latency_ms_repeats") or []
+        if len(a) != len(b) or not a or len(a) % n:
+            return None
+        k = len(a) // n  # repeats per process, in process order
+        for p in range(n):
+            da, db = a[p * k:(p + 1) * k], b[p * k:(p + 1) * k]
+            ratio.append(statistics.median(da) / statistics.median(db))
+            paired.append(statistics.median(x / y for x, y in zip(da, db)))
+    rel_sd = {name: statistics.stdev(v) / statistics.median(v) for name, v in (("ratio", ratio), ("paired", paired))}
+    return {"processes": len(ratio), "ratio_of_medians_sd": rel_sd["ratio"], "median_of_paired_sd": rel_sd["paired"],
+            "ratio_of_medians": statistics.median(ratio), "median_of_paired": statistics.median(paired)}
+
+
 def stage_vs_standalone(values: dict[str, dict]) -> dict | None:
     """Does the bench stage inside `idprior prune` measure differently from a standalone `idprior bench`?
     Per-process speed-ups of every stage against every standalone bench: medians and a two-sided
@@ -103,6 +130,7 @@ def compare(runs: list[Path], tolerance: float) -> dict:
                      "process_dense_ms": {n: dense_latencies(sources[n], shape) for n in values},
                      "median": mid, "max_rel_dev": spread, "agree": spread <= tolerance,
                      "processes_needed": processes_needed(values, tolerance, len(values)),
+                     "paired_estimator": paired_estimator(sources, shape),
                      "stage_vs_standalone": stage_vs_standalone(values)})
     env = next(iter(sources.values()))["environment"]
     env = dict(env, processes=sorted({b["environment"].get("processes", 1) for b in sources.values()}))
@@ -143,6 +171,18 @@ def markdown(result: dict) -> str:
             lines.append(f"| {r['backend']} | {r['batch_size']} x {r['seq_len']} | {statistics.median(pooled):.2f}x, "
                          f"{statistics.stdev(pooled) / statistics.median(pooled):.1%} | "
                          + " | ".join(f"{r['processes_needed'][c]:.0%}" for c in counts) + " |")
+    pairs = [r for r in result["rows"] if r.get("paired_estimator")]
+    if pairs:
+        lines += ["", "Would pairing cancel the noise? Per process, the speed-up as the ratio of median latencies (the "
+                  "bench's) and as the median of paired ratios (each dense repeat over the pruned repeat of the same "
+                  "alternating round, which cancels load drifting within a process); spread over all processes:", "",
+                  "| backend | batch x seq | processes | ratio of medians: median, sd | median of paired ratios: median, sd |",
+                  "|---|---|---|---|---|"]
+        for r in pairs:
+            e = r["paired_estimator"]
+            lines.append(f"| {r['backend']} | {r['batch_size']} x {r['seq_len']} | {e['processes']} | "
+                         f"{e['ratio_of_medians']:.2f}x, {e['ratio_of_medians_sd']:.1%} | "
+                         f"{e['median_of_paired']:.2f}x, {e['median_of_paired_sd']:.1%} |")
     versus = [r for r in result["rows"] if r.get("stage_vs_standalone")]
     if versus:
         lines += ["", "Stage against standalone, every process one draw (two-sided Mann-Whitney U):", "",

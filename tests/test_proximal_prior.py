@@ -560,6 +560,34 @@ def test_gate_metric_records_per_example_gate_gradients():
     assert live.numel() and bool((live > 0).all())
 
 
+def test_gate_metric_frees_each_steps_graph():
+    """The "gate" metric's backward hooks must not keep a step's activations (and the graph behind them)
+    alive: with the garbage collector off, as in a long run between collections, tensors that need a
+    gradient must not pile up from one training step to the next."""
+    import gc
+
+    torch.manual_seed(0)
+    model = no_dropout(tiny_bert()).train()
+    prior, _, _ = make_prior(model, metric="gate", gain=0.0)
+    b, labels = batch(), torch.tensor([0, 1, 0, 1])
+
+    def live_graph_tensors() -> int:
+        return sum(1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.grad_fn is not None)
+
+    gc.collect()
+    gc.disable()
+    try:
+        counts = []
+        for step in range(4):
+            torch.nn.functional.cross_entropy(model(**b).logits, labels).backward()
+            prior(model, step, 10)
+            model.zero_grad()
+            counts.append(live_graph_tensors())
+    finally:
+        gc.enable()
+    assert counts[-1] <= counts[0], counts
+
+
 def _gate_step(model, rows: slice) -> dict:
     """One prior step with the "gate" metric after a forward/backward of `rows` of a fixed batch."""
     prior, _, _ = make_prior(model, metric="gate", gain=0.0, lam0=0.05)
