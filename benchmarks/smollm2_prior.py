@@ -50,11 +50,13 @@ CONTROL = "dense + the same epoch (control)"
 def commands(args) -> dict[str, list[str]]:
     common = ["--model", "smollm2-135m", "--task", args.task, "--max-train", str(args.max_train), "--max-length", "128",
               "--max-eval", str(args.max_eval), "--set", "train.eval_batch_size=8", "--seed", str(args.seed)]
-    train = ["--epochs", "1", "--batch-size", "8", "--lr", str(args.lr)]
+    train = ["--epochs", f"{args.epochs:g}", "--batch-size", "8", "--lr", str(args.lr)]
     prune = ["prune", *common, "--target", str(args.target), "--measure", "encoder_params", "--calib-size", "64", "--no-bench"]
-    posthoc = [*prune, "--no-train", "--recover-epochs", "1", "--set", "recover.batch_size=8", "--set", f"recover.lr={args.lr}"]
+    posthoc = [*prune, "--no-train", "--recover-epochs", f"{args.epochs:g}", "--set", "recover.batch_size=8", "--set", f"recover.lr={args.lr}"]
     runs = Path(args.runs_dir)
-    t = f"t{args.target:g}" + (f"_s{args.seed}" if args.seed else "")  # seed 0 keeps the folders' first names
+    # seed 0 and one epoch keep the folders' first names
+    tail = (f"_s{args.seed}" if args.seed else "") + (f"_e{args.epochs:g}" if args.epochs != 1 else "")
+    t = f"t{args.target:g}" + tail
     return {
         "snip (prior phase)": [*prune, *train, "--recover-epochs", "0", "--out", str(runs / f"snip_prior_{t}")],
         # the prior with the two fixes post-training SNIP needed on this model (issue 15): each layer pulled on
@@ -108,7 +110,7 @@ def commands(args) -> dict[str, list[str]]:
         "fisher + recovery": [*posthoc, "--method", "fisher", "--out", str(runs / f"fisher_{t}")],
         "flap + recovery": [*posthoc, "--method", "flap", "--out", str(runs / f"flap_{t}")],
         CONTROL: ["finetune", *common, *train,
-                  "--out", str(runs / ("dense_finetune" + (f"_s{args.seed}" if args.seed else "")))],
+                  "--out", str(runs / ("dense_finetune" + tail))],
     }
 
 
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-train", type=int, default=2000)
     p.add_argument("--max-eval", type=int, default=100)
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--epochs", type=float, default=1.0,
+                   help="the training budget of every arm in epochs (SNIP's phase, the others' recovery, the control)")
     p.add_argument("--seed", type=int, default=0, help="seed of every arm (data order, calibration sample)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs-dir", default="runs/smollm2_prior")
@@ -133,11 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/smollm2_prior.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     started = time.perf_counter()
     result = {"command": command, "environment": environment(args.threads), "cpu": cpu_model(), "target": args.target,
-              "task": args.task, "seed": args.seed, "runs": {}}
+              "task": args.task, "seed": args.seed, "epochs": args.epochs, "runs": {}}
     arms = commands(args)
     if args.control != "run":
-        if args.task != "lm-rt" or args.seed != 0:
-            p.error("the committed control is lm-rt's with seed 0; with another --task or --seed use --control run")
+        if args.task != "lm-rt" or args.seed != 0 or args.epochs != 1:
+            p.error("the committed control is lm-rt's with seed 0 and one epoch; otherwise use --control run")
         arms.pop(CONTROL)  # read from the file below
     only = set(args.only) if args.only else None
     unknown = sorted(only - set(arms)) if only else []
@@ -168,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _epochs(n: float) -> str:
+    return "one epoch" if n == 1 else f"{n:g} epochs"
+
+
 def _ppl(block: dict | None, split: str) -> str:
     return f"{block[split]['perplexity']:.1f}" if block and split in block else "–"
 
@@ -182,7 +190,7 @@ def render(result: dict) -> str:
              "```", result["command"], "```", "",
              f"Machine: {env['cpu']}, {env['usable_cores']} usable cores, {env['threads']} threads, float32, torch "
              f"{env['torch']}; script wall {result['wall_s']} s (nan: a run read back from its folder). Target "
-             f"{result['target']:.0%} of decoder-layer parameters. Every arm gets one epoch of LM training on the same "
+             f"{result['target']:.0%} of decoder-layer parameters. Every arm gets {_epochs(result.get('epochs', 1))} of LM training on the same "
              f"{task} texts (SNIP: its SN + identity-prior phase before the cut; the others: recovery after the cut). "
              f"Perplexity on fixed subsets of {task} validation / test; one seed ({result.get('seed', 0)}), so no interval: differences of a few "
              "percent are within what a second seed could move.", "",

@@ -306,7 +306,7 @@ def test_decoder_preset_is_the_measured_decoder_recipe():
     spec = importlib.util.spec_from_file_location("smollm2_prior", script)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    defaults = argparse.Namespace(task="lm-rt", max_train=2000, max_eval=100, lr=5e-5, target=0.2, seed=0,
+    defaults = argparse.Namespace(task="lm-rt", max_train=2000, max_eval=100, lr=5e-5, target=0.2, seed=0, epochs=1.0,
                                   runs_dir="runs/x")
     argv = bench.commands(defaults)["snip (prior phase, layer scale, floor, no SN, debias)"]
     measured = dataclasses.asdict(config_from_args(build_parser().parse_args(argv)))
