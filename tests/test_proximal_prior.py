@@ -560,6 +560,19 @@ def test_gate_metric_records_per_example_gate_gradients():
     assert live.numel() and bool((live > 0).all())
 
 
+def test_debias_warns_where_it_was_measured_to_break():
+    """The debias with the unit scale (encoder round 8) or the gate metric (SmolLM2) broke the model in
+    every run measured: say so when it is asked for, and stay quiet for the combinations that work."""
+    import warnings
+
+    for kw in ({"scale": "unit"}, {"metric": "gate"}):
+        with pytest.warns(UserWarning, match="prior_debias"):
+            make_prior(no_dropout(tiny_bert()), debias=True, freeze=True, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_prior(no_dropout(tiny_bert()), debias=True, freeze=True, scale="layer", metric="adam")
+
+
 def test_gate_metric_frees_each_steps_graph():
     """The "gate" metric's backward hooks must not keep a step's activations (and the graph behind them)
     alive: with the garbage collector off, as in a long run between collections, tensors that need a

@@ -142,7 +142,9 @@ class PruneConfig:
     prior_gain: float = 0.5  # proximal: controller gain κ (0 keeps λ at prior_lambda0)
     prior_head_share: float | None = 0.15  # proximal: share of the target taken by heads (None: free)
     prior_freeze: bool = True  # proximal: stop pulling once the target sits at the identity (no overshoot)
-    prior_debias: bool = False  # proximal: give the surviving units back the prior's shrinkage once the target is reached
+    # proximal: give the surviving units back the prior's shrinkage once the target is reached (on in the decoder
+    # preset; with prior_scale "unit" or prior_metric "gate" it broke the model in every measured run: warned)
+    prior_debias: bool = False
     prior_scale: str = "kind"  # proximal: "layer" pulls each layer on its own starting scale F̄_{k,l}, "unit" each unit on its own (proximal.py)
     # proximal: "adam" takes the step in Adam's metric (see proximal.py); "gate": scaled by the loss's per-example
     # sensitivity to each unit's norm; "euclid": the plain soft-threshold

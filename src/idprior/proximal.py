@@ -35,6 +35,7 @@ estimate, so the threshold is exact while SN does not bind (shrinking columns on
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -248,6 +249,10 @@ class ProximalPrior:
         self.min_keep = min_keep
         if debias and not freeze:
             raise IdpriorError("prune.prior_debias needs prune.prior_freeze: survivors are restored when the target is reached")
+        if debias and (scale == "unit" or metric == "gate"):  # measured: README, benchmarks/notes/prior_tuning.md
+            warnings.warn("prune.prior_debias with prior_scale 'unit' or prior_metric 'gate' broke the model in every "
+                          "measured run (units pulled almost to zero come back many times their size); use it with "
+                          "prior_scale 'kind' or 'layer' and prior_metric 'adam'", stacklevel=2)
         self.debias = debias
         self.shrunk: dict[tuple[str, int], torch.Tensor] = {}  # debias: Π_t α_u(t), what the prior did to each unit
         self.restored: set[str] = set()  # debias: groups whose survivors were restored
