@@ -49,6 +49,9 @@ VARIANTS = {
     "snip-mk25": ("snip", "absolute", 0.25, 0),
     "snip-residual-mk25": ("snip", "residual", 0.25, 0),
     "snip-residual-mk25-p1": ("snip", "residual", 0.25, 1),
+    # measured through the next norm that reads the stream (`prune.norm_after_ln`): diag(γ) W / rms
+    "snip-afterln": ("snip", "afterln", 0.0, 0),
+    "snip-afterln-mk25": ("snip", "afterln", 0.25, 0),
     "flap": ("method", "flap"),
     "wanda-sp": ("method", "wanda-sp"),
     "fisher": ("method", "fisher"),
@@ -122,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
             if spec[0] == "snip":
                 _, kind, min_keep, n_protect = spec
                 if kind not in scores:
-                    scores[kind] = score(model, calib, residual=kind == "residual")
+                    scores[kind] = score(model, calib, residual=kind == "residual", after_ln=kind == "afterln")
                 plan = select(scores[kind], adapter, target=target, min_keep=min_keep,
                               protect=protected_layers(adapter.num_layers, n_protect, n_protect))
             else:

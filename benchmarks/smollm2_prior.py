@@ -87,6 +87,18 @@ def commands(args) -> dict[str, list[str]]:
             *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
             "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
             "--set", "prune.prior_metric=gate", "--out", str(runs / f"snip_prior_layer_nosn_debias_gate_{t}")],
+        # the function norm measured through the next norm that reads the stream (prune.norm_after_ln: diag(γ) W /
+        # rms of the stream, "scores that fit pre-LN decoders" of issue 15): on the layer scale it changes which
+        # units of a layer are pulled (γ weights the directions); on the kind's common scale it also sets which
+        # layers give way, on the scale the next layer sees instead of the raw one that emptied the early layers
+        "snip (prior phase, layer scale, floor, no SN, debias, after-ln)": [
+            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
+            "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
+            "--set", "prune.norm_after_ln=true", "--out", str(runs / f"snip_prior_layer_nosn_debias_afterln_{t}")],
+        "snip (prior phase, kind scale, floor, no SN, debias, after-ln)": [
+            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=kind",
+            "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
+            "--set", "prune.norm_after_ln=true", "--out", str(runs / f"snip_prior_kind_nosn_debias_afterln_{t}")],
         # debias with the target at the identity by a quarter of the phase: three quarters of the epoch left to
         # train the survivors at their full size
         "snip (prior phase, layer scale, floor, no SN, debias, ramp 0.25)": [

@@ -132,3 +132,88 @@ def test_proximal_prior_after_ln_uses_the_scoring_norm():
         assert torch.allclose(n.cpu(), (before - prior.deltas[(kind, layer)].cpu()).clamp(min=0), rtol=1e-4, atol=1e-6)
         checked += n.numel()
     assert checked > 0
+
+
+def _random_gains(model, seed: int = 0):
+    """Norm gains away from 1, so that measuring through them is not a no-op."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None:
+                m.weight.copy_(0.2 + 2 * torch.rand(m.weight.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("layer, sub, reader", [(0, "attn", "post_attention_layernorm 0"),
+                                                (0, "ffn", "input_layernorm 1"), (-1, "ffn", "final norm")])
+def test_pre_ln_branch_is_measured_through_the_next_norm_that_reads_it(layer, sub, reader):
+    """Pre-LN (Llama, RMSNorm): ‖f_u‖ after the next norm = ‖γ ⊙ W[:, u] a_u‖ · sqrt(mean_t 1/(ms_t + ε)),
+    with ms_t the mean square of that norm's input (the stream after the branch joined it), no centring."""
+    from tiny_models import tiny_llama
+
+    model = _random_gains(tiny_llama())
+    adapter = get_adapter(model)
+    layer = layer % adapter.num_layers
+    blocks = model.model.layers
+    expected_ln = {"post_attention_layernorm 0": blocks[0].post_attention_layernorm,
+                   "input_layernorm 1": blocks[1].input_layernorm, "final norm": model.model.norm}[reader]
+    ln = adapter.branch_out_norm(layer, sub)
+    assert ln is expected_ln
+    b = batch()
+    seen, handles = capture_inputs(model, adapter)
+    ln_in = {}
+    handles.append(ln.register_forward_pre_hook(lambda m, a: ln_in.__setitem__("x", a[0].detach())))
+    kind = "head" if sub == "attn" else "neuron"
+    scores = score(model, [b], adapter=adapter, kinds=(kind,), after_ln=True)
+    raw = score(model, [b], adapter=adapter, kinds=(kind,))
+    for h in handles:
+        h.remove()
+    m = b["attention_mask"].bool()
+    w = adapter.out_weight(adapter.attn_out_proj(layer) if sub == "attn" else adapter.ffn_out_proj(layer)).detach()
+    seen_w = {(kind, layer): seen[(kind, layer)]}
+    inv = 1 / (ln_in["x"][m].pow(2).mean(-1) + ln.variance_epsilon)
+    gamma = ln.weight.detach()
+
+    class _GainAdapter:  # explicit_norms on diag(γ) W
+        head_dim = adapter.head_dim
+
+        def __getattr__(self, name):
+            return getattr(adapter, name)
+
+        def out_weight(self, mod):
+            return gamma[:, None] * w
+
+    expected = explicit_norms(_GainAdapter(), seen_w, m)[(kind, layer)] * float(inv.mean().sqrt())
+    got = torch.tensor([scores[Unit(kind, layer, i)] for i in range(expected.numel())], dtype=torch.float64)
+    assert torch.allclose(got, expected, rtol=1e-4)
+    assert not torch.allclose(got, torch.tensor([raw[Unit(kind, layer, i)] for i in range(expected.numel())],
+                                                 dtype=torch.float64), rtol=1e-2)
+
+
+def test_pre_ln_next_norm_skips_a_removed_sub_layer():
+    """With layer 1's attention cut out, layer 0's FFN is next read by layer 1's FFN pre-norm."""
+    from tiny_models import tiny_llama
+
+    model = tiny_llama()
+    adapter = get_adapter(model)
+    adapter.remove_attn(1)
+    assert adapter.branch_out_norm(0, "ffn") is model.model.layers[1].post_attention_layernorm
+    assert get_adapter(tiny_bert()).stream_norms() is None  # post-LN: the LayerNorm each branch joins instead
+
+
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_proximal_prior_through_the_next_norm_uses_the_scoring_norm_on_both_layouts(family):
+    """Pre-LN as post-LN: the prior's first step soft-thresholds exactly what `score(after_ln=True)` measures."""
+    from tiny_models import tiny_llama
+
+    model = no_dropout(tiny_bert() if family == "bert" else _random_gains(tiny_llama()))
+    b = batch()
+    expected = score(model, [b], kinds=("head", "neuron"), after_ln=True)
+    prior, adapter, _ = make_prior(model.train(), lam0=0.05, gain=0.0, after_ln=True)
+    assert len(prior.recorder.out_norms) == 2 * adapter.num_layers
+    with torch.no_grad():
+        model(**b)
+    prior(model, 0, 10)
+    for (kind, layer), n in prior.norms.items():
+        before = torch.tensor([expected[Unit(kind, layer, i)] for i in range(n.numel())], dtype=torch.float64)
+        assert torch.allclose(n.cpu(), (before - prior.deltas[(kind, layer)].cpu()).clamp(min=0), rtol=1e-4, atol=1e-6)

@@ -115,8 +115,9 @@ class PruneConfig:
     # "readout": last-layer function norms over the positions the model's head reads ([CLS] for a
     # BERT classifier), in scoring and in the proximal prior; "all": every real token
     norm_positions: str = "readout"
-    # True: post-LN branches measured after the LayerNorm they join (diag(γ) C W, scaled by the LN's
-    # mean 1/σ), so layers are compared on the scale the next layer sees; scoring and proximal prior
+    # True: branches measured through the next norm (post-LN: the LayerNorm they join, diag(γ) C W; pre-LN:
+    # the next sub-layer's pre-norm, diag(γ) W; scaled by that norm's mean 1/σ), so layers are compared on
+    # the scale the next layer sees; scoring and proximal prior
     norm_after_ln: bool = False
     calib_size: int = 512
     sn: bool = True

@@ -6,11 +6,14 @@ With `readout=True` (`prune.norm_positions: readout`) the mean in the LAST layer
 positions the model's head reads (the adapter's `readout_mask`, e.g. [CLS] for a BERT classifier)
 instead: a last-layer branch reaches the output only there, so its effect on other tokens is moot.
 
-With `after_ln=True` (`prune.norm_after_ln`, post-LN models) a branch is measured where it acts,
-after the LayerNorm it joins: LN(x + f) holds f as γ ⊙ C f / σ_t (C removes the mean over the hidden
-size, σ_t the token's LN input std), so the output weights are taken as diag(γ) C W and the norm is
-scaled by sqrt(mean over tokens of 1/σ_t²) of that sub-layer. Layers whose LN gain or input scale
-differ (≈3x across MiniLM's layers) are then compared on the scale the next layer sees.
+With `after_ln=True` (`prune.norm_after_ln`) a branch is measured where the rest of the model first
+sees it, through the next norm (the adapter's `branch_out_norm`). Post-LN, LN(x + f) holds f as
+γ ⊙ C f / σ_t (C removes the mean over the hidden size, σ_t the token's LN input std); pre-LN the next
+pre-norm reads the stream x + f as γ ⊙ (x + f) / rms_t (an RMSNorm does not centre). So the output
+weights are taken as diag(γ) C W (or diag(γ) W) and the norm is scaled by sqrt(mean over tokens of
+1/σ_t²) of that norm's input. Layers whose norm gain or stream scale differ (≈3x across MiniLM's layers;
+much more along a pre-LN decoder, whose stream grows with depth) are then compared on the scale the next
+layer sees, and a branch writing into directions the next norm damps counts for less.
 
 Heads come from the per-head context before the output projection: f_h(x) = ctx_h W_O[:, h],
 so ||f_h||^2 = ctx_h^T (W_O[:, h]^T W_O[:, h]) ctx_h, computed with the small per-head Gram
@@ -144,7 +147,10 @@ class BranchNorms:
             if not self.active:
                 return
             x = args[0].detach().float()
-            inv = 1.0 / (x.var(-1, unbiased=False) + module.eps)  # 1/σ_t²: [B, T]
+            # LayerNorm divides by the std over the hidden size, RMSNorm by the root mean square
+            ms = x.var(-1, unbiased=False) if isinstance(module, nn.LayerNorm) else x.pow(2).mean(-1)
+            eps = getattr(module, "eps", None) or getattr(module, "variance_epsilon", 1e-6)
+            inv = 1.0 / (ms + eps)  # 1/σ_t²: [B, T]
             self._add(self.ln_sq, key, self._masked_sum(inv[..., None], key[1]).detach().double())
 
         return hook
@@ -231,9 +237,12 @@ class BranchNorms:
 
 
 def seen_after_ln(ln: nn.Module, w: torch.Tensor) -> torch.Tensor:
-    """diag(γ) C W: output weights [out, in] as the LayerNorm after the branch sees them (C removes the
-    mean over the hidden size; the 1/σ scale is applied to the norm, see `BranchNorms.ln_scale`)."""
-    return ln.weight.detach()[:, None].to(w.dtype) * (w - w.mean(0, keepdim=True))
+    """diag(γ) C W: output weights [out, in] as the norm after the branch sees them (C removes the mean
+    over the hidden size for a LayerNorm, nothing for an RMSNorm; the 1/σ scale is applied to the norm,
+    see `BranchNorms.ln_scale`)."""
+    if isinstance(ln, nn.LayerNorm):
+        w = w - w.mean(0, keepdim=True)
+    return ln.weight.detach()[:, None].to(w.dtype) * w
 
 
 @torch.no_grad()

@@ -116,11 +116,21 @@ class Adapter(ABC):
         (`prune.norm_positions: readout`)."""
         return None
 
-    def branch_out_norm(self, layer: int, sub: str) -> nn.Module | None:
-        """The LayerNorm that normalises sub-layer `sub` ("attn" | "ffn") of `layer` together with the
-        residual, LN(x + f(x)), in post-LN models; None in pre-LN ones (nothing rescales the branch
-        before it joins the stream). Used by `prune.norm_after_ln`."""
+    def stream_norms(self) -> list[nn.Module] | None:
+        """Pre-LN models: every norm that reads the residual stream, in stream order (layer 0's attention
+        pre-norm, its FFN pre-norm, layer 1's ..., the final norm); None in post-LN ones."""
         return None
+
+    def branch_out_norm(self, layer: int, sub: str) -> nn.Module | None:
+        """The norm through which the rest of the model first sees sub-layer `sub` ("attn" | "ffn") of
+        `layer`: post-LN the LayerNorm it joins, LN(x + f(x)); pre-LN the next norm that reads the stream
+        after the branch is added (the next sub-layer's pre-norm, or the final norm; a removed sub-layer's
+        norm is skipped). Used by `prune.norm_after_ln`; None when there is none."""
+        norms = self.stream_norms()
+        if norms is None:
+            return None
+        start = 2 * layer + (1 if sub == "attn" else 2)  # the entry right after this branch's own pre-norm
+        return next((ln for ln in norms[start:] if getattr(ln, "weight", None) is not None), None)
 
     # ---- branch modules ----------------------------------------------------------------------
     @abstractmethod

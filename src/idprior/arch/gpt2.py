@@ -81,6 +81,9 @@ class GPT2Adapter(Adapter):
     def ffn_residual(self, layer: int) -> nn.Module:
         return self._blocks[layer].ln_2
 
+    def stream_norms(self) -> list[nn.Module]:
+        return [n for block in self._blocks for n in (block.ln_1, block.ln_2)] + [self.model.base_model.ln_f]
+
     def out_weight(self, module: nn.Module) -> torch.Tensor:
         return module.weight.t()  # Conv1D stores [in, out]
 

@@ -82,6 +82,10 @@ class LlamaAdapter(Adapter):
     def ffn_residual(self, layer: int) -> nn.Module:
         return self._layers[layer].post_attention_layernorm
 
+    def stream_norms(self) -> list[nn.Module]:
+        pre = [n for block in self._layers for n in (block.input_layernorm, block.post_attention_layernorm)]
+        return pre + [self.model.base_model.norm]
+
     def out_weight(self, module: nn.Module) -> torch.Tensor:
         return module.weight
 
