@@ -24,9 +24,11 @@ can be repeated by hand; a finished run is read back, not redone):
                            layer kept (the best post-training SNIP of smollm2_decoder_grid_20.md), then the
                            epoch as recovery;
   fisher / flap            post-training baselines, then the epoch as recovery;
-  dense control            the dense model fine-tuned for the same epoch: smollm2_recovery.py's control
-                           (the same `idprior finetune` command), read from its committed results, or
-                           run here with --control run (needed for any other --task or budget).
+  ... after-ln             the prior's norm measured through the next norm that reads the stream
+                           (norm_after_ln), on the layer's or the kind's common scale;
+  dense control            the dense model fine-tuned for the same epoch, read from a committed results
+                           file whose control ran exactly the same `idprior finetune` command (default:
+                           smollm2_recovery.py's, lm-rt seed 0 one epoch), or run here with --control run.
 
 One seed per call (--seed, default 0). Writes benchmarks/results/smollm2_prior.{json,md} (or --name).
 """
@@ -45,6 +47,34 @@ from idprior.bench import cpu_model, environment
 from idprior.benchutil import run_idprior as run
 
 CONTROL = "dense + the same epoch (control)"
+
+
+def _normal(cli: list[str]) -> list:
+    """A command's arguments without its output folder, numbers as numbers ("1.0" is "1")."""
+    def value(a: str):
+        try:
+            return float(a)
+        except ValueError:
+            return a
+    return [value(a) for i, a in enumerate(cli) if a != "--out" and (i == 0 or cli[i - 1] != "--out")]
+
+
+def committed_control(path: Path, cli: list[str], error) -> dict:
+    """The dense control of an earlier results file (this script's, or smollm2_recovery.py's), if it was
+    run with exactly the command this call would run (same task, seed, budget, data sizes; the output
+    folder aside); otherwise `error` says to pass --control run."""
+    if not path.is_file():
+        error(f"--control {path}: no such results file; pass a committed results JSON or 'run'")
+    runs = json.loads(path.read_text()).get("runs", {})
+    control = runs.get(CONTROL) or runs.get("dense+finetune (control)")
+    if control is None:
+        error(f"--control {path}: the file holds no dense control; pass another results JSON or 'run'")
+    want = shlex.split("idprior " + shlex.join(cli))
+    got = shlex.split(control["command"])
+    if _normal(got) != _normal(want):
+        error(f"--control {path}: its control ran `{control['command']}`, not this call's budget and data; "
+              "use --control run")
+    return control
 
 
 def commands(args) -> dict[str, list[str]]:
@@ -139,8 +169,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs-dir", default="runs/smollm2_prior")
     p.add_argument("--control", default=str(Path(__file__).resolve().parent / "results" / "smollm2_recovery.json"),
-                   help="results of smollm2_recovery.py, whose dense control got the same epoch (lm-rt), or "
-                        "'run' to fine-tune the dense control here")
+                   help="a committed results JSON whose dense control ran exactly this call's control command "
+                        "(smollm2_recovery.json: lm-rt, seed 0, one epoch; or an earlier run of this script), "
+                        "or 'run' to fine-tune the dense control here")
     p.add_argument("--only", action="append", default=None, metavar="ARM",
                    help="run only this arm (its full name, e.g. 'fisher + recovery'); repeat for several (default: all)")
     p.add_argument("--name", default="smollm2_prior")
@@ -152,9 +183,8 @@ def main(argv: list[str] | None = None) -> int:
               "task": args.task, "seed": args.seed, "epochs": args.epochs, "runs": {}}
     arms = commands(args)
     if args.control != "run":
-        if args.task != "lm-rt" or args.seed != 0 or args.epochs != 1:
-            p.error("the committed control is lm-rt's with seed 0 and one epoch; otherwise use --control run")
-        arms.pop(CONTROL)  # read from the file below
+        control = committed_control(Path(args.control), arms[CONTROL], p.error)
+        arms.pop(CONTROL)  # read from the file above
     only = set(args.only) if args.only else None
     unknown = sorted(only - set(arms)) if only else []
     if unknown:  # names hold commas, so a list cannot be split on them: each arm is its own --only
@@ -174,7 +204,6 @@ def main(argv: list[str] | None = None) -> int:
             entry["removed"] = plan.get("counts")
         result["runs"][name] = entry
     if args.control != "run":
-        control = json.loads(Path(args.control).read_text())["runs"]["dense+finetune (control)"]
         result["runs"][CONTROL] = dict(control, wall_s=control.get("wall_s"), read_from=args.control)
     result["wall_s"] = round(time.perf_counter() - started, 1)
     out = Path(args.out_dir)
