@@ -291,7 +291,7 @@ def test_every_preset_validates(capsys):
 
 
 def test_decoder_preset_is_the_measured_decoder_recipe():
-    """`--config decoder` must be the run the README's decoder figures come from: the debias arm of
+    """`--config decoder` must be the run the README's decoder figures come from: the after-ln arm of
     benchmarks/smollm2_prior.py (its command, parsed by the CLI) resolves to the same config, apart
     from where it writes and whether it benches."""
     import argparse
@@ -308,13 +308,13 @@ def test_decoder_preset_is_the_measured_decoder_recipe():
     spec.loader.exec_module(bench)
     defaults = argparse.Namespace(task="lm-rt", max_train=2000, max_eval=100, lr=5e-5, target=0.2, seed=0, epochs=1.0,
                                   runs_dir="runs/x")
-    argv = bench.commands(defaults)["snip (prior phase, layer scale, floor, no SN, debias)"]
+    argv = bench.commands(defaults)["snip (prior phase, kind scale, floor, no SN, debias, after-ln)"]
     measured = dataclasses.asdict(config_from_args(build_parser().parse_args(argv)))
     preset = dataclasses.asdict(load_config("decoder"))
     for cfg in (measured, preset):
         cfg.pop("out"), cfg.pop("bench")
     assert measured == preset
-    assert preset["prune"]["prior_debias"] and preset["prune"]["prior_scale"] == "layer"
+    assert preset["prune"]["prior_debias"] and preset["prune"]["norm_after_ln"] and preset["prune"]["prior_scale"] == "kind"
 
 
 def test_overrides_change_typed_fields():

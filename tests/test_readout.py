@@ -201,12 +201,13 @@ def test_pre_ln_next_norm_skips_a_removed_sub_layer():
     assert get_adapter(tiny_bert()).stream_norms() is None  # post-LN: the LayerNorm each branch joins instead
 
 
-@pytest.mark.parametrize("family", ["bert", "llama"])
+@pytest.mark.parametrize("family", ["bert", "llama", "gpt2"])
 def test_proximal_prior_through_the_next_norm_uses_the_scoring_norm_on_both_layouts(family):
     """Pre-LN as post-LN: the prior's first step soft-thresholds exactly what `score(after_ln=True)` measures."""
     from tiny_models import tiny_llama
 
-    model = no_dropout(tiny_bert() if family == "bert" else _random_gains(tiny_llama()))
+    build = {"bert": tiny_bert, "llama": lambda: _random_gains(tiny_llama()), "gpt2": lambda: _random_gains(tiny_gpt2())}
+    model = no_dropout(build[family]())
     b = batch()
     expected = score(model, [b], kinds=("head", "neuron"), after_ln=True)
     prior, adapter, _ = make_prior(model.train(), lam0=0.05, gain=0.0, after_ln=True)
