@@ -23,7 +23,8 @@ can be repeated by hand; a finished run is read back, not redone):
   snip post-training       no prior: function norms relative to the residual stream, at least 25% of each
                            layer kept (the best post-training SNIP of smollm2_decoder_grid_20.md), then the
                            epoch as recovery;
-  fisher / flap            post-training baselines, then the epoch as recovery;
+  fisher / flap / wanda-sp / shortgpt
+                           post-training baselines, then the epoch as recovery;
   ... after-ln             the prior's norm measured through the next norm that reads the stream
                            (norm_after_ln), on the layer's or the kind's common scale;
   dense control            the dense model fine-tuned for the same epoch, read from a committed results
@@ -151,6 +152,10 @@ def commands(args) -> dict[str, list[str]]:
                                           "--out", str(runs / f"snip_posthoc_{t}")],
         "fisher + recovery": [*posthoc, "--method", "fisher", "--out", str(runs / f"fisher_{t}")],
         "flap + recovery": [*posthoc, "--method", "flap", "--out", str(runs / f"flap_{t}")],
+        # the other decoder baselines of issue 15 (post-training they trail fisher and FLAP,
+        # smollm2_decoder_grid_20.md); wanda-sp with its bias compensation, as FLAP
+        "wanda-sp + recovery": [*posthoc, "--method", "wanda-sp", "--out", str(runs / f"wandasp_{t}")],
+        "shortgpt + recovery": [*posthoc, "--method", "shortgpt", "--out", str(runs / f"shortgpt_{t}")],
         CONTROL: ["finetune", *common, *train,
                   "--out", str(runs / ("dense_finetune" + tail))],
     }
