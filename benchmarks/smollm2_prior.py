@@ -70,9 +70,7 @@ def committed_control(path: Path, cli: list[str], error) -> dict:
     control = runs.get(CONTROL) or runs.get("dense+finetune (control)")
     if control is None:
         error(f"--control {path}: the file holds no dense control; pass another results JSON or 'run'")
-    want = shlex.split("idprior " + shlex.join(cli))
-    got = shlex.split(control["command"])
-    if _normal(got) != _normal(want):
+    if _normal(shlex.split(control.get("command", ""))) != _normal(["idprior", *cli]):
         error(f"--control {path}: its control ran `{control['command']}`, not this call's budget and data; "
               "use --control run")
     return control
