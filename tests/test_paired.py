@@ -379,3 +379,43 @@ def test_finetune_distill_splits_the_continuation_not_the_start():
         names[name] = (start, continuation_config(grid, cfg, Path("x") / start)[1])
     assert len({s for s, _ in names.values()}) == 1
     assert len({c for _, c in names.values()}) == 3
+
+
+def _load_seeds_script():
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2_prior_seeds.py"
+    spec = importlib.util.spec_from_file_location("smollm2_prior_seeds", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _prior_result(path, seed: int, arms: dict[str, float], epochs: int = 1) -> str:
+    """A results file as smollm2_prior.py writes it, holding only what the seed comparison reads."""
+    runs = {arm: {"command": f"idprior prune --epochs {epochs} --recover-epochs 0",
+                  "metrics": {"seed": seed, "target": 0.3, "task": "lm-rt",
+                              "pruned": {"test": {"perplexity": ppl, "nll": math.log(ppl)}}}}
+            for arm, ppl in arms.items()}
+    path.write_text(json.dumps({"runs": runs}))
+    return str(path)
+
+
+def test_seed_comparison_pairs_arms_per_seed_and_refuses_mixed_seeds(tmp_path):
+    seeds = _load_seeds_script()
+    cells = [_prior_result(tmp_path / f"s{s}.json", s, {"A": a, "B": b})
+             for s, (a, b) in enumerate([(90.0, 100.0), (99.0, 100.0), (104.0, 100.0)])]
+    argv = ["--a", "A", "--b", "B", "--name", "cmp", "--out-dir", str(tmp_path)]
+    for c in cells:
+        argv += ["--cell", c, c]
+    assert seeds.main(argv) == 0
+    out = json.loads((tmp_path / "cmp.json").read_text())
+    assert [round(r["rel_pct"], 6) for r in out["cells"]] == [-10.0, -1.0, 4.0]
+    mean, low, high = t_interval([-10.0, -1.0, 4.0])
+    assert out["rel_pct"] == pytest.approx({"mean": mean, "low": low, "high": high})
+    assert (tmp_path / "cmp.md").read_text().count("\n| ") == 4  # header row + three seeds
+
+    with pytest.raises(SystemExit) as e:  # seed 0's A against seed 1's B is not a pair
+        seeds.main(["--a", "A", "--b", "B", "--out-dir", str(tmp_path), "--cell", cells[0], cells[1]])
+    assert e.value.code == 2
