@@ -586,7 +586,8 @@ def test_nonfinite_scores_stop_with_the_unit_and_cause(folders, tmp_path, capsys
 
     monkeypatch.setattr(preflight, "check_finite_weights", lambda info: [])
     out = tmp_path / "out"
-    rc = main(["prune", "--model", str(folders["nan_weights"]), "--task", "rt-polarity", *REST, "--no-train",
+    rest = [a for i, a in enumerate(REST) if "--epochs" not in REST[max(0, i - 1):i + 1]]  # --no-train: no epochs
+    rc = main(["prune", "--model", str(folders["nan_weights"]), "--task", "rt-polarity", *rest, "--no-train",
                "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2

@@ -120,13 +120,15 @@ class PruneConfig:
     # the scale the next layer sees; scoring and proximal prior
     norm_after_ln: bool = False
     calib_size: int = 512
-    sn: bool = True
+    # The fine-tune's SN and identity prior: None is the method's own training (`training_of`): SNIP trains with
+    # both, every baseline plainly, as published; true/false asks for them explicitly (for SNIP: the ablations)
+    sn: bool | None = None
     sn_bound: str = "init"  # "init" (each matrix's own sigma at load) or a float
     # bound of the branch output projections (attention O, FFN-out) as a fraction of the bound above: below 1
     # SN binds from the first step and caps every branch's gain under its pretrained value ("SN that binds",
     # issue 14; measured in benchmarks/prior_tuning_r4.yaml); Q, K, V and FFN-in keep the plain bound
     sn_out_scale: float = 1.0
-    prior: bool = True
+    prior: bool | None = None
     prior_lambda: float = 0.1  # also the tuned value (λ in {0, 0.03, 0.1, 0.3}, tuning.md)
     prior_weight: PriorWeight = "uniform"
     prior_warmup: float = 0.1  # fraction of steps over which lambda ramps up linearly
@@ -268,7 +270,31 @@ def _build(raw: dict, problems: list[str]) -> RunConfig:
     problems += validate(cfg, raise_=False)
     if problems:
         raise ConfigError(problems)
-    return cfg
+    return with_method_training(cfg)
+
+
+def training_of(p: PruneConfig) -> tuple[bool, bool]:
+    """(SN, identity prior) of the fine-tune these prune settings run: what the user set, else the method's
+    own: SNIP fine-tunes with both, a baseline plainly, as it was published (a baseline trained under SNIP's
+    prior would choose among units the prior already zeroed: SNIP against itself)."""
+    own = p.method == "snip"
+    return (own if p.sn is None else bool(p.sn)), (own if p.prior is None else bool(p.prior))
+
+
+def with_method_training(cfg: RunConfig) -> RunConfig:
+    """`cfg` with prune.sn and prune.prior resolved by `training_of`, so that config.yaml, stages.json and every
+    stage read which training runs (a copy; a resolved config comes back equal)."""
+    sn, prior = training_of(cfg.prune)
+    return dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, sn=sn, prior=prior))
+
+
+def training_name(p: PruneConfig) -> str:
+    """The fine-tune in words, for reports and logs."""
+    sn, prior = training_of(p)
+    if not p.finetune_first:
+        return "none (post-training: the model as given)"
+    parts = (["spectral normalization"] if sn else []) + (["the identity prior"] if prior_active(p) else [])
+    return "with " + " and ".join(parts) if parts else "plain (no SN, no identity prior)"
 
 
 def _read_yaml(path) -> dict:
@@ -468,6 +494,22 @@ def _validate_data(d: DataConfig, need) -> None:
     need(d.zero_shot is None or d.zero_shot in SPECS,
          f"data.zero_shot must be one of {', '.join(SPECS)} (or null), got {d.zero_shot!r}")
     need(d.max_zero_shot is None or d.max_zero_shot >= 1, f"data.max_zero_shot must be >= 1, got {d.max_zero_shot}")
+    if d.zero_shot is not None:  # a classification task is already scored on its own labels
+        need(_task_kind(d.task) in ("lm", None), f"--zero-shot (data.zero_shot) classifies with a language model's "
+             f"next-token likelihoods, and task {d.task!r} is not a language-model task (lm-rt, lm-20ng, ...); drop it")
+
+
+def _task_kind(task: str) -> str | None:
+    """The kind of a built-in task (classification, regression, lm); user files are never "lm"; None when
+    the name is unknown (the data check reports that)."""
+    from .data.tasks import CUSTOM, get_task
+
+    if task.strip().lower() == CUSTOM:
+        return "classification"
+    try:
+        return get_task(task).kind
+    except IdpriorError:
+        return None
 
 
 def _validate_prune(pr: PruneConfig, need) -> None:
@@ -530,6 +572,8 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     _validate_training(cfg, need)
     _validate_data(cfg.data, need)
     _validate_prune(cfg.prune, need)
+    need(not cfg.prune.distill or cfg.recover.epochs > 0,
+         "--distill (prune.distill) distils during recovery, and recover.epochs is 0; give --recover-epochs or drop --distill")
     p += _bench_problems(cfg.bench)
     need(bool(cfg.out), "out must be a folder path")
     if p and raise_:
@@ -563,19 +607,20 @@ def prune_config(base: PruneConfig | None = None, **options: Any) -> PruneConfig
     _validate_prune(cfg, lambda ok, msg: ok or problems.append(msg))
     if problems:
         raise ConfigError(problems)
-    return cfg
+    sn, prior = training_of(cfg)
+    return dataclasses.replace(cfg, sn=sn, prior=prior)
 
 
 def prior_active(p: PruneConfig) -> bool:
     """Whether a fine-tune with these prune settings applies an identity prior: the proximal one, or
     the loss term with a positive λ."""
-    return bool(p.prior and (p.prior_mode == "proximal" or p.prior_lambda > 0))
+    return bool(training_of(p)[1] and (p.prior_mode == "proximal" or p.prior_lambda > 0))
 
 
 def proximal_phase(p: PruneConfig) -> bool:
     """Whether the model is fine-tuned with the proximal prior before scoring (selection "auto" then
     means "prior")."""
-    return bool(p.finetune_first and p.prior and p.prior_mode == "proximal")
+    return bool(p.finetune_first and training_of(p)[1] and p.prior_mode == "proximal")
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -587,7 +632,25 @@ def resume_key(cfg: RunConfig) -> dict:
     but the benchmark settings, which may change between a run and its resumption."""
     d = cfg.to_dict()
     d.pop("bench", None)
+    files = data_fingerprint(cfg.data)
+    if files:  # the files' contents, not just their names: a file edited between a run and --resume is another run
+        d["data_files"] = files
     return d
+
+
+def data_fingerprint(d: DataConfig) -> dict[str, str]:
+    """{role: sha256 of the file} for the user data files a run reads (a missing file is left to the data check)."""
+    import hashlib
+
+    out = {}
+    for role, path in (("train", d.train_file), ("validation", d.validation_file), ("test", d.test_file)):
+        if path and Path(path).expanduser().is_file():
+            h = hashlib.sha256()
+            with open(Path(path).expanduser(), "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    h.update(block)
+            out[role] = h.hexdigest()
+    return out
 
 
 # The prune fields only one form of the identity prior reads (besides prior_mode itself): the loss

@@ -39,6 +39,9 @@ from .config import (
     proximal_phase,
     resume_differences,
     resume_key,
+    training_name,
+    training_of,
+    with_method_training,
 )
 from .data import load_task
 from .data.labels import align_labels
@@ -194,17 +197,18 @@ def prior_hooks(p: PruneConfig, model, adapter) -> tuple[list, list]:
 
 
 def stage_finetune(run: Run) -> dict:
-    """Fine-tune with SN + identity prior (or take the model as is with prune.finetune_first=false)."""
+    """Fine-tune (SNIP: with SN + identity prior; a baseline: plainly; `config.training_of`), or take the model
+    as is with prune.finetune_first=false."""
     from . import spectral
     from .surgery import save_pruned
     from .train import Distillation, train
 
     cfg, p = run.cfg, run.cfg.prune
     model, tok = run.load_model(cfg.model.name)
-    info: dict = {}
+    info: dict = {"training": training_name(p)}
     if p.finetune_first and cfg.train.epochs > 0:
         adapter = get_adapter(model, per_query_head=cfg.model.per_query_head)
-        if p.sn:
+        if training_of(p)[0]:
             info["sn_matrices"] = spectral.attach(model, adapter, p.sn_bound, p.sn_out_scale)
         hooks, attached = prior_hooks(p, model, adapter)
         if p.finetune_distill:  # the start itself, frozen, as the teacher (a start already tuned on the task)
@@ -347,7 +351,7 @@ def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
     pruned = run.load_model(str(run.path("pruned")))[0]
     surg = run.load_model(str(run.path("surgery")))[0] if recovered else pruned
     out = {"task": run.task.name, "main_metric": main_metric(run.task), "model": run.cfg.model.name,
-           "method": run.cfg.prune.method, "target": run.cfg.prune.target, "measure": run.cfg.prune.measure,
+           "method": run.cfg.prune.method, "training": training_name(run.cfg.prune), "target": run.cfg.prune.target, "measure": run.cfg.prune.measure,
            "seed": run.cfg.seed, "sizes": run.data.sizes(), "dense": {}, "pruned_no_recovery": {}, "pruned": {}}
     per_example: dict = {}  # "stage.split" -> per-example outputs, for paired comparisons (predictions.safetensors)
     for split in ["validation", *run.test_splits()]:
@@ -482,7 +486,10 @@ def run_stages(run: Run, names: Iterable[str], *, on: Run | None = None, suffix:
 
 def prune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
           observe: StageObserver | None = None) -> Path:
-    """Run every stage of `idprior prune`; returns the output folder. `observe`: see `run_stages`."""
+    """Run every stage of `idprior prune`; returns the output folder. `observe`: see `run_stages`.
+    A baseline (`prune.method` other than snip) fine-tunes and recovers plainly unless `prune.sn` /
+    `prune.prior` ask for SN or the prior (`config.training_of`)."""
+    cfg = with_method_training(cfg)
     preflight(cfg, resume=resume, overwrite=overwrite)  # every input problem at once, before anything is written
     torch.manual_seed(cfg.seed)
     run = Run(cfg, resume=resume, overwrite=overwrite)

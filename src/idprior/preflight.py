@@ -124,6 +124,10 @@ def check_output(cfg: RunConfig, *, resume: bool, overwrite: bool) -> list[str]:
             return [f"--resume: {out} holds no idprior run (no stages.json or config.yaml); choose the run's "
                     "folder or another --out"]
         changed = resume_differences(saved, cfg)
+        edited = [k.split(".", 1)[1] for k in changed if k.startswith("data_files.")]
+        if edited:
+            return [f"--resume: the {' and '.join(edited)} data file changed since {out} was started (its contents "
+                    "differ); restore it, or start afresh with --overwrite or another --out"]
         if changed:
             shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
             return [f"--resume: {out} was started with a different config ({shown} differ); use the same "
@@ -390,6 +394,10 @@ def check_structure(cfg: RunConfig, info: ModelInfo) -> list[str]:
         return [f"{info.folder} cannot be built from its config.json ({type(e).__name__}: {_first_line(e)})"]
     if adapter is None:
         return []
+    if cfg.model.per_query_head and not any(adapter.shape(i).n_kv_heads < adapter.shape(i).n_heads
+                                            for i in range(adapter.num_layers) if adapter.shape(i).has_attn):
+        return [f"--per-query-head changes how grouped-query attention is pruned, and {info.folder} has no "
+                "grouped-query attention (as many key/value heads as query heads); drop --per-query-head"]
     layer_method = p.method in (ShortGPTMethod.name, TopLayersMethod.name)
     kinds = ("attn", "ffn") if layer_method else parse_kinds(p.kinds)  # layer drops ignore --kinds
     n = adapter.num_layers

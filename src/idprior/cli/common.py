@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+import yaml
+
 from ..config import RunConfig, load_config
 from ..errors import ConfigError
 
@@ -109,11 +111,39 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if {"prune.tau", "prune.target"} <= given:
         raise ConfigError(["--tau and --target both given: --tau removes every unit under a threshold and would "
                            "ignore --target; give one of them"])
+    flagged = {}  # dotted key -> (flag, value) of every flag and switch given
     for name, (key, _) in {**RUN_FLAGS, **PRUNE_FLAGS}.items():
         value = getattr(args, name, None)
         if value is not None:
-            overrides.append(f"{key}={value}")
+            flagged[key] = ("--" + name.replace("_", "-"), str(value))
     for name, (key, value, _) in SWITCHES.items():
         if getattr(args, name, False):
-            overrides.append(f"{key}={str(value).lower()}")
-    return load_config(args.config, overrides)
+            flagged[key] = ("--" + name.replace("_", "-"), str(value).lower())
+    problems = contradictions(overrides, flagged)
+    if problems:
+        raise ConfigError(problems)
+    return load_config(args.config, overrides + [f"{key}={value}" for key, (_, value) in flagged.items()])
+
+
+# flags that set the fine-tune, which post-training mode (--no-train) skips
+FINETUNE_KEYS = ("train.epochs", "train.lr")
+
+
+def contradictions(overrides: list[str], flagged: dict[str, tuple[str, str]]) -> list[str]:
+    """Two sides of one command line that cannot both hold, one line each naming both: a flag and a `--set` of
+    the same key with other values (the flag used to win silently), and fine-tune flags with --no-train."""
+    problems = []
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        key = key.strip()
+        if key in flagged:
+            flag, value = flagged[key]
+            if yaml.safe_load(raw or "null") != yaml.safe_load(value):
+                problems.append(f"{flag} {value} and --set {key}={raw.strip()} set the same option to different "
+                                "values; give one of them")
+    if flagged.get("prune.finetune_first", ("", ""))[1] == "false":
+        for key in FINETUNE_KEYS:
+            if key in flagged:
+                problems.append(f"--no-train skips the fine-tune, so {flagged[key][0]} {flagged[key][1]} would do "
+                                f"nothing; drop one of them (recovery after the cut: --recover-epochs, --set recover.*)")
+    return problems
