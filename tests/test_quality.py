@@ -178,30 +178,3 @@ def test_report_cli(tmp_path):
     assert main(["report", str(path), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "r.md").is_file() and (tmp_path / "o" / "r_tradeoff.png").read_bytes().startswith(PNG_MAGIC)
     assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
-
-
-def test_tuning_report_picks_best_validation(tmp_path):
-    from idprior.report_quality import write_tuning_report
-
-    rows = []
-    for seed, accs in enumerate([(0.70, 0.75, 0.60), (0.72, 0.79, 0.62)]):
-        for (lam, sel), acc in zip([(0.0, "norm"), (0.1, "norm"), (0.1, "energy-per-cost")], accs):
-            r = _row("rt-polarity", seed, f"snip-{lam}-{sel}", 0.5, acc)
-            r["config"] = {"prune": {"prior": lam > 0, "prior_lambda": lam, "selection": sel, "head_share": None,
-                                     "sn": True, "prior_weight": "uniform"}}
-            r["pruned"]["test"] = {"accuracy": 1.0 - acc}  # test must not decide
-            rows.append(r)
-    text = write_tuning_report(rows, tmp_path / "tuning.md", command="cmd").read_text()
-    assert "| λ 0.1, norm | **77.0 ± 2.8 (2)** | **77.0 ± 2.8 (2)** |" in text
-    assert "| λ 0.1, energy-per-cost | 61.0 ± 1.4 (2) | 61.0 ± 1.4 (2) |" in text
-    assert "prior_lambda = 0.1, selection = norm" in text
-    # a second task where energy-per-cost wins by more: the average over tasks decides
-    for seed in (0, 1):
-        for (lam, sel), acc in zip([(0.0, "norm"), (0.1, "norm"), (0.1, "energy-per-cost")], (0.5, 0.5, 0.9)):
-            r = _row("subj", seed, f"snip-{lam}-{sel}", 0.5, acc)
-            r["config"] = {"prune": {"prior": lam > 0, "prior_lambda": lam, "selection": sel, "head_share": None,
-                                     "sn": True, "prior_weight": "uniform"}}
-            rows.append(r)
-    text = write_tuning_report(rows, tmp_path / "tuning.md").read_text()
-    assert "| λ 0.1, energy-per-cost | 61.0 ± 1.4 (2) | **90.0 ± 0.0 (2)** | **75.5 ± 0.7 (2)** |" in text
-    assert "prior_lambda = 0.1, selection = energy-per-cost" in text

@@ -10,7 +10,6 @@ from idprior.arch import get_adapter
 from idprior.errors import IdpriorError
 from idprior.gates import Gates
 from idprior.plan import measure_of, removed_cost, sublayer_cost
-from idprior.prior import IdentityPrior
 from idprior.scoring import score
 from idprior.selection import select
 from idprior.surgery import apply_plan
@@ -107,46 +106,6 @@ def test_sn_under_its_bound_is_the_weight_itself_and_records_binding():
 
 
 @pytest.mark.parametrize("make", FAMILIES)
-def test_sn_out_scale_binds_only_the_output_projections(make):
-    """`sn_out_scale` < 1: the attention-O and FFN-out weights are held at that fraction of their
-    pretrained sigma from the first forward (SN binds), Q/K/V/FFN-in keep their plain bound, and the
-    folded model computes what the parametrized one did."""
-    model = make()
-    adapter = get_adapter(model)
-    b = batch()
-    before = logits(model, b)
-    sigma0 = {}
-    for layer in range(adapter.num_layers):
-        for module, kind in adapter.sn_targets(layer):
-            w = module.weight.detach()
-            sigma0[id(module)] = float(torch.linalg.matrix_norm(w.t() if kind == "conv1d" else w, ord=2))
-    spectral.attach(model, adapter, out_scale=0.8)
-    outputs = {id(m) for layer in range(adapter.num_layers)
-               for m in (adapter.attn_out_proj(layer), adapter.ffn_out_proj(layer))}
-    scaled = 0
-    for module, sn in spectral.sn_modules(model):
-        expect = 0.8 if id(module) in outputs else 1.0
-        assert float(sn.bound) == pytest.approx(expect * sigma0[id(module)], rel=1e-4)
-        scaled += id(module) in outputs
-    assert scaled == 2 * adapter.num_layers
-    for module, sn in spectral.sn_modules(model):
-        sn.refresh(module.parametrizations.weight.original)  # exact sigma, as fold() uses
-    bound_logits = logits(model, b)
-    assert not torch.allclose(bound_logits, before, atol=1e-4)  # the bound binds: the function changed
-    for module, sn in spectral.sn_modules(model):
-        if id(module) in outputs:
-            assert sn.clipped
-    spectral.fold(model)
-    for layer in range(adapter.num_layers):
-        for module, kind in adapter.sn_targets(layer):
-            if id(module) in outputs:
-                w = module.weight.detach()
-                sigma = float(torch.linalg.matrix_norm(w.t() if kind == "conv1d" else w, ord=2))
-                assert sigma == pytest.approx(0.8 * sigma0[id(module)], rel=1e-3)
-    torch.testing.assert_close(logits(model, b), bound_logits, rtol=1e-4, atol=1e-4)
-
-
-@pytest.mark.parametrize("make", FAMILIES)
 def test_open_gates_skip_the_products_but_observers_still_see_every_site(make):
     """With every gate at 1 and none trained, the hooks hand the model and its observers the tensors
     unchanged (bit-identical logits and gradients to the ungated model); a closed or trained gate
@@ -178,56 +137,6 @@ def test_open_gates_skip_the_products_but_observers_still_see_every_site(make):
     model(**b).logits.square().mean().backward()
     assert gates.head[0].grad is not None  # trained gates stay in the graph (Michel et al.)
     gates.detach()
-
-
-# ---- identity prior ----------------------------------------------------------------------------
-
-def test_prior_zero_when_all_branches_closed_and_positive_otherwise():
-    model = tiny_bert().train()
-    adapter = get_adapter(model)
-    gates = Gates(model, adapter)
-    prior = IdentityPrior(model, adapter, gates, ("head", "neuron", "attn", "ffn"), lam=1.0)
-    b = batch()
-    model(**b)
-    open_value = float(prior.penalty().detach())
-    assert open_value > 0
-    for t in gates.tensors():
-        t.zero_()
-    model(**b)
-    assert float(prior.penalty().detach()) == pytest.approx(0.0, abs=1e-6)
-
-
-def test_prior_gradient_reaches_branches_not_the_task_head():
-    model = tiny_bert().train()
-    adapter = get_adapter(model)
-    gates = Gates(model, adapter)
-    prior = IdentityPrior(model, adapter, gates, ("head", "neuron"), lam=1.0)
-    model(**batch())
-    loss, terms = prior(model, {}, step=10, total=10)
-    loss.backward()
-    assert terms["prior"] > 0
-    grads = {n: p.grad for n, p in model.named_parameters()}
-    assert all(g is None or float(g.abs().sum()) == 0 for n, g in grads.items() if n.startswith(("classifier", "bert.pooler")))
-    assert float(grads["bert.encoder.layer.0.attention.self.query.weight"].abs().sum()) > 0
-    assert float(grads["bert.encoder.layer.1.intermediate.dense.weight"].abs().sum()) > 0
-
-
-def test_prior_lambda_warms_up_linearly():
-    model = tiny_bert()
-    adapter = get_adapter(model)
-    prior = IdentityPrior(model, adapter, Gates(model, adapter), lam=0.2, warmup=0.1)
-    assert prior.lam_at(0, 100) == pytest.approx(0.02)
-    assert prior.lam_at(4, 100) == pytest.approx(0.1)
-    assert prior.lam_at(50, 100) == pytest.approx(0.2)
-
-
-def test_prior_cost_weights_sum_to_one_and_favour_heads():
-    model = tiny_bert()
-    adapter = get_adapter(model)
-    prior = IdentityPrior(model, adapter, Gates(model, adapter), ("head", "neuron"), weight="cost")
-    total = sum(float(v.sum()) for v in prior.weights.values())
-    assert total == pytest.approx(1.0)
-    assert float(prior.weights[("head", 0)][0]) > float(prior.weights[("neuron", 0)][0])
 
 
 # ---- function norms ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ not Lee et al.'s "SNIP: Single-shot Network Pruning". Public API (imported lazil
 
     load(spec, task)                       model + tokenizer from a local folder / alias
     load_task(name, ...)                   task data (offline tasks, GLUE, user files)
-    Gates, score, IdentityPrior            gates, function norms, the prior
+    Gates, score, ProximalPrior            gates, function norms, the identity prior
     attach_spectral_norm, fold_spectral_norm
     select, PruningPlan, Unit              thresholding to a target
     apply_plan, save_pruned, load_pruned   surgery and one-call reload
@@ -29,7 +29,7 @@ _EXPORTS = {
     "get_adapter": ("arch", "get_adapter"),
     "Gates": ("gates", "Gates"),
     "score": ("scoring", "score"),
-    "IdentityPrior": ("prior", "IdentityPrior"),
+    "ProximalPrior": ("proximal", "ProximalPrior"),
     "attach_spectral_norm": ("spectral", "attach"),
     "fold_spectral_norm": ("spectral", "fold"),
     "select": ("selection", "select"),

@@ -6,10 +6,9 @@ which `configs/` links to, or any YAML path), and dotted overrides such as `trai
 CLI flags turn into). `validate()` reports every bad field in one `ConfigError` so a user fixes a
 config in one go, before any work starts.
 
-Renamed fields keep their old names as aliases (`ALIASES`): an old name in a preset or an override
-sets the new field; a source (one YAML file, or the overrides) that gives both names with different
-values is refused, naming both. Run folders written before a rename are read with the rule that held
-then (`upgrade_saved`): there `prune.recover_epochs` always replaced `recover.epochs`.
+Prune fields left at None take the measured recipe of the model's family and mode (`recipe_for`), which
+the stages resolve once the model is loaded. Run folders record `CONFIG_VERSION`; a folder written by an
+earlier idprior is refused by `--resume` with a one-line error (CHANGELOG.md).
 """
 
 from __future__ import annotations
@@ -34,23 +33,23 @@ if typing.TYPE_CHECKING:
     from importlib.abc import Traversable
 
 Measure = Literal["encoder_params", "linear_params", "flops"]
-Selection = Literal["auto", "norm", "norm-per-cost", "energy-per-cost", "share", "relative", "prior"]
-PriorMode = Literal["loss", "proximal"]
-PriorWeight = Literal["uniform", "cost"]
-ScoreMode = Literal["absolute", "relative", "residual"]
+Selection = Literal["auto", "norm", "share", "prior"]
+ScoreMode = Literal["absolute", "residual"]
 Compensation = Literal["auto", "none", "bias", "lsq"]
 DType = Literal["float32", "bfloat16", "float16"]
 ProblemType = Literal["classification", "regression"]
 MEASURES = typing.get_args(Measure)
 SELECTIONS = typing.get_args(Selection)
-PRIOR_MODES = typing.get_args(PriorMode)
-PRIOR_WEIGHTS = typing.get_args(PriorWeight)
 DTYPES = typing.get_args(DType)
 COMPENSATIONS = typing.get_args(Compensation)
 SCORES = typing.get_args(ScoreMode)
 
-# old dotted name -> current one (see the module docstring)
-ALIASES = {"prune.recover_epochs": "recover.epochs", "prune.train": "prune.finetune_first"}
+# The format of a run folder's recorded config (stages.json "version"): folders of another version do not resume.
+CONFIG_VERSION = 2
+
+# SNIP's measured settings for a prune field left at None, when the model family's recipe does not set it
+# (`recipe_for`); chosen on validation of the paired grid (docs/results.md, docs/history.md).
+RECIPE = {"score": "absolute", "norm_after_ln": False, "prior_gamma": 3.0, "prior_debias": False, "min_keep": 0.0}
 
 
 @dataclass
@@ -103,56 +102,33 @@ class PruneConfig:
     flops_seq_len: int = 128
     tau: float | None = None  # raw function-norm threshold instead of a target
     kinds: str = "head,neuron"
-    # "auto": "prior" after a proximal prior phase (the units it brought to the identity go first;
-    # tuned on validation, benchmarks/notes/prior_tuning.md); otherwise the model family's default (its
-    # adapter's `default_selection`): for encoders "share" with head_share 0.3 (benchmarks/results/tuning.md),
-    # for decoders "norm" (benchmarks/results/smollm2_selection.md).
+    # "auto": "prior" after the prior phase (the units it brought to the identity go first; chosen on validation,
+    # docs/results.md); otherwise the model family's default (its adapter's `default_selection`): for encoders
+    # "share" with head_share 0.3, for decoders "norm".
     selection: Selection = "auto"
     head_share: float | None = None  # selection "share": fraction of the budget taken from heads
-    # "relative": divide by the RMS of the layer input; "residual": by the RMS of the residual stream each
-    # branch writes into (pre-LN decoders: the FFN's is the layer input plus the attention output)
-    score: ScoreMode = "absolute"
-    # "readout": last-layer function norms over the positions the model's head reads ([CLS] for a
-    # BERT classifier), in scoring and in the proximal prior; "all": every real token
-    norm_positions: str = "readout"
+    # Fields left at None take the measured recipe of the model family and mode (`recipe_for`: `RECIPE`, then the
+    # adapter's `recipe`), so `idprior prune` with defaults only runs what was measured for that kind of model.
+    # "absolute": the branch's own norm; "residual": divided by the RMS of the residual stream it writes into
+    # (pre-LN decoders: the FFN's is the layer input plus the attention output)
+    score: ScoreMode | None = None
     # True: branches measured through the next norm (post-LN: the LayerNorm they join, diag(γ) C W; pre-LN:
     # the next sub-layer's pre-norm, diag(γ) W; scaled by that norm's mean 1/σ), so layers are compared on
-    # the scale the next layer sees; scoring and proximal prior
-    norm_after_ln: bool = False
+    # the scale the next layer sees; scoring and the prior
+    norm_after_ln: bool | None = None
     calib_size: int = 512
     # The fine-tune's SN and identity prior: None is the method's own training (`training_of`): SNIP trains with
-    # both, every baseline plainly, as published; true/false asks for them explicitly (for SNIP: the ablations)
+    # both (decoders: the prior alone, their recipe), every baseline plainly, as published; true/false asks for
+    # them explicitly (for SNIP: the ablations)
     sn: bool | None = None
     sn_bound: str = "init"  # "init" (each matrix's own sigma at load) or a float
-    # bound of the branch output projections (attention O, FFN-out) as a fraction of the bound above: below 1
-    # SN binds from the first step and caps every branch's gain under its pretrained value ("SN that binds",
-    # issue 14; measured in benchmarks/prior_tuning_r4.yaml); Q, K, V and FFN-in keep the plain bound
-    sn_out_scale: float = 1.0
     prior: bool | None = None
-    prior_lambda: float = 0.1  # also the tuned value (λ in {0, 0.03, 0.1, 0.3}, tuning.md)
-    prior_weight: PriorWeight = "uniform"
-    prior_warmup: float = 0.1  # fraction of steps over which lambda ramps up linearly
-    # "proximal" (default since the paired benchmark, issue 14): a soft-threshold of each unit's function
-    # norm after every optimizer step, its strength λ driven so that the target fraction of `measure`
-    # reaches the identity on a cubic schedule (proximal.py; prior_lambda/weight/warmup are not used).
-    # "loss": λ Σ c_u ‖f_u‖ added to the task loss (prior_lambda, prior_weight, prior_warmup; measured
-    # inert under Adam: the first definition). The proximal defaults below were picked on validation
-    # (seeds 0-1 of the paired grid; benchmarks/notes/prior_tuning.md, "all-adam").
-    prior_mode: PriorMode = "proximal"
-    prior_lambda0: float = 0.01  # proximal: starting λ (unitless: 0.01 = 1% of a mean unit norm per step)
-    prior_gamma: float = 3.0  # proximal: reweighting exponent (larger: small units pulled harder; 0: plain)
-    prior_ramp: float = 0.5  # proximal: fraction of the fine-tune over which the schedule reaches the target
-    prior_gain: float = 0.5  # proximal: controller gain κ (0 keeps λ at prior_lambda0)
-    prior_head_share: float | None = 0.15  # proximal: share of the target taken by heads (None: free)
-    prior_freeze: bool = True  # proximal: stop pulling once the target sits at the identity (no overshoot)
-    # proximal: give the surviving units back the prior's shrinkage once the target is reached (on in the decoder
-    # preset; with prior_scale "unit" or prior_metric "gate" it broke the model in every measured run: warned)
-    prior_debias: bool = False
-    prior_scale: str = "kind"  # proximal: "layer" pulls each layer on its own starting scale F̄_{k,l}, "unit" each unit on its own (proximal.py)
-    # proximal: "adam" takes the step in Adam's metric (see proximal.py); "gate": scaled by the loss's per-example
-    # sensitivity to each unit's norm; "euclid": the plain soft-threshold
-    prior_metric: str = "adam"
-    finetune_first: bool = True  # fine-tune with SN + prior first; False: post-training mode (old name: prune.train)
+    # The identity prior (proximal.py): a soft-threshold of each unit's function norm after every optimizer
+    # step, its strength driven so that the target fraction of `measure` reaches the identity on a schedule.
+    prior_gamma: float | None = None  # reweighting exponent (larger: small units pulled harder; 0: plain)
+    prior_head_share: float | None = 0.15  # share of the target taken by heads (None: free)
+    prior_debias: bool | None = None  # give the survivors back the prior's shrinkage once the target is reached
+    finetune_first: bool = True  # fine-tune first; False: post-training mode (score and cut the model as given)
     iterative: int = 1
     distill: bool = False  # distil from the unpruned model during recovery
     # distil from the model the fine-tune starts from, during the fine-tune (SN + prior phase): only for a
@@ -162,10 +138,9 @@ class PruneConfig:
     distill_temperature: float = 2.0
     # After surgery, from calibration activations of the unpruned model (compensate.py): "bias" adds the
     # removed channels' mean output to the output projection's bias (FLAP), "lsq" re-fits the kept
-    # columns by ridge regression; "auto" is the method's own (bias for flap and wanda-sp, else none).
+    # columns by ridge regression; "auto": the method's own (bias for flap and wanda-sp; SNIP's recipe).
     compensate: Compensation = "auto"
-    compensate_ridge: float = 0.01  # lsq: ridge toward the old weights, relative to the mean E[x_j^2]
-    min_keep: float = 0.0  # fraction of each layer's head units and of its neurons that always stays (the proximal prior spares them too)
+    min_keep: float | None = None  # fraction of each layer's head units and of its neurons that always stays
     protect_first: int = 0  # the first N layers are never pruned
     protect_last: int = 0  # the last N layers are never pruned
 
@@ -194,7 +169,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    recover: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0))  # after surgery (epochs: old name prune.recover_epochs)
+    recover: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0))  # after surgery
     prune: PruneConfig = field(default_factory=PruneConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
@@ -237,7 +212,6 @@ def load_config(preset: str | None = None, overrides: list[str] | dict | None = 
     if preset:
         path = resolve_preset(preset)
         raw = _read_yaml(path)
-        problems += _apply_aliases(raw, str(path))
     if isinstance(overrides, dict):
         overrides = [f"{k}={v}" for k, v in overrides.items()]
     given: dict = {}
@@ -247,21 +221,20 @@ def load_config(preset: str | None = None, overrides: list[str] | dict | None = 
             continue
         key, value = item.split("=", 1)
         _set_dotted(given, key.strip(), yaml.safe_load(value) if value.strip() else None)
-    problems += _apply_aliases(given, "the overrides")
     _merge_raw(raw, given)
     return _build(raw, problems)
 
 
 def load_run_config(path: str | Path) -> RunConfig:
-    """The config of a run folder (the folder or its config.yaml), written by any idprior version:
-    old names are read with the rule that held when they were written (`upgrade_saved`)."""
+    """The config of a run folder (the folder or its config.yaml)."""
     path = Path(path)
     return config_from_saved(_read_yaml(path / "config.yaml" if path.is_dir() else path))
 
 
 def config_from_saved(saved: dict) -> RunConfig:
-    """A RunConfig from a config dict recorded by any idprior version (config.yaml, stages.json)."""
-    return _build(upgrade_saved(saved), [])
+    """A RunConfig from a config dict recorded in a run folder (config.yaml, stages.json)."""
+    saved = {k: v for k, v in saved.items() if k != "data_files"}
+    return _build(saved, [])
 
 
 def _build(raw: dict, problems: list[str]) -> RunConfig:
@@ -270,7 +243,7 @@ def _build(raw: dict, problems: list[str]) -> RunConfig:
     problems += validate(cfg, raise_=False)
     if problems:
         raise ConfigError(problems)
-    return with_method_training(cfg)
+    return cfg
 
 
 def training_of(p: PruneConfig) -> tuple[bool, bool]:
@@ -279,13 +252,6 @@ def training_of(p: PruneConfig) -> tuple[bool, bool]:
     prior would choose among units the prior already zeroed: SNIP against itself)."""
     own = p.method == "snip"
     return (own if p.sn is None else bool(p.sn)), (own if p.prior is None else bool(p.prior))
-
-
-def with_method_training(cfg: RunConfig) -> RunConfig:
-    """`cfg` with prune.sn and prune.prior resolved by `training_of`, so that config.yaml, stages.json and every
-    stage read which training runs (a copy; a resolved config comes back equal)."""
-    sn, prior = training_of(cfg.prune)
-    return dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, sn=sn, prior=prior))
 
 
 def training_name(p: PruneConfig) -> str:
@@ -305,51 +271,6 @@ def _read_yaml(path) -> dict:
     if not isinstance(raw, dict):
         raise IdpriorError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
     return raw
-
-
-def _get_dotted(raw: dict, key: str) -> tuple[bool, Any]:
-    node: Any = raw
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return False, None
-        node = node[part]
-    return True, node
-
-
-def _apply_aliases(raw: dict, source: str) -> list[str]:
-    """Move old names in one source onto the current ones; both given with different values is a problem."""
-    problems = []
-    for old, new in ALIASES.items():
-        has_old, value = _get_dotted(raw, old)
-        if not has_old:
-            continue
-        section, name = old.rsplit(".", 1)
-        raw[section].pop(name)
-        has_new, current = _get_dotted(raw, new)
-        if has_new and current != value:
-            problems.append(f"{old} is the old name of {new}; {source} gives both ({old}={value!r}, "
-                            f"{new}={current!r}): keep {new} only")
-        else:
-            _set_dotted(raw, new, value)
-    return problems
-
-
-def upgrade_saved(saved: dict) -> dict:
-    """A config dict recorded by an earlier idprior (stages.json, config.yaml) in current names, with
-    the meaning it had then: `prune.recover_epochs` replaced `recover.epochs`, `prune.train` is
-    `prune.finetune_first`, a field added later is the value it had before (`ADDED_LATER`). A copy; a
-    current dict comes back unchanged."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
-    prune = out.get("prune")
-    if isinstance(prune, dict):
-        if "recover_epochs" in prune:
-            out["recover"] = {**(out.get("recover") or {}), "epochs": prune.pop("recover_epochs")}
-        if "train" in prune:
-            prune["finetune_first"] = prune.pop("train")
-    for section, values in ADDED_LATER.items():  # a field the run did not record: the behaviour it had
-        if isinstance(out.get(section), dict):
-            out[section] = {**values, **out[section]}
-    return out
 
 
 def _merge_raw(base: dict, top: dict) -> None:
@@ -523,28 +444,14 @@ def _validate_prune(pr: PruneConfig, need) -> None:
     need(pr.selection in SELECTIONS, f"prune.selection must be one of {', '.join(SELECTIONS)}, got {pr.selection!r}")
     need(pr.head_share is None or 0 <= pr.head_share <= 1, f"prune.head_share must be in [0, 1], got {pr.head_share}")
     need(pr.selection != "share" or pr.head_share is not None, "prune.selection 'share' needs prune.head_share (e.g. 0.3)")
-    need(pr.score in SCORES, f"prune.score must be one of {', '.join(SCORES)}, got {pr.score!r}")
-    need(pr.norm_positions in ("all", "readout"), f"prune.norm_positions must be 'all' or 'readout', got {pr.norm_positions!r}")
+    need(pr.score is None or pr.score in SCORES, f"prune.score must be one of {', '.join(SCORES)}, got {pr.score!r}")
     need(pr.calib_size >= 1, f"prune.calib_size must be >= 1, got {pr.calib_size}")
     if pr.sn_bound != "init":
         try:
             need(float(pr.sn_bound) > 0, f"prune.sn_bound must be 'init' or a positive number, got {pr.sn_bound!r}")
         except ValueError:
             need(False, f"prune.sn_bound must be 'init' or a positive number, got {pr.sn_bound!r}")
-    need(0 < pr.sn_out_scale <= 1, f"prune.sn_out_scale must be in (0, 1], got {pr.sn_out_scale}")
-    need(pr.prior_lambda >= 0 and math.isfinite(pr.prior_lambda), f"prune.prior_lambda must be >= 0, got {pr.prior_lambda}")
-    need(pr.prior_weight in PRIOR_WEIGHTS, f"prune.prior_weight must be one of {', '.join(PRIOR_WEIGHTS)}, got {pr.prior_weight!r}")
-    need(0 <= pr.prior_warmup <= 1, f"prune.prior_warmup must be in [0, 1], got {pr.prior_warmup}")
-    need(pr.prior_mode in PRIOR_MODES, f"prune.prior_mode must be one of {', '.join(PRIOR_MODES)}, got {pr.prior_mode!r}")
-    need(0 < pr.prior_lambda0 <= 1, f"prune.prior_lambda0 must be in (0, 1], got {pr.prior_lambda0}")
-    need(0 <= pr.prior_gamma <= 4, f"prune.prior_gamma must be in [0, 4], got {pr.prior_gamma}")
-    need(0 < pr.prior_ramp <= 1, f"prune.prior_ramp must be in (0, 1], got {pr.prior_ramp}")
-    need(not pr.prior_debias or pr.prior_freeze,
-         "prune.prior_debias needs prune.prior_freeze=true (survivors are restored when the target is reached)")
-    need(pr.prior_scale in ("kind", "layer", "unit"), f"prune.prior_scale must be 'kind', 'layer' or 'unit', got {pr.prior_scale!r}")
-    need(pr.prior_metric in ("euclid", "adam", "gate"),
-         f"prune.prior_metric must be 'euclid', 'adam' or 'gate', got {pr.prior_metric!r}")
-    need(0 <= pr.prior_gain <= 10, f"prune.prior_gain must be in [0, 10], got {pr.prior_gain}")
+    need(pr.prior_gamma is None or 0 <= pr.prior_gamma <= 4, f"prune.prior_gamma must be in [0, 4], got {pr.prior_gamma}")
     need(pr.prior_head_share is None or 0 <= pr.prior_head_share <= 1,
          f"prune.prior_head_share must be in [0, 1], got {pr.prior_head_share}")
     need(pr.iterative >= 1, f"prune.iterative must be >= 1, got {pr.iterative}")
@@ -553,9 +460,7 @@ def _validate_prune(pr: PruneConfig, need) -> None:
     need(not pr.finetune_distill or pr.finetune_first,
          "prune.finetune_distill needs prune.finetune_first=true (it distils during the fine-tune); drop one of them")
     need(pr.compensate in COMPENSATIONS, f"prune.compensate must be one of {', '.join(COMPENSATIONS)}, got {pr.compensate!r}")
-    need(pr.compensate_ridge > 0 and math.isfinite(pr.compensate_ridge),
-         f"prune.compensate_ridge must be > 0, got {pr.compensate_ridge}")
-    need(0 <= pr.min_keep < 1, f"prune.min_keep must be in [0, 1), got {pr.min_keep}")
+    need(pr.min_keep is None or 0 <= pr.min_keep < 1, f"prune.min_keep must be in [0, 1), got {pr.min_keep}")
     need(pr.protect_first >= 0, f"prune.protect_first must be >= 0, got {pr.protect_first}")
     need(pr.protect_last >= 0, f"prune.protect_last must be >= 0, got {pr.protect_last}")
 
@@ -607,20 +512,34 @@ def prune_config(base: PruneConfig | None = None, **options: Any) -> PruneConfig
     _validate_prune(cfg, lambda ok, msg: ok or problems.append(msg))
     if problems:
         raise ConfigError(problems)
-    sn, prior = training_of(cfg)
-    return dataclasses.replace(cfg, sn=sn, prior=prior)
+    return cfg
 
 
 def prior_active(p: PruneConfig) -> bool:
-    """Whether a fine-tune with these prune settings applies an identity prior: the proximal one, or
-    the loss term with a positive λ."""
-    return bool(training_of(p)[1] and (p.prior_mode == "proximal" or p.prior_lambda > 0))
+    """Whether a fine-tune with these prune settings applies the identity prior."""
+    return bool(p.finetune_first and training_of(p)[1])
 
 
 def proximal_phase(p: PruneConfig) -> bool:
-    """Whether the model is fine-tuned with the proximal prior before scoring (selection "auto" then
-    means "prior")."""
-    return bool(p.finetune_first and training_of(p)[1] and p.prior_mode == "proximal")
+    """Whether the model is fine-tuned with the identity prior before scoring (selection "auto" then means
+    "prior"). The same as `prior_active`; named for what selection asks."""
+    return prior_active(p)
+
+
+def recipe_for(p: PruneConfig, family: dict | None = None) -> PruneConfig:
+    """`p` with every field left at None set: SNIP's from the model family's measured recipe for the mode
+    (`family`: the adapter's `recipe`, {"finetune": {...}, "posttrain": {...}}), then `RECIPE`; SN and the prior
+    by `training_of`. A baseline runs as published: only `RECIPE` (its min_keep 0). A copy."""
+    mode = "finetune" if p.finetune_first else "posttrain"
+    own = (family or {}).get(mode, {}) if p.method == "snip" else {}
+    filled = {k: own.get(k, RECIPE.get(k)) for k in (*RECIPE, "sn") if getattr(p, k) is None}
+    if "sn" in filled and filled["sn"] is None:
+        del filled["sn"]
+    if p.compensate == "auto" and "compensate" in own:
+        filled["compensate"] = own["compensate"]
+    out = dataclasses.replace(p, **filled)
+    sn, prior = training_of(out)
+    return dataclasses.replace(out, sn=sn, prior=prior)
 
 
 def dump_config(cfg: RunConfig) -> str:
@@ -653,44 +572,25 @@ def data_fingerprint(d: DataConfig) -> dict[str, str]:
     return out
 
 
-# The prune fields only one form of the identity prior reads (besides prior_mode itself): the loss
-# prior's strength, and what drives the proximal prior (its target and the norms it measures).
-LOSS_PRIOR_OPTIONS = ("prior_lambda", "prior_weight", "prior_warmup")
-PROXIMAL_PRIOR_OPTIONS = ("prior_lambda0", "prior_gamma", "prior_ramp", "prior_gain", "prior_head_share", "target",
-                          "measure", "flops_seq_len", "norm_positions", "prior_freeze", "norm_after_ln", "prior_metric",
-                          "min_keep", "prior_scale", "prior_debias")
-
-# Fields added after run folders were first written, with the behaviour idprior had before each existed:
-# a saved config that lacks one ran with this value, whatever today's default is (the proximal prior and
-# its options arrived with default "loss"/off and became the default later, issue 14).
-ADDED_LATER = {"prune": {"prior_mode": "loss", "prior_lambda0": 0.01, "prior_gamma": 1.0, "prior_ramp": 0.75,
-                         "prior_gain": 0.5, "prior_head_share": None, "prior_freeze": False, "prior_metric": "euclid",
-                         "prior_scale": "kind", "prior_debias": False, "finetune_distill": False, "norm_positions": "all", "norm_after_ln": False, "sn_out_scale": 1.0}}
+# The prune fields the identity prior reads (`proximal.ProximalPrior.from_config`), besides kinds.
+PRIOR_OPTIONS = ("target", "measure", "flops_seq_len", "prior_gamma", "prior_head_share", "prior_debias",
+                 "norm_after_ln", "min_keep")
 
 
-def config_differences(saved: dict, now: dict, prefix: str = "", defaults: dict | None = None) -> list[str]:
-    """Dotted keys whose values differ (`out` may change: a run folder can be moved). A key the saved
-    config lacks is no difference while it holds the value the run had without it (`ADDED_LATER`, else
-    today's default): a field added to idprior after the run started does not change what it computed."""
-    if defaults is None and prefix == "":
-        defaults = RunConfig().to_dict()
-        for section, values in ADDED_LATER.items():
-            defaults[section] = {**defaults[section], **values}
-    defaults = defaults or {}
+def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ (`out` may change: a run folder can be moved)."""
     keys = [k for k in dict.fromkeys([*saved, *now]) if not (prefix == "" and k in ("out", "bench"))]
     out = []
     for k in keys:
         a, b = saved.get(k), now.get(k)
-        if k not in saved and k in defaults and b == defaults[k]:
-            continue
         if isinstance(a, dict) and isinstance(b, dict):
-            out += config_differences(a, b, f"{prefix}{k}.", defaults.get(k) if isinstance(defaults.get(k), dict) else {})
+            out += config_differences(a, b, f"{prefix}{k}.")
         elif a != b:
             out.append(f"{prefix}{k}")
     return out
 
 
 def resume_differences(saved: dict, cfg: RunConfig) -> list[str]:
-    """What `cfg` changes against the resume key a run folder was started with, by any idprior version
-    (`--resume` refuses a run folder when this is not empty)."""
-    return config_differences(upgrade_saved(saved), resume_key(cfg))
+    """What `cfg` changes against the resume key a run folder was started with (`--resume` refuses a run
+    folder when this is not empty)."""
+    return config_differences(saved, resume_key(cfg))

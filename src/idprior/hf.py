@@ -8,18 +8,13 @@ the identity prior applied while `train()` runs, everything folded back by `fini
     idprior.apply_plan(model, plan.units)
 
 The settings are `PruneConfig` fields, given as `prune=` and/or keywords (keywords win), with the
-config's defaults (read at call time) and validation, so the trainer does what `idprior.prune` does
-with the same settings (`prior_kinds` is the old name of `kinds`):
-  prior_mode "proximal" (default): `proximal.ProximalPrior` after every optimizer step, from a
-             callback's `on_step_end`; target, measure, flops_seq_len, prior_lambda0, prior_gamma,
-             prior_ramp, prior_gain, prior_head_share, prior_freeze, prior_metric, prior_scale, prior_debias,
-             min_keep, norm_positions, norm_after_ln. With gradient accumulation its activation moments come from the last
-             micro-batch of each step.
-             "loss": λ Σ c_u ‖f_u‖ added in `compute_loss`; prior_lambda, prior_weight, prior_warmup.
-  both       kinds, sn, sn_bound, sn_out_scale; prior=False trains with SN alone.
-A keyword the chosen mode does not use is refused, not ignored: `prior_lambda=` alone used to mean
-the loss prior, and silently training with another prior would hide that.
-The prior's log terms join the Trainer's logs as `snip_<term>` (snip_lambda, snip_prior_identity_frac, ...).
+config's defaults (read at call time), validation and the model family's measured recipe for fields left at
+None (`config.recipe_for`), so the trainer does what `idprior.prune` does with the same settings:
+`proximal.ProximalPrior` (built by `proximal.build_prior`, as the pipeline builds it) runs after every
+optimizer step from a callback's `on_step_end`; its options are `PRIOR_OPTIONS`; kinds, sn and sn_bound act
+too; prior=False trains with SN alone. With gradient accumulation the prior's activation moments come from the
+last micro-batch of each step. The prior's log terms join the Trainer's logs as `snip_<term>` (snip_lambda,
+snip_prior_identity_frac, ...).
 Not yet: the proximal prior's state (its λ, starting norms, moment averages) is not written into the
 Trainer's checkpoints, so `resume_from_checkpoint` restarts its controller (`idprior prune --resume` keeps it).
 """
@@ -34,32 +29,22 @@ from transformers import Trainer, TrainerCallback
 
 from . import spectral
 from .arch import get_adapter
-from .config import LOSS_PRIOR_OPTIONS, PROXIMAL_PRIOR_OPTIONS, PruneConfig, prior_active, prune_config
+from .config import PRIOR_OPTIONS, PruneConfig, prune_config, recipe_for
 from .errors import IdpriorError
-from .gates import Gates
-from .prior import IdentityPrior
-from .proximal import ProximalPrior
-from .units import parse_kinds
+from .proximal import ProximalPrior, build_prior
 
-OPTIONS = ("prior", "prior_mode", "kinds", "sn", "sn_bound", "sn_out_scale", *LOSS_PRIOR_OPTIONS, *PROXIMAL_PRIOR_OPTIONS)
-RENAMED = {"prior_kinds": "kinds"}
+OPTIONS = ("prior", "kinds", "sn", "sn_bound", *PRIOR_OPTIONS)
 
 
 def trainer_settings(prune: PruneConfig | None, kwargs: dict) -> tuple[PruneConfig, dict]:
     """(prune settings, the keywords left for `Trainer.__init__`) from SnipTrainer's keywords."""
     own = inspect.signature(Trainer.__init__).parameters
-    options = {RENAMED.get(k, k): v for k, v in kwargs.items() if k not in own}
+    options = {k: v for k, v in kwargs.items() if k not in own}
     cfg = prune_config(prune, **options)  # unknown names (with a close match) and bad values, one line
     unused = [k for k in options if k not in OPTIONS]
     if unused:
         raise IdpriorError(f"SnipTrainer does not use {', '.join(unused)} (it fine-tunes; selection and surgery "
                            f"options go to idprior.select / apply_plan); its options: {', '.join(OPTIONS)}")
-    other, names = ("loss", LOSS_PRIOR_OPTIONS) if cfg.prior_mode == "proximal" else ("proximal", PROXIMAL_PRIOR_OPTIONS)
-    ignored = [k for k in options if k in names]
-    if ignored:
-        raise IdpriorError(f"{', '.join(ignored)}: only for prior_mode {other!r}, and this trainer's is "
-                           f"{cfg.prior_mode!r} (the default: {PruneConfig().prior_mode!r}); pass "
-                           f"prior_mode={other!r} or drop {'them' if len(ignored) > 1 else 'it'}")
     return cfg, {k: v for k, v in kwargs.items() if k in own}
 
 
@@ -86,35 +71,23 @@ class SnipTrainer(Trainer):
     def __init__(self, *args, prune: PruneConfig | None = None, **kwargs):
         cfg, kwargs = trainer_settings(prune, kwargs)
         super().__init__(*args, **kwargs)
-        self.snip_config = cfg
         self.snip_adapter = get_adapter(self.model)
+        self.snip_config = cfg = recipe_for(cfg, self.snip_adapter.recipe)
         if cfg.sn:  # before the optimizer exists, so that it owns the parametrizations' originals
-            spectral.attach(self.model, self.snip_adapter, cfg.sn_bound, cfg.sn_out_scale)
-        self.snip_gates = Gates(self.model, self.snip_adapter)
-        self.snip_prior: IdentityPrior | ProximalPrior | None = None
+            spectral.attach(self.model, self.snip_adapter, cfg.sn_bound)
+        self.snip_prior: ProximalPrior | None
+        self.snip_prior, self.snip_gates = build_prior(cfg, self.model, self.snip_adapter)
         self.snip_callback: ProximalCallback | None = None
-        self._snip_terms: dict[str, float] = {}
-        if not prior_active(cfg):
-            return
-        if cfg.prior_mode == "proximal":
-            self.snip_prior = ProximalPrior.from_config(self.model, self.snip_adapter, self.snip_gates, cfg)
+        if self.snip_prior is not None:
             self.snip_callback = ProximalCallback(self.snip_prior)
             self.add_callback(self.snip_callback)
-        else:
-            self.snip_prior = IdentityPrior(self.model, self.snip_adapter, self.snip_gates, parse_kinds(cfg.kinds),
-                                            lam=cfg.prior_lambda, weight=cfg.prior_weight, warmup=cfg.prior_warmup)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with parametrize.cached():  # one power-iteration step per training step
-            loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-            if model.training and isinstance(self.snip_prior, IdentityPrior):
-                extra, terms = self.snip_prior(model, inputs, self.state.global_step, max(1, self.state.max_steps))
-                loss = loss + extra.to(loss.device)
-                self._snip_terms = terms
-        return (loss, outputs) if return_outputs else loss
+            return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
-        terms = self.snip_callback.terms if self.snip_callback is not None else self._snip_terms
+        terms = self.snip_callback.terms if self.snip_callback is not None else {}
         if "loss" in logs and terms:  # training logs only; the terms of the step just taken
             logs = {**logs, **{f"snip_{k}": v for k, v in terms.items()}}
         super().log(logs, *args, **kwargs)
@@ -126,6 +99,6 @@ class SnipTrainer(Trainer):
             self.snip_callback = None
         if self.snip_prior is not None:
             self.snip_prior.detach()
-        self.snip_gates.detach()
+            self.snip_gates.detach()
         spectral.fold(self.model)
         return self.model

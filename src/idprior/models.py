@@ -6,6 +6,7 @@ transformers touches the hub, and anything that looks like a hub id gets an erro
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -253,3 +254,20 @@ def labels_of_spec(spec: str) -> tuple[str, ...] | None:
     except (IdpriorError, OSError, ValueError):
         return None  # the load itself reports an unreadable model
     return model_labels(config) if isinstance(config, dict) else None
+
+
+@functools.lru_cache(maxsize=32)
+def model_type_of(spec: str) -> str | None:
+    """`config.model_type` of a model folder, alias or .gguf file, read without loading weights (a GGUF file's
+    `general.architecture`); None when it cannot be read (the load itself reports why)."""
+    try:
+        folder, gguf = resolve(spec)
+        if gguf:
+            from gguf import GGUFReader
+
+            field = GGUFReader(str(Path(folder) / gguf)).fields["general.architecture"]
+            return bytes(field.parts[field.data[0]]).decode("utf-8")
+        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
+        return config.get("model_type") if isinstance(config, dict) else None
+    except Exception:  # noqa: BLE001 - any unreadable model: the load reports it with its own message
+        return None

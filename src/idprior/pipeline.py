@@ -32,16 +32,16 @@ import torch
 from . import io, lock, models
 from .arch import get_adapter
 from .config import (
+    CONFIG_VERSION,
     PruneConfig,
     RunConfig,
     dump_config,
-    prior_active,
     proximal_phase,
+    recipe_for,
     resume_differences,
     resume_key,
     training_name,
     training_of,
-    with_method_training,
 )
 from .data import load_task
 from .data.labels import align_labels
@@ -61,7 +61,7 @@ class Run:
     """An output folder: resolved config, task data, stage status and wall times."""
 
     def __init__(self, cfg: RunConfig, *, resume: bool = False, overwrite: bool = False):
-        self.cfg = cfg
+        self.cfg = cfg = resolved(cfg)
         self.out = Path(cfg.out)
         self.resume = resume
         status = self.out / "stages.json"
@@ -85,7 +85,8 @@ class Run:
                     shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         if resume:
             io.remove_leftovers(self.out)  # temp files of writes a crash interrupted
-        self.status = io.read_json(status) if status.is_file() else {"config": resume_key(cfg), "stages": {}}
+        self.status = (io.read_json(status) if status.is_file()
+                       else {"version": CONFIG_VERSION, "config": resume_key(cfg), "stages": {}})
         if not status.is_file():  # written first: marks the folder as a run, so --resume can compare configs
             io.write_json(status, self.status)
         io.write_text(self.out / "config.yaml", dump_config(cfg))
@@ -170,6 +171,14 @@ class Run:
         return [s for s in self.data.splits if s.startswith("test")]
 
 
+def resolved(cfg: RunConfig) -> RunConfig:
+    """`cfg` with every prune field left at None set to the measured recipe of the model's family and mode
+    (`config.recipe_for`), so that config.yaml, stages.json and every stage read the settings that ran."""
+    from .arch import recipe_of
+
+    return dataclasses.replace(cfg, prune=recipe_for(cfg.prune, recipe_of(models.model_type_of(cfg.model.name))))
+
+
 def _eval_fn(run: Run, tokenizer, split: str = "validation"):
     loader = run.loader(split, tokenizer, train=False)
     return lambda model: evaluate(model, run.task, loader, desc=f"eval {split}")
@@ -178,22 +187,13 @@ def _eval_fn(run: Run, tokenizer, split: str = "validation"):
 # ---- stages -------------------------------------------------------------------------------------
 
 def prior_hooks(p: PruneConfig, model, adapter) -> tuple[list, list]:
-    """(training hooks, objects to detach after training, in order) of the identity prior the prune
-    settings ask for: the proximal prior after each step, or the loss term; none without a prior."""
-    from .gates import Gates
-    from .prior import IdentityPrior
-    from .proximal import ProximalPrior
+    """(training hooks, objects to detach after training, in order) of the identity prior the prune settings ask
+    for (`proximal.build_prior`, as `hf.SnipTrainer` builds it), run after each optimizer step; none without."""
+    from .proximal import build_prior
     from .train import AfterStep
 
-    if not prior_active(p):
-        return [], []
-    gates = Gates(model, adapter).attach()
-    if p.prior_mode == "proximal":
-        prox = ProximalPrior.from_config(model, adapter, gates, p)
-        return [AfterStep(prox)], [prox, gates]
-    prior = IdentityPrior(model, adapter, gates, parse_kinds(p.kinds), lam=p.prior_lambda,
-                          weight=p.prior_weight, warmup=p.prior_warmup)
-    return [prior], [prior, gates]
+    prior, gates = build_prior(p, model, adapter)
+    return ([AfterStep(prior)], [prior, gates]) if prior is not None else ([], [])
 
 
 def stage_finetune(run: Run) -> dict:
@@ -209,7 +209,7 @@ def stage_finetune(run: Run) -> dict:
     if p.finetune_first and cfg.train.epochs > 0:
         adapter = get_adapter(model, per_query_head=cfg.model.per_query_head)
         if training_of(p)[0]:
-            info["sn_matrices"] = spectral.attach(model, adapter, p.sn_bound, p.sn_out_scale)
+            info["sn_matrices"] = spectral.attach(model, adapter, p.sn_bound)
         hooks, attached = prior_hooks(p, model, adapter)
         if p.finetune_distill:  # the start itself, frozen, as the teacher (a start already tuned on the task)
             hooks = [Distillation(run.load_model(cfg.model.name)[0], p.distill_alpha, p.distill_temperature), *hooks]
@@ -247,8 +247,7 @@ def stage_score(run: Run) -> dict:
     model, tok = run.load_model(finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
     scores = score(model, calibration_batches(run, tok), adapter=adapter,
-                   relative=run.cfg.prune.score == "relative", residual=run.cfg.prune.score == "residual",
-                   readout=run.cfg.prune.norm_positions == "readout", after_ln=run.cfg.prune.norm_after_ln)
+                   residual=run.cfg.prune.score == "residual", readout=True, after_ln=run.cfg.prune.norm_after_ln)
     io.write_json(run.path("scores.json"), {"score": run.cfg.prune.score, "norms": scores_to_json(scores)})
     return {"units": len(scores)}
 
@@ -303,7 +302,7 @@ def stage_surgery(run: Run) -> dict:
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
     mode = resolve_compensation(p.compensate, p.method)  # statistics of the unpruned model, so fitted before the cut
     comp = None if mode == "none" else fit_compensation(model, plan.units, calibration_batches(run, tok), mode=mode,
-                                                        adapter=adapter, ridge=p.compensate_ridge)
+                                                        adapter=adapter)
     apply_plan(model, plan.units, adapter)
     info = {} if comp is None else {"compensation": comp.apply(model, adapter)}
     save_pruned(model, tok, run.path("surgery"), plan=plan.to_dict())
@@ -489,7 +488,7 @@ def prune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     """Run every stage of `idprior prune`; returns the output folder. `observe`: see `run_stages`.
     A baseline (`prune.method` other than snip) fine-tunes and recovers plainly unless `prune.sn` /
     `prune.prior` ask for SN or the prior (`config.training_of`)."""
-    cfg = with_method_training(cfg)
+    cfg = resolved(cfg)
     preflight(cfg, resume=resume, overwrite=overwrite)  # every input problem at once, before anything is written
     torch.manual_seed(cfg.seed)
     run = Run(cfg, resume=resume, overwrite=overwrite)
@@ -550,7 +549,8 @@ def _sum_counts(plans: list[dict]) -> dict:
 
 def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
     """`idprior finetune`: plain fine-tuning (no SN, no prior) and test metrics -> out/metrics.json."""
-    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, sn=False, prior=False, finetune_first=True))
+    cfg = resolved(dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, sn=False, prior=False,
+                                                                       finetune_first=True)))
     preflight(cfg, resume=resume, overwrite=overwrite, prune=False)
     run = Run(cfg, resume=resume, overwrite=overwrite)
     try:

@@ -119,6 +119,9 @@ def check_output(cfg: RunConfig, *, resume: bool, overwrite: bool) -> list[str]:
             what = "holds another run" if marker else "is not empty"
             return [f"output folder {out} {what}; pass --resume to continue it, --overwrite to replace it, "
                     "or choose another --out"]
+        old = _older_version(out)
+        if old:
+            return [old]
         saved = _saved_config(out)
         if saved is None:
             return [f"--resume: {out} holds no idprior run (no stages.json or config.yaml); choose the run's "
@@ -137,6 +140,20 @@ def check_output(cfg: RunConfig, *, resume: bool, overwrite: bool) -> list[str]:
     if not os.access(parent, os.W_OK | os.X_OK):
         return [f"cannot write to {parent} (permission denied); choose another --out"]
     return []
+
+
+def _older_version(out: Path) -> str | None:
+    """The refusal for a run folder written by an earlier idprior (its options changed; CHANGELOG.md)."""
+    from .config import CONFIG_VERSION
+
+    try:
+        version = json.loads((out / "stages.json").read_text(encoding="utf-8")).get("version", 1)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if version == CONFIG_VERSION:
+        return None
+    return (f"--resume: {out} was written by an earlier idprior (run format {version}, this one reads "
+            f"{CONFIG_VERSION}; options changed, see CHANGELOG.md); start it afresh with --overwrite or another --out")
 
 
 def _saved_config(out: Path) -> dict | None:

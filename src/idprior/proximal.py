@@ -1,8 +1,8 @@
-"""The proximal identity prior (`prune.prior_mode: proximal`): a group soft-threshold of every
-unit's function norm after each optimizer step, with a strength driven to the pruning target.
+"""The identity prior: a group soft-threshold of every unit's function norm after each optimizer step,
+with a strength driven to the pruning target.
 
 Why not a loss term: `task_loss + λ Σ c_u ‖f_u‖` under Adam is inert (Adam normalises each
-weight's step, and the normalised weights make the pull ~1e-5 per unit; DESIGN.md §1). Like AdamW
+weight's step, and the normalised weights make the pull ~1e-5 per unit; docs/history.md). Like AdamW
 decouples weight decay, this prior acts on the weights directly, after `opt.step()`:
 
   unit output weights  w_u: the out-projection columns of a head unit (every query head it owns),
@@ -14,9 +14,13 @@ decouples weight decay, this prior acts on the weights directly, after `opt.step
                        exact soft-threshold ‖f_u‖ ← max(0, ‖f_u‖ − δ_u); units at or below δ_u
                        land exactly at the identity (f_u = 0), and the task gradient, through
                        Adam, can regrow a unit only by a step larger than its threshold;
-  strength             δ_u = λ · ω_u · F̄_k, F̄_k the mean norm of kind k at the phase start (so
+  strength             δ_u = λ · ω_u · F̄_k / a_u, F̄_k the mean norm of kind k at the phase start (so
                        λ is unitless: 0.01 = 1% of a typical unit per step), ω_u = (F̄_k / (‖f_u‖ +
-                       ε F̄_k))^γ (γ = 1: reweighted group lasso, small units pulled harder);
+                       ε F̄_k))^γ (reweighted group lasso, small units pulled harder), a_u the unit's
+                       mean sqrt(v) (Adam's second moment over its output weights) relative to its
+                       kind's: the step in Adam's metric (as adaptive proximal methods take it, e.g.
+                       ProxGen, Yun et al. 2021), so a unit the loss keeps pushing on falls more
+                       slowly than one it ignores;
   controller           the fraction of the prune measure carried by units at the identity
                        (‖f_u‖ ≤ 1e-3 F̄_k; costs and the collapse rule from `plan.removal_cost`)
                        should follow s(t) = target (1 − (1 − t/T_r)³), then hold; each step
@@ -35,7 +39,6 @@ estimate, so the threshold is exact while SN does not bind (shrinking columns on
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Iterable
 
 import torch
@@ -43,6 +46,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .arch.base import Adapter
+from .config import RECIPE, PruneConfig, prior_active
 from .errors import IdpriorError
 from .gates import Gates
 from .plan import SUBLAYER, measure_of, model_cost, removal_cost
@@ -67,15 +71,10 @@ class ActivationMoments(BranchNorms):
                  readout: bool = False, after_ln: bool = False):
         super().__init__(model, gates, adapter, kinds, differentiable=False, readout=readout, after_ln=after_ln)
         self.moments: dict[tuple[str, int], torch.Tensor] = {}
-        self.gate_grads = False  # set by the "gate" metric: also record per-example gate gradients
-        self.gate_sq: dict[tuple[str, int], torch.Tensor] = {}  # Σ_b (∂L/∂g_u)² of the last backward: [U]
-        self.gate_examples = 0
 
     def reset(self) -> None:
         super().reset()
         self.moments.clear()
-        self.gate_sq.clear()
-        self.gate_examples = 0
 
     def _on_forward(self, module, args, kwargs):
         self.active = module.training
@@ -90,35 +89,9 @@ class ActivationMoments(BranchNorms):
     def _layer_input(self, layer: int):
         return lambda module, args, kwargs: None  # the residual-stream norm is not needed here
 
-    def _record_gate_grads(self, key: tuple[str, int], x: torch.Tensor) -> None:
-        """On the backward of this batch: per example b and unit u, ∂L/∂g_u = Σ_t ⟨∂L/∂x_u, x_u⟩ (g_u a gate
-        scaling the unit's columns of the out-projection input x), squared and summed over examples."""
-        if not (self.gate_grads and x.requires_grad and torch.is_grad_enabled()):
-            return
-        kind, layer = key
-        self.gate_examples = x.shape[0]  # the batch this backward belongs to (a forward restarts the sums)
-        # the hook must not hold `x` itself: x -> its hook -> x is a cycle that keeps x and the whole
-        # autograd graph behind it alive until the garbage collector runs (24 GB in 30 steps on SmolLM2)
-        xd = x.detach()
-
-        def hook(grad: torch.Tensor) -> None:
-            gx = (grad.detach() * xd).float().sum(1)  # [B, in]
-            if kind == "head":
-                dh = self.adapter.head_dim
-                perm, n_units = self._unit_layout(layer, gx.shape[-1] // dh)
-                gx = gx.view(gx.shape[0], -1, dh)[:, perm.to(gx.device)].reshape(gx.shape[0], n_units, -1)  # [B, U, k*dh]
-                gx = gx.sum(-1)  # [B, U]
-            self._add(self.gate_sq, key, (gx.double() ** 2).sum(0))
-
-        x.register_hook(hook)
-
     def __call__(self, layer: int, site: str, x: torch.Tensor, module: nn.Module) -> None:
         if not self.active:
             return
-        if site == "heads" and "head" in self.kinds:
-            self._record_gate_grads(("head", layer), x)
-        elif site == "neurons" and "neuron" in self.kinds:
-            self._record_gate_grads(("neuron", layer), x)
         x = x.detach()
         mask = self.positions(layer)
         if mask is not None and mask.shape == x.shape[:2]:
@@ -176,83 +149,59 @@ def sn_clip_fraction(model: nn.Module) -> float:
     return sum(sn.clipped for _, sn in mods) / len(mods) if mods else 0.0
 
 
+# The controller's constants, measured once and not options (docs/history.md): the starting λ (unitless: 0.01 =
+# 1% of a mean unit norm per step), the fraction of the phase over which the schedule reaches the target, and
+# the controller gain κ (0 would keep λ at LAM0).
+LAM0, RAMP, GAIN = 0.01, 0.5, 0.5
+
+
 class ProximalPrior:
     """Callable as `post_step(model, step, total) -> log terms` for `train.train`, after `opt.step()`.
 
-    `lam0`, `gamma`, `ramp` (T_r as a fraction of the phase) and `gain` (κ) are the config fields
-    `prior_lambda0`, `prior_gamma`, `prior_ramp`, `prior_gain`; `gain=0` keeps λ fixed at `lam0`.
-    `ema` smooths the activation moments over batches; `eps` bounds the reweighting at
-    (1/eps)^γ; a unit is "at the identity" once ‖f_u‖ <= `zero_tol` · F̄_k; `horizon` (a fraction
-    of the phase, keep it under 1 − ramp so that bound units land before the end) is the lead H.
-    `metric` (`prior_metric`): "euclid" soft-thresholds every unit by δ_u; "adam" takes the proximal
-    step in Adam's metric (as adaptive proximal methods do, e.g. ProxGen, Yun et al. 2021): δ_u is
-    divided by the unit's mean sqrt(v) (Adam's second-moment estimate over its output weights)
-    relative to the mean over its kind, so a unit the loss keeps pushing on falls more slowly than one
-    it ignores. Under Adam every weight moves ~lr a step whatever its gradient, so in the Euclidean
-    metric the prior's equilibrium does not see how much the loss needs a unit; this restores it. The
-    criterion stays the function norm (units at zero are removed, the rest by norm).
-    "gate": δ_u divided instead by the unit's loss sensitivity per unit of norm, sqrt(E_b[(∂L_b/∂g_u)²]) /
-    ‖f_u‖ (g_u a gate on the branch, per training example b; an EMA over steps), relative to its kind's
-    mean: the plain group-lasso equilibrium keeps a unit while |∂L/∂‖f_u‖| exceeds its threshold, and
-    this restores that comparison under Adam with the loss's own per-example spread (Adam's v measures
-    how hard the loss pushes on the weights, which is large in late layers whether or not the loss needs
-    the unit there). The criterion is still the function norm.
-    `freeze` (`prior_freeze`): once a group's fraction at the identity reaches its share of the
-    target, its units still away from zero are no longer pulled (only the zeros stay pinned), so the
-    prior stops at the target instead of overshooting it by the units already on their way down.
-    `scale` (`prior_scale`): "kind" measures δ_u and ω_u against F̄_k, the mean norm of the kind over
-    all layers, so a layer whose branches write small vectors (early layers of a post-LN encoder or a
-    pre-LN decoder) is pulled hardest, ×(F̄_k/‖f_u‖)^γ; "layer" against F̄_{k,l}, the mean norm of that
-    kind in that layer at the phase start, so each layer is pulled on its own scale and which layers give
-    way is left to the loss (Adam's metric) and the controller; "unit" against ‖f_u(0)‖, the unit's own
-    norm at the phase start (floored at ε F̄_k), so every unit falls at the same relative rate until the
-    loss resists (through the metric) and the reweighting (‖f_u(0)‖/‖f_u‖)^γ finishes off the units the
-    loss lets fall: which units go is decided by the loss's resistance, not by how large they started.
-    `min_keep` (`prune.min_keep`, the selection's per-layer floor): in every sub-layer the
-    ceil(min_keep · n) units of largest norm are not pulled, so the prior cannot empty a layer the
-    selection would refill (its removal then follows the prior's zeros, not a partial layer).
-    `debias` (`prior_debias`, needs `freeze`): when a group reaches its share of the target, its units still
-    away from zero get back the shrinkage the prior applied to them (`_restore_survivors`).
+    The defaults of the options that are config fields are the config's (`config.RECIPE`, `PruneConfig`), so a
+    prior built here is the one `idprior prune` runs; `from_config` builds it from a resolved `PruneConfig`.
+    `gamma` (`prior_gamma`) is the reweighting exponent; `head_share` (`prior_head_share`) gives heads and
+    neurons a λ each; `after_ln` (`norm_after_ln`) measures every branch through the next norm.
+    `lam0`, `ramp` (T_r as a fraction of the phase) and `gain` (κ) default to the measured constants `LAM0`,
+    `RAMP`, `GAIN` (not config fields; tests set them to isolate one mechanism); `readout` measures the last
+    layer where the model's head reads, as scoring does.
+    `ema` smooths the activation moments over batches; `eps` bounds the reweighting at (1/eps)^γ; a unit is
+    "at the identity" once ‖f_u‖ <= `zero_tol` · F̄_k; `horizon` (a fraction of the phase, under 1 − RAMP so that
+    bound units land before the end) is the lead H.
+    Once a group's fraction at the identity reaches its share of the target, its units still away from zero
+    are no longer pulled (only the zeros stay pinned), so the prior stops at the target instead of overshooting
+    it by the units already on their way down.
+    `min_keep` (`prune.min_keep`, the selection's per-layer floor): in every sub-layer the ceil(min_keep · n)
+    units of largest norm are not pulled, so the prior cannot empty a layer the selection would refill.
+    `debias` (`prior_debias`): when a group reaches its share of the target, its units still away from zero get
+    back the shrinkage the prior applied to them (`_restore_survivors`).
     """
 
     @classmethod
-    def from_config(cls, model: nn.Module, adapter: Adapter, gates: Gates, p) -> ProximalPrior:
-        """The prior a `config.PruneConfig` asks for (the pipeline and `hf.SnipTrainer` build it here)."""
+    def from_config(cls, model: nn.Module, adapter: Adapter, gates: Gates, p: PruneConfig) -> ProximalPrior:
+        """The prior a resolved `config.PruneConfig` asks for (`build_prior`)."""
         return cls(model, adapter, gates, target=p.target, kinds=parse_kinds(p.kinds), measure=p.measure,
-                   seq_len=p.flops_seq_len, lam0=p.prior_lambda0, gamma=p.prior_gamma, ramp=p.prior_ramp,
-                   gain=p.prior_gain, head_share=p.prior_head_share, readout=p.norm_positions == "readout",
-                   freeze=p.prior_freeze, after_ln=p.norm_after_ln, metric=p.prior_metric, min_keep=p.min_keep,
-                   scale=p.prior_scale, debias=p.prior_debias)
+                   seq_len=p.flops_seq_len, gamma=p.prior_gamma, head_share=p.prior_head_share,
+                   after_ln=p.norm_after_ln, min_keep=p.min_keep, debias=p.prior_debias)
 
     def __init__(self, model: nn.Module, adapter: Adapter, gates: Gates, *, target: float,
-                 kinds: Iterable[str] = PROX_KINDS, measure: str = "encoder_params", seq_len: int = 128,
-                 lam0: float = 0.01, gamma: float = 1.0, ramp: float = 0.75, gain: float = 0.5,
-                 head_share: float | None = None, ema: float = 0.9, eps: float = 0.1, zero_tol: float = 1e-3,
-                 lam_min: float = 1e-5, lam_max: float = 1.0, horizon: float = 0.2, readout: bool = False,
-                 freeze: bool = False, after_ln: bool = False, metric: str = "euclid", min_keep: float = 0.0,
-                 scale: str = "kind", debias: bool = False):
+                 kinds: Iterable[str] = PROX_KINDS, measure: str = PruneConfig.measure,
+                 seq_len: int = PruneConfig.flops_seq_len, gamma: float = RECIPE["prior_gamma"],
+                 head_share: float | None = PruneConfig.prior_head_share, after_ln: bool = RECIPE["norm_after_ln"],
+                 min_keep: float = RECIPE["min_keep"], debias: bool = RECIPE["prior_debias"], readout: bool = True,
+                 lam0: float = LAM0, ramp: float = RAMP, gain: float = GAIN, ema: float = 0.9, eps: float = 0.1,
+                 zero_tol: float = 1e-3, lam_min: float = 1e-5, lam_max: float = 1.0, horizon: float = 0.2):
         self.model, self.adapter = model, adapter
         self.kinds = tuple(k for k in PROX_KINDS if k in tuple(kinds))
         if not self.kinds:
             raise IdpriorError(f"the proximal prior acts on heads and neurons; kinds {tuple(kinds)} have neither")
         self.target, self.measure, self.seq_len = target, measure, seq_len
         self.gamma, self.ramp, self.gain, self.ema, self.eps, self.zero_tol = gamma, ramp, gain, ema, eps, zero_tol
-        self.lam_min, self.lam_max, self.horizon, self.freeze = lam_min, lam_max, horizon, freeze
-        if metric not in ("euclid", "adam", "gate"):
-            raise IdpriorError(f"prior metric must be 'euclid', 'adam' or 'gate', got {metric!r}")
-        self.metric, self.opt = metric, None
-        if scale not in ("kind", "layer", "unit"):
-            raise IdpriorError(f"prior scale must be 'kind', 'layer' or 'unit', got {scale!r}")
-        self.scale = scale
+        self.lam_min, self.lam_max, self.horizon = lam_min, lam_max, horizon
+        self.opt = None
         if not 0 <= min_keep < 1:
             raise IdpriorError(f"min_keep must be in [0, 1), got {min_keep}; it is the fraction of each layer's units kept")
         self.min_keep = min_keep
-        if debias and not freeze:
-            raise IdpriorError("prune.prior_debias needs prune.prior_freeze: survivors are restored when the target is reached")
-        if debias and (scale == "unit" or metric == "gate"):  # measured: README, benchmarks/notes/prior_tuning.md
-            warnings.warn("prune.prior_debias with prior_scale 'unit' or prior_metric 'gate' broke the model in every "
-                          "measured run (units pulled almost to zero come back many times their size); use it with "
-                          "prior_scale 'kind' or 'layer' and prior_metric 'adam'", stacklevel=2)
         self.debias = debias
         self.shrunk: dict[tuple[str, int], torch.Tensor] = {}  # debias: Π_t α_u(t), what the prior did to each unit
         self.restored: set[str] = set()  # debias: groups whose survivors were restored
@@ -263,15 +212,10 @@ class ProximalPrior:
         self.total = (float(adapter.layer_params()) if measure == "encoder_params"
                       else measure_of(model_cost(adapter), measure, seq_len))
         self.fbar: dict[str, float] = {}  # F̄_k, set at the first step of the phase
-        self.fbar_layer: dict[tuple[str, int], float] = {}  # F̄_{k,l}, likewise
-        self.fbar_unit: dict[tuple[str, int], torch.Tensor] = {}  # ‖f_u‖ at the phase start ("unit" scale)
         self.ema_m: dict[tuple[str, int], torch.Tensor] = {}  # EMA of per-token moments (float64)
         self.norms: dict[tuple[str, int], torch.Tensor] = {}  # ‖f_u‖ right after the last step
         self.deltas: dict[tuple[str, int], torch.Tensor] = {}  # δ_u of the last step
         self.recorder = ActivationMoments(model, gates, adapter, self.kinds, readout=readout, after_ln=after_ln).attach()
-        self.recorder.gate_grads = metric == "gate"
-        self.ema_gate: dict[tuple[str, int], torch.Tensor] = {}  # "gate": EMA of E_b[(∂L_b/∂g_u)²] / ‖f_u‖²
-        self._gate_sq: dict[tuple[str, int], torch.Tensor] = {}  # E_b[(∂L_b/∂g_u)²] of the last batch
         self.ema_ln: dict[tuple[str, int], float] = {}  # EMA of mean 1/σ_t² after each sub-layer (after_ln)
 
     # ---- norms and the proximal step ---------------------------------------------------------
@@ -295,9 +239,6 @@ class ProximalPrior:
         for key in rec.ln_sq:
             now = rec.ln_scale(key) ** 2
             self.ema_ln[key] = now if key not in self.ema_ln else self.ema * self.ema_ln[key] + (1 - self.ema) * now
-        self._gate_sq = {key: g / max(1, rec.gate_examples) for key, g in rec.gate_sq.items()}  # E_b[(∂L_b/∂g_u)²]
-        if self.metric == "gate" and not self._gate_sq:
-            raise IdpriorError("prune.prior_metric 'gate' needs a backward pass before each prior step (no gate gradients were recorded)")
         rec.reset()
 
     def _norm(self, kind: str, layer: int, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -319,7 +260,7 @@ class ProximalPrior:
         return scale * sq.clamp(min=0).sqrt(), w
 
     def bind_optimizer(self, opt: torch.optim.Optimizer) -> None:
-        """Called by `train.train`: the optimizer whose state the "adam" metric reads."""
+        """Called by `train.train`: the optimizer whose state the step's metric reads."""
         self.opt = opt
 
     def _adam_scale(self, modules: dict) -> dict[tuple[str, int], torch.Tensor]:
@@ -330,7 +271,8 @@ class ProximalPrior:
                      else module.weight)
             v = self.opt.state.get(param, {}).get("exp_avg_sq") if self.opt is not None else None
             if v is None:
-                raise IdpriorError("prune.prior_metric 'adam' needs an Adam-family optimizer state for every output projection")
+                raise IdpriorError("the identity prior needs an Adam-family optimizer state for every output projection "
+                                   "(train with AdamW, as idprior prune and the Trainer do)")
             col = self.adapter.out_weight(_Stored(v)).detach().double().sqrt().mean(0)  # [in]
             if kind == "head":
                 perm, n_units = self.recorder.unit_layout(layer, col.numel() // self.adapter.head_dim)
@@ -340,25 +282,6 @@ class ProximalPrior:
         for kind in self.kinds:
             mean = float(torch.cat([h for (k, _), h in raw.items() if k == kind]).mean())
             out |= {key: h / max(mean, 1e-300) for key, h in raw.items() if key[0] == kind}
-        return out
-
-    def _update_gate(self, current: dict) -> None:
-        """EMA of E_b[(∂L_b/∂g_u)²] / ‖f_u‖², with ‖f_u‖ as the forward saw it (the last step's result; the
-        optimizer step since moved it little): the loss's sensitivity per unit of the branch's norm."""
-        for key, g in self._gate_sq.items():
-            norm = self.norms.get(key, current[key][0])
-            q = torch.where(norm > 0, g / norm.clamp(min=1e-300) ** 2, torch.zeros_like(g))
-            old = self.ema_gate.get(key)
-            self.ema_gate[key] = q if old is None else torch.where(norm > 0, self.ema * old + (1 - self.ema) * q, old)
-
-    def _gate_scale(self) -> dict[tuple[str, int], torch.Tensor]:
-        """Per unit: sqrt(EMA q_u) divided by its mean over the kind's units away from zero (1 where q is 0)."""
-        out = {}
-        for kind in self.kinds:
-            raw = {key: q.sqrt() for key, q in self.ema_gate.items() if key[0] == kind}
-            live = torch.cat([r[r > 0] for r in raw.values()])
-            mean = float(live.mean()) if live.numel() else 1.0
-            out |= {key: torch.where(r > 0, r / max(mean, 1e-300), torch.ones_like(r)) for key, r in raw.items()}
         return out
 
     def _shrink(self, kind: str, layer: int, w: torch.Tensor, alpha: torch.Tensor) -> None:
@@ -379,22 +302,14 @@ class ProximalPrior:
                 if not mean > 0:
                     raise IdpriorError(f"every {kind} unit has a zero or non-finite function norm ({mean}) at the start of the prior phase")
                 self.fbar[kind] = mean
-            for (kind, layer), (n, _) in current.items():  # floored: a layer of dead units must not divide by 0
-                self.fbar_layer[(kind, layer)] = max(float(n.mean()), self.zero_tol * self.fbar[kind])
-                if self.scale == "unit":  # floored at ε·F̄_k: a unit that starts near zero is pulled like a small unit
-                    self.fbar_unit[(kind, layer)] = n.clamp(min=self.eps * self.fbar[kind])
         reached = self._reached()
         if self.debias:
             self._restore_survivors(reached, current)
-        if self.metric == "gate":
-            self._update_gate(current)
-        metric = (self._adam_scale(modules) if self.metric == "adam" else self._gate_scale() if self.metric == "gate"
-                  else {})
+        metric = self._adam_scale(modules)
         for (kind, layer), (norm, w) in current.items():
-            fbar, ref, lam = self.fbar[kind], self._ref(kind, layer), self.lam[self._group(kind)]
-            delta = lam * ref * (ref / (norm + self.eps * ref)) ** self.gamma  # δ_u = λ ω_u F̄ (F̄_k or F̄_{k,l})
-            if metric:
-                delta = delta / metric[(kind, layer)].clamp(min=1e-3).to(delta.device)  # Adam's or the gate metric
+            fbar, lam = self.fbar[kind], self.lam[self._group(kind)]
+            delta = lam * fbar * (fbar / (norm + self.eps * fbar)) ** self.gamma  # δ_u = λ ω_u F̄_k
+            delta = delta / metric[(kind, layer)].clamp(min=1e-3).to(delta.device)  # in Adam's metric
             if reached[self._group(kind)]:
                 delta = torch.where(norm <= self.zero_tol * fbar, delta, torch.zeros_like(delta))
             if self.min_keep > 0:
@@ -438,13 +353,6 @@ class ProximalPrior:
                 current[(kind, layer)] = (norm * factor, w)
                 self.shrunk[(kind, layer)] = torch.ones_like(norm)
 
-    def _ref(self, kind: str, layer: int) -> float | torch.Tensor:
-        """The scale δ_u and ω_u are measured against: F̄_k, F̄_{k,l} with `scale` "layer", or per unit
-        its own starting norm ‖f_u(0)‖ with "unit" ([n_units])."""
-        if self.scale == "unit":
-            return self.fbar_unit[(kind, layer)]
-        return self.fbar_layer[(kind, layer)] if self.scale == "layer" else self.fbar[kind]
-
     def _floor(self, norm: torch.Tensor) -> torch.Tensor:
         """Mask of the largest units of one sub-layer that `selection.select`'s floor keeps."""
         keep = floor_count(self.min_keep, norm.numel())
@@ -454,8 +362,8 @@ class ProximalPrior:
 
     # ---- target and controller ----------------------------------------------------------------
     def _reached(self) -> dict[str, bool]:
-        """Per group: `freeze` is on and the last step left its share of the target at the identity."""
-        if not (self.freeze and self.norms):
+        """Per group: the last step left its share of the target at the identity."""
+        if not self.norms:
             return {g: False for g in self.lam}
         fracs = self.fractions()
         return {g: fracs[g] >= self.target * self._share(g) for g in self.lam}
@@ -482,11 +390,11 @@ class ProximalPrior:
     def _bound_for_identity(self, steps: float) -> dict[tuple[str, int], torch.Tensor]:
         """Units at the identity or that the current λ takes there within `steps` steps, were the
         loss not to resist: dn/dt = −λ F̄ (F̄ / (n + εF̄))^γ falls from n to 0 in
-        ((n + εF̄)^(γ+1) − (εF̄)^(γ+1)) / ((γ+1) λ F̄^(γ+1)) steps (F̄ the unit's reference, `_ref`)."""
+        ((n + εF̄)^(γ+1) − (εF̄)^(γ+1)) / ((γ+1) λ F̄^(γ+1)) steps."""
         out = {}
         for (kind, layer), n in self.norms.items():
-            fbar, ref, lam, g1 = self.fbar[kind], self._ref(kind, layer), self.lam[self._group(kind)], self.gamma + 1
-            fall = (((n / ref + self.eps) ** g1 - self.eps**g1) / (g1 * lam))  # in steps
+            fbar, lam, g1 = self.fbar[kind], self.lam[self._group(kind)], self.gamma + 1
+            fall = (((n / fbar + self.eps) ** g1 - self.eps**g1) / (g1 * lam))  # in steps
             falls = fall <= steps
             if (kind, layer) in self.spared:
                 falls = falls & ~self.spared[(kind, layer)]  # the floor's units are not pulled
@@ -539,30 +447,25 @@ class ProximalPrior:
     def state_dict(self) -> dict:
         """λ, F̄ and the EMA moments: what a resumed run needs to continue bit-identically."""
         state: dict = {"lam": dict(self.lam), "fbar": dict(self.fbar)}
-        if self.scale == "layer":
-            state["fbar_layer"] = {f"{kind}.{layer}": v for (kind, layer), v in self.fbar_layer.items()}
-        state.update({f"unit.{kind}.{layer}": n for (kind, layer), n in self.fbar_unit.items()})
         if self.debias:
             state["restored"] = sorted(self.restored)
             state.update({f"shrunk.{kind}.{layer}": a for (kind, layer), a in self.shrunk.items()})
         if self.ema_ln:
             state["ema_ln"] = {f"{sub}.{layer}": v for (sub, layer), v in self.ema_ln.items()}
         state.update({f"ema.{kind}.{layer}": m for (kind, layer), m in self.ema_m.items()})
-        state.update({f"gate.{kind}.{layer}": q for (kind, layer), q in self.ema_gate.items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.lam = {g: float(v) for g, v in state["lam"].items()}
         self.fbar = {k: float(v) for k, v in state["fbar"].items()}
-        self.fbar_layer = {(k.split(".")[0], int(k.split(".")[1])): float(v) for k, v in state.get("fbar_layer", {}).items()}
         self.ema_ln = {(k.split(".")[0], int(k.split(".")[1])): float(v) for k, v in state.get("ema_ln", {}).items()}
         device = next(p for p in self.model.parameters()).device
         self.restored = set(state.get("restored", []))
-        self.ema_m, self.ema_gate, self.fbar_unit, self.shrunk = {}, {}, {}, {}
+        self.ema_m, self.shrunk = {}, {}
         for name, m in state.items():
-            if name.startswith(("ema.", "gate.", "unit.", "shrunk.")):
+            if name.startswith(("ema.", "shrunk.")):
                 which, kind, layer = name.split(".")
-                store = {"ema": self.ema_m, "gate": self.ema_gate, "unit": self.fbar_unit, "shrunk": self.shrunk}[which]
+                store = {"ema": self.ema_m, "shrunk": self.shrunk}[which]
                 store[(kind, int(layer))] = m.to(device=device, dtype=torch.float64)
 
     def detach(self) -> None:
@@ -570,12 +473,20 @@ class ProximalPrior:
 
 
 def _all_reduce_moments(rec: ActivationMoments) -> None:
-    """Sum the batch moments, gate gradients and counts over ranks (same keys on every rank: same model)."""
-    for store in (rec.moments, rec.gate_sq):  # gate_sq: empty unless the "gate" metric records it
-        for key in sorted(store):
-            torch.distributed.all_reduce(store[key], op=torch.distributed.ReduceOp.SUM)
+    """Sum the batch moments and counts over ranks (same keys on every rank: same model)."""
+    for key in sorted(rec.moments):
+        torch.distributed.all_reduce(rec.moments[key], op=torch.distributed.ReduceOp.SUM)
     device = next(iter(rec.moments.values())).device
-    counts = [float(rec.tokens), float(rec.readout_tokens), float(rec.gate_examples)]
-    tokens = torch.tensor(counts, dtype=torch.float64, device=device)
+    tokens = torch.tensor([float(rec.tokens), float(rec.readout_tokens)], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tokens, op=torch.distributed.ReduceOp.SUM)
-    rec.tokens, rec.readout_tokens, rec.gate_examples = (int(round(float(t))) for t in tokens)
+    rec.tokens, rec.readout_tokens = (int(round(float(t))) for t in tokens)
+
+
+def build_prior(p: PruneConfig, model: nn.Module, adapter: Adapter) -> tuple[ProximalPrior | None, Gates | None]:
+    """(the identity prior, the gates it observes through), attached, for a fine-tune with the resolved prune
+    settings `p`; (None, None) when they ask for no prior. The one place the pipeline and `hf.SnipTrainer`
+    build it."""
+    if not prior_active(p):
+        return None, None
+    gates = Gates(model, adapter).attach()
+    return ProximalPrior.from_config(model, adapter, gates, p), gates

@@ -50,9 +50,7 @@ import yaml
 
 from . import io
 from .config import (
-    ADDED_LATER,
-    LOSS_PRIOR_OPTIONS,
-    PROXIMAL_PRIOR_OPTIONS,
+    PRIOR_OPTIONS,
     RunConfig,
     config_from_saved,
     load_config,
@@ -226,33 +224,20 @@ def cell_config(grid: Grid, task: str, seed: int, spec: MethodSpec, target: floa
             "prune.method": "snip" if spec.method in SNIP_METHODS else spec.method, "prune.target": target}
     if spec.method in SNIP_METHODS:
         sn, prior = SNIP_METHODS[spec.method]
-        base.update({"prune.sn": sn, "prune.prior": prior})
-    else:
-        base.update({"prune.sn": False, "prune.prior": False})
+        base.update({"prune.sn": sn, "prune.prior": prior})  # a baseline: its own plain training (training_of)
     base.update(spec.overrides)
     base["out"] = out
-    return load_config(None, _overrides(base))
+    from .pipeline import resolved
+
+    return resolved(load_config(None, _overrides(base)))
 
 
 prior_on = prior_active  # whether a fine-tune applies an identity prior (as stage_finetune does)
 
 
-LOSS_PRIOR_FIELDS = ("prior_mode", *LOSS_PRIOR_OPTIONS)
-PROXIMAL_PRIOR_FIELDS = ("prior_mode", *PROXIMAL_PRIOR_OPTIONS)
-# Fields added after fine-tunes were hashed: left out of the digest at their default, so that folders
-# hashed before they existed still match (a paired grid must find the start its earlier rows used;
-# `data.problem_type` once split the starts of the paired grid's seeds 0-1 this way).
-# (prior_mode "loss": loss-prior fine-tunes were hashed before the mode existed, and it joined their fields
-# when "proximal" became the default.)
-DIGEST_OMIT_AT_DEFAULT = {k: ADDED_LATER["prune"][k]
-                          for k in ("norm_positions", "prior_freeze", "norm_after_ln", "prior_metric", "prior_mode", "prior_scale", "prior_debias")}
-DIGEST_OMIT_AT_DEFAULT["min_keep"] = 0.0  # the proximal prior reads it since issue 14's per-layer floor
-DATA_OMIT_AT_DEFAULT = {"problem_type": None, "zero_shot": None, "max_zero_shot": None}
-
-
 def _prior_fields(p) -> tuple[str, ...]:
-    """The prune fields a fine-tune's prior depends on (the proximal prior is driven by the target)."""
-    return (*PROXIMAL_PRIOR_FIELDS, "kinds") if p.prior_mode == "proximal" else (*LOSS_PRIOR_FIELDS, "kinds")
+    """The prune fields a fine-tune's prior depends on (the prior is driven by the target)."""
+    return (*PRIOR_OPTIONS, "kinds")
 
 
 def variant_of(cfg: RunConfig) -> str:
@@ -267,10 +252,8 @@ def finetune_config(cell: RunConfig, *, out: str) -> tuple[RunConfig, str]:
     sn, prior = p.sn, prior_on(p)
     default = RunConfig().prune
     prune = dataclasses.replace(default, sn=sn, prior=prior, finetune_first=True,
-                                sn_bound=p.sn_bound if sn else default.sn_bound,
-                                sn_out_scale=p.sn_out_scale if sn else default.sn_out_scale,
-                                **_distill_fields(p),
-                                **({k: getattr(p, k) for k in _prior_fields(p)} if prior else {"prior_lambda": 0.0}))
+                                sn_bound=p.sn_bound if sn else default.sn_bound, **_distill_fields(p),
+                                **({k: getattr(p, k) for k in _prior_fields(p)} if prior else {}))
     cfg = dataclasses.replace(cell, prune=prune, recover=dataclasses.replace(RunConfig().recover, epochs=0.0), out=out)
     return cfg, f"{VARIANTS[(sn, prior)]}-{finetune_digest(cell)}"
 
@@ -286,20 +269,17 @@ def finetune_digest(cfg: RunConfig, model_name: str | None = None) -> str:
     """A short hash of exactly the fields that change a fine-tune: model, data, training, seed, the SN /
     prior settings in use and distillation from the start. Selection, recovery and other post-fine-tune
     fields are left out, so a change of default selection no longer splits cells that prune the same
-    model (an earlier bug).
-    A target-driven prior (`prior_mode` "proximal") depends on the target and measure too."""
+    model (an earlier bug). The prior is driven by the target, so it depends on the target and measure too."""
     p = cfg.prune
     prior = prior_on(p)
     keep: dict = {"sn": p.sn, "prior": prior}
     if p.sn:
         keep["sn_bound"] = p.sn_bound
-        if p.sn_out_scale != 1.0:  # omitted at 1.0: fine-tunes from before the field keep their digest
-            keep["sn_out_scale"] = p.sn_out_scale
     if prior:
-        keep |= {k: getattr(p, k) for k in _prior_fields(p) if DIGEST_OMIT_AT_DEFAULT.get(k, object()) != getattr(p, k)}
-    keep |= _distill_fields(p)  # omitted when off: fine-tunes from before the field keep their digest
+        keep |= {k: getattr(p, k) for k in _prior_fields(p)}
+    keep |= _distill_fields(p)  # omitted when off
     model = dataclasses.asdict(cfg.model) | ({"name": model_name} if model_name is not None else {})
-    data = {k: v for k, v in dataclasses.asdict(cfg.data).items() if DATA_OMIT_AT_DEFAULT.get(k, object()) != v}
+    data = dataclasses.asdict(cfg.data)
     blob = {"model": model, "data": data, "train": dataclasses.asdict(cfg.train),
             "seed": cfg.seed, "prune": keep}
     return hashlib.sha1(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:8]

@@ -75,22 +75,15 @@ class BoundedSpectralNorm(nn.Module):
         return weight * (self.bound / sigma.clamp(min=self.eps))
 
 
-def attach(model: nn.Module, adapter: Adapter, bound: str | float = "init", out_scale: float = 1.0) -> int:
-    """Register bounded SN on every Q, K, V, O, FFN-in and FFN-out weight; returns how many.
-
-    `out_scale` < 1 lowers the bound of the two output projections (attention O, FFN-out) to that
-    fraction of their plain bound, so SN binds from the first step: each branch's gain is held under
-    its pretrained value (a pull toward the identity that the optimizer cannot undo)."""
+def attach(model: nn.Module, adapter: Adapter, bound: str | float = "init") -> int:
+    """Register bounded SN on every Q, K, V, O, FFN-in and FFN-out weight; returns how many."""
     fixed = None if bound == "init" else float(bound)
     n = 0
     for layer in range(adapter.num_layers):
-        outputs = {id(m) for m in (adapter.attn_out_proj(layer), adapter.ffn_out_proj(layer)) if m is not None}
         for module, kind in adapter.sn_targets(layer):
             if parametrize.is_parametrized(module, "weight"):
                 continue
             sn = BoundedSpectralNorm(module.weight, fixed, transpose=(kind == "conv1d"))
-            if out_scale != 1.0 and id(module) in outputs:
-                sn.bound.mul_(out_scale)
             sn.to(module.weight.device)
             parametrize.register_parametrization(module, "weight", sn, unsafe=True)
             n += 1

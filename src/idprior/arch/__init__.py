@@ -12,12 +12,17 @@ from .llama import LlamaAdapter
 
 ADAPTERS: tuple[type[Adapter], ...] = (BertAdapter, GPT2Adapter, LlamaAdapter)
 
-__all__ = ["ADAPTERS", "OUT_BIAS_KEY", "STRUCTURE_KEY", "Adapter", "LayerShape", "get_adapter", "supported_model_types"]
+__all__ = ["ADAPTERS", "OUT_BIAS_KEY", "STRUCTURE_KEY", "Adapter", "LayerShape", "get_adapter", "recipe_of", "supported_model_types"]
 
 
 def supported_model_types() -> list[str]:
     """Every `config.model_type` idprior can prune, sorted."""
     return sorted(t for cls in ADAPTERS for t in cls.model_types)
+
+
+def recipe_of(model_type: str | None) -> dict[str, dict]:
+    """The measured recipe of a model family (`Adapter.recipe`); {} for an unknown type."""
+    return next((cls.recipe for cls in ADAPTERS if model_type in cls.model_types), {})
 
 
 def get_adapter(model: nn.Module, per_query_head: bool = False) -> Adapter:

@@ -63,6 +63,9 @@ class Adapter(ABC):
     norm_position: ClassVar[str] = "post"  # "post" (BERT: LN(x + f(x))) or "pre" (x + f(LN(x)))
     # What `--selection auto` means for this family: (selection mode, head_share or None).
     default_selection: ClassVar[tuple[str, float | None]] = ("norm", None)
+    # SNIP's measured settings for this family, per mode ("finetune", "posttrain"), for the prune fields a user
+    # leaves at None (`config.recipe_for`; the rest come from `config.RECIPE`).
+    recipe: ClassVar[dict[str, dict]] = {}
 
     def __init__(self, model: nn.Module, per_query_head: bool = False):
         self.model = model
@@ -325,3 +328,13 @@ class SkippedFFN(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         return hidden_states.new_zeros(())
+
+
+# Pre-LN decoders, measured on SmolLM2-135M (Llama layout; docs/results.md "Decoders") and applied to GPT-2, the
+# other pre-LN family, by analogy. Fine-tuning: the prior measured through the next norm, milder reweighting,
+# survivors debiased, a quarter of each layer kept, no SN (it changed nothing there and slowed the phase).
+# Post-training: norms relative to the residual stream, a quarter kept, the kept columns re-fitted (lsq).
+PRE_LN_DECODER_RECIPE: dict[str, dict] = {
+    "finetune": {"sn": False, "norm_after_ln": True, "prior_gamma": 1.0, "prior_debias": True, "min_keep": 0.25},
+    "posttrain": {"score": "residual", "min_keep": 0.25, "compensate": "lsq"},
+}

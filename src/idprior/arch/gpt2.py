@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import IdpriorError
 from ..units import Cost
-from .base import Adapter, LayerShape, SkippedAttention, SkippedFFN, head_index
+from .base import PRE_LN_DECODER_RECIPE, Adapter, LayerShape, SkippedAttention, SkippedFFN, head_index
 
 
 @torch.no_grad()
@@ -34,6 +34,7 @@ def slice_conv1d(conv: nn.Module, index: torch.Tensor, dim: int) -> None:
 class GPT2Adapter(Adapter):
     model_types = ("gpt2",)
     norm_position = "pre"
+    recipe = PRE_LN_DECODER_RECIPE
 
     def __init__(self, model: nn.Module, per_query_head: bool = False):
         super().__init__(model, per_query_head)

@@ -15,7 +15,15 @@ from torch import nn
 
 from ..errors import IdpriorError
 from ..units import Cost
-from .base import Adapter, LayerShape, SkippedAttention, SkippedFFN, head_index, slice_linear
+from .base import (
+    PRE_LN_DECODER_RECIPE,
+    Adapter,
+    LayerShape,
+    SkippedAttention,
+    SkippedFFN,
+    head_index,
+    slice_linear,
+)
 
 
 def _numel(module: nn.Module) -> int:
@@ -29,6 +37,7 @@ def _bias(linear: nn.Linear) -> int:
 class LlamaAdapter(Adapter):
     model_types = ("llama", "qwen2", "mistral")
     norm_position = "pre"
+    recipe = PRE_LN_DECODER_RECIPE
 
     def __init__(self, model: nn.Module, per_query_head: bool = False):
         super().__init__(model, per_query_head)

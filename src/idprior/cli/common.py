@@ -45,33 +45,27 @@ PRUNE_FLAGS = {
     "measure": ("prune.measure", "encoder_params (default), linear_params or flops"),
     "tau": ("prune.tau", "raw function-norm threshold instead of --target"),
     "kinds": ("prune.kinds", "comma list of unit kinds: head, attn, ffn, neuron"),
-    "selection": ("prune.selection", "auto (default: after the proximal prior phase 'prior', the units at the "
-                                     "identity first; otherwise the model family's tuned default, share 0.3 for "
-                                     "encoders, norm for decoders), prior, norm, norm-per-cost, energy-per-cost, "
-                                     "share, relative"),
+    "selection": ("prune.selection", "auto (default: after the prior phase 'prior', the units at the identity "
+                                     "first; otherwise the model family's tuned default, share 0.3 for encoders, "
+                                     "norm for decoders), prior, norm or share"),
     "head_share": ("prune.head_share", "with --selection share: fraction of the budget taken from heads"),
-    "score": ("prune.score", "absolute (default), relative (norm / RMS of the layer input) or residual (norm / RMS "
-                             "of the residual stream each branch writes into)"),
-    "prior_mode": ("prune.prior_mode", "proximal (default: drives the target fraction of --measure to the "
-                                       "identity during fine-tuning) or loss (lambda * sum of function norms added "
-                                       "to the loss, the first form)"),
-    "prior_lambda": ("prune.prior_lambda", "with --prior-mode loss: strength of the identity prior"),
-    "prior_weight": ("prune.prior_weight", "with --prior-mode loss: uniform or cost"),
+    "score": ("prune.score", "absolute (the branch's own norm) or residual (norm / RMS of the residual stream it "
+                             "writes into); default: the model family's recipe (residual for post-training decoders)"),
     "sn_bound": ("prune.sn_bound", "'init' (each matrix's pretrained sigma) or a number"),
-    "sn_out_scale": ("prune.sn_out_scale", "bound of the output projections (attention O, FFN-out) as a fraction "
-                                           "of --sn-bound; below 1 SN binds from the first step"),
     "calib_size": ("prune.calib_size", "calibration examples for the function norms"),
     "iterative": ("prune.iterative", "reach the target in K prune/recover rounds"),
     "recover_epochs": ("recover.epochs", "fine-tuning epochs after surgery (recovery)"),
     "zero_shot": ("data.zero_shot", "LM tasks: also classify this task's test split (rt-polarity, sst2) zero-shot "
                                     "by label-word likelihood, dense vs pruned"),
     "min_keep": ("prune.min_keep", "fraction of each layer's head units and of its FFN neurons that always stays "
-                                   "(e.g. 0.25; no sub-layer is then removed whole; the proximal prior does not pull them)"),
+                                   "(no sub-layer is then removed whole; the prior does not pull them); default: "
+                                   "the family's recipe (0.25 for decoders, 0 for encoders)"),
     "protect_first": ("prune.protect_first", "never prune the first N layers"),
     "protect_last": ("prune.protect_last", "never prune the last N layers"),
     "compensate": ("prune.compensate", "after surgery, from calibration activations: none, bias (FLAP's bias "
                                        "compensation), lsq (ridge re-fit of the kept columns), or auto (default: "
-                                       "the method's own, bias for flap and wanda-sp, else none)"),
+                                       "the method's own: bias for flap and wanda-sp, lsq for SNIP on post-training "
+                                       "decoders, else none)"),
 }
 SWITCHES = {
     "no_sn": ("prune.sn", False, "ablation: no spectral normalization"),

@@ -5,10 +5,26 @@ from __future__ import annotations
 from .common import add_run_args, config_from_args
 
 
+def recipes_text() -> str:
+    """The measured defaults per model family and mode, from the one place they are defined."""
+    from ..arch.base import PRE_LN_DECODER_RECIPE
+    from ..config import RECIPE
+
+    def fmt(d: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in d.items())
+
+    return ("Defaults (the measured recipe; any flag or --set overrides it): SNIP fine-tunes with SN and the identity "
+            f"prior ({fmt(RECIPE)}); on pre-LN decoders (Llama, Qwen2, GPT-2) fine-tuning uses "
+            f"{fmt(PRE_LN_DECODER_RECIPE['finetune'])}, and post-training (--no-train) "
+            f"{fmt(PRE_LN_DECODER_RECIPE['posttrain'])}. A baseline (--method) fine-tunes and recovers plainly (no SN, "
+            "no prior) unless --set prune.sn=true / prune.prior=true asks for them.")
+
+
 def add_parser(sub):
     p = sub.add_parser("prune", help="prune a model to a target compression (the whole SNIP pipeline)",
                        description=__doc__ + " Every stage writes its artefact to --out (scores.json, plan.json, "
-                       "pruned/, metrics.json, bench.json, report.md); --resume continues an interrupted run.")
+                       "pruned/, metrics.json, bench.json, report.md); --resume continues an interrupted run.",
+                       epilog=recipes_text())
     add_run_args(p, prune=True)
     return p
 

@@ -1,7 +1,6 @@
 """`idprior report`: tables and plots from a `bench-quality` results JSONL, or a run folder's report.md.
 
     idprior report benchmarks/results/quality_minilm.jsonl --out benchmarks/results --name quality_minilm
-    idprior report benchmarks/results/tuning.jsonl --tuning
     idprior report runs/demo            # rewrite report.md (+ plots) of one `idprior prune` run
 
 For a paired grid's JSONL (bench-quality with `paired: true`): NAME.md with paired differences and
@@ -37,8 +36,6 @@ def add_parser(sub):
                    help="paired grids: the method compared against every other one (default snip)")
     p.add_argument("--baseline", default="fisher",
                    help="paired grids: the baseline every method is also compared with (default fisher)")
-    p.add_argument("--tuning", action="store_true",
-                   help="the JSONL is a tuning sweep: write NAME.md as prior lambda x selection tables (validation decides)")
     return p
 
 
@@ -51,7 +48,7 @@ def run(args) -> int:
         return 0
     if not src.is_file():
         raise IdpriorError(f"{src} is neither a results JSONL nor a run folder")
-    from ..report_quality import load_rows, write_quality_report, write_tuning_report
+    from ..report_quality import load_rows, write_quality_report
 
     rows = load_rows(src)
     if not rows:
@@ -62,11 +59,6 @@ def run(args) -> int:
 
         path = write_paired_report(rows, src, args.out or src.parent, name=args.name or src.stem,
                                    reference=args.reference, baseline=args.baseline, command=args.command, notes=notes)
-        print(f"wrote {path}")
-        return 0
-    if args.tuning:
-        path = write_tuning_report(rows, Path(args.out or src.parent) / f"{args.name or src.stem}.md",
-                                   command=args.command, notes=notes)
         print(f"wrote {path}")
         return 0
     path = write_quality_report(rows, args.out or src.parent, name=args.name or src.stem, runs=args.runs,
