@@ -173,7 +173,10 @@ def test_mostly_numeric_column_with_bad_values_is_refused(tmp_path):
     with pytest.raises(IdpriorError, match=r"scores\.csv has labels .* not numbers \(line 8 \('NaN'\), line 20 "
                                            r"\('abc'\)\), but --problem-type is regression"):
         _load(path, problem_type="regression")
-    as_classes = _load(path, problem_type="classification")
+    with pytest.raises(IdpriorError, match=r"test split carved from .*scores\.csv has label\(s\)"):
+        _load(path, problem_type="classification")  # 40 classes of one row each: the carved ones never trained
+    mixed = _csv(tmp_path / "mixed.csv", ["NaN", "1.5", "abc", "2"] * 10)
+    as_classes = _load(mixed, problem_type="classification")
     assert as_classes.task.kind == "classification" and "NaN" in as_classes.task.labels
     ints = _csv(tmp_path / "ints.csv", [str(i % 3) for i in range(30)])
     assert _load(ints, problem_type="regression").task.kind == "regression"  # integer scores, as told

@@ -24,16 +24,30 @@ CSV/TSV row with more fields than the header (a stray tab or unquoted comma in t
 otherwise shift the label).
 
 Splits: a split without a file is carved from the training file with a fixed seed, 10% of it each
-(stratified for classification), so a train file alone gives 80/10/10.
+(stratified for classification), so a train file alone gives 80/10/10. A carved split that holds a
+class the training split lacks (a class of one or two rows) is refused like such a test file.
+
+Read as written (issue 31): a file is decoded as UTF-8 (an error names the line and byte); a header
+naming a column twice is refused (which copy would be read?), and so is a JSON object with a key
+twice; a `.csv` header holding tabs or semicolons (a `.tsv` header holding commas) is called
+by its real separator; a CSV row whose quoted field runs over following lines that look like rows
+(a stray `"`) is refused at the line where the quote opens; one column named for two roles (text
+and label, text and pair) is refused; so is an inferred label column with too many distinct values
+to be classes (MANY_CLASSES). Empty texts, a validation/test file that is the training file and
+labels that differ only in case are allowed, with a warning line on stderr (said once per process:
+a run loads its data twice, in preflight and in the run).
 """
 
 from __future__ import annotations
 
 import csv
+import io
+import itertools
 import json
 import math
 import re
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 from idprior.data.tasks import SPLIT_SEED, Task, TaskData, carve, tenth
@@ -43,7 +57,12 @@ SPLITS = ("train", "validation", "test")
 PROBLEM_TYPES = ("classification", "regression")
 REGRESSION_MIN_VALUES = 10
 MOSTLY_NUMERIC = 0.5  # inference: at least this share of numbers, and some non-numbers, is refused
-_EXTRA = "\x00extra"  # DictReader key of the fields beyond the header
+# Inferred classification is refused when the label column has more than MANY_CLASSES distinct
+# values AND more than DISTINCT_SHARE of the training rows would each need a class of their own
+# (distinct labels > DISTINCT_SHARE x rows): an id, a score or the text column, not classes. r52
+# (52 classes in 5,800 rows) and 20ng pass; 200 labels in 200 rows do not.
+MANY_CLASSES = 50
+DISTINCT_SHARE = 0.5
 _NUMBER = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 PAIR_COLUMNS = (  # (first, second) text columns of common pair datasets, detected in this order
     ("sentence1", "sentence2"),  # GLUE MRPC, RTE, STS-B, WNLI
@@ -68,6 +87,7 @@ def load_custom(
     """Read the user's files into a classification or regression task (see the module docstring)."""
     if problem_type is not None and problem_type not in PROBLEM_TYPES:
         raise IdpriorError(f"--problem-type must be classification or regression, got {problem_type!r}")
+    given = {"--text-column": text_column, "--text-pair-column": text_pair_column, "--label-column": label_column}
     label_column = label_column or "label"
     files = {k: v for k, v in (data_files or {}).items() if v is not None}
     unknown = sorted(set(files) - set(SPLITS))
@@ -76,14 +96,16 @@ def load_custom(
     if "train" not in files:
         raise IdpriorError("task 'custom' needs a training file: pass --data train.csv (CSV, TSV or JSONL)")
     train_path = Path(files["train"])
-    records = _read_records(train_path)
+    records = _read_records(train_path, label_column)
     text_column, text_pair_column = _text_columns(records, train_path, text_column, text_pair_column, label_column)
+    _check_roles(train_path, given, text_column, text_pair_column, label_column)
     columns = [text_column] + ([text_pair_column] if text_pair_column else []) + [label_column]
 
     raw = {"train": _fields(records, train_path, columns)}
     del records
-    raw |= {split: _fields(_read_records(Path(files[split])), Path(files[split]), columns)
+    raw |= {split: _fields(_read_records(Path(files[split]), label_column), Path(files[split]), columns)
             for split in ("validation", "test") if split in files}
+    _warn_same_file(files)
     regression = _problem_is_regression(raw["train"], problem_type, train_path, label_column)
     if regression:
         label_names: tuple[str, ...] = ()
@@ -94,6 +116,9 @@ def load_custom(
                 f"{train_path} has a single label ({label_names[0]!r}) in column '{label_column}': "
                 "classification needs at least two classes"
             )
+        if problem_type is None:
+            _check_class_count(label_names, len(raw["train"]), train_path, label_column)
+        _warn_case(label_names, train_path, label_column)
 
     splits: dict[str, list[dict]] = {}
     for split, rows in raw.items():
@@ -110,12 +135,10 @@ def load_custom(
 
     stratify = not regression
     n = len(splits["train"])
-    for split in ("test", "validation"):
-        if split not in splits:
-            seed = SPLIT_SEED if split == "test" else SPLIT_SEED + 1
-            splits["train"], splits[split] = carve(
-                splits["train"], max(1, tenth(n)), stratify=stratify, seed=seed
-            )
+    carved = [split for split in ("test", "validation") if split not in splits]
+    for split in carved:
+        seed = SPLIT_SEED if split == "test" else SPLIT_SEED + 1
+        splits["train"], splits[split] = carve(splits["train"], max(1, tenth(n)), stratify=stratify, seed=seed)
     for split in SPLITS:
         if not splits[split]:
             raise IdpriorError(
@@ -126,6 +149,8 @@ def load_custom(
         raise IdpriorError(
             f"the training split of {train_path} has a single class after carving: add more rows"
         )
+    if not regression:
+        _check_carved(splits, carved, train_path, label_names, label_column)
 
     task = Task(
         name="custom",
@@ -147,15 +172,17 @@ def _metrics(regression: bool, num_labels: int) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_records(path: Path) -> list[tuple[dict, int]]:
-    """(record, line number) for every data row of `path`, a CSV, TSV or JSON-lines file."""
+def _read_records(path: Path, label_column: str) -> list[tuple[dict, int]]:
+    """(record, line number) for every data row of `path`, a CSV, TSV or JSON-lines file.
+
+    `label_column` only helps to recognize rows that a stray quote swallowed (`_check_merged`)."""
     if path.is_dir():
         raise IdpriorError(f"data file {path} is a folder: give a CSV, TSV or JSONL file with --data")
     if not path.is_file():
         raise IdpriorError(f"data file {path} does not exist: check the path given with --data")
     suffix = path.suffix.lower()
     if suffix in (".csv", ".tsv"):
-        records = _read_delimited(path, suffix)
+        records = _read_delimited(path, suffix, label_column)
     elif suffix in (".jsonl", ".json", ".ndjson"):
         records = _read_json(path)
     elif path.is_dir():
@@ -186,6 +213,20 @@ def _text_columns(records: list[tuple[dict, int]], path: Path, text_column: str 
     options = [f"--text-column {a} --text-pair-column {b}" for a, b in pairs] + (["--text-column text"] if single else [])
     raise IdpriorError(f"{path} has columns of more than one text input ({', '.join(f'{a} + {b}' for a, b in pairs)}"
                        f"{', text' if single else ''}): say which to read with {' or '.join(options)}")
+
+
+def _check_roles(path: Path, given: dict, text_column: str, pair_column: str | None, label_column: str) -> None:
+    """One column in two roles (the label read as the text, a text paired with itself) is refused."""
+    roles = [("text", "--text-column", text_column), ("text pair", "--text-pair-column", pair_column),
+             ("label", "--label-column", label_column)]
+    for (role_a, flag_a, a), (role_b, flag_b, b) in itertools.combinations(roles, 2):
+        if a is not None and a == b:
+            flags = [flag if given[flag] is not None else f"{flag} (default '{column}')"
+                     for flag, column in ((flag_a, a), (flag_b, b))]
+            raise IdpriorError(
+                f"{path}: {flags[0]} and {flags[1]} both name column '{a}', which cannot be both the {role_a} and "
+                f"the {role_b}: name another column for one of them"
+            )
 
 
 def _fields(records: list[tuple[dict, int]], path: Path, columns: list[str]) -> list[tuple[tuple, int]]:
@@ -219,38 +260,149 @@ def _fields(records: list[tuple[dict, int]], path: Path, columns: list[str]) -> 
                 "is not supported)"
             )
         rows.append(((text, pair, label), line))
+    for column, index in [(text_column, 0)] + ([(pair_column, 1)] if pair_column else []):
+        empty = [line for values, line in rows if not values[index].strip()]
+        if len(empty) == len(rows):
+            raise IdpriorError(f"{path} column '{column}' is empty on every row: name the column that holds the "
+                               f"texts with {flags[column]}")
+        if empty:
+            lines = ", ".join(map(str, empty[:5])) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+            _warn(f"{path}: {len(empty)} of {len(rows)} rows have an empty text in column '{column}' "
+                  f"(line {lines}): they are read as empty strings; fill them in or drop them")
     return rows
 
 
-def _read_delimited(path: Path, suffix: str) -> list[tuple[dict, int]]:
+def _decode(path: Path) -> str:
+    """The file as text: UTF-8 (a leading byte-order mark is dropped); anything else is refused with
+    the line and byte, since guessing an encoding would misread the texts without a word."""
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        where = f"line {line} (byte {e.start}: 0x{data[e.start]:02x})"
+        if data[:2] in (b"\xff\xfe", b"\xfe\xff"):
+            where = "it starts with a UTF-16 byte-order mark"
+        raise IdpriorError(
+            f"cannot read the data file {path}: it is not UTF-8 text, {where} (UnicodeDecodeError): save it as "
+            "UTF-8 (in a spreadsheet: 'CSV UTF-8')"
+        ) from None
+    return text.removeprefix("\ufeff")
+
+
+def _read_delimited(path: Path, suffix: str, label_column: str) -> list[tuple[dict, int]]:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        if suffix == ".tsv":
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        else:
-            reader = csv.DictReader(f)
-        reader.restkey = _EXTRA
-        if reader.fieldnames is None:
-            return []
-        rows = []
-        # A cell missing at the end of a row reads as None (reported as "no value" below); a cell too
-        # many means the row's text holds the delimiter, and every later column is shifted.
-        for row in reader:
-            if any((v or "").strip() for v in row.get(_EXTRA, ())):  # empty trailing cells shift nothing
-                n, m = len(reader.fieldnames) + len(row[_EXTRA]), len(reader.fieldnames)
-                fix = ("a tab inside the text? TSV has no quoting: remove tabs from the texts or use CSV/JSONL"
-                       if suffix == ".tsv" else 'a comma inside the text? put such texts in double quotes')
-                raise IdpriorError(f"{path} line {reader.line_num} has {n} fields but the header has {m}: {fix}")
-            row.pop(_EXTRA, None)
-            rows.append((row, reader.line_num))
-        return rows
+    lines = list(io.StringIO(_decode(path), newline=""))  # physical lines, as the csv reader counts them
+    tsv = suffix == ".tsv"
+    reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(lines)
+    rows = []  # (cells, first line, last line): a quoted CSV field may span lines
+    try:
+        header = next(reader, None)
+        start = reader.line_num + 1
+        for cells in reader:
+            if cells:  # blank lines are skipped
+                rows.append((cells, start, reader.line_num))
+            start = reader.line_num + 1
+    except csv.Error as e:
+        raise IdpriorError(f"{path} line {reader.line_num} cannot be read as {'TSV' if tsv else 'CSV'} ({e}): "
+                           "fix that line") from None
+    if header is None:
+        return []
+    _check_header(header, path, tsv)
+    if not tsv:
+        _check_merged(rows, lines, header, path, label_column)
+    records = []
+    # A cell missing at the end of a row reads as None (reported as "no value" later); a cell too
+    # many means the row's text holds the delimiter, and every later column is shifted.
+    for cells, line, _ in rows:
+        if any(v.strip() for v in cells[len(header):]):  # empty trailing cells shift nothing
+            fix = ("a tab inside the text? TSV has no quoting: remove tabs from the texts or use CSV/JSONL"
+                   if tsv else 'a comma inside the text? put such texts in double quotes')
+            raise IdpriorError(f"{path} line {line} has {len(cells)} fields but the header has {len(header)}: {fix}")
+        records.append(({name: cells[i] if i < len(cells) else None for i, name in enumerate(header)}, line))
+    return records
+
+
+def _check_header(header: list[str], path: Path, tsv: bool) -> None:
+    """A header that shows another separator than the extension's, or names a column twice, is refused:
+    the first would be read as one column, the second would read one copy and drop the other unseen."""
+    shown = ("\t" if tsv else ",").join(header)[:60]
+    if not tsv and "\t" in shown:
+        raise IdpriorError(f"{path} looks tab-separated (its header {shown!r} holds tabs): rename it to .tsv, or "
+                           "save it comma-separated")
+    if not tsv and len(header) == 1 and ";" in shown:
+        raise IdpriorError(f"{path} looks semicolon-separated (its header {shown!r} holds ';'): save it "
+                           "comma-separated (a spreadsheet's 'CSV UTF-8 (comma delimited)'), or tab-separated as .tsv")
+    if tsv and len(header) == 1 and ("," in shown or ";" in shown):
+        raise IdpriorError(f"{path} does not look tab-separated (its header {shown!r} has no tab): rename it to "
+                           ".csv if it is comma-separated, or save it tab-separated")
+    twice = [name for name in dict.fromkeys(header) if name.strip() and header.count(name) > 1]
+    if twice:
+        at = ", ".join(str(i + 1) for i, name in enumerate(header) if name == twice[0])
+        raise IdpriorError(
+            f"{path} has the column name {twice[0]!r} more than once in its header (columns {at}), and only the "
+            "last would be read: rename the others"
+        )
+
+
+def _check_merged(rows: list, lines: list[str], header: list[str], path: Path, label_column: str) -> None:
+    """Refuse a CSV row whose quoted field swallowed the rows after it.
+
+    A field that opens with `"` runs to the next `"`, over line breaks: a stray quote silently turns
+    the next rows into one example's text (or label). Texts may hold line breaks, so a row that spans
+    lines is refused only when one of its inner lines (after the first, before the last, which closes
+    the quote and carries the row's other fields), read alone, is a row of this file: the header's
+    number of fields, and a label that single-line rows also have (or any number, when
+    they have more than REGRESSION_MIN_VALUES labels, most of them numbers: scores)."""
+    if label_column not in header or all(first == last for _, first, last in rows):
+        return
+    at = header.index(label_column)
+    labels = {cells[at].strip() for cells, first, last in rows if first == last and len(cells) > at}
+    scores = len(labels) > REGRESSION_MIN_VALUES and sum(_number(v) is not None for v in labels) > len(labels) / 2
+
+    def looks_like_row(line: str) -> bool:
+        try:
+            cells = next(csv.reader([line]), [])
+        except csv.Error:
+            return False
+        value = cells[at].strip() if len(cells) == len(header) else ""
+        return bool(value) and (value in labels or (scores and _number(value) is not None))
+
+    for _, first, last in rows:
+        inner = lines[first:last - 1]  # the row's lines after its first and before its last (lines[0] is line 1)
+        rowlike = [first + 1 + i for i, line in enumerate(inner) if looks_like_row(line)]
+        if rowlike:
+            raise IdpriorError(
+                f"{path} line {first}: a quoted field opens on this line and runs to line {last}, so the lines "
+                f"after it, which look like rows (line {rowlike[0]}: {inner[rowlike[0] - first - 1].strip()[:40]!r}),"
+                f" are read into this one example: remove or close the stray \" on line {first} (a quote inside a "
+                'quoted text is written "")'
+            )
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json object hook: a key given twice is refused (json keeps the last one silently)."""
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) < len(keys):
+        raise _DuplicateKey(next(key for key in keys if keys.count(key) > 1))
+    return dict(pairs)
+
+
+def _twice(where, key: str) -> str:
+    return f"{where} has an object with the key {key!r} more than once, and only the last would be read: rename the others"
 
 
 def _read_json(path: Path) -> list[tuple[dict, int]]:
-    text = path.read_text(encoding="utf-8-sig")
+    text = _decode(path)
     if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
         try:
-            items = json.loads(text)
+            items = json.loads(text, object_pairs_hook=_unique_keys)
+        except _DuplicateKey as e:
+            raise IdpriorError(_twice(path, e.args[0])) from None
         except json.JSONDecodeError as e:
             raise IdpriorError(
                 f"{path} is not valid JSON ({e}): fix the file or write one object per line"
@@ -262,7 +414,9 @@ def _read_json(path: Path) -> list[tuple[dict, int]]:
             if not line.strip():
                 continue
             try:
-                records.append((json.loads(line), line_no))
+                records.append((json.loads(line, object_pairs_hook=_unique_keys), line_no))
+            except _DuplicateKey as e:
+                raise IdpriorError(_twice(f"{path} line {line_no}", e.args[0])) from None
             except json.JSONDecodeError as e:
                 raise IdpriorError(
                     f"{path} line {line_no} is not valid JSON ({e}): write one object per line"
@@ -281,6 +435,45 @@ def _text(value, path: Path, line: int, column: str) -> str:
     if isinstance(value, (dict, list)):
         raise IdpriorError(f"{path} line {line} column '{column}' is not text: give a string")
     return str(value)
+
+
+# ----------------------------------------------------------------------------- warnings
+
+_WARNED: set[str] = set()
+
+
+def _warn(message: str) -> None:
+    """One line on stderr, once per process: a run loads its data twice (preflight, then the run)."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        print(f"idprior: warning: {message}", file=sys.stderr)
+
+
+def _warn_same_file(files: dict) -> None:
+    """A validation or test file that is the training file (same path or same bytes) scores training rows."""
+    train = Path(files["train"])
+    for split in ("validation", "test"):
+        if split not in files:
+            continue
+        path = Path(files[split])
+        same_path = path.resolve() == train.resolve()
+        if same_path or (path.stat().st_size == train.stat().st_size and path.read_bytes() == train.read_bytes()):
+            how = "" if same_path else " (the same content)"
+            use = "test scores measure memorization" if split == "test" else "model selection sees training rows"
+            _warn(f"--data-{split} {path} is the training file {train}{how}: {use}, not generalization; give "
+                  f"held-out rows, or drop --data-{split} to carve a {split} split from the training file")
+
+
+def _warn_case(names: tuple[str, ...], path: Path, column: str) -> None:
+    """Labels that differ only in case (`Pos`, `pos`) are two classes; often a typo for one."""
+    by_case = defaultdict(list)
+    for name in names:
+        by_case[name.lower()].append(name)
+    groups = [group for group in by_case.values() if len(group) > 1]
+    if groups:
+        shown = "; ".join(", ".join(map(repr, group)) for group in groups)
+        _warn(f"{path} column '{column}' has labels that differ only in case ({shown}): they are read as "
+              "different classes; write them the same way if they are one class")
 
 
 # ----------------------------------------------------------------------------- labels
@@ -348,6 +541,18 @@ def _label_space(labels: list) -> tuple[str, ...]:
     return tuple(sorted(keys))
 
 
+def _check_class_count(names: tuple[str, ...], rows: int, path: Path, column: str) -> None:
+    """An inferred classification with a class for (nearly) every row is refused (rule at MANY_CLASSES)."""
+    if len(names) > MANY_CLASSES and len(names) > DISTINCT_SHARE * rows:
+        numbers = all(_number(name) is not None for name in names)
+        hint = "they are numbers: pass --problem-type regression to predict them as scores; else " if numbers else ""
+        raise IdpriorError(
+            f"{path} column '{column}' has {len(names)} distinct labels in {rows} rows, too many to be classes: "
+            f"{hint}check that --label-column names the label column (or pass --problem-type classification if "
+            "every value really is a class)"
+        )
+
+
 def _convert_label(value, regression: bool, names: tuple[str, ...], path: Path, line: int, column: str):
     if regression:
         x = _number(value)
@@ -359,6 +564,21 @@ def _convert_label(value, regression: bool, names: tuple[str, ...], path: Path, 
         return x
     key = _label_key(value)
     return names.index(key) if key in names else key  # unseen labels are reported together below
+
+
+def _check_carved(splits: dict, carved: list[str], path: Path, names: tuple[str, ...], column: str) -> None:
+    """A carved split must hold only classes left in the training split, as a --data-test file must
+    (`_check_unseen`): a class of one or two rows can be carved away from training entirely."""
+    train = {ex["label"] for ex in splits["train"]}
+    for split in carved:
+        unseen = sorted({ex["label"] for ex in splits[split]} - train)
+        if unseen:
+            shown = ", ".join(repr(names[i]) for i in unseen[:5]) + (" ..." if len(unseen) > 5 else "")
+            raise IdpriorError(
+                f"the {split} split carved from {path} has label(s) {shown} in column '{column}' that the training "
+                f"split lacks (too few rows of them to carve): add examples of them to {path}, drop those rows, or "
+                f"pass --data-{split}"
+            )
 
 
 def _check_unseen(splits, files, regression, names, column) -> None:
