@@ -2,7 +2,7 @@
 unit's function norm after each optimizer step, with a strength driven to the pruning target.
 
 Why not a loss term: `task_loss + λ Σ c_u ‖f_u‖` under Adam is inert (Adam normalises each
-weight's step, and the normalised weights make the pull ~1e-5 per unit; DESIGN.md §1). Like AdamW
+weight's step, and the normalised weights make the pull ~1e-5 per unit; docs/history.md). Like AdamW
 decouples weight decay, this prior acts on the weights directly, after `opt.step()`:
 
   unit output weights  w_u: the out-projection columns of a head unit (every query head it owns),
