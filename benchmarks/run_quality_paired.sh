@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The exact command sequence behind benchmarks/results/quality_paired.{jsonl,md,_paired.png} and
-# benchmarks/results/quality_paired_preds/: two one-thread shards of the paired grid sharing one
+# benchmarks/results/quality_paired_preds.safetensors: two one-thread shards of the paired grid sharing one
 # results file, then the report. Resumable: rerunning continues where it stopped (finished cells are
 # never redone; an interrupted fine-tune resumes from its checkpoint). STOP_MIN limits the wall time
 # of this call (the rest is done by the next call).
@@ -17,4 +17,4 @@ for i in 0 1; do
 done
 wait
 idprior report benchmarks/results/quality_paired.jsonl --out benchmarks/results --reference snip-prox-tuned \
-    --command "bash benchmarks/run_quality_paired.sh" --notes benchmarks/notes/quality_paired.md
+    --command "bash benchmarks/run_quality_paired.sh" --notes benchmarks/quality_paired_notes.md

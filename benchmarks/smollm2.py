@@ -156,7 +156,7 @@ def render(r: dict) -> str:
              f"Calibration: the first {r['calibration']['blocks']} blocks of {r['calibration']['seq_len']} tokens of lm-rt "
              f"training text. Perplexity: fixed subsets of lm-rt ({r['eval_tokens']} predicted tokens). No fine-tuning "
              "before pruning and no recovery after it. Other selections and the magnitude and random baselines at "
-             "the same target: benchmarks/results/smollm2_selection.md.", "",
+             "the same target: docs/history.md (selection screen).", "",
              "## Quality and size", "", "| split | dense perplexity | pruned perplexity |", "|---|---|---|"]
     for split, ppl in r["perplexity"]["dense"].items():
         lines.append(f"| {split} | {ppl:.2f} | {r['perplexity']['pruned'][split]:.2f} |")

@@ -364,27 +364,6 @@ def test_writable_problem_probe_leaves_nothing(tmp_path):
     assert "is a file, not a folder" in io.writable_problem(tmp_path / "f" / "m.onnx", "--onnx")
 
 
-# ---- 6. the README's Python snippet runs ------------------------------------------------------------
-
-def test_readme_python_snippet_runs(models, tmp_path, monkeypatch):
-    """The Quick start's Python block, on the tiny model; only `idprior.prune(cfg)` (the whole
-    pipeline on MiniLM) is replaced by a stub that checks the config it gets."""
-    import idprior.pipeline
-
-    text = (ROOT / "README.md").read_text(encoding="utf-8")
-    code = re.search(r"Python:\n\n```python\n(.*?)```", text, re.S).group(1)
-    assert "batches = " in code
-    code = code.replace('"minilm-l6"', repr(str(models["good"]))).replace("max_train=256", "max_train=64")
-    seen = []
-    monkeypatch.setattr(idprior.pipeline, "prune", lambda cfg: seen.append(cfg))
-    monkeypatch.chdir(tmp_path)
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    assert (tmp_path / "out" / "pruned" / "config.json").is_file()
-    assert namespace["plan"].units and sum(p.numel() for p in namespace["model"].parameters()) > 0
-    assert seen and seen[0].prune.target == 0.3 and seen[0].out == "runs/x"
-
-
 def test_ranks_of_one_launch_share_rank_0s_lock(tmp_path, monkeypatch):
     from idprior import lock
 

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
 from idprior.cli.main import main
-from idprior.evaluate import load_predictions
+from idprior.errors import IdpriorError
+from idprior.evaluate import load_predictions, save_predictions
 from idprior.paired import (
     DENSE,
     Comparison,
     PairedCell,
+    add_predictions,
     blocked_interval,
     bootstrap_interval,
     compare,
+    load_predictions_ref,
     mcnemar_p,
     min_detectable,
     t_interval,
@@ -147,9 +151,12 @@ def test_paired_grid_shares_one_start_and_keeps_predictions(tiny_folder, tmp_pat
     # a post-hoc method prunes the start itself
     assert by[("norm-start", 0.5)]["finetune_dir"] == rows[0]["finetune_dir"] == str(starts[0].relative_to(out))
     assert by[("norm-start", 0.5)]["variant"] == "start"
-    # per-example predictions for every cell, on the same examples, consistent with the metrics
+    # per-example predictions for every cell, on the same examples, consistent with the metrics, all in
+    # one store beside the results
+    assert sorted(p.name for p in results.parent.iterdir()) == ["paired.jsonl", "paired_preds.safetensors"]
     for r in rows[1:]:
-        preds = load_predictions(results.parent / r["predictions"])
+        assert r["predictions"].startswith("paired_preds.safetensors#rt-polarity/seed0/")
+        preds = load_predictions_ref(results.parent, r["predictions"])
         for split, n in (("validation", 16), ("test", 24)):
             for stage in ("pruned_no_recovery", "pruned"):
                 p = preds[f"{stage}.{split}"]
@@ -157,7 +164,7 @@ def test_paired_grid_shares_one_start_and_keeps_predictions(tiny_folder, tmp_pat
                 assert (p["gold_logprob"] <= 0).all()
                 acc = float((p["pred"] == p["label"]).mean())
                 assert acc == pytest.approx(r[stage][split]["accuracy"])
-        dense = load_predictions(results.parent / r["dense_predictions"])["dense.test"]
+        dense = load_predictions_ref(results.parent, r["dense_predictions"])["dense.test"]
         assert float((dense["pred"] == dense["label"]).mean()) == pytest.approx(r["dense"]["test"]["accuracy"])
         assert not any(str(v).startswith("/") for k, v in r.items() if k.endswith("_dir") or k.endswith("predictions"))
     # the comparison pairs cells and the report states the statistics
@@ -311,6 +318,57 @@ def test_rows_from_different_starts_are_not_paired():
     comp = compare(rows, "a", "b", target=0.5, load=lambda rel: preds[rel])
     assert [c.seed for c in comp.cells] == [0] and comp.unpaired == ["t/1"]
     assert comp.summary(n_boot=0)["unpaired"] == 1
+
+
+def _cell_preds(tmp_path, name: str, n: int, offset: int = 0) -> Path:
+    path = tmp_path / "cells" / f"{name.replace('/', '_')}.safetensors"
+    pred = (np.arange(n) + offset) % 2
+    save_predictions(path, {f"{stage}.{split}": {"pred": pred.astype(np.int16), "label": np.zeros(n, np.int16)}
+                            for stage in ("pruned", "pruned_no_recovery") for split in ("validation", "test")})
+    return path
+
+
+def test_prediction_store_is_one_file_that_replaces_a_cell_and_reads_old_grids(tmp_path):
+    store = tmp_path / "res" / "grid_preds.safetensors"
+    ref = add_predictions(store, "t/seed0/a_t0.5", _cell_preds(tmp_path, "a", 5))
+    assert ref == "grid_preds.safetensors#t/seed0/a_t0.5"
+    add_predictions(store, "t/seed0/a_t0.5x", _cell_preds(tmp_path, "ax", 3))  # a name that extends another
+    got = load_predictions_ref(store.parent, ref)
+    assert sorted(got) == ["pruned.test", "pruned.validation", "pruned_no_recovery.test", "pruned_no_recovery.validation"]
+    assert got["pruned.test"]["pred"].tolist() == [0, 1, 0, 1, 0]
+    # a rerun of a cell replaces its entries (the other cell's stay)
+    add_predictions(store, "t/seed0/a_t0.5", _cell_preds(tmp_path, "a2", 5, offset=1))
+    assert load_predictions_ref(store.parent, ref)["pruned.test"]["pred"].tolist() == [1, 0, 1, 0, 1]
+    assert len(load_predictions_ref(store.parent, "grid_preds.safetensors#t/seed0/a_t0.5x")["pruned.test"]["pred"]) == 3
+    assert sorted(p.name for p in store.parent.iterdir()) == ["grid_preds.safetensors"]  # no temporary left
+    with pytest.raises(IdpriorError, match="no predictions for 't/seed0/b_t0.5'"):
+        load_predictions_ref(store.parent, "grid_preds.safetensors#t/seed0/b_t0.5")
+    # rows of a grid from before the store name a file per cell
+    old = _cell_preds(tmp_path, "old", 4)
+    assert load_predictions_ref(tmp_path, "cells/old.safetensors")["pruned.test"]["pred"].tolist() == [0, 1, 0, 1]
+    assert load_predictions(old)["pruned.test"]["pred"].tolist() == [0, 1, 0, 1]
+
+
+def _add_many(store: str, src: str, worker: int) -> None:
+    for i in range(15):
+        add_predictions(store, f"t/seed{worker}/m{i}_t0.5", src)
+
+
+def test_prediction_store_keeps_every_cell_when_shards_add_at_once(tmp_path):
+    """Two grid shards add to one store at the same time: the lock keeps every cell of both."""
+    import multiprocessing
+
+    src, store = _cell_preds(tmp_path, "src", 200), tmp_path / "grid_preds.safetensors"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_add_many, args=(str(store), str(src), w)) for w in (0, 1, 2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0]
+    for w in (0, 1, 2):
+        for i in range(15):
+            assert load_predictions_ref(tmp_path, f"grid_preds.safetensors#t/seed{w}/m{i}_t0.5")["pruned.test"]["pred"].shape == (200,)
 
 
 # The fine-tune folder names of every cell of benchmarks/quality_paired.yaml as the grid's run folders

@@ -26,12 +26,16 @@ cell's own fine-tune), e.g. "how much does SNIP lose before recovery".
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .errors import IdpriorError
 
 DENSE = "@dense"
 
@@ -167,6 +171,66 @@ class Comparison:
 
 Loader = Callable[[str], dict[str, dict[str, np.ndarray]]]
 
+# ---- the grid's prediction store ------------------------------------------------------------------
+# A paired grid keeps every cell's per-example predictions in ONE safetensors file beside its results
+# JSONL (RESULTS_preds.safetensors; a grid has ~1,000 cells, one file each was unwieldy), keyed
+# "<task>/seed<k>/<cell>/<stage.split>/<field>". A row points at its entries with "STORE#<task>/seed<k>/<cell>",
+# relative to the JSONL's folder; rows of grids from before the store name a file of their own.
+
+
+def add_predictions(store: str | os.PathLike, name: str, src: str | os.PathLike) -> str:
+    """Add the predictions file `src` (keys "stage.split/field") to `store` under `name`, replacing
+    any entries already there; returns the reference a row records ("STORE#name").
+
+    Read, add, write a temporary file, rename: a crash leaves the old store or the new one. The grid's
+    shards add to one store at once, so the read-add-write holds an exclusive lock on its folder."""
+    import fcntl
+
+    from safetensors.numpy import load_file, save_file
+
+    from . import io
+
+    store = Path(store)
+    store.parent.mkdir(parents=True, exist_ok=True)
+    new = {f"{name}/{k}": np.ascontiguousarray(v) for k, v in load_file(str(src)).items()}
+    fd = os.open(store.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        entries = load_file(str(store)) if store.is_file() else {}
+        entries = {k: v for k, v in entries.items() if not k.startswith(f"{name}/")} | new
+        io.write_with(store, lambda tmp: save_file(entries, str(tmp)))
+    finally:
+        os.close(fd)  # releases the lock
+    return f"{store.name}#{name}"
+
+
+@functools.lru_cache(maxsize=4)
+def _store(path: str, mtime_ns: int) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """{cell: {stage.split: {field: array}}} of a whole store, read once per version of the file."""
+    from safetensors.numpy import load_file
+
+    out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for key, value in load_file(path).items():
+        cell, entry, fld = key.rsplit("/", 2)
+        out.setdefault(cell, {}).setdefault(entry, {})[fld] = value
+    return out
+
+
+def load_predictions_ref(root: str | os.PathLike, ref: str) -> dict[str, dict[str, np.ndarray]]:
+    """The per-example predictions a row points to (`ref` relative to `root`, the JSONL's folder):
+    {stage.split: {field: array}}."""
+    path, _, name = ref.partition("#")
+    path = Path(root) / path
+    if not name:  # a grid from before the store: one file per cell
+        from .evaluate import load_predictions
+
+        return load_predictions(path)
+    cells = _store(str(path), path.stat().st_mtime_ns)
+    if name not in cells:
+        raise IdpriorError(f"{path} holds no predictions for {name!r}, which a results row names: "
+                           "use the store that was written with these rows")
+    return cells[name]
+
 
 def correctness(preds: dict[str, dict[str, np.ndarray]], name: str) -> np.ndarray | None:
     """[N] bool (pred == label) of entry `name` ("stage.split") of a predictions file."""
@@ -182,16 +246,13 @@ def compare(rows: list[dict], a: str, b: str, *, target: float, endpoint: str = 
     model when b == "@dense"), from the per-example predictions the rows point to (relative to `root`).
     Rows whose recorded start weights differ (`start_sha256`) are not paired; they are listed in
     `unpaired` instead."""
-    from .evaluate import load_predictions
-
-    root = Path(root)
     cache: dict[str, dict] = {}
 
     def preds(rel: str | None) -> dict:
         if rel is None:
             return {}
         if rel not in cache:
-            cache[rel] = (load or (lambda r: load_predictions(root / r)))(rel)
+            cache[rel] = (load or (lambda r: load_predictions_ref(root, r)))(rel)
         return cache[rel]
 
     by_key = {(r["task"], r["seed"], r["method"], float(r["target"])): r for r in rows if r.get("predictions")}

@@ -26,7 +26,7 @@ variance that independent fine-tunes add. Per (task, seed) there is one plain fi
 (`continue:`): SNIP its SN + identity-prior phase, its ablations their own phases, every baseline a
 plain continuation of equal length (the control). A method with `from: start` is applied post hoc
 to the shared start itself (no further steps). Every cell saves its per-example predictions
-(RESULTS_preds/...), so `idprior report` compares methods example by example with confidence
+(one file per grid, RESULTS_preds.safetensors), so `idprior report` compares methods example by example with confidence
 intervals (see `paired.py`). Loop order for paired grids is target, then seed, then task, so the
 primary target is finished for every (task, seed) before the secondary targets start.
 """
@@ -512,19 +512,19 @@ def _link_finetuned(cell_dir: Path, ft_dir: Path) -> None:
     os.symlink(os.path.relpath(ft_dir / "finetuned", cell_dir), link, target_is_directory=True)
 
 
-def predictions_dir(results: Path) -> Path:
-    """Where a results JSONL keeps its cells' per-example predictions: RESULTS_preds/ beside it."""
-    return results.parent / f"{results.stem}_preds"
+def predictions_store(results: Path) -> Path:
+    """Where a results JSONL keeps its cells' per-example predictions: one file, RESULTS_preds.safetensors,
+    beside it (`paired.add_predictions`)."""
+    return results.parent / f"{results.stem}_preds.safetensors"
 
 
 def _keep_predictions(src: Path, results: Path | None, name: str) -> str | None:
-    """Copy a predictions file next to the results (path recorded relative to the results' folder)."""
+    """Add a predictions file to the results' store under `name`; the row records "STORE#name"."""
+    from .paired import add_predictions
+
     if results is None or not src.is_file():
         return None
-    dst = predictions_dir(results) / name
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    io.write_with(dst, lambda tmp: shutil.copyfile(src, tmp))
-    return os.path.relpath(dst, results.parent)
+    return add_predictions(predictions_store(results), name, src)
 
 
 def _start_info(ft_dir: Path) -> dict:
@@ -566,9 +566,9 @@ def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, targ
         stem = f"{task}/seed{seed}"
         row |= {"paired": True, "from": spec.start, **_start_info(ft_dir),
                 "predictions": _keep_predictions(run.path("predictions.safetensors"), results,
-                                                 f"{stem}/{spec.name}_t{target:g}.safetensors"),
+                                                 f"{stem}/{spec.name}_t{target:g}"),
                 "dense_predictions": _keep_predictions(ft_dir / "dense_predictions.safetensors", results,
-                                                       f"{stem}/dense_{ft_dir.name}.safetensors"),
+                                                       f"{stem}/dense_{ft_dir.name}"),
                 "prior_log": _prior_log_summary(ft_dir)}
     for heavy in ("surgery", "pruned"):  # keep scores/plan/metrics, drop the model copies (disk)
         shutil.rmtree(run.path(heavy), ignore_errors=True)
@@ -613,7 +613,7 @@ def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None 
            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if grid.paired:
         row |= {"paired": True, "dense_predictions": _keep_predictions(
-            ft_dir / "dense_predictions.safetensors", results, f"{task}/seed{seed}/dense_{ft_dir.name}.safetensors")}
+            ft_dir / "dense_predictions.safetensors", results, f"{task}/seed{seed}/dense_{ft_dir.name}")}
     return row
 
 

@@ -1,6 +1,6 @@
 """Thresholding to a target: rank units, remove the lowest until the target is reached.
 
-Modes (how units of different kinds are compared; the open design question of DESIGN.md §1):
+Modes (how units of different kinds are compared; docs/method.md, "Thresholding to a target"):
   norm             raw function norm, one global ranking;
   norm-per-cost    norm divided by the unit's cost in the chosen measure;
   energy-per-cost  squared norm divided by cost;

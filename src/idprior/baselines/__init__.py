@@ -1,4 +1,4 @@
-"""Baseline pruning methods, each sharing SNIP's selection, surgery and recovery code (DESIGN.md §3).
+"""Baseline pruning methods, each sharing SNIP's selection, surgery and recovery code.
 
     method = get_method("fisher")
     plan = method.plan(model, adapter, calib_batches, target=0.5, measure="flops", seq_len=128)

@@ -2,7 +2,7 @@
 
 A method turns a (fine-tuned) model and calibration batches into a `PruningPlan` under the same
 target, measure and collapse/protection rules as SNIP, so that surgery, recovery and evaluation
-are the same code for every method and only the choice of units differs (DESIGN.md §3).
+are the same code for every method and only the choice of units differs (docs/method.md, "Pipeline").
 
 `needs_gradients`: the method runs backward passes (calibration batches need `labels`).
 `retraining_free`: the method, as published, prunes a fine-tuned model and is evaluated without
