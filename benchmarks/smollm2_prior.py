@@ -4,29 +4,23 @@ training budget (issue 15).
     python benchmarks/smollm2_prior.py                 # 20% of decoder-layer parameters, 2 threads
     python benchmarks/smollm2_prior.py --task lm-20ng --max-train 150 --max-eval 40 --control run \
         --runs-dir runs/smollm2_prior_lm20ng --name smollm2_prior_lm20ng \
-        --only "fisher + recovery" --only "snip (prior phase, layer scale, floor, no SN)"   # the second corpus
+        --only "fisher + recovery" --only "snip (prior phase, kind scale, floor, no SN, debias, after-ln)"
 
 Every arm gets one epoch of LM training on the same --task texts (lm-rt by default; the first
 --max-train, packed into 128-token blocks; batch 8, lr 5e-5; 150 lm-20ng texts are about as many
 characters as 2,000 lm-rt ones), run as `idprior` CLI commands in subprocesses (printed, so each
 can be repeated by hand; a finished run is read back, not redone):
 
-  snip (prior phase)       the method proper: the epoch is SNIP's fine-tune with spectral normalization
-                           and the proximal identity prior driving the target to the identity on the
-                           LM loss, then the cut (no recovery: the epoch was the training);
-  snip (prior phase, layer scale, floor)
-                           the same, each layer's units pulled on that layer's own scale (prior_scale
-                           layer), at least 25% of each layer kept (min_keep), reweighting gamma 1;
-  ... no SN                the same without spectral normalization;
-  ... ramp 0.25            and with the target at the identity by a quarter of the epoch (default half);
-  ... target 0.01          a diagnostic: the same phase with 1% to remove instead of the target;
+  snip (prior phase, kind scale, floor, no SN, debias, after-ln)
+                           the method proper with the pre-LN decoder recipe: the epoch is SNIP's fine-tune
+                           with the identity prior driving the target to the identity on the LM loss,
+                           measured through the next norm, then the cut (no recovery: the epoch was the
+                           training). The other prior arms of issue 15 left with their study (docs/history.md);
   snip post-training       no prior: function norms relative to the residual stream, at least 25% of each
                            layer kept (the best post-training SNIP of smollm2_decoder_grid_20.md), then the
                            epoch as recovery;
   fisher / flap / wanda-sp / shortgpt
                            post-training baselines, then the epoch as recovery;
-  ... after-ln             the prior's norm measured through the next norm that reads the stream
-                           (norm_after_ln), on the layer's or the kind's common scale;
   dense control            the dense model fine-tuned for the same epoch, read from a committed results
                            file whose control ran exactly the same `idprior finetune` command (default:
                            smollm2_recovery.py's, lm-rt seed 0 one epoch), or run here with --control run.
@@ -87,66 +81,14 @@ def commands(args) -> dict[str, list[str]]:
     tail = (f"_s{args.seed}" if args.seed else "") + (f"_e{args.epochs:g}" if args.epochs != 1 else "")
     t = f"t{args.target:g}" + tail
     return {
-        "snip (prior phase)": [*prune, *train, "--recover-epochs", "0", "--out", str(runs / f"snip_prior_{t}")],
-        # the prior with the two fixes post-training SNIP needed on this model (issue 15): each layer pulled on
-        # its own scale (a pre-LN decoder's early branches write small vectors: on the kind's scale they were
-        # all pulled first) and a per-layer floor; gamma 1 so the controller does not overshoot
-        "snip (prior phase, layer scale, floor)": [
-            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
-            "--set", "prune.prior_gamma=1.0", "--out", str(runs / f"snip_prior_layer_{t}")],
-        # the same without spectral normalization (SN at its initial sigma clips ~13% of this model's matrices
-        # during the phase, where it hardly ever binds on MiniLM): the SN half of the 2x2 for decoders
-        "snip (prior phase, layer scale, floor, no SN)": [
-            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
-            "--set", "prune.prior_gamma=1.0", "--no-sn", "--out", str(runs / f"snip_prior_layer_nosn_{t}")],
-        # the survivors' shrinkage given back when the target is reached (prior_debias, encoder round 8): the
-        # phase's LM loss stops falling from its first steps on lm-20ng, while the control's falls
-        "snip (prior phase, layer scale, floor, no SN, debias)": [
-            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
-            "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
-            "--out", str(runs / f"snip_prior_layer_nosn_debias_{t}")],
-        # debias with the stronger reweighting of the encoder defaults (gamma 3) and with the prior's step scaled by
-        # the loss's per-example sensitivity to each unit's norm (prior_metric gate): can the prior's choice of
-        # units, which is what still costs against fisher, be made more loss-aware within the prior itself?
-        "snip (prior phase, layer scale, floor, no SN, debias, gamma 3)": [
-            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
-            "--set", "prune.prior_gamma=3.0", "--no-sn", "--set", "prune.prior_debias=true",
-            "--out", str(runs / f"snip_prior_layer_nosn_debias_g3_{t}")],
-        "snip (prior phase, layer scale, floor, no SN, debias, gate metric)": [
-            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
-            "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
-            "--set", "prune.prior_metric=gate", "--out", str(runs / f"snip_prior_layer_nosn_debias_gate_{t}")],
-        # the function norm measured through the next norm that reads the stream (prune.norm_after_ln: diag(γ) W /
-        # rms of the stream, "scores that fit pre-LN decoders" of issue 15): on the layer scale it changes which
-        # units of a layer are pulled (γ weights the directions); on the kind's common scale it also sets which
-        # layers give way, on the scale the next layer sees instead of the raw one that emptied the early layers
-        "snip (prior phase, layer scale, floor, no SN, debias, after-ln)": [
-            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
-            "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
-            "--set", "prune.norm_after_ln=true", "--out", str(runs / f"snip_prior_layer_nosn_debias_afterln_{t}")],
+        # the decoder recipe (the default for pre-LN decoders since issue 34; the flags spell it out so the
+        # committed runs' commands stay what they were): the prior measured through the next norm that reads the
+        # stream, on the kind's common scale, a quarter of each layer kept, gamma 1, survivors debiased, no SN
         "snip (prior phase, kind scale, floor, no SN, debias, after-ln)": [
-            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=kind",
+            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25",
             "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
             "--set", "prune.norm_after_ln=true", "--out", str(runs / f"snip_prior_kind_nosn_debias_afterln_{t}")],
-        # debias with the target at the identity by a quarter of the phase: three quarters of the epoch left to
-        # train the survivors at their full size
-        "snip (prior phase, layer scale, floor, no SN, debias, ramp 0.25)": [
-            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
-            "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
-            "--set", "prune.prior_ramp=0.25", "--out", str(runs / f"snip_prior_layer_nosn_debias_r25_{t}")],
-        # the target at the identity by a quarter of the phase instead of half: the layer-scaled phase's loss
-        # stays flat once the target is reached, so this leaves three quarters of the epoch to train what stays
-        "snip (prior phase, layer scale, floor, no SN, ramp 0.25)": [
-            *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25", "--set", "prune.prior_scale=layer",
-            "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_ramp=0.25",
-            "--out", str(runs / f"snip_prior_layer_nosn_r25_{t}")],
-        # diagnostic: the same phase with (almost) nothing to remove (target 1%): does the phase's machinery
-        # itself stop the LM loss from falling, or is it what the prior removes?
-        "snip (prior phase, layer scale, floor, no SN, target 0.01)": [
-            *[a if a != str(args.target) else "0.01" for a in prune], *train, "--recover-epochs", "0",
-            "--min-keep", "0.25", "--set", "prune.prior_scale=layer", "--set", "prune.prior_gamma=1.0", "--no-sn",
-            "--out", str(runs / "snip_prior_layer_nosn_t0.01")],
-        "snip post-training + recovery": [*posthoc, "--score", "residual", "--min-keep", "0.25",
+        "snip post-training + recovery": [*posthoc, "--score", "residual", "--min-keep", "0.25", "--compensate", "none",
                                           "--out", str(runs / f"snip_posthoc_{t}")],
         "fisher + recovery": [*posthoc, "--method", "fisher", "--out", str(runs / f"fisher_{t}")],
         "flap + recovery": [*posthoc, "--method", "flap", "--out", str(runs / f"flap_{t}")],

@@ -17,8 +17,8 @@ method. A finished cell appends one line to the results JSONL; a rerun skips eve
 run folder. Loop order is seed, then target (grid order), then task, so a sweep cut short
 leaves complete slices (seed 0 of every task and target before seed 1).
 
-    grid = load_grid("benchmarks/quality_minilm.yaml")
-    run_grid(grid, "runs/quality_minilm", results="benchmarks/results/quality_minilm.jsonl")
+    grid = load_grid("benchmarks/quality_paired.yaml")
+    run_grid(grid, "runs/quality_paired", results="benchmarks/results/quality_paired.jsonl")
 
 **Paired grids** (`paired: true`, e.g. benchmarks/quality_paired.yaml) remove the between-method
 variance that independent fine-tunes add. Per (task, seed) there is one plain fine-tune, the
@@ -112,7 +112,7 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
     else:
         path = Path(path_or_dict)
         if not path.is_file():
-            raise IdpriorError(f"grid file {path} not found; pass a YAML grid such as benchmarks/quality_minilm.yaml")
+            raise IdpriorError(f"grid file {path} not found; pass a YAML grid such as benchmarks/quality_paired.yaml")
         try:
             raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         except yaml.YAMLError as e:

@@ -1,6 +1,6 @@
 """The quality report: tables and plots from a `bench-quality` results JSONL.
 
-    rows = load_rows("benchmarks/results/quality_minilm.jsonl")
+    rows = load_rows("benchmarks/results/quality_paired.jsonl")
     write_quality_report(rows, "benchmarks/results", name="quality_minilm")
 
 Tables give mean ± std over seeds (sample std, ddof=1; 0 when n=1) with n in parentheses, one

@@ -17,7 +17,7 @@ index). No plan removes every attention sub-layer or every FFN sub-layer of the 
 unit is skipped and the plan says so in `warnings`.
 
 Options for models whose layers must not be gutted (a global ranking on a pre-LN decoder empties
-its early FFNs, benchmarks/results/smollm2_selection.md): `min_keep`, a fraction of each layer's head
+its early FFNs, docs/history.md, "Decoders"): `min_keep`, a fraction of each layer's head
 units and of its neurons that always stays (so no sub-layer collapses), and `protect`, layers
 never touched. Units they hold back are skipped, like the last sub-layer.
 """

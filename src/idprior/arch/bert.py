@@ -42,7 +42,7 @@ class RemovedPostLNAttention(nn.Module):
 class BertAdapter(Adapter):
     model_types = ("bert", "roberta", "electra", "xlm-roberta", "camembert")
     norm_position = "post"
-    # tuned on validation on MiniLM-L6 (benchmarks/results/tuning.md)
+    # tuned on validation on MiniLM-L6 (docs/history.md, "Encoders: the unpaired grid and the first defaults")
     default_selection = ("share", 0.3)
 
     def __init__(self, model: nn.Module, per_query_head: bool = False):

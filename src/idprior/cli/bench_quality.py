@@ -15,7 +15,7 @@ import time
 def add_parser(sub):
     p = sub.add_parser("bench-quality", help="run a resumable quality grid of pruning methods",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="example: idprior bench-quality benchmarks/quality_minilm.yaml --out runs/quality --resume")
+                       epilog="example: idprior bench-quality benchmarks/quality_paired.yaml --out runs/quality --resume")
     p.add_argument("grid", metavar="GRID.yaml", help="grid file: model, tasks, targets, seeds, methods, budgets")
     p.add_argument("--out", required=True, help="folder for the fine-tunes and cell run folders")
     p.add_argument("--results", default=None, help="results JSONL (default OUT/results.jsonl)")

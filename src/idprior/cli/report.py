@@ -1,6 +1,6 @@
 """`idprior report`: tables and plots from a `bench-quality` results JSONL, or a run folder's report.md.
 
-    idprior report benchmarks/results/quality_minilm.jsonl --out benchmarks/results --name quality_minilm
+    idprior report benchmarks/results/quality_paired.jsonl --out benchmarks/results --name quality_minilm
     idprior report runs/demo            # rewrite report.md (+ plots) of one `idprior prune` run
 
 For a paired grid's JSONL (bench-quality with `paired: true`): NAME.md with paired differences and
