@@ -399,7 +399,7 @@ def write_quality_report(rows: list[dict], out: str | os.PathLike, *, name: str 
     plots.append(("Stage wall times", plot_wall_times(rows, out / f"{name}_walltimes.png")))
     lines += ["## Plots", ""] + [f"{t}:\n\n![{t}]({p.name})\n" for t, p in plots]
     path = out / f"{name}.md"
-    io.write_text(path, "\n".join(lines) + "\n")
+    io.write_text(path, "\n".join(lines) + "\n" + io.md_marker("report"))
     return path
 
 
@@ -463,5 +463,5 @@ def write_tuning_report(rows: list[dict], path: str | os.PathLike, *, command: s
     if best:
         lines += [f"**Chosen on validation: prior_lambda = {best[0]:g}, selection = {best[1]}.**", ""]
     path = Path(path)
-    io.write_text(path, "\n".join(head + lines) + "\n")
+    io.write_text(path, "\n".join(head + lines) + "\n" + io.md_marker("report"))
     return path
