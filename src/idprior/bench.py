@@ -407,6 +407,42 @@ def _check_models(models: Mapping[str, nn.Module], reference: str | None, seq_le
     return reference
 
 
+def check_pruned_from(dense: nn.Module, pruned: nn.Module, dense_name: str, pruned_name: str) -> None:
+    """Refuse to time `pruned` against a `dense` model it cannot have been pruned from: a speed-up
+    between unrelated models (a GPT-2 against a pruned BERT) would be printed as if it were pruning's.
+
+    Pruning narrows a model and keeps the rest: the same model type, layer count (a removed sub-layer
+    is a width of 0), hidden size and vocabulary, and per layer no more heads, KV heads or FFN
+    neurons than the dense model (the widths surgery records in config.json's idprior_layers)."""
+    from .arch import get_adapter
+
+    def differ(what: str, d, p) -> str:
+        return f"{what} {p} vs {d} in the dense model"
+
+    reasons = []
+    d_type, p_type = dense.config.model_type, pruned.config.model_type
+    if d_type != p_type:
+        reasons.append(differ("model type", d_type, p_type))
+    else:
+        da, pa = get_adapter(dense), get_adapter(pruned)
+        for what, d, p in (("layers", da.num_layers, pa.num_layers), ("hidden size", da.hidden_size, pa.hidden_size),
+                           ("vocabulary", getattr(dense.config, "vocab_size", None),
+                            getattr(pruned.config, "vocab_size", None))):
+            if d != p:
+                reasons.append(differ(what, d, p))
+        if not reasons:
+            for i, (ds, ps) in enumerate(zip(da.shapes(), pa.shapes())):
+                wider = [f"{ps_v} {name}" for name, ds_v, ps_v in (("heads", ds.n_heads, ps.n_heads),
+                                                                   ("KV heads", ds.n_kv_heads, ps.n_kv_heads),
+                                                                   ("FFN neurons", ds.ffn_dim, ps.ffn_dim)) if ps_v > ds_v]
+                if wider:
+                    reasons.append(f"layer {i} has {', '.join(wider)}, more than the dense model")
+                    break
+    if reasons:
+        raise IdpriorError(f"--pruned {pruned_name} is not a pruned version of --dense {dense_name} ({'; '.join(reasons)}), "
+                           "so a speed-up between them would mean nothing; give the model it was pruned from as --dense")
+
+
 def _onnx_sessions(models: Mapping[str, nn.Module], workdir: Path, info: dict, threads: int, exporter: str,
                    attention: str) -> dict:
     """Export each model to workdir/NAME.onnx, check parity, open an ONNX Runtime session; the export's

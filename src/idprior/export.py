@@ -230,22 +230,11 @@ def export_onnx(model: nn.Module, tokenizer, out_path: str | os.PathLike, *, ops
 
 
 def check_replaceable_file(path: Path) -> None:
-    """Refuse to overwrite a file that is not an ONNX model idprior exported (its metadata says so)."""
-    if not path.exists() and not path.is_symlink():
-        return
-    if path.is_file() and not path.is_symlink() and path.stat().st_size == 0:
-        return  # nothing to lose (also the placeholder of an atomic write)
+    """Refuse to overwrite a file that is not an ONNX model idprior exported (its metadata says so;
+    `io.check_owned`)."""
     if path.is_dir():
         raise IdpriorError(f"{path} is a folder; pass a file path such as {path / ONNX_FILE}, or use --onnx-dir")
-    try:
-        import onnx
-
-        meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    except Exception:  # noqa: BLE001 - not a readable ONNX file: not ours
-        meta = {}
-    if meta.get("producer") != "idprior":
-        raise IdpriorError(f"{path} exists and was not written by idprior export, so it is not replaced; "
-                           "write to another path or move that file away first")
+    io.check_owned(path, "export", "write to another path or move that file away first")
 
 
 def export_onnx_dir(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, quantize: str | None = None,

@@ -12,19 +12,17 @@
 
 from __future__ import annotations
 
-import fnmatch
 import os
 from importlib import resources
 from pathlib import Path
 
-from . import __version__
+from . import __version__, io
 from .errors import IdpriorError
-from .io import read_json, write_json, write_text
+from .io import MANIFEST, check_owned, folder_files, read_json, write_json, write_text
 
 MODELING_FILE = "modeling_idprior.py"
-MANIFEST = "idprior.json"
 CARD = "README.md"
-PRUNED, ONNX = "pruned-model", "onnx"  # manifest kinds
+PRUNED, ONNX = io.PRUNED, io.ONNX  # manifest kinds (io holds the ownership rule that reads them)
 
 # Class-name ending -> the transformers auto class that builds it (first match wins).
 _AUTO_CLASSES = (
@@ -41,14 +39,6 @@ PIPELINE_TASKS = {"AutoModelForSequenceClassification": "text-classification",
                   "AutoModelForCausalLM": "text-generation",
                   "AutoModelForTokenClassification": "token-classification",
                   "AutoModelForMaskedLM": "fill-mask"}
-
-# What save_pretrained / tokenizers wrote into folders of idprior versions without a manifest.
-_LEGACY_FILES = ("config.json", "generation_config.json", "model.safetensors", "model-*.safetensors",
-                 "model.safetensors.index.json", "plan.json", "tokenizer.json", "tokenizer_config.json",
-                 "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json", "merges.txt",
-                 "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-                 "chat_template.json")
-
 
 # ---- remote code --------------------------------------------------------------------------------
 def _stock_class(name: str | None):
@@ -163,59 +153,21 @@ def model_card(model, classes: dict[str, str], plan: dict | None) -> str:
     return "\n".join(lines)
 
 
-# ---- ownership ----------------------------------------------------------------------------------
-def _files(folder: Path) -> list[str]:
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir())
-
-
+# ---- ownership (the rule itself is io.check_owned) ------------------------------------------------
 def write_manifest(folder: Path, kind: str) -> None:
     """List every file in `folder` (written by idprior) in its manifest; call it last."""
     write_json(folder / MANIFEST, {"producer": "idprior", "version": __version__, "kind": kind,
-                                   "files": [f for f in _files(folder) if f != MANIFEST]})
-
-
-def _listed(folder: Path) -> tuple[set[str] | None, str | None]:
-    """(files the folder's manifest lists, plus the manifest; the kind it records). For a folder
-    written by an idprior without manifests: the names save_pruned wrote then, "pruned-model".
-    (None, None) when idprior did not write the folder."""
-    manifest = folder / MANIFEST
-    if manifest.is_file():
-        try:
-            data = read_json(manifest)
-        except (OSError, ValueError):
-            return None, None
-        if not isinstance(data, dict) or data.get("producer") != "idprior":
-            return None, None
-        return {*map(str, data.get("files", [])), MANIFEST}, data.get("kind")
-    try:
-        legacy = "idprior_layers" in read_json(folder / "config.json")
-    except (OSError, ValueError, TypeError):
-        legacy = False
-    if not legacy:
-        return None, None
-    return {f for f in _files(folder) if "/" not in f and any(fnmatch.fnmatch(f, p) for p in _LEGACY_FILES)}, PRUNED
+                                   "files": [f for f in folder_files(folder) if f != MANIFEST]})
 
 
 def check_replaceable(folder: str | os.PathLike, kind: str, fix: str) -> None:
     """Raise IdpriorError unless `folder` is absent, empty, or an idprior folder of the same `kind`
-    ("pruned-model", "onnx") holding only files idprior wrote there.
+    ("pruned-model", "onnx") holding only files idprior wrote there (`io.check_owned`).
 
     `fix` ends the one-line message, e.g. "pass another --out". The kind check keeps an export
     from replacing the pruned model it was made from.
     """
     folder = Path(folder)
-    if not folder.exists() and not folder.is_symlink():
-        return
-    if not folder.is_dir():
+    if folder.exists() and not folder.is_dir():
         raise IdpriorError(f"{folder} exists and is not a folder; {fix}")
-    files = _files(folder)
-    if not files:
-        return
-    listed, found = _listed(folder)
-    foreign = files if listed is None else [f for f in files if f not in listed]
-    if foreign:
-        more = f" and {len(foreign) - 1} more" if len(foreign) > 1 else ""
-        raise IdpriorError(f"{folder} holds files idprior did not write ({foreign[0]}{more}), so it is not replaced; "
-                           f"{fix}")
-    if found != kind:
-        raise IdpriorError(f"{folder} holds an idprior {found} folder, not a {kind} one, so it is not replaced; {fix}")
+    check_owned(folder, kind, fix)

@@ -49,7 +49,7 @@ from .errors import IdpriorError
 from .evaluate import evaluate, evaluate_with_predictions, save_predictions
 from .metrics import greater_is_better, main_metric
 from .plan import PruningPlan, measure_total, measure_totals
-from .preflight import preflight
+from .preflight import OVERWRITE_FIX, preflight
 from .units import parse_kinds
 
 STAGES = ("finetune", "score", "select", "surgery", "recover", "evaluate", "bench", "report")
@@ -77,6 +77,8 @@ class Run:
                 saved = io.read_json(status).get("config", {})
                 if saved and resume_differences(saved, cfg):  # a key added since the run started (at its default) is no difference
                     raise IdpriorError(f"--resume: {self.out} was started with a different config; use the same options, --overwrite, or another --out")
+        if occupied and overwrite:  # only a run folder holding nothing but the run's files is deleted
+            io.check_owned(self.out, "run", OVERWRITE_FIX)
         self.out.mkdir(parents=True, exist_ok=True)
         self.lock = lock.Lock(self.out).acquire()  # before --overwrite deletes anything: never under a live run
         if occupied and overwrite:

@@ -10,11 +10,12 @@ skipped when that one failed.
 What is checked: the config fields (again, for configs built in Python), the method, the model
 (found, a Transformer folder of a supported type, safetensors weights that are complete and finite,
 a tokenizer, a task head that fits the task and whose label names are the data's, `--max-length`
-within its positions), the task data (every error `load_task` raises, and no empty split), `--kinds`
-and `--target` against the model's structure (a target no plan can reach is refused here instead of
-after fine-tuning), the output folder (locked by a live run, occupied, a resume with another config,
-`--resume` with `--overwrite`, an `--overwrite` that would delete the inputs) and the free disk
-space. `check_evaluation` does the model checks for `idprior evaluate`.
+within its positions), the task data (every error `load_task` raises, and no empty split), `--kinds`,
+`--target` and `--protect-first/last` against the model's structure (a target no plan can reach is
+refused here instead of after fine-tuning), the output folder (locked by a live run, occupied, a
+resume with another config, `--resume` with `--overwrite`, an `--overwrite` that would delete the
+inputs or anything that is not an idprior run: `io.check_owned`) and the free disk space (also on
+`--resume`, less what the run holds). `check_evaluation` does the model checks for `idprior evaluate`.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "voca
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 GGUF_EXPANSION = 8  # a 4-bit GGUF file holds about 1/8 of its float32 weights
+OVERWRITE_FIX = "--overwrite deletes only an idprior run: choose another --out, or remove those files yourself"
 
 
 @dataclass
@@ -73,8 +75,8 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         problems += check_head(info, data.task, data)
     if prune and info is not None and config_ok and not model_problems:
         problems += check_structure(cfg, info)
-    if info is not None and not resume and config_ok:
-        problems += check_disk(cfg, info, prune=prune)
+    if info is not None and config_ok:
+        problems += check_disk(cfg, info, prune=prune, resume=resume)
     if problems:
         raise ConfigError([_one_line(p) for p in dict.fromkeys(problems)])
 
@@ -113,7 +115,7 @@ def check_output(cfg: RunConfig, *, resume: bool, overwrite: bool) -> list[str]:
         return [busy]
     if out.is_dir() and any(p.name != lock.NAME for p in out.iterdir()):
         if overwrite:
-            return _overwrite_would_delete_inputs(cfg, out)
+            return _overwrite_would_delete_inputs(cfg, out) + _not_owned(out)
         marker = (out / "stages.json").is_file() or (out / "config.yaml").is_file()
         if not resume:
             what = "holds another run" if marker else "is not empty"
@@ -168,6 +170,17 @@ def _saved_config(out: Path) -> dict | None:
     except (OSError, ValueError, yaml.YAMLError, AttributeError):
         return None
     return None
+
+
+def _not_owned(out: Path) -> list[str]:
+    """--overwrite deletes only a run folder that holds nothing but the run's files (io.check_owned)."""
+    from .io import check_owned
+
+    try:
+        check_owned(out, "run", OVERWRITE_FIX)
+    except IdpriorError as e:
+        return [f"output folder {e}"]
+    return []
 
 
 def _overwrite_would_delete_inputs(cfg: RunConfig, out: Path) -> list[str]:
@@ -420,7 +433,7 @@ def check_structure(cfg: RunConfig, info: ModelInfo) -> list[str]:
     n = adapter.num_layers
     attn_layers = [i for i in range(n) if adapter.shape(i).has_attn]
     ffn_layers = [i for i in range(n) if adapter.shape(i).has_ffn]
-    problems = []
+    problems = check_protect(p.protect_first, p.protect_last, n, info.folder)
     for kind in kinds:
         layers = attn_layers if kind in ("head", "attn") else ffn_layers
         if not layers:
@@ -434,6 +447,21 @@ def check_structure(cfg: RunConfig, info: ModelInfo) -> list[str]:
         return [f"prune.target {p.target:g} is out of reach: with kinds {','.join(kinds)} at most {reachable:.1%} "
                 f"of {p.measure} can be removed (one attention and one FFN sub-layer always stay); lower --target "
                 "or add kinds"]
+    return []
+
+
+def check_protect(first: int, last: int, layers: int, folder) -> list[str]:
+    """--protect-first / --protect-last within the model's layers, leaving at least one to prune
+    (otherwise selection would fail only after fine-tuning, with the run folder half written)."""
+    flags = {"--protect-first (prune.protect_first)": first, "--protect-last (prune.protect_last)": last}
+    beyond = [f"{flag} {value}" for flag, value in flags.items() if value > layers]
+    if beyond:
+        return [f"{' and '.join(beyond)}: {folder} has only {layers} layers; protect at most {layers - 1} of them"]
+    if first or last:
+        kept = len(set(range(first)) | set(range(layers - last, layers)))
+        if kept >= layers:
+            return [f"--protect-first {first} and --protect-last {last} protect all {layers} layers of {folder}, so "
+                    f"nothing can be pruned; protect fewer layers"]
     return []
 
 
@@ -461,8 +489,9 @@ def _meta_adapter(info: ModelInfo, per_query_head: bool):
 
 # ---- disk space -----------------------------------------------------------------------------------
 
-def check_disk(cfg: RunConfig, info: ModelInfo, *, prune: bool) -> list[str]:
-    """About: weights x (finetuned/ + surgery/ + pruned/ + one being written, per round) + checkpoints."""
+def check_disk(cfg: RunConfig, info: ModelInfo, *, prune: bool, resume: bool = False) -> list[str]:
+    """About: weights x (finetuned/ + surgery/ + pruned/ + one being written, per round) + checkpoints.
+    On `--resume`, less what the run folder already holds (finished stages are not redone)."""
     if info.params is not None:
         weights = info.params * _DTYPE_BYTES.get(cfg.model.dtype, 4)
     else:
@@ -471,14 +500,23 @@ def check_disk(cfg: RunConfig, info: ModelInfo, *, prune: bool) -> list[str]:
     training = cfg.train.epochs > 0 and (cfg.prune.finetune_first or not prune) or (prune and cfg.recover.epochs > 0)
     if training:
         copies += 4  # checkpoint: weights, two AdamW moments, best weights
-    need = weights * copies
-    where = _existing_ancestor(Path(cfg.out).expanduser())
+    out = Path(cfg.out).expanduser()
+    held = _folder_bytes(out) if resume else 0
+    need = weights * copies - held
+    where = _existing_ancestor(out)
     free = shutil.disk_usage(where).free
     if need > free:
+        less = f", less {_size(held)} the run already holds" if held else ""
         return [f"not enough disk space for {cfg.out}: the run needs about {_size(need)} (model weights {_size(weights)} "
-                f"x {copies}: finetuned/, surgery/, pruned/ and checkpoints) but {where} has {_size(free)} free; "
+                f"x {copies}: finetuned/, surgery/, pruned/ and checkpoints{less}) but {where} has {_size(free)} free; "
                 "free some space or choose another --out"]
     return []
+
+
+def _folder_bytes(folder: Path) -> int:
+    if not folder.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _size(n: float) -> str:

@@ -22,7 +22,9 @@ def pyplot():
 
 
 def save_figure(fig, path: Path) -> None:
-    io.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+    """Save a plot atomically, marked as idprior's (so `report --out` may replace it later)."""
+    meta = io.PNG_METADATA | {"kind": "report"}
+    io.write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight", metadata=meta))
 
 
 def plot_structure(plan: dict, path: Path) -> Path:

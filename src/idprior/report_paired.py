@@ -221,5 +221,5 @@ def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str |
               *wall_table(rows), ""]
     plot_differences(primary, out / f"{name}_paired.png", f"{reference} − other, before recovery, test")
     path = out / f"{name}.md"
-    io.write_text(path, "\n".join(lines))
+    io.write_text(path, "\n".join(lines) + "\n" + io.md_marker("report"))
     return path

@@ -399,5 +399,5 @@ def write_quality_report(rows: list[dict], out: str | os.PathLike, *, name: str 
     plots.append(("Stage wall times", plot_wall_times(rows, out / f"{name}_walltimes.png")))
     lines += ["## Plots", ""] + [f"{t}:\n\n![{t}]({p.name})\n" for t, p in plots]
     path = out / f"{name}.md"
-    io.write_text(path, "\n".join(lines) + "\n")
+    io.write_text(path, "\n".join(lines) + "\n" + io.md_marker("report"))
     return path

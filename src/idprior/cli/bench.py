@@ -55,7 +55,8 @@ def add_parser(sub):
     p.add_argument("--processes", type=int, default=1, metavar="N",
                    help="time in N fresh processes, one after another, and report the median over them (a whole "
                         "process can run slow on a shared machine; default 1: this process)")
-    p.add_argument("--out", required=True, metavar="DIR", help="folder for bench.json and bench.md")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="folder for bench.json and bench.md (replaced only if idprior bench wrote them)")
     return p
 
 
@@ -83,12 +84,32 @@ def load_dense_like(spec: str, pruned):
     return model.eval()
 
 
+def check_out(out: str):
+    """(bench.json, bench.md) under --out, checked before any model loads: a folder idprior can write
+    into, and no file there that idprior bench did not write (io.check_owned)."""
+    from pathlib import Path
+
+    from .. import io
+    from ..errors import IdpriorError
+
+    folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise IdpriorError(f"--out {folder} is a file; give a folder for bench.json and bench.md")
+    paths = (folder / "bench.json", folder / "bench.md")
+    for path in paths:
+        problem = io.writable_problem(path, "--out")
+        if problem:
+            raise IdpriorError(problem)
+        io.check_owned(path, "bench", "choose another --out, or remove it yourself")
+    return paths
+
+
 def run(args) -> int:
     import functools
     from pathlib import Path
 
     from .. import io
-    from ..bench import NoiseGuard, benchmark, benchmark_processes, format_bench_markdown
+    from ..bench import NoiseGuard, benchmark, benchmark_processes, check_pruned_from, format_bench_markdown
     from ..errors import IdpriorError
     from .export import load_with_head
 
@@ -98,12 +119,15 @@ def run(args) -> int:
         raise IdpriorError("--max-iqr-fraction and --max-speedup-gap must be > 0 and --retime-rounds >= 0")
     if args.processes < 1:
         raise IdpriorError(f"--processes must be >= 1, got {args.processes}")
+    json_path, md_path = check_out(args.out)
     folders = {}  # table name -> pruned folder
     for folder in args.pruned:
         name = Path(folder).resolve().name
         folders[str(folder) if name in folders or name == "dense" else name] = folder
     pruned = {name: load_with_head(folder)[0] for name, folder in folders.items()}  # checks every folder first
     dense = load_dense_like(args.dense, next(iter(pruned.values())))
+    for name, model in pruned.items():  # a speed-up between unrelated models means nothing
+        check_pruned_from(dense, model, args.dense, folders[name])
     timing = dict(batch_sizes=args.batch_sizes, seq_lens=args.seq_lens, threads=args.threads, repeats=args.repeats,
                   warmup=args.warmup, onnx=not args.no_onnx, exporter=args.exporter, attention=args.attention,
                   noise=NoiseGuard(args.max_iqr_fraction, args.max_speedup_gap, args.retime_rounds))
@@ -116,12 +140,11 @@ def run(args) -> int:
         result = benchmark({"dense": dense, **pruned}, **timing)
     result["command"] = command_line(args)
     result["inputs"] = {"dense": args.dense, "pruned": list(args.pruned)}
-    out = Path(args.out)
     md = format_bench_markdown(result)
-    io.write_json(out / "bench.json", result)
-    io.write_text(out / "bench.md", f"`{result['command']}`\n\n{md}")
+    io.write_json(json_path, io.marked(result, "bench"))
+    io.write_text(md_path, f"`{result['command']}`\n\n{md}\n{io.md_marker('bench')}")
     print(md, end="")
-    print(f"wrote {out / 'bench.json'} and {out / 'bench.md'}")
+    print(f"wrote {json_path} and {md_path}")
     return 0
 
 

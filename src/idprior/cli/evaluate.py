@@ -33,7 +33,8 @@ def add_parser(sub):
     p.add_argument("--max-eval", type=int, help="evaluate on at most N examples")
     p.add_argument("--max-length", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", help="folder for metrics.json (default: print only)")
+    p.add_argument("--out", help="folder for metrics.json (default: print only); a metrics.json there is replaced only "
+                                  "if idprior evaluate wrote it")
     p.add_argument("--zero-shot", default=None, metavar="TASK",
                    help="LM tasks: also classify TASK's test split (rt-polarity, sst2) zero-shot by label-word "
                         "likelihood; --max-eval caps its examples too")
@@ -72,6 +73,7 @@ def _metrics_path(args) -> Path | None:
     problem = io.writable_problem(metrics_path, "--out")
     if problem:
         raise IdpriorError(problem)
+    io.check_owned(metrics_path, "evaluate", "choose another --out, or remove it yourself")
     return metrics_path
 
 
@@ -127,6 +129,6 @@ def run(args) -> int:
                                  batch_size=args.batch_size)
         out["zero_shot"] = {"task": zs["task"], "split": zs["split"], **zs["model"]}
     if metrics_path is not None:
-        io.write_json(metrics_path, out)
+        io.write_json(metrics_path, io.marked(out, "evaluate"))
     print(json.dumps(out, indent=2))
     return 0

@@ -25,7 +25,8 @@ def add_parser(sub):
     p = sub.add_parser("report", help="markdown tables and plots from quality results (or one run folder)",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("source", metavar="RESULTS.jsonl|RUN_DIR", help="results of bench-quality, or an idprior prune --out folder")
-    p.add_argument("--out", default=None, help="folder for NAME.md and the plots (JSONL input; default: beside it)")
+    p.add_argument("--out", default=None, help="folder for NAME.md and the plots (JSONL input; default: beside it); "
+                                               "files there are replaced only if idprior report wrote them")
     p.add_argument("--name", default=None, help="file stem (default: the JSONL's stem)")
     p.add_argument("--runs", default=None, help="the bench-quality --out folder (for plans and function norms)")
     p.add_argument("--plan", default=None, metavar="KEY", help="cell key task/seed/method/target for the structure plot")
@@ -39,11 +40,34 @@ def add_parser(sub):
     return p
 
 
+RUN_REPORT_FILES = ("report.md", "structure.png", "norms.png", "stages.png")
+
+
+def check_outputs(folder: Path, names: list[str], kind: str) -> None:
+    """Before anything is written: `folder` can take the files, and each file that exists there is
+    one idprior wrote as `kind` (io.check_owned); otherwise one line and nothing written."""
+    from .. import io
+
+    if folder.exists() and not folder.is_dir():
+        raise IdpriorError(f"--out {folder} is a file; give a folder for the report")
+    problem = io.writable_problem(folder / names[0], "--out")
+    if problem:
+        raise IdpriorError(problem)
+    for name in names:
+        io.check_owned(folder / name, kind, "choose another --out or --name, or remove it yourself")
+
+
 def run(args) -> int:
+    from .. import io
+
     src = Path(args.source)
     if src.is_dir():
         from ..report import write_run_report
 
+        if not io.is_run_folder(src):
+            raise IdpriorError(f"{src} is not an idprior run folder (it has no stages.json); give the --out folder of "
+                               "idprior prune, or a results JSONL")
+        check_outputs(src, list(RUN_REPORT_FILES), "run")
         print(f"wrote {write_run_report(src)}")
         return 0
     if not src.is_file():
@@ -54,14 +78,18 @@ def run(args) -> int:
     if not rows:
         raise IdpriorError(f"{src} holds no result rows (run idprior bench-quality first)")
     notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else None
-    if any(r.get("paired") for r in rows):
+    out, name = Path(args.out or src.parent), args.name or src.stem
+    paired = any(r.get("paired") for r in rows)
+    plots = ["paired"] if paired else ["tradeoff", "structure", "norms", "walltimes"]
+    check_outputs(out, [f"{name}.md", *(f"{name}_{plot}.png" for plot in plots)], "report")
+    if paired:
         from ..report_paired import write_paired_report
 
-        path = write_paired_report(rows, src, args.out or src.parent, name=args.name or src.stem,
-                                   reference=args.reference, baseline=args.baseline, command=args.command, notes=notes)
+        path = write_paired_report(rows, src, out, name=name, reference=args.reference, baseline=args.baseline,
+                                   command=args.command, notes=notes)
         print(f"wrote {path}")
         return 0
-    path = write_quality_report(rows, args.out or src.parent, name=args.name or src.stem, runs=args.runs,
-                                plan_key=args.plan, command=args.command, title=args.title, notes=notes)
+    path = write_quality_report(rows, out, name=name, runs=args.runs, plan_key=args.plan, command=args.command,
+                                title=args.title, notes=notes)
     print(f"wrote {path}")
     return 0
