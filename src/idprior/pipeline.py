@@ -75,7 +75,7 @@ class Run:
                 raise IdpriorError(f"output folder {self.out} {what}; pass --resume to continue it, --overwrite to replace it, or choose another --out")
             elif status.is_file():
                 saved = io.read_json(status).get("config", {})
-                if saved and resume_differences(saved, cfg):  # a key added since the run started (at its default) is no difference
+                if saved and resume_differences(saved, cfg):
                     raise IdpriorError(f"--resume: {self.out} was started with a different config; use the same options, --overwrite, or another --out")
         if occupied and overwrite:  # only a run folder holding nothing but the run's files is deleted
             io.check_owned(self.out, "run", OVERWRITE_FIX)

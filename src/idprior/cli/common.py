@@ -90,7 +90,7 @@ def add_run_args(p: argparse.ArgumentParser, prune: bool = False) -> None:
         for name, (_, _, help_) in SWITCHES.items():
             p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", help=help_)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace whatever --out holds")
+    p.add_argument("--overwrite", action="store_true", help="replace the idprior run in --out (files idprior did not write are never deleted)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
