@@ -50,7 +50,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from idprior.data.tasks import SPLIT_SEED, Task, TaskData, carve, tenth
+from idprior.data.base import SPLIT_SEED, Task, TaskData, carve, tenth
 from idprior.errors import IdpriorError
 
 SPLITS = ("train", "validation", "test")
