@@ -66,28 +66,32 @@ class Adapter(ABC):
     # SNIP's measured settings for this family, per mode ("finetune", "posttrain"), for the prune fields a user
     # leaves at None (`config.recipe_for`; the rest come from `config.RECIPE`).
     recipe: ClassVar[dict[str, dict]] = {}
+    # How the family stores its projection weights: "linear" (nn.Linear, [out, in]) or "conv1d"
+    # (transformers' Conv1D, [in, out]); the `kind` of `sn_targets`.
+    weight_kind: ClassVar[str] = "linear"
 
     def __init__(self, model: nn.Module, per_query_head: bool = False):
         self.model = model
         self.config = model.config
         self.per_query_head = per_query_head
+        self._layers: nn.ModuleList  # the transformer blocks; each family's __init__ finds them
 
     # ---- structure -------------------------------------------------------------------------
-    @abstractmethod
     def layers(self) -> list[nn.Module]:
         """The transformer blocks in order."""
+        return list(self._layers)
 
     @property
     def num_layers(self) -> int:
         return len(self.layers())
 
     @property
-    @abstractmethod
-    def hidden_size(self) -> int: ...
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
 
     @property
-    @abstractmethod
-    def head_dim(self) -> int: ...
+    def head_dim(self) -> int:
+        return self.config.hidden_size // self.config.num_attention_heads
 
     @abstractmethod
     def shape(self, layer: int) -> LayerShape:
@@ -149,9 +153,9 @@ class Adapter(ABC):
         """A module whose input (first argument) is the residual stream the FFN branch writes into:
         pre-LN, the pre-FFN norm (its input x + attn(x)); post-LN, the FFN itself (its input LN(x + attn(x)))."""
 
-    @abstractmethod
     def out_weight(self, module: nn.Module) -> torch.Tensor:
         """The projection's weight as a [out_features, in_features] tensor (a view; Conv1D transposed)."""
+        return module.weight.t() if self.weight_kind == "conv1d" else module.weight
 
     @abstractmethod
     def sn_targets(self, layer: int) -> list[tuple[nn.Module, str]]:
@@ -261,10 +265,26 @@ class Adapter(ABC):
                     f"{now.to_dict()}; re-save the pruned model with idprior.save_pruned"
                 )
 
-    @abstractmethod
     def reshape_to(self, shapes: list[LayerShape]) -> None:
-        """Give a freshly built (full-size) model the recorded shapes, e.g. by keeping the first
+        """Give a freshly built (full-size) model the recorded shapes by keeping the first
         n heads/neurons and removing sub-layers; weights are loaded afterwards."""
+        self.check_target_shapes(shapes)
+        for layer, target in enumerate(shapes):
+            current = self.shape(layer)
+            if not target.has_attn:
+                self.remove_attn(layer)
+            else:
+                self._reshape_heads(layer, target, current)
+            if not target.has_ffn:
+                self.remove_ffn(layer)
+            elif target.ffn_dim != current.ffn_dim:
+                self.prune_neurons(layer, list(range(target.ffn_dim)))
+
+    def _reshape_heads(self, layer: int, target: LayerShape, current: LayerShape) -> None:
+        """`reshape_to`'s step for a kept attention sub-layer: keep its first `target.n_heads` heads
+        (multi-head attention; a family with grouped-query attention keeps whole KV groups)."""
+        if target.n_heads != current.n_heads:
+            self.prune_heads(layer, list(range(target.n_heads)))
 
 
 # ---- helpers shared by the adapters -----------------------------------------------------------
@@ -295,39 +315,19 @@ def slice_linear(linear: nn.Linear, index: torch.Tensor, dim: int) -> None:
         linear.in_features = len(index)
 
 
-def cache_from_kwargs(kwargs: dict):
-    """The KV cache passed to an attention module (`cache` in transformers >= 5.x, `past_key_values` before)."""
-    cache = kwargs.get("cache")
-    return cache if cache is not None else kwargs.get("past_key_values")
-
-
-class SkippedAttention(nn.Module):
-    """A removed pre-LN attention branch: f(x) = 0, so the layer's residual gives x + 0 = x.
-
-    It still appends a [B, 1, T, 1] zero key/value to the KV cache: transformers reads the past
-    length from a cache layer (layer 0 for positions and masks) and a layer that never updates
-    would report 0 during generation. The stub costs B*T numbers per layer and is never attended.
-    """
-
-    def __init__(self, layer_idx: int):
-        super().__init__()
-        self.layer_idx = layer_idx
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
-        cache = cache_from_kwargs(kwargs)
-        if cache is not None and hasattr(cache, "update"):
-            batch, seq = hidden_states.shape[:2]
-            stub = hidden_states.new_zeros(batch, 1, seq, 1)  # [B, heads=1, T, head_dim=1]
-            cache.update(stub, stub, self.layer_idx)
-        # A 0-dim zero broadcasts in `residual + out` and leaves the residual exactly unchanged.
-        return hidden_states.new_zeros(()), None
-
-
-class SkippedFFN(nn.Module):
-    """A removed pre-LN feed-forward branch: f(x) = 0 (a 0-dim zero that broadcasts)."""
-
-    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        return hidden_states.new_zeros(())
+@torch.no_grad()
+def slice_conv1d(conv: nn.Module, index: torch.Tensor, dim: int) -> None:
+    """Keep output features (`dim=1`: weight columns and bias) or input features (`dim=0`: rows)
+    `index` of a transformers Conv1D (weight [nx, nf]) in place, keeping dtype and device."""
+    weight = conv.weight
+    index = index.to(weight.device)
+    conv.weight = nn.Parameter(weight.index_select(dim, index).clone(), requires_grad=weight.requires_grad)
+    if dim == 1:
+        bias = conv.bias
+        conv.bias = nn.Parameter(bias.index_select(0, index).clone(), requires_grad=bias.requires_grad)
+        conv.nf = len(index)
+    else:
+        conv.nx = len(index)
 
 
 # Pre-LN decoders, measured on SmolLM2-135M (Llama layout; docs/results.md "Decoders") and applied to GPT-2, the

