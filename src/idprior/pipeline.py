@@ -13,6 +13,11 @@ Each stage can be called alone (`stage_score(run)`, ...) or through `run_stages(
 one stage runner (used by `prune`, `finetune`, the quality harness and the benchmark scripts):
 `stages.json` records the stages that finished, with wall times; with `resume=True` a finished stage
 is never redone and an interrupted training stage continues from its last checkpoint.
+
+Several processes (`torchrun --nproc_per_node N`; `distributed`): rank 0 runs the pre-run checks and opens the
+folder, the other ranks follow it (`Run.follower`); fine-tuning, scoring and recovery run on every rank
+(data-parallel; rank 0 writes their results), the other stages on rank 0 alone; every stage ends at a barrier,
+so the next one reads what the last one wrote.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from . import io, lock, models
+from . import distributed, io, lock, models
 from .arch import get_adapter
 from .config import (
     CONFIG_VERSION,
@@ -53,6 +58,7 @@ from .preflight import OVERWRITE_FIX, preflight
 from .units import parse_kinds
 
 STAGES = ("finetune", "score", "select", "surgery", "recover", "evaluate", "bench", "report")
+PARALLEL_STAGES = ("finetune", "score", "recover")  # run on every rank of a multi-process launch; the rest on rank 0
 
 
 # ---- run folder -------------------------------------------------------------------------------
@@ -94,6 +100,17 @@ class Run:
         io.write_text(self.out / "config.yaml", dump_config(cfg))
         self._data = None
 
+    @classmethod
+    def follower(cls, cfg: RunConfig, *, resume: bool = False) -> Run:
+        """The run folder as a non-zero rank of a multi-process launch opens it, after rank 0 created it with
+        `Run(...)`: its config and stage status, read; nothing written, no lock held."""
+        run = cls.__new__(cls)
+        run.cfg = resolved(cfg)
+        run.out, run.resume, run._data = Path(run.cfg.out), resume, None
+        run.lock = lock.Lock(run.out)  # never acquired: rank 0 holds the folder for the launch
+        run.status = io.read_json(run.out / "stages.json")
+        return run
+
     def close(self) -> None:
         """Release the run folder's lock (also done at interpreter exit)."""
         self.lock.release()
@@ -118,7 +135,8 @@ class Run:
 
     def mark(self, stage: str, wall_s: float, **info) -> None:
         self.status["stages"][stage] = {"wall_s": round(wall_s, 2), **info}
-        io.write_json(self.out / "stages.json", self.status)
+        if distributed.is_main():
+            io.write_json(self.out / "stages.json", self.status)
 
     def path(self, name: str) -> Path:
         return self.out / name
@@ -225,8 +243,9 @@ def stage_finetune(run: Run) -> dict:
             obj.detach()
         spectral.fold(model)
         info.update(history=result.history, best_epoch=result.best_epoch, steps=result.steps)
-    save_pruned(model, tok, run.path("finetuned"))
-    shutil.rmtree(run.path("ckpt_finetune"), ignore_errors=True)
+    if distributed.is_main():
+        save_pruned(model, tok, run.path("finetuned"))
+        shutil.rmtree(run.path("ckpt_finetune"), ignore_errors=True)
     return info
 
 
@@ -250,7 +269,8 @@ def stage_score(run: Run) -> dict:
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
     scores = score(model, calibration_batches(run, tok), adapter=adapter,
                    residual=run.cfg.prune.score == "residual", readout=True, after_ln=run.cfg.prune.norm_after_ln)
-    io.write_json(run.path("scores.json"), {"score": run.cfg.prune.score, "norms": scores_to_json(scores)})
+    if distributed.is_main():  # every rank holds the same scores (summed over ranks)
+        io.write_json(run.path("scores.json"), {"score": run.cfg.prune.score, "norms": scores_to_json(scores)})
     return {"units": len(scores)}
 
 
@@ -328,9 +348,9 @@ def stage_recover(run: Run) -> dict:
                        higher_is_better=greater_is_better(metric), hooks=hooks, ckpt_dir=run.path("ckpt_recover"),
                        resume=run.resume, desc="recover", log_path=run.path("recover_log.jsonl"))
         info.update(history=result.history, best_epoch=result.best_epoch, steps=result.steps)
-    plan = io.read_json(run.path("plan.json"))
-    save_pruned(model, tok, run.path("pruned"), plan=plan)
-    shutil.rmtree(run.path("ckpt_recover"), ignore_errors=True)
+    if distributed.is_main():
+        save_pruned(model, tok, run.path("pruned"), plan=io.read_json(run.path("plan.json")))
+        shutil.rmtree(run.path("ckpt_recover"), ignore_errors=True)
     return info
 
 
@@ -468,6 +488,8 @@ def run_stages(run: Run, names: Iterable[str], *, on: Run | None = None, suffix:
     Each is timed and recorded in `run`'s stages.json as name + `suffix` (the iterative rounds record
     theirs in the parent run as "score@2", ...); a stage `stage_needed` rules out is passed over. `fns`
     replaces the function of a stage (default `STAGE_FNS`); `observe(label)` wraps each stage's work.
+    With several processes a stage not in `PARALLEL_STAGES` runs on rank 0 alone, and every stage ends at a
+    barrier (module docstring).
     """
     target = on or run
     for name in names:
@@ -475,14 +497,41 @@ def run_stages(run: Run, names: Iterable[str], *, on: Run | None = None, suffix:
             continue
         label = name + suffix
         if run.done(label):
-            print(f"[{label}] done earlier, skipped")
+            if distributed.is_main():
+                print(f"[{label}] done earlier, skipped")
             continue
         fn = (fns or {}).get(name) or STAGE_FNS[name]
         t0 = time.perf_counter()
-        with observe(label) if observe is not None else contextlib.nullcontext(), torch_settings_kept():
-            info = fn(target) or {}
+        parallel = name in PARALLEL_STAGES
+        info = {}
+        if parallel or distributed.is_main():
+            with (observe(label) if observe is not None else contextlib.nullcontext(), torch_settings_kept(),
+                  contextlib.nullcontext() if parallel else distributed.alone()):
+                info = fn(target) or {}
+        distributed.barrier()  # the next stage reads what this one wrote
         run.mark(label, time.perf_counter() - t0, **info)
-        print(f"[{label}] {time.perf_counter() - t0:.1f} s")
+        if distributed.is_main():
+            print(f"[{label}] {time.perf_counter() - t0:.1f} s")
+
+
+def open_run(cfg: RunConfig, *, resume: bool, overwrite: bool, prune: bool = True) -> Run:
+    """Pre-run checks and the run folder. With several processes (the launcher's process group is joined here)
+    rank 0 does both, its error is every rank's, and the other ranks then follow the folder it opened."""
+    distributed.init()
+    world = distributed.world()
+
+    def first() -> Run:
+        sizes = {"train.batch_size": cfg.train.batch_size}
+        if prune and cfg.recover.epochs > 0:
+            sizes["recover.batch_size"] = cfg.recover.batch_size
+        bad = distributed.batch_problems(sizes, world)
+        if bad:
+            raise IdpriorError(bad[0])
+        preflight(cfg, resume=resume, overwrite=overwrite, prune=prune)  # every input problem at once, before anything is written
+        return Run(cfg, resume=resume, overwrite=overwrite)
+
+    run = distributed.main_first(first)
+    return run if distributed.is_main() else Run.follower(cfg, resume=resume)
 
 
 def prune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
@@ -491,11 +540,10 @@ def prune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False,
     A baseline (`prune.method` other than snip) fine-tunes and recovers plainly unless `prune.sn` /
     `prune.prior` ask for SN or the prior (`config.training_of`)."""
     cfg = resolved(cfg)
-    preflight(cfg, resume=resume, overwrite=overwrite)  # every input problem at once, before anything is written
+    run = open_run(cfg, resume=resume, overwrite=overwrite)
     torch.manual_seed(cfg.seed)
-    run = Run(cfg, resume=resume, overwrite=overwrite)
     try:
-        if resume:
+        if resume and distributed.is_main():
             print(run.resume_note())
         _ = run.data  # load and check the data before any heavy work
         if cfg.prune.iterative > 1:
@@ -523,15 +571,18 @@ def _prune_iterative(run: Run, observe: StageObserver | None = None) -> Path:
         sub.out = base / f"round{r}"
         sub.cfg = dataclasses.replace(cfg, out=str(sub.out), prune=dataclasses.replace(
             cfg.prune, target=max(1e-6, min(frac, 0.999)), iterative=1))
-        if not (sub.out / "finetuned").exists():  # atomic: a copy cut short by a crash is never reused
+        if distributed.is_main() and not (sub.out / "finetuned").exists():  # atomic: a copy cut short by a crash is never reused
             io.copy_dir(previous, sub.out / "finetuned")
+        distributed.barrier()
         run_stages(run, ["score", "select", "surgery", "recover"], on=sub, suffix=f"@{r}", observe=observe)
         previous = str(sub.out / "pruned")
-    for name in ("pruned", "surgery"):
-        if not run.done("assemble"):
-            io.copy_dir(base / f"round{k_rounds}" / name, run.path(name))
-    plans = [io.read_json(base / f"round{r}" / "plan.json") for r in range(1, k_rounds + 1)]
-    io.write_json(run.path("plan.json"), {"rounds": plans, "counts": _sum_counts(plans), "units": []})
+    if distributed.is_main():
+        for name in ("pruned", "surgery"):
+            if not run.done("assemble"):
+                io.copy_dir(base / f"round{k_rounds}" / name, run.path(name))
+        plans = [io.read_json(base / f"round{r}" / "plan.json") for r in range(1, k_rounds + 1)]
+        io.write_json(run.path("plan.json"), {"rounds": plans, "counts": _sum_counts(plans), "units": []})
+    distributed.barrier()
     run.mark("assemble", 0.0)
     run_stages(run, ["evaluate", "bench", "report"], observe=observe)
     return run.out
@@ -550,16 +601,18 @@ def _sum_counts(plans: list[dict]) -> dict:
 
 
 def finetune(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False) -> dict:
-    """`idprior finetune`: plain fine-tuning (no SN, no prior) and test metrics -> out/metrics.json."""
+    """`idprior finetune`: plain fine-tuning (no SN, no prior) and test metrics -> out/metrics.json (on rank 0;
+    the other ranks of a multi-process launch return {})."""
     cfg = resolved(dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, sn=False, prior=False,
                                                                        finetune_first=True)))
-    preflight(cfg, resume=resume, overwrite=overwrite, prune=False)
-    run = Run(cfg, resume=resume, overwrite=overwrite)
+    run = open_run(cfg, resume=resume, overwrite=overwrite, prune=False)
     try:
-        if resume:
+        if resume and distributed.is_main():
             print(run.resume_note())
         _ = run.data
         run_stages(run, ["finetune"])
+        if not distributed.is_main():
+            return {}
         model, tok = run.load_model(finetuned_spec(run))
         metrics = {"task": run.task.name, "model": cfg.model.name, "seed": cfg.seed, "sizes": run.data.sizes()}
         for split in ["validation", *run.test_splits()]:

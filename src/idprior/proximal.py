@@ -45,6 +45,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import distributed
 from .arch.base import Adapter
 from .config import RECIPE, PruneConfig, prior_active
 from .errors import IdpriorError
@@ -230,7 +231,7 @@ class ProximalPrior:
         rec = self.recorder
         if not rec.moments:
             raise IdpriorError("the proximal prior ran before any training forward (attach it before training)")
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed.world() > 1:
             _all_reduce_moments(rec)  # every rank must shrink the same weights by the same factors
         for key, m in rec.moments.items():
             n = max(1, rec.count(key[1]))
@@ -445,8 +446,10 @@ class ProximalPrior:
 
     # ---- checkpointing ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """λ, F̄ and the EMA moments: what a resumed run needs to continue bit-identically."""
+        """λ, F̄, the EMA moments and the norms after the last step (whether a group has reached its share is
+        read from them at the next step): what a resumed run needs to continue bit-identically."""
         state: dict = {"lam": dict(self.lam), "fbar": dict(self.fbar)}
+        state.update({f"norm.{kind}.{layer}": n for (kind, layer), n in self.norms.items()})
         if self.debias:
             state["restored"] = sorted(self.restored)
             state.update({f"shrunk.{kind}.{layer}": a for (kind, layer), a in self.shrunk.items()})
@@ -461,11 +464,11 @@ class ProximalPrior:
         self.ema_ln = {(k.split(".")[0], int(k.split(".")[1])): float(v) for k, v in state.get("ema_ln", {}).items()}
         device = next(p for p in self.model.parameters()).device
         self.restored = set(state.get("restored", []))
-        self.ema_m, self.shrunk = {}, {}
+        self.ema_m, self.shrunk, self.norms = {}, {}, {}
         for name, m in state.items():
-            if name.startswith(("ema.", "shrunk.")):
+            if name.startswith(("ema.", "shrunk.", "norm.")):
                 which, kind, layer = name.split(".")
-                store = {"ema": self.ema_m, "shrunk": self.shrunk}[which]
+                store = {"ema": self.ema_m, "shrunk": self.shrunk, "norm": self.norms}[which]
                 store[(kind, int(layer))] = m.to(device=device, dtype=torch.float64)
 
     def detach(self) -> None:
@@ -473,9 +476,11 @@ class ProximalPrior:
 
 
 def _all_reduce_moments(rec: ActivationMoments) -> None:
-    """Sum the batch moments and counts over ranks (same keys on every rank: same model)."""
-    for key in sorted(rec.moments):
-        torch.distributed.all_reduce(rec.moments[key], op=torch.distributed.ReduceOp.SUM)
+    """Sum the batch moments, the LayerNorm input statistics (`after_ln`) and the token counts over ranks
+    (same keys on every rank: same model), so that every rank takes the step the global batch asks for."""
+    for store in (rec.moments, rec.ln_sq):
+        for key in sorted(store):
+            torch.distributed.all_reduce(store[key], op=torch.distributed.ReduceOp.SUM)
     device = next(iter(rec.moments.values())).device
     tokens = torch.tensor([float(rec.tokens), float(rec.readout_tokens)], dtype=torch.float64, device=device)
     torch.distributed.all_reduce(tokens, op=torch.distributed.ReduceOp.SUM)

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed
 from .arch import get_adapter
 from .arch.base import Adapter
 from .errors import IdpriorError
@@ -332,9 +333,8 @@ def lean_forward_kwargs(model: nn.Module) -> dict:
 
 
 def _rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+    """(rank, processes) scoring shares its batches with: one process inside `distributed.alone()`."""
+    return (distributed.rank(), distributed.world()) if distributed.world() > 1 else (0, 1)
 
 
 def _all_reduce(rec: BranchNorms, adapter: Adapter, device: torch.device) -> None:

@@ -5,7 +5,13 @@ the loss-term identity prior (`prior.IdentityPrior`, computed from what the gate
 during the forward pass), the proximal prior (`AfterStep(proximal.ProximalPrior)`, which edits the
 weights after each optimizer step) and distillation (`Distillation`). One call of `train` is a
 `TrainState` (progress, checkpointed), a `_Loop.step` per batch, `_Loop.end_epoch` (history, best
-weights) and a `Checkpointer`. Runs under `accelerate launch` with the same code as one process.
+weights) and a `Checkpointer`.
+
+Several processes (torchrun, accelerate launch; `distributed`): every rank reads the same global batches, takes
+its slice and weights its loss by its share of the batch, the gradients are summed over ranks before clipping,
+so a step is the one-process step at the same global batch size up to float summation order; each rank starts
+from rank 0's weights and draws its dropout masks from a per-step, per-rank seed. Rank 0 alone writes
+checkpoints, logs and the best weights; the others wait for them.
 
 Checkpoints (in `ckpt_dir`): one folder per checkpoint, `e<epoch>-s<step in epoch>/`, holding
 `model.safetensors` (spectral-norm u, v and bounds included: they are buffers), `optimizer.safetensors`
@@ -41,7 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from . import io
+from . import distributed, io
 from .config import TrainConfig
 from .errors import IdpriorError
 
@@ -227,12 +233,11 @@ class Checkpointer:
     """Checkpoint folders in `ckpt_dir` (see the module docstring) and the best epoch's weights.
 
     Without a folder the best weights are kept in memory, so the end of training restores them
-    through the same `restore_best` either way. Writes happen on the main process only.
+    through the same `restore_best` either way. Writes happen on rank 0 only; the other ranks wait.
     """
 
-    def __init__(self, ckpt_dir: str | Path | None, acc=None, hooks: list[TrainHook] = ()):
+    def __init__(self, ckpt_dir: str | Path | None, hooks: list[TrainHook] = ()):
         self.dir = Path(ckpt_dir) if ckpt_dir else None
-        self.acc = acc
         self.stateful = [h for h in hooks if hasattr(h, "state_dict") and hasattr(h, "load_state_dict")]
         self._best_in_memory: dict[str, torch.Tensor] | None = None
 
@@ -244,10 +249,9 @@ class Checkpointer:
         complete or not at all; the other ranks wait for it."""
         if self.dir is None:
             return
-        if self.acc is None or self.acc.is_main_process:
+        if distributed.is_main():
             _write_checkpoint(self.dir, model, opt, sched, state, self.stateful)
-        if self.acc is not None:
-            self.acc.wait_for_everyone()
+        distributed.barrier()
 
     def load(self, folder: Path, model, opt, sched) -> TrainState:
         return _load_checkpoint(folder, model, opt, sched, self.stateful)
@@ -257,15 +261,14 @@ class Checkpointer:
         if self.dir is None:
             self._best_in_memory = {k: v.detach().clone() for k, v in model.state_dict().items()}
             return
-        if self.acc is None or self.acc.is_main_process:
+        if distributed.is_main():
             self.dir.mkdir(parents=True, exist_ok=True)
             name = f"best-e{epoch:04d}.safetensors"
             _save_weights(self.dir / name, model)
             for old in self.dir.glob("best-e*.safetensors"):
                 if old.name != name:
                     old.unlink(missing_ok=True)
-        if self.acc is not None:
-            self.acc.wait_for_everyone()
+        distributed.barrier()
 
     def restore_best(self, model: torch.nn.Module, epoch: int) -> None:
         """Load the weights `keep_best` kept for `epoch` (nothing if they are gone)."""
@@ -291,6 +294,8 @@ class _Loop:
     hooks: list[TrainHook]
     total: int
     desc: str
+    seed: int = 0
+    world: int = 1  # processes sharing each batch (`distributed`)
 
     @property
     def plain(self) -> torch.nn.Module:
@@ -298,7 +303,12 @@ class _Loop:
 
     def step(self, batch: dict, state: TrainState) -> dict:
         """One optimizer step on `batch`; returns its log terms. Raises NonFiniteLoss on a NaN/inf
-        loss or gradient norm, before the weights change."""
+        loss or gradient norm, before the weights change. With several processes: this rank's slice of the
+        global batch, its loss weighted by its share, gradients and log terms summed over ranks."""
+        weight = 1.0
+        if self.world > 1:
+            batch, weight = distributed.shard(batch)
+            torch.manual_seed(distributed.step_seed(self.seed, state.global_step))
         batch = _to(batch, self.acc.device)
         with parametrize.cached():  # spectral norm: one power-iteration step per training step
             outputs = self.model(**batch)
@@ -307,13 +317,20 @@ class _Loop:
             for hook in self.hooks:
                 loss, hook_terms = hook.loss(self.plain, batch, outputs, loss, state.global_step, self.total)
                 terms.update(hook_terms)
+        value = float(loss.detach())
+        if self.world > 1:  # the global batch's values, the same on every rank (a NaN anywhere stops all)
+            terms = distributed.weighted_sum({**terms, " loss": value}, weight)
+            value = terms.pop(" loss")
+            loss = loss * weight
         where = f"at step {state.global_step + 1}/{self.total}"
-        if not torch.isfinite(loss):
+        if not math.isfinite(value):
             raise NonFiniteLoss(
-                f"{self.desc}: loss became {float(loss.detach())} {where} (epoch {state.epoch + 1}, {terms}); lower "
+                f"{self.desc}: loss became {value} {where} (epoch {state.epoch + 1}, {terms}); lower "
                 "the learning rate (train.lr) or the prior strength (prune.prior_lambda), or use --dtype float32; "
                 "the last good checkpoint is kept")
         self.acc.backward(loss)
+        if self.world > 1:
+            distributed.sum_grads(self.model.parameters())
         if self.cfg.max_grad_norm > 0:
             grad_norm = self.acc.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
             if grad_norm is not None and not torch.isfinite(torch.as_tensor(grad_norm)):
@@ -343,7 +360,7 @@ class _Loop:
                 state.best_metric, state.best_epoch = value, epoch + 1
                 ckpt.keep_best(epoch + 1, self.plain)
         state.history.append(row)
-        if self.acc.is_main_process:
+        if distributed.is_main():
             tqdm.write(f"{self.desc} epoch {epoch + 1}: " + ", ".join(f"{k}={v:.4f}" for k, v in row.items()
                                                                      if isinstance(v, float)))
         state.end_epoch()
@@ -361,9 +378,9 @@ def _hooks(hooks, extra_loss, post_step, teacher, distill_alpha, distill_tempera
     return out + list(hooks or [])
 
 
-def _open_log(log_path, acc, last_step: int):
+def _open_log(log_path, last_step: int):
     """The step log, appended to; rows past `last_step` (a resumed run redoes them) are dropped first."""
-    if not log_path or not acc.is_main_process:
+    if not log_path or not distributed.is_main():
         return None
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     _trim_log(Path(log_path), last_step)  # drop rows past the checkpoint (and a torn last line)
@@ -406,22 +423,28 @@ def train(
         raise IdpriorError("the training split is empty; check the task data or max_train")
     total = max(1, math.ceil(cfg.epochs * steps_per_epoch))
     n_epochs = math.ceil(cfg.epochs) if cfg.epochs > 0 else 0
+    world = distributed.world()
+    if world > 1:  # every rank iterates the global batches (same order) and takes its slice of each
+        bad = distributed.batch_problems({"batch size": getattr(train_loader, "batch_size", None) or world}, world)
+        if bad:
+            raise IdpriorError(bad[0])
+        model.to(acc.device)
+        distributed.broadcast_module(model)
     opt = _optimizer(model, cfg)
     sched = _scheduler(opt, total, int(cfg.warmup_ratio * total))
-    model, opt = acc.prepare(model, opt)
-    if acc.num_processes > 1:
-        train_loader = acc.prepare(train_loader)
+    if world == 1:
+        model, opt = acc.prepare(model, opt)
     hooks = _hooks(hooks, extra_loss, post_step, teacher, distill_alpha, distill_temperature)
     for hook in hooks:
         hook.start(acc.device)
         if hasattr(hook, "bind_optimizer"):  # a proximal step in the optimizer's metric reads its state
             hook.bind_optimizer(getattr(opt, "optimizer", opt))
-    loop = _Loop(model, opt, sched, acc, cfg, hooks, total, desc)
-    ckpt = Checkpointer(ckpt_dir, acc, hooks)
+    loop = _Loop(model, opt, sched, acc, cfg, hooks, total, desc, seed=seed, world=world)
+    ckpt = Checkpointer(ckpt_dir, hooks)
     last = ckpt.latest() if resume else None
     state = ckpt.load(last, loop.plain, opt, sched) if last is not None else TrainState()
     t0 = time.perf_counter()
-    log = _open_log(log_path, acc, state.global_step)
+    log = _open_log(log_path, state.global_step)
     try:
         while state.global_step < total and state.epoch < n_epochs:
             _run_epoch(loop, train_loader, state, seed, steps_per_epoch, n_epochs, log, ckpt)
@@ -448,7 +471,7 @@ def _run_epoch(loop: _Loop, loader, state: TrainState, seed: int, steps_per_epoc
     loop.model.train()
     _reseed_order(loader, seed, epoch)
     bar = tqdm(total=min(steps_per_epoch, loop.total - epoch * steps_per_epoch), initial=state.step_in_epoch,
-               desc=f"{loop.desc} epoch {epoch + 1}/{n_epochs}", disable=not loop.acc.is_main_process,
+               desc=f"{loop.desc} epoch {epoch + 1}/{n_epochs}", disable=not distributed.is_main(),
                dynamic_ncols=True, leave=False)
     every = loop.cfg.checkpoint_every
     for i, batch in enumerate(loader):

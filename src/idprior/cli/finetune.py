@@ -18,5 +18,6 @@ def run(args) -> int:
     from ..pipeline import finetune
 
     metrics = finetune(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
-    print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("validation", "test"))}, indent=2))
+    if metrics:  # {} on the other ranks of a multi-process launch
+        print(json.dumps({k: v for k, v in metrics.items() if k.startswith(("validation", "test"))}, indent=2))
     return 0

@@ -2,7 +2,8 @@
 
 Each subcommand lives in its own module with `add_parser(subparsers)` and `run(args) -> int`.
 User mistakes (`IdpriorError`) print one line to stderr and exit 2; `--debug` shows the
-traceback instead.
+traceback instead. Under a multi-process launch rank 0's error is printed by rank 0 only (the other ranks exit 2
+with it, `relayed`).
 """
 
 from __future__ import annotations
@@ -49,13 +50,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         if debug:
             raise
-        for line in e.problems:
+        for line in [] if getattr(e, "relayed", False) else e.problems:
             print(f"idprior: error: {line}", file=sys.stderr)
         return 2
     except IdpriorError as e:
         if debug:
             raise
-        print(f"idprior: error: {e}", file=sys.stderr)
+        if not getattr(e, "relayed", False):
+            print(f"idprior: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("idprior: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)

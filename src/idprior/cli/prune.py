@@ -30,9 +30,11 @@ def add_parser(sub):
 
 
 def run(args) -> int:
+    from .. import distributed
     from ..pipeline import prune
 
     cfg = config_from_args(args)
     out = prune(cfg, resume=args.resume, overwrite=args.overwrite)
-    print(f"done: pruned model in {out / 'pruned'}, report in {out / 'report.md'}")
+    if distributed.is_main():
+        print(f"done: pruned model in {out / 'pruned'}, report in {out / 'report.md'}")
     return 0
