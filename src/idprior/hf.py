@@ -15,25 +15,49 @@ optimizer step from a callback's `on_step_end`; its options are `PRIOR_OPTIONS`;
 too; prior=False trains with SN alone. With gradient accumulation the prior's activation moments come from the
 last micro-batch of each step. The prior's log terms join the Trainer's logs as `snip_<term>` (snip_lambda,
 snip_prior_identity_frac, ...).
-Not yet: the proximal prior's state (its λ, starting norms, moment averages) is not written into the
-Trainer's checkpoints, so `resume_from_checkpoint` restarts its controller (`idprior prune --resume` keeps it).
+
+Checkpoints: each Trainer checkpoint folder also holds the prior's state (`ProximalPrior.state_dict`: λ, F̄, the
+moment averages, the last norms) as snip_prior.safetensors + snip_prior.json, and `train(resume_from_checkpoint=...)`
+loads it, so a resumed run continues bit-identically. Under `torchrun --nproc_per_node N` the Trainer's DDP
+averages the gradients and the prior sums its activation moments over ranks, so every rank takes the same step.
 """
 
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from . import spectral
+from . import io, spectral
 from .arch import get_adapter
 from .config import PRIOR_OPTIONS, PruneConfig, prune_config, recipe_for
 from .errors import IdpriorError
 from .proximal import ProximalPrior, build_prior
 
 OPTIONS = ("prior", "kinds", "sn", "sn_bound", *PRIOR_OPTIONS)
+PRIOR_STATE = "snip_prior"  # <checkpoint>/snip_prior.safetensors (tensors) + snip_prior.json (plain values)
+
+
+def save_prior_state(prior: ProximalPrior, folder: str | Path) -> None:
+    """The prior's state_dict into `folder` (a Trainer checkpoint), each file written atomically."""
+    state = prior.state_dict()
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items() if torch.is_tensor(v)}
+    io.write_with(Path(folder) / f"{PRIOR_STATE}.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+    io.write_json(Path(folder) / f"{PRIOR_STATE}.json", {k: v for k, v in state.items() if not torch.is_tensor(v)})
+
+
+def load_prior_state(prior: ProximalPrior, folder: str | Path) -> None:
+    folder = Path(folder)
+    plain, tensors = folder / f"{PRIOR_STATE}.json", folder / f"{PRIOR_STATE}.safetensors"
+    if not plain.is_file() or not tensors.is_file():
+        raise IdpriorError(f"checkpoint {folder} holds no state of the identity prior (written by an older idprior, "
+                           "or not by SnipTrainer); resume from a checkpoint SnipTrainer wrote, or train afresh")
+    prior.load_state_dict({**io.read_json(plain), **load_file(str(tensors))})
 
 
 def trainer_settings(prune: PruneConfig | None, kwargs: dict) -> tuple[PruneConfig, dict]:
@@ -64,6 +88,12 @@ class ProximalCallback(TrainerCallback):
         with torch.no_grad():
             self.terms = self.prior(self.prior.model, state.global_step - 1, max(1, state.max_steps))
 
+    def on_save(self, args, state, control, **kwargs):
+        """Called after the Trainer wrote checkpoint-<global_step>: the prior's state goes beside it."""
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if args.should_save and folder.is_dir():
+            save_prior_state(self.prior, folder)
+
 
 class SnipTrainer(Trainer):
     """A `Trainer` that fine-tunes with SN and the identity prior (module docstring); `finish()` after training."""
@@ -81,6 +111,16 @@ class SnipTrainer(Trainer):
         if self.snip_prior is not None:
             self.snip_callback = ProximalCallback(self.snip_prior)
             self.add_callback(self.snip_callback)
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """`Trainer.train`; resuming also restores the prior's state from the checkpoint (module docstring)."""
+        if resume_from_checkpoint and self.snip_prior is not None:
+            folder = resume_from_checkpoint
+            if folder is True:
+                folder = get_last_checkpoint(self.args.output_dir) if Path(self.args.output_dir).is_dir() else None
+            if folder is not None:  # none: the Trainer says so
+                load_prior_state(self.snip_prior, folder)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         with parametrize.cached():  # one power-iteration step per training step
