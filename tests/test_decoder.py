@@ -49,12 +49,22 @@ def test_prune_lm_end_to_end(folders, tmp_path, family):
     for which in ("dense", "pruned", "pruned_no_recovery"):
         ppl = metrics[which]["test"]["perplexity"]
         assert math.isfinite(ppl) and ppl > 1
-    assert metrics["compression"]["encoder_params"]["removed_fraction"] >= 0.3
+    assert plan["measures"]["removed_fraction"]["encoder_params"] >= 0.3
+    # the post-training decoder recipe re-fits the kept columns (lsq), adding the output biases Llama lacks
+    added = _compensation(out)
+    assert metrics["compression"]["encoder_params"]["pruned"] == plan["measures"]["after"]["encoder_params"] + added
     gens = metrics["generations"]
     assert [g["prompt"] for g in gens] == list(SAMPLE_PROMPTS)
     assert all(isinstance(g["dense"], str) and isinstance(g["pruned"], str) for g in gens)
     assert "## Sample generations" in (out / "report.md").read_text()
-    assert _params(load_pruned(out / "pruned")) == plan["measures"]["after"]["total_params"]
+    assert _params(load_pruned(out / "pruned")) == plan["measures"]["after"]["total_params"] + added
+
+
+def _compensation(out) -> int:
+    """The output-bias parameters the surgery stage's compensation added; checks it ran the decoder recipe's lsq."""
+    comp = json.loads((out / "stages.json").read_text())["stages"]["surgery"]["compensation"]
+    assert comp["mode"] == "lsq"
+    return comp["added_bias_params"]
 
 
 def test_per_query_head_end_to_end(folders, tmp_path):
@@ -73,7 +83,7 @@ def test_per_query_head_end_to_end(folders, tmp_path):
     shapes = [s for s in get_adapter(pruned).shapes() if s.has_attn]
     assert all(s.n_kv_heads == 2 and s.n_heads % s.n_kv_heads == 0 for s in shapes)
     assert any(s.n_heads < 4 for s in shapes)
-    assert _params(pruned) == plan["measures"]["after"]["total_params"]
+    assert _params(pruned) == plan["measures"]["after"]["total_params"] + _compensation(out)
     assert math.isfinite(json.loads((out / "metrics.json").read_text())["pruned"]["test"]["perplexity"])
 
 

@@ -1,5 +1,5 @@
-"""The Hugging Face Trainer integration: SN attached, the proximal prior after each optimizer step
-(or the loss prior in compute_loss), its terms logged, everything folded back by finish()."""
+"""The Hugging Face Trainer integration: SN attached, the proximal prior after each optimizer step, its terms
+logged, everything folded back by finish()."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ from transformers import TrainingArguments
 
 from idprior import spectral
 from idprior.arch import get_adapter
-from idprior.config import PruneConfig
+from idprior.config import PruneConfig, recipe_for
 from idprior.errors import IdpriorError
 from idprior.hf import SnipTrainer
+from idprior.proximal import RAMP
 from idprior.scoring import score
 from idprior.selection import select
 from idprior.surgery import apply_plan
@@ -48,14 +49,16 @@ def _hooks(model) -> int:
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
-def test_snip_trainer_adds_prior_and_folds(tmp_path):
+def test_snip_trainer_with_sn_alone_trains_and_folds(tmp_path):
+    """prior=False: SN alone (attached before the optimizer exists, so it trains the originals), no prior
+    callback, no prior terms in the logs; finish() folds SN into plain, trained weights."""
     model = tiny_bert().train()
-    trainer = SnipTrainer(model=model, args=_args(tmp_path, 3), train_dataset=_Data(), prior_mode="loss", prior_lambda=0.5)
+    trainer = SnipTrainer(model=model, args=_args(tmp_path, 3), train_dataset=_Data(), prior=False)
     assert spectral.sn_modules(model)  # SN attached before the optimizer exists
+    assert trainer.snip_prior is None and trainer.snip_callback is None
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer.train()
-    logs = [h for h in trainer.state.log_history if "snip_prior" in h]
-    assert logs and all(h["snip_prior"] > 0 for h in logs)
+    assert not any(k.startswith("snip_") for h in trainer.state.log_history for k in h)
     model = trainer.finish()
     assert not any(parametrize.is_parametrized(m) for m in model.modules())
     q = model.bert.encoder.layer[0].attention.self.query.weight
@@ -106,10 +109,10 @@ def test_snip_trainer_proximal_drives_units_to_the_identity(tmp_path):
 
 
 @pytest.mark.parametrize("options, words", [
-    ({"prior_mode": "prox"}, "prior_mode"),
+    ({"prior_gamma": 9.0}, "prior_gamma"),
     ({"target": 1.5}, "target"),
     ({"prior_gama": 2.0}, "prior_gamma"),  # a typo: the close match is named
-    ({"prior_lambda": 0.5}, "prior_mode"),  # a loss-mode option under the default proximal mode
+    ({"prior_lambda": 0.5}, "prior_lambda"),  # an option of the removed loss prior
     ({"selection": "norm"}, "select"),  # a prune field the trainer does not use
 ])
 def test_snip_trainer_refuses_bad_options_in_one_line(tmp_path, options, words):
@@ -119,15 +122,18 @@ def test_snip_trainer_refuses_bad_options_in_one_line(tmp_path, options, words):
 
 
 def test_snip_trainer_takes_the_config_defaults_and_overrides(tmp_path):
-    default = PruneConfig()
-    prior = SnipTrainer(model=tiny_bert(), args=_args(tmp_path, 1), train_dataset=_Data()).snip_prior
-    assert (prior.target, prior.gamma, prior.ramp, prior.freeze, prior.metric, prior.head_share) == (
-        default.target, default.prior_gamma, default.prior_ramp, default.prior_freeze, default.prior_metric,
-        default.prior_head_share)
+    """With no settings the trainer's prior is the one `idprior prune` runs on this family (the resolved
+    config: the encoder recipe); `prune=` and keywords (keywords win) override it."""
+    want = recipe_for(PruneConfig(), get_adapter(tiny_bert()).recipe)
+    trainer = SnipTrainer(model=tiny_bert(), args=_args(tmp_path, 1), train_dataset=_Data())
+    prior = trainer.snip_prior
+    assert (prior.target, prior.gamma, prior.head_share, prior.min_keep, prior.debias, prior.ramp) == (
+        want.target, want.prior_gamma, want.prior_head_share, want.min_keep, want.prior_debias, RAMP)
+    assert trainer.snip_config.sn is True and spectral.sn_modules(trainer.model)
     base = PruneConfig(target=0.3, prior_gamma=1.0)
     trainer = SnipTrainer(model=tiny_bert(), args=_args(tmp_path, 1), train_dataset=_Data(), prune=base, prior_gamma=2.0)
     assert (trainer.snip_prior.target, trainer.snip_prior.gamma) == (0.3, 2.0)  # keywords over prune=
     assert base.prior_gamma == 1.0  # the caller's config is not modified
     trainer = SnipTrainer(model=tiny_bert(), args=_args(tmp_path, 1), train_dataset=_Data(), min_keep=0.25,
-                          prior_scale="layer")
-    assert (trainer.snip_prior.min_keep, trainer.snip_prior.scale) == (0.25, "layer")  # the prior's floor and scale
+                          prior_debias=True)
+    assert (trainer.snip_prior.min_keep, trainer.snip_prior.debias) == (0.25, True)  # the prior's floor and debias

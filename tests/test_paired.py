@@ -118,8 +118,8 @@ def _paired_grid(model) -> dict:
             "max_train": 48, "max_eval": 24, "max_validation": 16, "max_length": 16,
             "train": {"epochs": 1, "batch_size": 16, "eval_each_epoch": False},
             "continue": {"epochs": 1, "lr": 1e-4},
-            "recover": {"batch_size": 16, "eval_each_epoch": False},
-            "prune": {"calib_size": 16, "recover_epochs": 1}}
+            "recover": {"epochs": 1, "batch_size": 16, "eval_each_epoch": False},
+            "prune": {"calib_size": 16}}
 
 
 def test_paired_grid_shares_one_start_and_keeps_predictions(tiny_folder, tmp_path):
@@ -191,13 +191,6 @@ def test_finetune_folder_does_not_depend_on_selection(tiny_folder):
     assert finetune_config(a, out="p")[1] == finetune_config(b, out="p")[1]
     c = cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", {"prune.prior_gamma": 1.0}), 0.5, out="x")
     assert finetune_config(a, out="p")[1] != finetune_config(c, out="p")[1]
-    # the loss prior's own strength changes its fine-tune; the proximal prior ignores it
-    loss = {"prune.prior_mode": "loss"}
-    d, e = (cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", loss | {"prune.prior_lambda": lam}), 0.5, out="x")
-            for lam in (0.1, 0.3))
-    assert finetune_config(d, out="p")[1] != finetune_config(e, out="p")[1]
-    f = cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", {"prune.prior_lambda": 0.3}), 0.5, out="x")
-    assert finetune_config(a, out="p")[1] == finetune_config(f, out="p")[1]
 
 
 def test_paired_grid_errors(tiny_folder):
@@ -210,24 +203,6 @@ def test_paired_grid_errors(tiny_folder):
     bad = _paired_grid(tiny_folder) | {"paired": False}
     with pytest.raises(IdpriorError, match="from: start"):
         load_grid(bad)
-
-
-def test_resume_accepts_a_field_added_later_at_its_default():
-    """A grid's fine-tunes outlive code changes: a config field added after a run started must not block
-    --resume while it holds the value the run had without it; a changed value still does. That value is
-    the behaviour before the field existed, not today's default: a saved config without `prior_mode`
-    ran the loss prior, though the default is now the proximal one."""
-    from idprior.config import config_differences, load_config, resume_key
-
-    old = resume_key(load_config(None, ["out=x", "prune.prior_mode=loss"]))
-    saved = json.loads(json.dumps(old))
-    del saved["prune"]["prior_mode"]
-    assert config_differences(saved, old) == []
-    assert config_differences(saved, resume_key(load_config(None, ["out=x"]))) == ["prune.prior_mode"]
-    now = resume_key(load_config(None, ["out=x"]))
-    saved = json.loads(json.dumps(now))
-    del saved["prune"]["norm_after_ln"]  # added later; its value then equals today's default
-    assert config_differences(saved, now) == []
 
 
 def test_paired_cells_order_and_per_method_targets_and_seeds(tiny_folder):
@@ -259,9 +234,7 @@ def test_existing_equivalent_finds_the_start_earlier_rows_used(tmp_path):
     cfg = RunConfig()
     cfg.prune.prior = False  # a start is a plain fine-tune
     old = cfg.to_dict()
-    del old["data"]["problem_type"]  # saved before the field existed
-    for key in ("prior_mode", "prior_gamma", "prior_ramp", "prior_head_share", "prior_freeze", "norm_positions"):
-        del old["prune"][key]  # ... and before these were the defaults: they read as their legacy values
+    del old["data"]["problem_type"]  # saved before the field existed: it reads as its default
     _finished(tmp_path / "start-aaaa", old)
     _finished(tmp_path / "start-bbbb", cfg.to_dict())
     _finished(tmp_path / "plain-1111", cfg.to_dict(), start="start-aaaa")
@@ -277,10 +250,10 @@ def test_existing_equivalent_finds_the_start_earlier_rows_used(tmp_path):
 
 
 def test_a_finetune_recorded_under_older_defaults_resumes(tmp_path):
-    """A plain fine-tune folder written before the proximal prior's options became the defaults lacks
-    them (so they read as the legacy values) and holds the then-defaults of fields a plain fine-tune
-    never reads; the grid must still resume it, since its digest (what changes a fine-tune) agrees. A
-    folder that trained differently (another learning rate) must still be refused."""
+    """A plain fine-tune folder may lack fields added later (they read as their defaults) and hold
+    other values of fields a plain fine-tune never reads (selection, the prior's settings); the grid must
+    still resume it, since its digest (what changes a fine-tune) agrees. A folder that trained differently
+    (another learning rate) must still be refused."""
     import dataclasses
 
     import yaml
@@ -294,8 +267,9 @@ def test_a_finetune_recorded_under_older_defaults_resumes(tmp_path):
                              out=str(tmp_path))
     old = cfg.to_dict()
     old["train"]["epochs"] = 1.0
-    for key in ("prior_mode", "prior_gamma", "prior_ramp", "prior_head_share", "prior_freeze", "prior_metric", "norm_positions"):
+    for key in ("prior_gamma", "prior_debias"):
         del old["prune"][key]
+    old["prune"]["selection"] = "norm"
     _finished(tmp_path / "f", old)
     (tmp_path / "f" / "config.yaml").write_text(yaml.safe_dump(old))
     assert resume_differences(old, cfg)  # compared whole, today's defaults differ from what it recorded
@@ -376,58 +350,16 @@ def test_prediction_store_keeps_every_cell_when_shards_add_at_once(tmp_path):
 # default, so these are the names seeds 0-1 were trained under): run folders are keyed by these digests,
 # so a change to what goes into `finetune_digest` (or to its values) would orphan the sweep's fine-tunes
 # (`existing_equivalent` would still find them, but only by reading every sibling's config).
-QUALITY_PAIRED_CELLS = 368
-QUALITY_PAIRED_SHA256 = "6172cdd9a0c4e4271bdfe5c9dad70492b55d52feacccd5a637040ad5b334bd38"
-QUALITY_PAIRED_RT0 = {
-    "dense/0": "start-92566183", "snip/0.5": "start-92566183/sn+prior-945f25ee",
-    "snip-no-sn/0.5": "start-92566183/prior-a37543c8", "snip-no-prior/0.5": "start-92566183/sn-4b89dad8",
-    "snip-no-sn-no-prior/0.5": "start-92566183/plain-6818006a", "fisher/0.5": "start-92566183/plain-6818006a",
-    "michel/0.5": "start-92566183/plain-6818006a", "magnitude/0.5": "start-92566183/plain-6818006a",
-    "random/0.5": "start-92566183/plain-6818006a", "snip-prox/0.5": "start-92566183/sn+prior-5aaf2584",
-    "snip-prox-share/0.5": "start-92566183/sn+prior-5aaf2584", "snip-prox-h15/0.5": "start-92566183/sn+prior-76a97c81",
-    "snip-prox-h05/0.5": "start-92566183/sn+prior-e5357700", "snip-prox-no-sn/0.5": "start-92566183/prior-7c384c7f",
-    "snip-prox-g0/0.5": "start-92566183/sn+prior-c5000609", "norm-start/0.5": "start-92566183",
-    "fisher-start/0.5": "start-92566183",
-    "fisher/0.3": "start-92566183/plain-6818006a", "fisher/0.7": "start-92566183/plain-6818006a",
-    # the tuned proximal prior at 50% shares its fine-tune with prior_tuning.yaml's "all-adam"
-    "snip-prox-tuned/0.5": "start-92566183/sn+prior-f0309484", "snip-prox-tuned/0.3": "start-92566183/sn+prior-bcdc0963",
-    "snip-prox-tuned/0.7": "start-92566183/sn+prior-48ce2c7a",
-}
 
 
-def test_quality_paired_yaml_keeps_its_finetune_folders():
-    """Every cell of the committed paired grid maps to the same shared start and continuation folder
-    as before: config renames (prune.recover_epochs, prune.train) must not move a sweep's fine-tunes."""
-    import hashlib
-    from pathlib import Path
-
-    from idprior.quality import MethodSpec, cell_config, cells, continuation_config, start_config
-
-    grid = load_grid(Path(__file__).resolve().parents[1] / "benchmarks" / "quality_paired.yaml")
-    names = {}
-    pinned = {key.split("/")[0] for key in QUALITY_PAIRED_RT0}  # methods added later are not pinned here
-    for seed, task, target, spec in cells(grid):
-        spec = spec or MethodSpec("dense", "snip-no-sn-no-prior")
-        if spec.name not in pinned:
-            continue
-        cfg = cell_config(grid, task, seed, spec, target if spec.name != "dense" else 0.5, out="pending")
-        start = start_config(cfg, out="pending")[1]
-        own = spec.name == "dense" or spec.start == "start"
-        names[f"{task}/{seed}/{spec.name}/{target:g}"] = (
-            start if own else f"{start}/{continuation_config(grid, cfg, Path('x') / start)[1]}")
-    assert {k.split("/", 2)[2]: v for k, v in names.items() if k.startswith("rt-polarity/0/")} == QUALITY_PAIRED_RT0
-    assert len(names) == QUALITY_PAIRED_CELLS
-    assert hashlib.sha256(json.dumps(names, sort_keys=True).encode()).hexdigest() == QUALITY_PAIRED_SHA256
-
-
-def test_finetune_distill_splits_the_continuation_not_the_start():
+def test_finetune_distill_splits_the_continuation_not_the_start(tiny_folder):
     """Distillation during the fine-tune changes the continuation a cell prunes (its own folder), never
     the shared start (a plain fine-tune from the pretrained model, nothing to distil from)."""
     from pathlib import Path
 
     from idprior.quality import MethodSpec, cell_config, continuation_config, start_config
 
-    grid = load_grid(Path(__file__).resolve().parents[1] / "benchmarks" / "quality_paired.yaml")
+    grid = load_grid(_paired_grid(tiny_folder))
     names = {}
     for name, extra in [("off", {}), ("kd", {"prune.finetune_distill": True}),
                         ("kd-a1", {"prune.finetune_distill": True, "prune.distill_alpha": 1.0})]:

@@ -206,12 +206,12 @@ def test_finetune_and_evaluate_cli(tiny_folder, tmp_path):
 
 def test_config_reports_every_problem_at_once():
     with pytest.raises(ConfigError) as e:
-        load_config("demo", ["prune.target=1.5", "train.lr=-1", "prune.kinds=heads", "train.epoch=3", "prune.prior_lambda=x"])
+        load_config("demo", ["prune.target=1.5", "train.lr=-1", "prune.kinds=heads", "train.epoch=3", "prune.prior_gamma=x"])
     text = "\n".join(e.value.problems)
     assert len(e.value.problems) == 5
     assert "prune.target" in text and "train.lr" in text and "prune.kinds" in text
     assert "did you mean train.epochs" in text
-    assert "prune.prior_lambda must be float" in text
+    assert "prune.prior_gamma must be float" in text
     with pytest.raises(ConfigError) as e:
         load_config("demo", ["bench.max_iqr_fraction=0", "bench.max_speedup_gap=-0.1", "bench.retime_rounds=-1",
                              "bench.processes=0"])
@@ -225,47 +225,11 @@ def test_config_reports_every_problem_at_once():
 def test_config_modes_are_typed_choices():
     """A mode outside its Literal choices is one problem naming the choices (the field keeps its default)."""
     with pytest.raises(ConfigError) as e:
-        load_config(None, ["prune.measure=params", "prune.prior_mode=prox", "model.dtype=fp8"])
+        load_config(None, ["prune.measure=params", "prune.score=relative", "model.dtype=fp8"])
     assert sorted(e.value.problems) == [
         "model.dtype must be one of float32, bfloat16, float16, got 'fp8'",
         "prune.measure must be one of encoder_params, linear_params, flops, got 'params'",
-        "prune.prior_mode must be one of loss, proximal, got 'prox'"]
-
-
-def test_renamed_fields_keep_their_old_names():
-    """prune.recover_epochs is recover.epochs and prune.train is prune.finetune_first: an old name sets
-    the field (in a preset or an override), a later source wins, one source with both values differing
-    is refused with both names (no more silent winner), all problems at once."""
-    cfg = load_config(None, ["prune.recover_epochs=2", "prune.train=false"])
-    assert (cfg.recover.epochs, cfg.prune.finetune_first) == (2.0, False)
-    assert load_config(None, ["recover.epochs=3", "prune.recover_epochs=3"]).recover.epochs == 3.0
-    assert load_config("demo", ["prune.recover_epochs=0"]).recover.epochs == 0.0  # demo says recover.epochs: 1
-    with pytest.raises(ConfigError) as e:
-        load_config(None, ["recover.epochs=3", "prune.recover_epochs=1", "prune.train=true",
-                           "prune.finetune_first=false", "prune.target=2"])
-    text = "\n".join(e.value.problems)
-    assert len(e.value.problems) == 3
-    assert "prune.recover_epochs is the old name of recover.epochs" in text and "keep recover.epochs only" in text
-    assert "prune.train is the old name of prune.finetune_first" in text
-
-
-def test_run_folders_of_earlier_versions_keep_their_meaning(tmp_path):
-    """Before the rename prune.recover_epochs always replaced recover.epochs: a run folder written then
-    resumes (its recorded config is no different) and its config.yaml loads with that meaning."""
-    from idprior.config import dump_config, load_run_config, resume_differences, resume_key
-
-    cfg = load_config(None, ["recover.epochs=0.5", "prune.finetune_first=false"])
-    old = resume_key(cfg)
-    old["prune"] = {**old["prune"], "recover_epochs": 0.5, "train": False}
-    del old["prune"]["finetune_first"]
-    old["recover"] = {**old["recover"], "epochs": 1.0}  # ignored then
-    assert resume_differences(old, cfg) == []
-    assert resume_differences(old, load_config(None, ["recover.epochs=1", "prune.finetune_first=false"])) == [
-        "recover.epochs"]
-    (tmp_path / "config.yaml").write_text(dump_config(cfg).replace("  finetune_first: false", "  train: false")
-                                          .replace("prune:\n", "prune:\n  recover_epochs: 0.5\n")
-                                          .replace("  epochs: 0.5", "  epochs: 1.0"))
-    assert load_run_config(tmp_path) == cfg
+        "prune.score must be one of absolute, residual, got 'relative'"]
 
 
 def test_presets_are_package_data():
@@ -293,15 +257,18 @@ def test_every_preset_validates(capsys):
 
 def test_decoder_preset_is_the_measured_decoder_recipe():
     """`--config decoder` must be the run the README's decoder figures come from: the after-ln arm of
-    benchmarks/smollm2_prior.py (its command, parsed by the CLI) resolves to the same config, apart
-    from where it writes and whether it benches."""
+    benchmarks/smollm2_prior.py (its command, parsed by the CLI, without `prune.prior_scale=kind`, since then
+    the only scale) resolves on a Llama to the same config as the preset, whose prior settings come from the
+    family's recipe, apart from where it writes and whether it benches."""
     import argparse
     import dataclasses
     import importlib.util
     from pathlib import Path
 
+    from idprior.arch import recipe_of
     from idprior.cli.common import config_from_args
     from idprior.cli.main import build_parser
+    from idprior.config import recipe_for
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "smollm2_prior.py"
     spec = importlib.util.spec_from_file_location("smollm2_prior", script)
@@ -310,12 +277,16 @@ def test_decoder_preset_is_the_measured_decoder_recipe():
     defaults = argparse.Namespace(task="lm-rt", max_train=2000, max_eval=100, lr=5e-5, target=0.2, seed=0, epochs=1.0,
                                   runs_dir="runs/x")
     argv = bench.commands(defaults)["snip (prior phase, kind scale, floor, no SN, debias, after-ln)"]
-    measured = dataclasses.asdict(config_from_args(build_parser().parse_args(argv)))
-    preset = dataclasses.asdict(load_config("decoder"))
+    i = argv.index("prune.prior_scale=kind")
+    argv = argv[:i - 1] + argv[i + 1:]
+    preset_cfg = load_config("decoder")
+    assert preset_cfg.prune.prior_gamma is None and preset_cfg.prune.min_keep is None  # left to the recipe
+    measured, preset = (dataclasses.asdict(dataclasses.replace(c, prune=recipe_for(c.prune, recipe_of("llama"))))
+                        for c in (config_from_args(build_parser().parse_args(argv)), preset_cfg))
     for cfg in (measured, preset):
         cfg.pop("out"), cfg.pop("bench")
     assert measured == preset
-    assert preset["prune"]["prior_debias"] and preset["prune"]["norm_after_ln"] and preset["prune"]["prior_scale"] == "kind"
+    assert preset["prune"]["prior_debias"] and preset["prune"]["norm_after_ln"] and not preset["prune"]["sn"]
 
 
 def test_overrides_change_typed_fields():

@@ -31,8 +31,8 @@ def _grid(model) -> dict:
     return {"model": str(model), "tasks": ["rt-polarity"], "targets": [0.3, 0.5], "seeds": [0],
             "methods": ["snip", "random"], "max_train": 48, "max_eval": 16, "max_length": 16,
             "train": {"epochs": 1, "batch_size": 16, "eval_each_epoch": False},
-            "recover": {"batch_size": 16, "eval_each_epoch": False},
-            "prune": {"calib_size": 16, "recover_epochs": 1}}
+            "recover": {"epochs": 1, "batch_size": 16, "eval_each_epoch": False},
+            "prune": {"calib_size": 16}}
 
 
 def test_grid_runs_resumes_and_shares_finetunes(tiny_folder, tmp_path):

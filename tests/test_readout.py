@@ -1,4 +1,5 @@
-"""`prune.norm_positions: readout`: a classifier's last layer is measured where its head reads.
+"""Readout positions (`readout=True`, always in the pipeline): a classifier's last layer is measured where
+its head reads.
 
 A BERT classifier reads only position 0 of the last layer, so a last-layer branch's effect on the
 output is its output there; earlier layers reach position 0 through attention from every token.

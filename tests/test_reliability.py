@@ -116,11 +116,13 @@ ROWS = "text,label\n" + "".join(f"{w} film number {i},{'pos' if i % 2 else 'neg'
 def started_run(e: Env, argv: list[str], extra_files: bool = True) -> None:
     """Make e.out look like a run started with `argv` (stages.json and config.yaml, as Run writes)."""
     from idprior.cli.common import config_from_args
-    from idprior.config import dump_config, resume_key
+    from idprior.config import CONFIG_VERSION, dump_config, resume_key
+    from idprior.pipeline import resolved
 
-    cfg = config_from_args(build_parser().parse_args([*argv, "--out", str(e.out)]))
+    cfg = resolved(config_from_args(build_parser().parse_args([*argv, "--out", str(e.out)])))
     e.out.mkdir(parents=True)
-    (e.out / "stages.json").write_text(json.dumps({"config": resume_key(cfg), "stages": {"finetune": {"wall_s": 1.0}}}))
+    (e.out / "stages.json").write_text(json.dumps({"version": CONFIG_VERSION, "config": resume_key(cfg),
+                                                   "stages": {"finetune": {"wall_s": 1.0}}}))
     (e.out / "config.yaml").write_text(dump_config(cfg))
     if extra_files:
         (e.out / "scores.json").write_text("{}")
@@ -181,7 +183,7 @@ CASES: list[tuple[str, object, tuple[str, ...]]] = [
     ("target-0", lambda e: prune(e, "--target", "0"), (r"prune\.target must be in \(0, 1\)",)),
     ("target-nan", lambda e: prune(e, "--target", ".nan"), (r"prune\.target must be in \(0, 1\).*nan",)),
     ("target-not-a-number", lambda e: prune(e, "--target", "half"), (r"prune\.target must be float, got 'half'",)),
-    ("lambda-negative", lambda e: prune(e, "--prior-lambda", "-1"), (r"prune\.prior_lambda must be >= 0, got -1",)),
+    ("gamma-negative", lambda e: prune(e, "--set", "prune.prior_gamma=-1"), (r"prune\.prior_gamma must be in \[0, 4\], got -1",)),
     ("epochs-negative", lambda e: prune(e, "--epochs", "-1"), (r"train\.epochs must be >= 0, got -1",)),
     ("recover-epochs-negative", lambda e: prune(e, "--recover-epochs", "-1"), (r"recover\.epochs must be >= 0",)),
     ("lr-not-a-number", lambda e: prune(e, "--lr", "fast"), (r"train\.lr must be float, got 'fast'",)),
@@ -196,8 +198,8 @@ CASES: list[tuple[str, object, tuple[str, ...]]] = [
     ("calib-size-0", lambda e: prune(e, "--calib-size", "0"), (r"prune\.calib_size must be >= 1",)),
     ("dtype-bogus", lambda e: prune(e, "--dtype", "int8"), (r"model\.dtype must be one of float32, bfloat16, float16",)),
     ("override-without-value", lambda e: prune(e, "--set", "train.lr"), (r"override 'train\.lr': write key=value",)),
-    ("several-config-problems", lambda e: prune(e, "--target", "1.5", "--prior-lambda", "-1", "--epochs", "-1"),
-     (r"prune\.target must be", r"prune\.prior_lambda must be", r"train\.epochs must be")),
+    ("several-config-problems", lambda e: prune(e, "--target", "1.5", "--calib-size", "0", "--epochs", "-1"),
+     (r"prune\.target must be", r"prune\.calib_size must be", r"train\.epochs must be")),
     ("unknown-method", lambda e: prune(e, "--method", "snipp"), (r"unknown method 'snipp' \(did you mean 'snip'\?\)",)),
     ("tau-with-a-baseline", lambda e: prune(e, "--method", "random", "--tau", "0.1"), (r"takes --target only",)),
     ("unknown-preset", lambda e: prune(e, "--config", "nosuch"), (r"unknown preset 'nosuch'",)),
@@ -207,8 +209,8 @@ CASES: list[tuple[str, object, tuple[str, ...]]] = [
     ("yaml-not-a-mapping", lambda e: prune(e, "--config", e.file("list.yaml", "- a\n- b\n")), (r"must hold a mapping of sections",)),
     ("yaml-unknown-section", lambda e: prune(e, "--config", e.file("typo.yaml", "modle:\n  name: x\n")),
      (r"unknown config key 'modle' \(did you mean model\?\)",)),
-    ("yaml-wrong-type", lambda e: prune(e, "--config", e.file("type.yaml", "prune:\n  prior_lambda: [1, 2]\n")),
-     (r"prune\.prior_lambda must be float, got \[1, 2\]",)),
+    ("yaml-wrong-type", lambda e: prune(e, "--config", e.file("type.yaml", "prune:\n  prior_gamma: [1, 2]\n")),
+     (r"prune\.prior_gamma must be float or null, got \[1, 2\]",)),
     ("missing-flag-value", lambda e: [*prune(e), "--target"], (r"argument --target: expected one argument",)),
     ("nan-weights", lambda e: prune(e, model=str(e.f["nan_weights"])), (r"holds non-finite weights \(1 NaN/inf values",)),
     ("max-length-beyond-positions", lambda e: prune(e, "--max-length", "4096"), (r"--max-length 4096 is more than .* 128 positions",)),
@@ -253,7 +255,7 @@ CASES: list[tuple[str, object, tuple[str, ...]]] = [
     # finetune and validate share the checks
     ("finetune-missing-model", lambda e: ["finetune", "--model", str(e.tmp / "nope"), "--task", "rt-polarity"], (r"not found",)),
     ("finetune-head-mismatch", lambda e: ["finetune", "--model", str(e.f["good"]), "--task", "bbc"], (r"needs 5 labels",)),
-    ("validate-bad-field", lambda e: ["validate", "demo", "--set", "prune.prior_lambda=-2"], (r"prune\.prior_lambda must be >= 0",)),
+    ("validate-bad-field", lambda e: ["validate", "demo", "--set", "prune.prior_gamma=-2"], (r"prune\.prior_gamma must be in \[0, 4\]",)),
     # problems of different sources, all in one report
     ("model-task-and-out-at-once", lambda e: (started_run(e, prune(e)), prune(e, model=str(e.f["pickled"]), task="subjj"))[-1],
      (r"only pickled weights", r"unknown task 'subjj'", r"holds another run")),
@@ -458,14 +460,14 @@ class _Stop(Exception):
 
 
 def _tiny_training(ckpt: Path, *, stop_at: int | None = None, resume: bool = False, nan_at: int | None = None):
-    """Tiny BERT with dropout, spectral norm and the identity prior, 2 epochs of 5 batches."""
+    """Tiny BERT with dropout, spectral norm and the identity prior (as `idprior prune` builds it), 2 epochs of
+    5 batches; `stop_at` raises in step `stop_at`'s loss (a crash), `nan_at` makes that step's loss NaN."""
     from torch.utils.data import DataLoader
 
     from idprior import spectral
     from idprior.arch import get_adapter
-    from idprior.config import TrainConfig
-    from idprior.gates import Gates
-    from idprior.prior import IdentityPrior
+    from idprior.config import PruneConfig, TrainConfig, recipe_for
+    from idprior.proximal import build_prior
     from idprior.train import train
     from tiny_models import tiny_bert
 
@@ -476,20 +478,19 @@ def _tiny_training(ckpt: Path, *, stop_at: int | None = None, resume: bool = Fal
             m.p = 0.1
     adapter = get_adapter(model)
     spectral.attach(model, adapter)
-    prior = IdentityPrior(model, adapter, Gates(model, adapter), lam=0.1)
+    prior, _ = build_prior(recipe_for(PruneConfig(target=0.3), adapter.recipe), model, adapter)
 
     def extra(model, batch, step, total):
         if step == stop_at:
             raise _Stop
-        loss, terms = prior(model, batch, step, total)
-        return (loss * float("nan") if step == nan_at else loss), terms
+        return torch.tensor(float("nan") if step == nan_at else 0.0), {}
 
     g = torch.Generator().manual_seed(0)
     x, y = torch.randint(0, 100, (40, 12), generator=g), torch.randint(0, 3, (40,), generator=g)
     data = [{"input_ids": x[i], "labels": y[i]} for i in range(40)]
     loader = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
     cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, checkpoint_every=2)
-    result = train(model, loader, cfg, seed=3, eval_fn=lambda m: {"neg_loss": 0.0}, extra_loss=extra,
+    result = train(model, loader, cfg, seed=3, eval_fn=lambda m: {"neg_loss": 0.0}, extra_loss=extra, post_step=prior,
                    ckpt_dir=ckpt, resume=resume, log_path=ckpt.parent / "log.jsonl")
     return {k: v.clone() for k, v in model.state_dict().items()}, result
 

@@ -241,7 +241,9 @@ def _prior_fields(p) -> tuple[str, ...]:
 
 
 def variant_of(cfg: RunConfig) -> str:
-    p = cfg.prune
+    """The variant of the fine-tune a cell prunes (as `finetune_config` names it), also for the cell's own
+    post-training config (`prior_on` is False without a fine-tune)."""
+    p = dataclasses.replace(cfg.prune, finetune_first=True)
     return VARIANTS[(p.sn, prior_on(p))]
 
 
