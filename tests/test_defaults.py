@@ -207,14 +207,25 @@ def test_a_fine_tuned_decoder_gets_the_decoder_recipe(folders):
     p = _resolved(folders["llama"])
     assert (p.sn, p.prior, p.norm_after_ln, p.prior_gamma, p.prior_debias, p.min_keep) == (False, True, True, 1.0,
                                                                                          True, 0.25)
-    assert (p.score, p.compensate) == ("absolute", "auto")
+    assert (p.score, p.compensate) == ("absolute", "none")  # SNIP's "auto", resolved once
+
+
+def test_a_resolved_fine_tune_keeps_its_recipe_when_run_post_training(folders):
+    """A grid cell resolves in fine-tune mode, then prunes in post-training mode: resolving again must not mix
+    in the post-training recipe (lsq compensation after a prior phase)."""
+    from idprior.pipeline import resolved
+
+    p = _resolved(folders["llama"])
+    cfg = C.load_config(None, [f"model.name={folders['llama']}", "data.task=lm-rt"])
+    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(p, finetune_first=False))
+    assert resolved(cfg).prune == dataclasses.replace(p, finetune_first=False)
 
 
 @pytest.mark.parametrize("flags", [[], ["--no-train"]], ids=["finetune", "posttrain"])
 def test_an_encoder_gets_the_encoder_recipe(folders, flags):
     p = _resolved(folders["bert"], *flags)
     assert {k: getattr(p, k) for k in C.RECIPE} == C.RECIPE
-    assert p.compensate == "auto" and (p.sn, p.prior) == (True, True)
+    assert p.compensate == "none" and (p.sn, p.prior) == (True, True)
 
 
 def test_an_explicit_value_always_wins(folders):

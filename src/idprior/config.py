@@ -535,8 +535,8 @@ def recipe_for(p: PruneConfig, family: dict | None = None) -> PruneConfig:
     filled = {k: own.get(k, RECIPE.get(k)) for k in (*RECIPE, "sn") if getattr(p, k) is None}
     if "sn" in filled and filled["sn"] is None:
         del filled["sn"]
-    if p.compensate == "auto" and "compensate" in own:
-        filled["compensate"] = own["compensate"]
+    if p.compensate == "auto" and p.method == "snip":  # resolved once, so that a later resolution in another mode
+        filled["compensate"] = own.get("compensate", "none")  # (a grid cell's post-training run) keeps it
     out = dataclasses.replace(p, **filled)
     sn, prior = training_of(out)
     return dataclasses.replace(out, sn=sn, prior=prior)
