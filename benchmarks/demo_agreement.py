@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-from idprior.benchutil import publish
+from idprior.study.benchutil import publish
 
 
 def speedups(bench: dict) -> dict[tuple[str, int, int], dict]:

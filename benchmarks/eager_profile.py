@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idprior import benchutil
 from idprior.arch import get_adapter
-from idprior.bench import environment
-from idprior.export import input_names, is_decoder_model
-from idprior.flops import model_flops
-from idprior.spectral import fold
+from idprior.method.flops import model_flops
+from idprior.method.spectral import fold
+from idprior.model.export import input_names, is_decoder_model
+from idprior.pipeline.bench import environment
+from idprior.study import benchutil
 
 
 def mark_ranges(model) -> tuple[list[str], list]:

@@ -5,7 +5,7 @@ fp32 pruned and int8 pruned, side by side in one process (issue 16).
 
 The run folder (`--run`, default: the folder holding `--pruned`) gives the task, its splits and
 max_length (its config.yaml, read as `idprior prune` wrote it). In one process the script
-1. exports the dense model with `idprior.export.export_onnx_dir` and the pruned one with
+1. exports the dense model with `idprior.model.export.export_onnx_dir` and the pruned one with
    `quantize="int8"`, which writes model.onnx (fp32) and model_quantized.onnx (ONNX Runtime's
    `quantize_dynamic`: int8 MatMul / Gemm weights, activations quantized at run time) side by side
    (the embedding tables are Gather inputs and stay fp32, so the int8 file is not 4x smaller);
@@ -13,7 +13,7 @@ max_length (its config.yaml, read as `idprior prune` wrote it). In one process t
    over the same batches the pipeline evaluates on, next to the PyTorch dense and pruned models
    (fp32 ONNX must agree with PyTorch: the table says how closely, prediction by prediction);
 3. times the three sessions at every `--batch-sizes` x `--seq-lens` (same random tokens, no
-   padding) with idprior.bench's scheme: alternating blocks after an untimed lead-in, and the
+   padding) with idprior.pipeline.bench's scheme: alternating blocks after an untimed lead-in, and the
    noise guard that re-times a too-spread shape and flags it if it stays so.
 Writes OUT/int8_onnx.json and .md (default benchmarks/results) with the command, the machine and
 the load average at the start and end.
@@ -32,13 +32,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idprior import pipeline
-from idprior.bench import NoiseGuard, environment, latency_stats, loadavg, noise_check, time_guarded
-from idprior.benchutil import ort_runners, publish, set_priority
 from idprior.config import load_run_config
-from idprior.evaluate import predict
-from idprior.export import ONNX_FILE, QUANTIZED_FILE, export_onnx_dir, ort_feed, ort_session
-from idprior.metrics import compute_metrics, main_metric
+from idprior.model.export import ONNX_FILE, QUANTIZED_FILE, export_onnx_dir, ort_feed, ort_session
+from idprior.pipeline import stages as pipeline
+from idprior.pipeline.bench import NoiseGuard, environment, latency_stats, loadavg, noise_check, time_guarded
+from idprior.pipeline.evaluate import predict
+from idprior.pipeline.metrics import compute_metrics, main_metric
+from idprior.study.benchutil import ort_runners, publish, set_priority
 
 REFERENCE = "fp32 dense"  # speed-ups are relative to it
 SOURCE = {"fp32 dense": "pytorch dense", "fp32 pruned": "pytorch pruned", "int8 pruned": "pytorch pruned"}
@@ -53,7 +53,7 @@ def export(dense, pruned, tokenizer, folder: Path) -> dict[str, Path]:
 
 
 def ort_predict(session, loader) -> tuple[np.ndarray, np.ndarray]:
-    """Logits and labels over a loader through an ONNX Runtime session (idprior.evaluate.predict's twin)."""
+    """Logits and labels over a loader through an ONNX Runtime session (idprior.pipeline.evaluate.predict's twin)."""
     logits, labels = [], []
     for batch in loader:
         logits.append(session.run(["logits"], ort_feed(session, batch))[0])  # [B, K]
@@ -87,7 +87,7 @@ def fp32_matches(metrics: dict) -> bool:
 
 
 def timings(sessions: dict, dense, shapes: list[tuple[int, int]], repeats: int, warmup: int, guard: NoiseGuard) -> list[dict]:
-    """One row per (model, batch, seq_len): latency over repeats timed in alternating blocks (idprior.bench)."""
+    """One row per (model, batch, seq_len): latency over repeats timed in alternating blocks (idprior.pipeline.bench)."""
     rows = []
     for batch, seq_len in shapes:
         runners = ort_runners(sessions, dense, batch, seq_len)
@@ -174,7 +174,7 @@ def render(result: dict) -> str:
              f"Accuracy: {metric} on the run's splits ({', '.join(f'{s} {sizes[s]}' for s in splits)} examples), "
              f"batches of {result['eval_batch_size']} padded to their longest text (at most {result['max_length']} tokens), "
              "as the pipeline evaluates. Timing: ONNX Runtime CPU provider, the same random tokens for every model, no "
-             "padding; repeats in alternating blocks after an untimed lead-in (idprior.bench.time_guarded), median and "
+             "padding; repeats in alternating blocks after an untimed lead-in (idprior.pipeline.bench.time_guarded), median and "
              "inter-quartile range; a shape whose repeats stay too spread is flagged NOISY in the check column.", ""]
     head = [f"{metric} {s}" for s in splits]
     lines += ["| batch x length | model | " + " | ".join(head) + " | size on disk MB | median ms | IQR ms | speed-up vs "

@@ -5,8 +5,8 @@
 `eager`: the attention traced as matmul, additive mask, softmax, matmul (idprior's export
 before opset 23). `fused`: SDPA exported at opset 23 as one ONNX `Attention` node per layer
 (idprior's default for encoders now). The dense model and the two 50% weight-magnitude plans of
-benchmarks/speed.py (neurons only; heads + neurons: idprior.benchutil.minilm_timing_models) are
-exported both ways, and all six ONNX Runtime sessions are timed in one process in alternating blocks (same inputs; idprior.bench's
+benchmarks/speed.py (neurons only; heads + neurons: idprior.study.benchutil.minilm_timing_models) are
+exported both ways, and all six ONNX Runtime sessions are timed in one process in alternating blocks (same inputs; idprior.pipeline.bench's
 scheme), so the two modes are compared on the same machine state. Writes benchmarks/results/onnx_attention.{json,md}.
 """
 
@@ -21,10 +21,16 @@ from pathlib import Path
 
 import torch
 
-from idprior.bench import environment, latency_stats, loadavg, time_blocks
-from idprior.benchutil import ATTENTION_MODES as MODES
-from idprior.benchutil import export_attention_modes, minilm_timing_models, ort_runners, publish, set_priority
-from idprior.flops import model_flops
+from idprior.method.flops import model_flops
+from idprior.pipeline.bench import environment, latency_stats, loadavg, time_blocks
+from idprior.study.benchutil import ATTENTION_MODES as MODES
+from idprior.study.benchutil import (
+    export_attention_modes,
+    minilm_timing_models,
+    ort_runners,
+    publish,
+    set_priority,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ benchmarks/speed.py (neurons only) in
 
   - PyTorch float64 (the reference "exact" value),
   - PyTorch float32 with 2 threads and with 1 thread (same code, different summation order),
-  - ONNX Runtime float32 (the exported file, idprior.export.ort_session),
+  - ONNX Runtime float32 (the exported file, idprior.model.export.ort_session),
 
 and reports each float32 result's largest absolute difference from float64 and from each other,
 over real-token positions only (padded positions are arbitrary). Writes
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from idprior.bench import environment
-from idprior.benchutil import TIMING_MODELS, load_for_timing, magnitude_plan, pruned_copy, publish
-from idprior.export import LogitsOnly, example_inputs, export_onnx, input_names, ort_feed, ort_session
+from idprior.model.export import LogitsOnly, example_inputs, export_onnx, input_names, ort_feed, ort_session
+from idprior.pipeline.bench import environment
+from idprior.study.benchutil import TIMING_MODELS, load_for_timing, magnitude_plan, pruned_copy, publish
 
 BATCHES = ((3, 24, True), (1, 33, False))  # (batch, length, left-pad row 0): the shapes `idprior export` checks
 

@@ -1,5 +1,5 @@
 """Where ONNX Runtime spends its time on dense vs pruned MiniLM-L6, with and without the
-SkipLayerNormFusion that idprior's sessions turn off (idprior.export.DISABLED_ORT_FUSIONS).
+SkipLayerNormFusion that idprior's sessions turn off (idprior.model.export.DISABLED_ORT_FUSIONS).
 
     python benchmarks/ort_profile.py --threads 1
 
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idprior.bench import environment
-from idprior.benchutil import HEAD_SHARE, load_for_timing, magnitude_plan, pruned_copy, publish
-from idprior.export import DISABLED_ORT_FUSIONS, export_onnx
+from idprior.model.export import DISABLED_ORT_FUSIONS, export_onnx
+from idprior.pipeline.bench import environment
+from idprior.study.benchutil import HEAD_SHARE, load_for_timing, magnitude_plan, pruned_copy, publish
 
 
 def profile(path: Path, threads: int, repeats: int, disabled: tuple[str, ...], prefix: str) -> dict:

@@ -31,16 +31,17 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from idprior import io, models  # noqa: E402
+from idprior import io
 from idprior.arch import get_adapter  # noqa: E402
 from idprior.baselines import get_method  # noqa: E402
-from idprior.bench import cpu_model  # noqa: E402
-from idprior.compensate import SUBS, channel_stats, fit_compensation  # noqa: E402
 from idprior.data import get_task, load_task, make_lm_dataloader  # noqa: E402
-from idprior.evaluate import lm_nll  # noqa: E402
-from idprior.scoring import score  # noqa: E402
-from idprior.selection import protected_layers, select  # noqa: E402
-from idprior.surgery import apply_plan  # noqa: E402
+from idprior.method.compensate import SUBS, channel_stats, fit_compensation  # noqa: E402
+from idprior.method.scoring import score  # noqa: E402
+from idprior.method.selection import protected_layers, select  # noqa: E402
+from idprior.model import load as models
+from idprior.model.surgery import apply_plan  # noqa: E402
+from idprior.pipeline.bench import cpu_model  # noqa: E402
+from idprior.pipeline.evaluate import lm_nll  # noqa: E402
 
 # name -> ("snip", score kind, min_keep, protect first/last) or ("method", baseline name)
 VARIANTS = {
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     def zero_shot(m) -> float | None:
         if not args.zero_shot:
             return None
-        from idprior.zeroshot import zero_shot_models
+        from idprior.pipeline.zeroshot import zero_shot_models
 
         return zero_shot_models({"m": m}, tok, "rt-polarity", max_examples=args.zero_shot,
                                 batch_size=args.batch)[0]["m"]["accuracy"]

@@ -38,8 +38,8 @@ import time
 from pathlib import Path
 
 from idprior import io
-from idprior.bench import cpu_model, environment
-from idprior.benchutil import run_idprior as run
+from idprior.pipeline.bench import cpu_model, environment
+from idprior.study.benchutil import run_idprior as run
 
 CONTROL = "dense + the same epoch (control)"
 

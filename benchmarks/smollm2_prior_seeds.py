@@ -1,6 +1,6 @@
 """Paired seed comparison of two arms of smollm2_prior.py runs (issue 15): per seed, the relative test-perplexity
 difference A − B (in % of B's perplexity) and the difference in test NLL, then a 95% Student t interval over
-seeds (idprior.paired.t_interval). Reads committed results JSONs only; runs nothing.
+seeds (idprior.study.paired.t_interval). Reads committed results JSONs only; runs nothing.
 
     python benchmarks/smollm2_prior_seeds.py --name smollm2_prior_afterln_30_seeds \\
         --cell benchmarks/results/smollm2_prior_afterln_30.json benchmarks/results/smollm2_prior_30.json \\
@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from idprior import io
-from idprior.paired import t_interval
+from idprior.study.paired import t_interval
 
 SNIP = "snip (prior phase, kind scale, floor, no SN, debias, after-ln)"
 FISHER = "fisher + recovery"

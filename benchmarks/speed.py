@@ -30,11 +30,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from idprior import models  # noqa: E402
 from idprior.arch import get_adapter  # noqa: E402
 from idprior.baselines.magnitude import magnitude_scores  # noqa: E402
-from idprior.bench import benchmark, format_bench_markdown  # noqa: E402
-from idprior.benchutil import (  # noqa: E402
+from idprior.method.plan import PruningPlan, measures, normalize, structure_after  # noqa: E402
+from idprior.method.units import Unit  # noqa: E402
+from idprior.model import load as models
+from idprior.pipeline.bench import benchmark, format_bench_markdown  # noqa: E402
+from idprior.study.benchutil import (  # noqa: E402
     HEAD_SHARE,
     load_for_timing,
     magnitude_plan,
@@ -42,8 +44,6 @@ from idprior.benchutil import (  # noqa: E402
     publish,
     set_priority,
 )
-from idprior.plan import PruningPlan, measures, normalize, structure_after  # noqa: E402
-from idprior.units import Unit  # noqa: E402
 
 MODELS = {  # name -> (short name for files, default target, batch sizes, seq lens, repeats by seq len)
     "minilm-l6": ("minilm", 0.5, (1, 32), (128, 512), {128: 10, 512: 4}),

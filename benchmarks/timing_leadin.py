@@ -7,7 +7,7 @@ weight-magnitude plans, each exported with eager and with fused attention) are t
 
   - `alternate`: one timed call per session in turn, no untimed call between (idprior's timer
     before this change);
-  - `blocks, lead-in L s`: idprior.bench.time_blocks, blocks of 5 timed calls per session,
+  - `blocks, lead-in L s`: idprior.pipeline.bench.time_blocks, blocks of 5 timed calls per session,
     alternating, each block after untimed calls for L seconds (at least one call). L = 0.1 is
     idprior's default.
 
@@ -26,8 +26,14 @@ from pathlib import Path
 
 import torch
 
-from idprior.bench import environment, loadavg, time_blocks
-from idprior.benchutil import export_attention_modes, minilm_timing_models, ort_runners, publish, set_priority
+from idprior.pipeline.bench import environment, loadavg, time_blocks
+from idprior.study.benchutil import (
+    export_attention_modes,
+    minilm_timing_models,
+    ort_runners,
+    publish,
+    set_priority,
+)
 
 LEAD_INS = (0.0, 0.05, 0.1, 0.5)
 

@@ -22,9 +22,10 @@ from torch import nn
 
 from idprior.arch import STRUCTURE_KEY, get_adapter, supported_model_types
 from idprior.errors import IdpriorError
-from idprior.gates import Gates
-from idprior.plan import MEASURE_NAMES, measure_of, model_cost, unit_costs
-from idprior.surgery import (
+from idprior.method.gates import Gates
+from idprior.method.plan import MEASURE_NAMES, measure_of, model_cost, unit_costs
+from idprior.method.units import Unit
+from idprior.model.surgery import (
     apply_plan,
     count_params,
     load_pruned,
@@ -32,7 +33,6 @@ from idprior.surgery import (
     predicted_params,
     save_pruned,
 )
-from idprior.units import Unit
 from tiny_models import TINY_MODELS, VOCAB, tiny_bert, tiny_llama
 
 DECODERS = {"gpt2", "llama", "qwen2", "llama-slots"}
@@ -255,7 +255,7 @@ LOAD_SCRIPT = textwrap.dedent(
     """
     import json, sys, torch
     from safetensors.torch import load_file, save_file
-    from idprior.surgery import load_pruned
+    from idprior.model.surgery import load_pruned
     root = sys.argv[1]
     inputs = load_file(root + "/inputs.safetensors")
     result = {}

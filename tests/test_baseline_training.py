@@ -11,10 +11,10 @@ import json
 import pytest
 import yaml
 
-from idprior import pipeline
 from idprior.baselines import METHODS
 from idprior.cli.main import main
 from idprior.config import PruneConfig, RunConfig, load_config, prune_config, training_of
+from idprior.pipeline import stages as pipeline
 from tiny_folder import make_tiny_bert_folder
 
 QUICK = ["--task", "rt-polarity", "--max-train", "48", "--max-eval", "24", "--epochs", "1", "--batch-size", "16",
@@ -29,7 +29,7 @@ def tiny_folder(tmp_path_factory):
 @pytest.fixture
 def spy_training(monkeypatch):
     """Record, for every fine-tune the pipeline runs, whether it attached SN and which prior hooks it built."""
-    from idprior import spectral
+    from idprior.method import spectral
 
     seen = {"sn": 0, "prior_hooks": []}
     attach, hooks = spectral.attach, pipeline.prior_hooks
@@ -106,7 +106,7 @@ def test_snip_still_trains_with_sn_and_prior(tiny_folder, tmp_path, spy_training
 
 
 def test_grid_gives_baselines_a_plain_fine_tune():
-    from idprior.quality import Grid, MethodSpec, cell_config
+    from idprior.study.quality import Grid, MethodSpec, cell_config
 
     grid = Grid(model="minilm-l6", tasks=["rt-polarity"], seeds=[0], targets=[0.5],
                 methods=[MethodSpec(name="fisher", method="fisher")], overrides={})

@@ -15,10 +15,10 @@ from idprior.baselines import METHODS, get_method
 from idprior.baselines.gradients import gate_gradient_stats
 from idprior.baselines.layerdrop import block_influence
 from idprior.errors import IdpriorError
-from idprior.gates import Gates
-from idprior.plan import measure_of, measure_total, own_cost, sublayer_cost
-from idprior.surgery import apply_plan, count_params
-from idprior.units import Unit
+from idprior.method.gates import Gates
+from idprior.method.plan import measure_of, measure_total, own_cost, sublayer_cost
+from idprior.method.units import Unit
+from idprior.model.surgery import apply_plan, count_params
 from tiny_models import VOCAB, tiny_bert, tiny_gpt2, tiny_llama
 
 BUILDERS = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}

@@ -1,4 +1,4 @@
-"""idprior.benchutil, the helpers the benchmark scripts share: the memory probes read this
+"""idprior.study.benchutil, the helpers the benchmark scripts share: the memory probes read this
 process's RSS, and the timing plans are the `magnitude` baseline's, cut from a copy."""
 
 from __future__ import annotations
@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idprior import benchutil
 from idprior.arch import get_adapter
 from idprior.baselines import get_method
+from idprior.study import benchutil
 from tiny_models import tiny_bert
 
 
@@ -59,7 +59,7 @@ def test_run_idprior_reads_back_a_finished_run_and_runs_the_cli(tmp_path, capsys
     import math
     import subprocess
 
-    from idprior.benchutil import run_idprior
+    from idprior.study.benchutil import run_idprior
 
     done = tmp_path / "done"
     done.mkdir()

@@ -70,8 +70,8 @@ def test_no_private_names_across_modules(root):
 def test_the_checker_sees_private_imports(tmp_path):
     """The rule above would pass vacuously if the checker saw nothing: it flags both forms."""
     script = tmp_path / "x.py"
-    script.write_text("from idprior.pipeline import _hidden\nfrom idprior import io\nio._secret(1)\n")
-    assert private_uses(script) == ["x.py:1 imports idprior.pipeline._hidden", "x.py:3 uses io._secret"]
+    script.write_text("from idprior.pipeline.stages import _hidden\nfrom idprior import io\nio._secret(1)\n")
+    assert private_uses(script) == ["x.py:1 imports idprior.pipeline.stages._hidden", "x.py:3 uses io._secret"]
 
 
 def _imports(path: Path, modules: set[str]) -> set[str]:
@@ -166,7 +166,7 @@ def script_coupling(path: Path, scripts: set[str]) -> list[str]:
 
 
 def test_benchmark_scripts_import_only_the_package():
-    """A helper two scripts share belongs in idprior (idprior.benchutil), not in a script the other
+    """A helper two scripts share belongs in idprior (idprior.study.benchutil), not in a script the other
     imports: a script found through sys.path (or the script's own folder) breaks when it moves,
     runs from another directory or is installed, and its helpers escape the tests and the lint."""
     scripts = {p.stem for p in BENCHMARKS.glob("*.py")}

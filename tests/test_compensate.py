@@ -16,12 +16,12 @@ import pytest
 import torch
 
 from idprior.arch import OUT_BIAS_KEY, get_adapter
-from idprior.compensate import fit_compensation
 from idprior.errors import IdpriorError
-from idprior.gates import Gates
-from idprior.plan import model_cost
-from idprior.surgery import apply_plan, count_params, load_pruned, save_pruned
-from idprior.units import Unit
+from idprior.method.compensate import fit_compensation
+from idprior.method.gates import Gates
+from idprior.method.plan import model_cost
+from idprior.method.units import Unit
+from idprior.model.surgery import apply_plan, count_params, load_pruned, save_pruned
 from tiny_models import TINY_MODELS, VOCAB
 
 FAMILIES = ["bert", "gpt2", "llama", "qwen2", "llama-slots"]
@@ -264,7 +264,7 @@ def test_prune_cli_with_compensation(tmp_path, mode):
 
 
 def test_shared_statistics_give_the_same_compensation():
-    from idprior.compensate import SUBS, channel_stats
+    from idprior.method.compensate import SUBS, channel_stats
 
     model, adapter = build("llama")
     batches = calib()

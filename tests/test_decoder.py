@@ -10,13 +10,14 @@ import math
 import pytest
 import torch
 
-from idprior import models, scoring
 from idprior.arch import get_adapter
 from idprior.cli.main import main
 from idprior.data import get_task
-from idprior.evaluate import SAMPLE_PROMPTS
-from idprior.surgery import apply_plan, load_pruned, predicted_params, save_pruned
-from idprior.units import Unit
+from idprior.method import scoring
+from idprior.method.units import Unit
+from idprior.model import load as models
+from idprior.model.surgery import apply_plan, load_pruned, predicted_params, save_pruned
+from idprior.pipeline.evaluate import SAMPLE_PROMPTS
 from tiny_decoder_folder import FAMILIES, make_tiny_decoder_folder
 from tiny_models import tiny_llama
 

@@ -13,9 +13,9 @@ import torch
 from idprior.arch import get_adapter
 from idprior.baselines import METHODS, get_method
 from idprior.errors import IdpriorError
-from idprior.scoring import score
-from idprior.selection import protected_layers, select
-from idprior.units import Unit
+from idprior.method.scoring import score
+from idprior.method.selection import protected_layers, select
+from idprior.method.units import Unit
 from test_baselines import LAYER_METHODS, batches
 from tiny_models import tiny_bert, tiny_llama
 

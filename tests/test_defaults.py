@@ -20,8 +20,8 @@ from idprior import config as C
 from idprior.cli.common import config_from_args
 from idprior.cli.main import build_parser, main
 from idprior.config import PruneConfig, load_config, recipe_for, resume_key, training_of
-from idprior.pipeline import resolved
-from idprior.units import parse_kinds
+from idprior.method.units import parse_kinds
+from idprior.pipeline.stages import resolved
 from tiny_decoder_folder import make_tiny_decoder_folder
 from tiny_folder import make_tiny_bert_folder
 
@@ -34,19 +34,19 @@ ALIASES = {"gamma": "prior_gamma", "after_ln": "norm_after_ln", "debias": "prior
            "bound": "sn_bound", "residual": "score"}
 # Where one name means another field in one place: the prior's head_share is prune.prior_head_share (selection's
 # is prune.head_share).
-OWN = {("idprior.proximal.ProximalPrior.__init__", "head_share"): "prior_head_share"}
+OWN = {("idprior.method.proximal.ProximalPrior.__init__", "head_share"): "prior_head_share"}
 # Parameters named like a prune field that are not that setting, and why.
 NOT_SETTINGS = {
-    ("idprior.scoring.score", "kinds"): "measures every kind; what is pruned is select's kinds",
-    ("idprior.scoring.BranchNorms.__init__", "kinds"): "as score",
-    ("idprior.selection.select", "target"): "None means not given (exactly one of target and tau)",
-    ("idprior.plan.PruningPlan.__init__", "target"): "a record of the plan",
-    ("idprior.plan.PruningPlan.__init__", "selection"): "a record of the plan ('auto' is resolved before it)",
+    ("idprior.method.scoring.score", "kinds"): "measures every kind; what is pruned is select's kinds",
+    ("idprior.method.scoring.BranchNorms.__init__", "kinds"): "as score",
+    ("idprior.method.selection.select", "target"): "None means not given (exactly one of target and tau)",
+    ("idprior.method.plan.PruningPlan.__init__", "target"): "a record of the plan",
+    ("idprior.method.plan.PruningPlan.__init__", "selection"): "a record of the plan ('auto' is resolved before it)",
     ("idprior.baselines.base.Method.__init__", "selection"): "each baseline's own rule",
     ("idprior.baselines.fisher.FisherMethod.__init__", "selection"): "the baseline's own rule",
     ("idprior.baselines.flap.FlapMethod.__init__", "selection"): "the baseline's own rule",
-    ("idprior.spectral.BoundedSpectralNorm.__init__", "bound"): "None: the matrix's own sigma (attach maps 'init')",
-    ("idprior.export.export_onnx", "seq_len"): "the exported graph's example length, not the FLOPs length",
+    ("idprior.method.spectral.BoundedSpectralNorm.__init__", "bound"): "None: the matrix's own sigma (attach maps 'init')",
+    ("idprior.model.export.export_onnx", "seq_len"): "the exported graph's example length, not the FLOPs length",
 }
 # What each compared default must be equal to, given the resolved encoder recipe.
 CONVERT = {"kinds": lambda p: parse_kinds(p.kinds), "residual": lambda p: p.score == "residual"}
@@ -94,12 +94,12 @@ def test_no_library_default_differs_from_the_config():
             wrong.append(f"{qualname}({name}={default!r}): prune.{field} is {expect!r}")
     assert not wrong, wrong
     # the scan sees the constructors that take prune settings (a rename must not drop them from the check)
-    prior = "idprior.proximal.ProximalPrior.__init__"
+    prior = "idprior.method.proximal.ProximalPrior.__init__"
     assert {(prior, p) for p in ("gamma", "head_share", "after_ln", "min_keep", "debias", "measure", "seq_len",
                                  "kinds")} <= found
-    assert {("idprior.selection.select", "min_keep"), ("idprior.scoring.score", "residual"),
-            ("idprior.scoring.score", "after_ln"), ("idprior.spectral.attach", "bound"),
-            ("idprior.train.train", "distill_alpha"), ("idprior.baselines.base.Method.__init__", "min_keep")} <= found
+    assert {("idprior.method.selection.select", "min_keep"), ("idprior.method.scoring.score", "residual"),
+            ("idprior.method.scoring.score", "after_ln"), ("idprior.method.spectral.attach", "bound"),
+            ("idprior.pipeline.train.train", "distill_alpha"), ("idprior.baselines.base.Method.__init__", "min_keep")} <= found
     assert set(NOT_SETTINGS) <= found  # no stale exemption
 
 
@@ -109,8 +109,8 @@ def test_the_prior_built_from_a_config_has_every_default_of_the_constructor():
     import torch
 
     from idprior.arch import get_adapter
-    from idprior.gates import Gates
-    from idprior.proximal import ProximalPrior
+    from idprior.method.gates import Gates
+    from idprior.method.proximal import ProximalPrior
     from tiny_models import tiny_bert
 
     torch.manual_seed(0)
@@ -213,7 +213,7 @@ def test_a_fine_tuned_decoder_gets_the_decoder_recipe(folders):
 def test_a_resolved_fine_tune_keeps_its_recipe_when_run_post_training(folders):
     """A grid cell resolves in fine-tune mode, then prunes in post-training mode: resolving again must not mix
     in the post-training recipe (lsq compensation after a prior phase)."""
-    from idprior.pipeline import resolved
+    from idprior.pipeline.stages import resolved
 
     p = _resolved(folders["llama"])
     cfg = C.load_config(None, [f"model.name={folders['llama']}", "data.task=lm-rt"])
@@ -306,7 +306,7 @@ def test_resume_of_an_earlier_run_folder_is_refused_in_one_line(folders, tmp_pat
 
 
 def test_resume_of_a_current_run_folder_passes_the_version_check(folders, tmp_path):
-    from idprior.preflight import check_output
+    from idprior.pipeline.preflight import check_output
 
     out = tmp_path / "now"
     argv = _started(folders, out, C.CONFIG_VERSION)

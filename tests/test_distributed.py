@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from idprior.arch import get_adapter
-from idprior.scoring import score, scores_from_json, scores_to_json
-from idprior.selection import select
+from idprior.method.scoring import score, scores_from_json, scores_to_json
+from idprior.method.selection import select
 from tiny_models import tiny_bert, tiny_llama
 
 WORLD = 2

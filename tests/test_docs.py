@@ -55,7 +55,7 @@ def test_readme_compares_snip_with_fisher_on_the_same_preset():
 def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     """The Quick start's Python API block, on a tiny BERT folder instead of MiniLM; only `idprior.prune(cfg)`
     (the whole pipeline on MiniLM) is replaced by a stub that checks the config it gets."""
-    import idprior.pipeline
+    import idprior.pipeline.stages
 
     code = re.search(r"### Python API\n\n```python\n(.*?)```", README.read_text(encoding="utf-8"), re.S).group(1)
     line = 'model_name = "minilm-l6"'
@@ -63,7 +63,7 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
     tiny = make_tiny_bert_folder(tmp_path / "tiny")
     code = code.replace(line, f"model_name = {str(tiny)!r}").replace("max_train=256", "max_train=64")
     seen = []
-    monkeypatch.setattr(idprior.pipeline, "prune", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(idprior.pipeline.stages, "prune", lambda cfg: seen.append(cfg))
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
@@ -76,13 +76,17 @@ def test_readme_python_snippet_runs(tmp_path, monkeypatch):
 
 
 def test_readme_layout_lists_every_module():
-    """The Layout block names every module and package of src/idprior, and nothing that is not there."""
+    """The Layout block names every top-level module and package of src/idprior (and nothing that is not
+    there), and every module inside a package by its name."""
     layout = re.search(r"## Layout\n\n```\n(.*?)```", README.read_text(encoding="utf-8"), re.S).group(1)
     src = ROOT / "src" / "idprior"
     on_disk = {p.name for p in src.glob("*.py")} | {f"{p.name}/" for p in src.iterdir()
                                                    if p.is_dir() and p.name != "__pycache__"}
-    listed = set(re.findall(r"^\s+(\w+\.py|\w+/)\s", layout, re.M))
+    listed = set(re.findall(r"^  (\w+\.py|\w+/)\s", layout, re.M))
     assert listed == on_disk, f"missing: {sorted(on_disk - listed)}; not in src: {sorted(listed - on_disk)}"
+    words = set(re.findall(r"\w+", layout))
+    inner = {p.stem for p in src.glob("*/*.py") if p.stem != "__init__"}
+    assert inner <= words, f"modules the layout does not name: {sorted(inner - words)}"
 
 
 def _tracked(folder: str) -> list[str]:

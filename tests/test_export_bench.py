@@ -9,12 +9,12 @@ import json
 import pytest
 from torch.nn.utils import parametrize
 
-from idprior import spectral
 from idprior.arch import get_adapter
 from idprior.errors import IdpriorError
-from idprior.flops import model_flops
-from idprior.plan import model_cost
-from idprior.surgery import apply_plan, save_pruned
+from idprior.method import spectral
+from idprior.method.flops import model_flops
+from idprior.method.plan import model_cost
+from idprior.model.surgery import apply_plan, save_pruned
 from tiny_folder import make_tiny_bert_folder
 from tiny_models import tiny_bert
 
@@ -31,7 +31,7 @@ def pruned_bert():
 
 
 def _batch(model, batch: int, seq_len: int, pad: bool):
-    from idprior.export import example_inputs, input_names
+    from idprior.model.export import example_inputs, input_names
 
     return example_inputs(model, input_names(model), batch, seq_len, seed=3, pad=pad)
 
@@ -43,7 +43,7 @@ def test_onnx_parity_dynamic_axes(tmp_path, pruned, attention):
     pytest.importorskip("onnxscript", reason="the dynamo ONNX exporter needs onnxscript")
     import onnx
 
-    from idprior.export import check_onnx, export_onnx
+    from idprior.model.export import check_onnx, export_onnx
 
     model = pruned_bert() if pruned else tiny_bert()
     if pruned:  # an SN-parametrized model must be folded by the export itself
@@ -68,7 +68,7 @@ def test_onnx_parity_dynamic_axes(tmp_path, pruned, attention):
 
 
 def test_fused_attention_needs_dynamo_and_opset_23():
-    from idprior.export import attention_mode
+    from idprior.model.export import attention_mode
 
     model = tiny_bert()
     assert attention_mode(model, "dynamo", None) == ("fused", 23)
@@ -88,7 +88,7 @@ def test_ort_session_skips_the_slow_skip_layernorm_fusion(tmp_path):
     import onnx
     import onnxruntime as ort
 
-    from idprior.export import export_onnx, ort_session
+    from idprior.model.export import export_onnx, ort_session
 
     path = export_onnx(tiny_bert(), None, tmp_path / "m.onnx", seq_len=16)
     ort_session(path, optimized_path=tmp_path / "ours.onnx")
@@ -108,7 +108,7 @@ def test_ort_session_stops_spinning_when_a_run_returns(tmp_path):
     """Our sessions' worker threads do not spin on after a Run (see export.ORT_CONFIG), where they
     would take CPU from the next model timed; the option must reach the session."""
     pytest.importorskip("onnxruntime", reason="needs onnxruntime (pip install onnx onnxruntime onnxscript)")
-    from idprior.export import DISABLED_ORT_FUSIONS, export_onnx, ort_session
+    from idprior.model.export import DISABLED_ORT_FUSIONS, export_onnx, ort_session
 
     path = export_onnx(tiny_bert(), None, tmp_path / "m.onnx", seq_len=16, exporter="legacy")
     options = ort_session(path, 2).get_session_options()
@@ -118,7 +118,7 @@ def test_ort_session_stops_spinning_when_a_run_returns(tmp_path):
 
 
 def test_require_onnx_names_the_install(monkeypatch):
-    from idprior import export
+    from idprior.model import export
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
@@ -152,7 +152,7 @@ def test_flops_hand_count():
 
 def test_benchmark_keys_and_fewer_flops():
     pytest.importorskip("onnxruntime", reason="the ONNX Runtime leg of the benchmark needs onnxruntime")
-    from idprior.bench import benchmark, format_bench_markdown
+    from idprior.pipeline.bench import benchmark, format_bench_markdown
 
     result = benchmark({"dense": tiny_bert(), "pruned": pruned_bert()}, batch_sizes=(2,), seq_lens=(8, 12),
                        threads=1, repeats=2, warmup=1, exporter="legacy")  # legacy: the fast exporter keeps this test short
@@ -178,7 +178,7 @@ def test_benchmark_keys_and_fewer_flops():
 def test_timing_blocks_alternate_and_start_with_an_untimed_run():
     """Each block is an untimed lead-in (here one call) then timed calls; blocks alternate over the
     models, the order reversed every other round; with min_rounds=1 blocks are `block` long."""
-    from idprior.bench import time_blocks
+    from idprior.pipeline.bench import time_blocks
 
     calls = []
     runners = {name: (lambda n=name: calls.append(n)) for name in ("dense", "pruned")}
@@ -193,7 +193,7 @@ def test_timing_blocks_alternate_and_start_with_an_untimed_run():
 def test_few_repeats_still_alternate():
     """5 repeats in blocks of 5 were one block per model, so nothing alternated (the demo's bench
     setting): blocks shrink to give at least MIN_ROUNDS = 3 rounds."""
-    from idprior.bench import MIN_ROUNDS, time_blocks
+    from idprior.pipeline.bench import MIN_ROUNDS, time_blocks
 
     calls = []
     runners = {name: (lambda n=name: calls.append(n)) for name in ("dense", "pruned")}
@@ -207,7 +207,7 @@ def test_few_repeats_still_alternate():
 def test_timing_pauses_the_garbage_collector():
     import gc
 
-    from idprior.bench import time_blocks
+    from idprior.pipeline.bench import time_blocks
 
     seen = []
     time_blocks({"m": lambda: seen.append(gc.isenabled())}, repeats=3, warmup=1, lead_in_s=0.0)
@@ -217,7 +217,7 @@ def test_timing_pauses_the_garbage_collector():
 def test_noise_guard_statistics_on_synthetic_repeats():
     """Quiet repeats pass; a wide IQR (own or the reference's) and a min-based speed-up far from the
     median-based one are each named."""
-    from idprior.bench import NoiseGuard
+    from idprior.pipeline.bench import NoiseGuard
 
     guard = NoiseGuard(max_iqr=0.10, max_gap=0.08)
     quiet = {"dense": [1.00, 1.01, 0.99, 1.02, 1.00], "pruned": [0.50, 0.51, 0.50, 0.49, 0.505]}
@@ -262,7 +262,7 @@ def test_noise_guard_retimes_and_flags(case):
     """6 repeats, warm-up 1, blocks of 2 (3 rounds): 1 + 3 x (lead-in + 2) = 10 calls per model in
     the first timing, 9 in each re-timing. A disturbance in the first timing only is re-timed once
     and the quiet round is kept; one that persists is re-timed `retime_rounds` times and flagged."""
-    from idprior.bench import NoiseGuard, time_guarded
+    from idprior.pipeline.bench import NoiseGuard, time_guarded
 
     clock = FakeClock()
     slow = {"quiet": lambda i: False, "disturbed-once": lambda i: i <= 10 and i % 2 == 0,
@@ -285,7 +285,7 @@ def test_benchmark_flags_a_model_that_sleeps_on_every_other_call():
     marked NOISY, with the warning under the table (whatever else loads the machine)."""
     import time
 
-    from idprior.bench import NoiseGuard, benchmark, format_bench_markdown
+    from idprior.pipeline.bench import NoiseGuard, benchmark, format_bench_markdown
 
     dense, pruned = tiny_bert(), pruned_bert()
     count = {"n": 0}
@@ -326,7 +326,7 @@ def test_merging_processes_takes_the_median_and_flags_disagreement():
     """Across fresh processes the speed-up is the median of the per-process speed-ups: one process
     that ran slow (a slower dense latency and a lower ratio, as in issue 18's 1.68x next to 1.9x) moves
     nothing and is not flagged; processes that spread with no majority near the median are flagged."""
-    from idprior.bench import NoiseGuard, format_bench_markdown, merge_processes
+    from idprior.pipeline.bench import NoiseGuard, format_bench_markdown, merge_processes
 
     guard = NoiseGuard()
     one_slow = merge_processes([_process_result(1.93, 1000), _process_result(1.68, 1690), _process_result(1.90, 990)], guard)
@@ -361,8 +361,8 @@ def test_benchmark_times_eager_first_in_a_clean_state(monkeypatch):
     import torch
     from torch.nn.modules.module import register_module_forward_pre_hook
 
-    from idprior import export
-    from idprior.bench import benchmark
+    from idprior.model import export
+    from idprior.pipeline.bench import benchmark
 
     dense, pruned = tiny_bert(), pruned_bert()
     spectral.attach(dense, get_adapter(dense))

@@ -14,9 +14,9 @@ from idprior.arch import get_adapter
 from idprior.baselines import get_method
 from idprior.baselines import resolve_compensation as resolve_mode
 from idprior.baselines.flap import channel_scores, unit_scores
-from idprior.compensate import fit_compensation
-from idprior.surgery import apply_plan
-from idprior.units import Unit
+from idprior.method.compensate import fit_compensation
+from idprior.method.units import Unit
+from idprior.model.surgery import apply_plan
 from test_compensate import calib, hidden
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 

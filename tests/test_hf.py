@@ -10,15 +10,15 @@ import torch
 from torch.nn.utils import parametrize
 from transformers import TrainingArguments
 
-from idprior import spectral
 from idprior.arch import get_adapter
 from idprior.config import PruneConfig, recipe_for
 from idprior.errors import IdpriorError
 from idprior.hf import SnipTrainer
-from idprior.proximal import RAMP
-from idprior.scoring import score
-from idprior.selection import select
-from idprior.surgery import apply_plan
+from idprior.method import spectral
+from idprior.method.proximal import RAMP
+from idprior.method.scoring import score
+from idprior.method.selection import select
+from idprior.model.surgery import apply_plan
 from tiny_models import tiny_bert
 
 

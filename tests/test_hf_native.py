@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from idprior.errors import IdpriorError
-from idprior.surgery import apply_plan, load_pruned, load_pruned_with_tokenizer, save_pruned
+from idprior.model.surgery import apply_plan, load_pruned, load_pruned_with_tokenizer, save_pruned
 from tiny_decoder_folder import make_tiny_decoder_folder
 from tiny_folder import make_tiny_bert_folder
 from tiny_models import tiny_bert
@@ -164,8 +164,8 @@ def test_pipelines_run_the_pruned_models(native):
 
 
 def test_modeling_file_covers_every_supported_family():
-    from idprior import hf_modeling
     from idprior.arch import supported_model_types
+    from idprior.model import remote as hf_modeling
 
     assert sorted(hf_modeling.FAMILIES) == supported_model_types()
 
@@ -200,7 +200,7 @@ def test_save_pruned_refuses_a_folder_with_foreign_files(tmp_path):
 
 def test_exports_refuse_what_they_did_not_write(tmp_path):
     pytest.importorskip("onnx", reason="ONNX export needs onnx")
-    from idprior.export import export_onnx, export_onnx_dir
+    from idprior.model.export import export_onnx, export_onnx_dir
 
     model = tiny_bert()
     pruned = save_pruned(model, None, tmp_path / "pruned")
@@ -259,7 +259,7 @@ def test_int8_keeps_the_standard_attention_operator(tmp_path):
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    from idprior.export import quantize_int8
+    from idprior.model.export import quantize_int8
 
     rng = np.random.default_rng(0)
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 8])  # [B, heads, T, head_dim]
@@ -281,7 +281,7 @@ def test_onnx_dir_loads_in_optimum(native, tmp_path):
     optimum_ort = pytest.importorskip("optimum.onnxruntime", exc_type=ImportError)
     from transformers import AutoTokenizer
 
-    from idprior.export import export_onnx_dir
+    from idprior.model.export import export_onnx_dir
 
     model, tok = load_pruned_with_tokenizer(native[0] / "bert")
     out = export_onnx_dir(model, tok, tmp_path / "onnx", exporter="legacy")

@@ -149,8 +149,8 @@ def test_label_mismatch_is_one_line_listing_both_sets(models, tmp_path, capsys):
 
 
 def test_api_load_refuses_to_rename_a_classifiers_outputs(models):
-    from idprior import models as m
     from idprior.data import Task
+    from idprior.model import load as m
 
     task = Task("custom", "classification", ("negative", "positive"), ("accuracy",), ("text",), "")
     with pytest.raises(IdpriorError, match=r"labels \(positive, negative\).*align_labels"):
@@ -299,7 +299,7 @@ def test_a_live_run_locks_its_folder(models, tmp_path, capsys):
 
     # two runs that both passed preflight: the second one's Run refuses before deleting anything
     from idprior.config import load_config
-    from idprior.pipeline import Run
+    from idprior.pipeline.stages import Run
 
     cfg = load_config(None, [f"model.name={models['good']}", f"out={out}"])
     with pytest.raises(IdpriorError, match="in use by another idprior run"):
@@ -309,7 +309,7 @@ def test_a_live_run_locks_its_folder(models, tmp_path, capsys):
 
 def test_stale_lock_is_taken_over_and_released(tmp_path, capsys):
     from idprior.config import load_config
-    from idprior.pipeline import Run
+    from idprior.pipeline.stages import Run
 
     out = tmp_path / "out"
     dead = _dead_pid()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from idprior.data import get_task, list_tasks
-from idprior.metrics import compute_metrics, greater_is_better, main_metric, perplexity
+from idprior.pipeline.metrics import compute_metrics, greater_is_better, main_metric, perplexity
 
 BINARY = get_task("cola")  # ("matthews", "accuracy")
 PRED = [1, 0, 1, 1, 0, 1]

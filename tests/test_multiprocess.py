@@ -29,7 +29,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from idprior import distributed
-from idprior.train import TrainHook
+from idprior.pipeline.train import TrainHook
 
 WORLD = 2
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,10 +110,10 @@ class _Record(TrainHook):
 
 def _prior_phase(model, adapter, *, reduce: bool = True) -> tuple[list[str], object]:
     """SN + the proximal prior (after-LN norms, readout) for one epoch of batches 8, 8, 5 (ranks: 4/4, 4/4, 3/2)."""
-    from idprior import proximal, spectral
     from idprior.config import TrainConfig
-    from idprior.gates import Gates
-    from idprior.train import AfterStep, train
+    from idprior.method import proximal, spectral
+    from idprior.method.gates import Gates
+    from idprior.pipeline.train import AfterStep, train
 
     spectral.attach(model, adapter, "init")
     gates = Gates(model, adapter).attach()
@@ -136,7 +136,7 @@ def _prior_phase(model, adapter, *, reduce: bool = True) -> tuple[list[str], obj
 def _recovery_phase(model) -> list[str]:
     """Plain training with dropout on, batches of 4 (the last has one row: every rank runs it whole)."""
     from idprior.config import TrainConfig
-    from idprior.train import train
+    from idprior.pipeline.train import train
 
     for m in model.modules():
         if isinstance(m, nn.Dropout):
@@ -294,8 +294,8 @@ def test_snip_trainer_replicas_stay_identical(tmp_path):
 def test_prior_state_keeps_the_last_norms():
     """Whether a group has reached its share is read from the last step's norms at the next step: a prior
     loaded from a state_dict must read it as the saved one does."""
-    from idprior.gates import Gates
-    from idprior.proximal import ProximalPrior
+    from idprior.method.gates import Gates
+    from idprior.method.proximal import ProximalPrior
 
     model, adapter = _tiny()
     saved, fresh = (ProximalPrior(model, adapter, Gates(model, adapter), target=0.5) for _ in range(2))

@@ -40,7 +40,7 @@ def models(tmp_path_factory) -> dict[str, Path]:
     """A tiny 2-layer BERT, a 4-layer one, a tiny GPT-2, and a pruned copy of the 2-layer BERT."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from idprior.surgery import apply_plan, save_pruned
+    from idprior.model.surgery import apply_plan, save_pruned
 
     root = tmp_path_factory.mktemp("models")
     good = make_tiny_bert_folder(root / "good")
@@ -102,7 +102,7 @@ def test_overwrite_keeps_a_folder_that_is_not_an_idprior_run(command, models, da
 
     # the run folder itself refuses too, for a caller that skipped preflight
     from idprior.cli.common import config_from_args
-    from idprior.pipeline import Run
+    from idprior.pipeline.stages import Run
 
     cfg = config_from_args(build_parser().parse_args(["prune", "--model", str(models["good"]), "--out", str(user)]))
     with pytest.raises(IdpriorError, match=r"holds files idprior did not write \(notes\.txt, thesis\)"):
@@ -224,8 +224,8 @@ def test_bench_refuses_a_pruned_model_that_is_not_from_the_dense_one(dense, why,
 def test_bench_refuses_a_pruned_model_wider_than_the_dense_one(models):
     from transformers import BertForSequenceClassification
 
-    from idprior.bench import check_pruned_from
-    from idprior.surgery import apply_plan
+    from idprior.model.surgery import apply_plan
+    from idprior.pipeline.bench import check_pruned_from
 
     dense = BertForSequenceClassification.from_pretrained(str(models["good"]))
     narrower = BertForSequenceClassification.from_pretrained(str(models["good"]))

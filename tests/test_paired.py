@@ -12,8 +12,8 @@ import yaml
 
 from idprior.cli.main import main
 from idprior.errors import IdpriorError
-from idprior.evaluate import load_predictions, save_predictions
-from idprior.paired import (
+from idprior.pipeline.evaluate import load_predictions, save_predictions
+from idprior.study.paired import (
     DENSE,
     Comparison,
     PairedCell,
@@ -26,7 +26,7 @@ from idprior.paired import (
     min_detectable,
     t_interval,
 )
-from idprior.quality import load_grid, run_grid, weights_sha256
+from idprior.study.quality import load_grid, run_grid, weights_sha256
 from tiny_folder import make_tiny_bert_folder
 
 # ---- statistics on hand-computed examples ------------------------------------------------------
@@ -183,7 +183,7 @@ def test_paired_grid_shares_one_start_and_keeps_predictions(tiny_folder, tmp_pat
 
 def test_finetune_folder_does_not_depend_on_selection(tiny_folder):
     """The bug behind issue 13: a change of default selection split the fine-tune cache."""
-    from idprior.quality import MethodSpec, cell_config, finetune_config
+    from idprior.study.quality import MethodSpec, cell_config, finetune_config
 
     grid = load_grid(_paired_grid(tiny_folder))
     a = cell_config(grid, "rt-polarity", 0, MethodSpec("snip", "snip", {"prune.selection": "norm"}), 0.5, out="x")
@@ -206,7 +206,7 @@ def test_paired_grid_errors(tiny_folder):
 
 
 def test_paired_cells_order_and_per_method_targets_and_seeds(tiny_folder):
-    from idprior.quality import cells
+    from idprior.study.quality import cells
 
     raw = _paired_grid(tiny_folder) | {"seeds": [0, 1], "tasks": ["rt-polarity", "subj"]}
     raw["methods"] = ["snip", {"name": "only-seed1", "method": "random", "targets": [0.5], "seeds": [1]}]
@@ -229,7 +229,7 @@ def test_existing_equivalent_finds_the_start_earlier_rows_used(tmp_path):
     """A field added to idprior later changes the folder digest; the pair must keep its start (the one
     most continuations used), and a real difference must not be mistaken for a match."""
     from idprior.config import RunConfig
-    from idprior.quality import existing_equivalent
+    from idprior.study.quality import existing_equivalent
 
     cfg = RunConfig()
     cfg.prune.prior = False  # a start is a plain fine-tune
@@ -259,7 +259,7 @@ def test_a_finetune_recorded_under_older_defaults_resumes(tmp_path):
     import yaml
 
     from idprior.config import RunConfig, resume_differences
-    from idprior.quality import _as_recorded, finetune_config
+    from idprior.study.quality import _as_recorded, finetune_config
 
     cell = RunConfig()
     cell.train.epochs = 1  # as a grid file writes it; the folder records 1.0
@@ -279,7 +279,7 @@ def test_a_finetune_recorded_under_older_defaults_resumes(tmp_path):
 
 
 def test_rows_from_different_starts_are_not_paired():
-    from idprior.paired import compare
+    from idprior.study.paired import compare
 
     ok = {"pred": np.array([1, 1, 0]), "label": np.array([1, 0, 0])}
     preds = {"a.p": {"pruned_no_recovery.test": ok}, "b.p": {"pruned_no_recovery.test": ok}}
@@ -357,7 +357,7 @@ def test_finetune_distill_splits_the_continuation_not_the_start(tiny_folder):
     the shared start (a plain fine-tune from the pretrained model, nothing to distil from)."""
     from pathlib import Path
 
-    from idprior.quality import MethodSpec, cell_config, continuation_config, start_config
+    from idprior.study.quality import MethodSpec, cell_config, continuation_config, start_config
 
     grid = load_grid(_paired_grid(tiny_folder))
     names = {}

@@ -10,7 +10,7 @@ import torch
 from idprior.cli.main import main
 from idprior.config import load_config
 from idprior.errors import ConfigError
-from idprior.surgery import load_pruned
+from idprior.model.surgery import load_pruned
 from tiny_folder import make_tiny_bert_folder
 
 QUICK = ["--task", "rt-polarity", "--max-train", "48", "--max-eval", "24", "--epochs", "1", "--batch-size", "16",
@@ -153,7 +153,7 @@ def test_bench_stage_can_time_in_fresh_processes(tiny_folder, tmp_path, monkeypa
 def test_a_stage_cannot_leak_torch_settings(tmp_path):
     """A stage that changes torch's thread count or grad mode (training code, a library it calls)
     leaves them as they were for the next stage."""
-    from idprior.pipeline import Run, run_stages
+    from idprior.pipeline.stages import Run, run_stages
 
     def greedy(run):
         torch.set_num_threads(1 if before != 1 else 2)
@@ -175,7 +175,7 @@ def test_a_stage_cannot_leak_torch_settings(tmp_path):
 def test_distill_loss():
     """Zero when the student matches the teacher, positive otherwise, scaled by T^2 (Hinton et al.:
     soft-target gradients keep their size), and LM tokens outside the attention mask do not count."""
-    from idprior.train import distill_loss
+    from idprior.pipeline.train import distill_loss
 
     g = torch.Generator().manual_seed(0)
     teacher, student = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from idprior.arch import get_adapter
 from idprior.errors import IdpriorError
-from idprior.surgery import apply_plan, count_params, predicted_params
-from idprior.units import Unit
+from idprior.method.units import Unit
+from idprior.model.surgery import apply_plan, count_params, predicted_params
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 FAMILIES = {"bert": tiny_bert, "gpt2": tiny_gpt2, "llama": tiny_llama}

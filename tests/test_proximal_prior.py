@@ -12,17 +12,17 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from idprior import spectral
 from idprior.arch import get_adapter
 from idprior.config import TrainConfig, load_config
 from idprior.errors import ConfigError
-from idprior.gates import Gates
-from idprior.plan import sublayer_cost
-from idprior.proximal import RAMP, ProximalPrior, _Stored
-from idprior.selection import select
-from idprior.surgery import apply_plan
-from idprior.train import train
-from idprior.units import Unit
+from idprior.method import spectral
+from idprior.method.gates import Gates
+from idprior.method.plan import sublayer_cost
+from idprior.method.proximal import RAMP, ProximalPrior, _Stored
+from idprior.method.selection import select
+from idprior.method.units import Unit
+from idprior.model.surgery import apply_plan
+from idprior.pipeline.train import train
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 
@@ -399,7 +399,7 @@ def test_auto_selection_is_prior_only_after_a_proximal_phase():
     """Selection "auto" removes the units the proximal prior brought to the identity first; without a
     proximal phase (no prior, post-training mode) it is the model family's default."""
     from idprior.config import proximal_phase
-    from idprior.pipeline import resolve_selection
+    from idprior.pipeline.stages import resolve_selection
 
     class Family:
         default_selection = ("share", 0.3)

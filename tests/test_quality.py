@@ -7,8 +7,8 @@ import json
 import pytest
 
 from idprior.cli.main import main
-from idprior.quality import ROW_KEYS, load_grid, run_grid
-from idprior.report_quality import (
+from idprior.study.quality import ROW_KEYS, load_grid, run_grid
+from idprior.study.report_quality import (
     aggregate,
     head_to_head,
     load_rows,
@@ -110,7 +110,7 @@ def test_grid_name_repeats_only_as_one_configuration(tiny_folder):
     """A method may run at more targets on fewer seeds under the same name; a name that would mean two
     configurations (other settings, or the same target twice) is refused."""
     from idprior.errors import IdpriorError
-    from idprior.quality import cells
+    from idprior.study.quality import cells
 
     base = _grid(tiny_folder) | {"targets": [0.5, 0.3], "seeds": [0, 1]}
     grid = load_grid(base | {"methods": [{"name": "random", "targets": [0.5]},

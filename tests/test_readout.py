@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from idprior.arch import get_adapter
-from idprior.scoring import score
-from idprior.units import Unit
+from idprior.method.scoring import score
+from idprior.method.units import Unit
 from test_proximal_prior import batch, capture_inputs, explicit_norms, make_prior, no_dropout
 from tiny_models import tiny_bert, tiny_gpt2
 

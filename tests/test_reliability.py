@@ -78,8 +78,8 @@ def folders(tmp_path_factory) -> dict[str, Path]:
 
 
 def _pruned_without_attention(good: Path, dst: Path) -> Path:
-    from idprior import models
-    from idprior.surgery import apply_plan, save_pruned
+    from idprior.model import load as models
+    from idprior.model.surgery import apply_plan, save_pruned
 
     model, tok = models.load(str(good))
     apply_plan(model, ["attn:0", "attn:1"])
@@ -117,7 +117,7 @@ def started_run(e: Env, argv: list[str], extra_files: bool = True) -> None:
     """Make e.out look like a run started with `argv` (stages.json and config.yaml, as Run writes)."""
     from idprior.cli.common import config_from_args
     from idprior.config import CONFIG_VERSION, dump_config, resume_key
-    from idprior.pipeline import resolved
+    from idprior.pipeline.stages import resolved
 
     cfg = resolved(config_from_args(build_parser().parse_args([*argv, "--out", str(e.out)])))
     e.out.mkdir(parents=True)
@@ -464,11 +464,11 @@ def _tiny_training(ckpt: Path, *, stop_at: int | None = None, resume: bool = Fal
     5 batches; `stop_at` raises in step `stop_at`'s loss (a crash), `nan_at` makes that step's loss NaN."""
     from torch.utils.data import DataLoader
 
-    from idprior import spectral
     from idprior.arch import get_adapter
     from idprior.config import PruneConfig, TrainConfig, recipe_for
-    from idprior.proximal import build_prior
-    from idprior.train import train
+    from idprior.method import spectral
+    from idprior.method.proximal import build_prior
+    from idprior.pipeline.train import train
     from tiny_models import tiny_bert
 
     torch.manual_seed(0)
@@ -511,7 +511,7 @@ def test_resumed_mid_epoch_training_gives_identical_weights(tmp_path):
 def test_train_state_reads_the_earlier_state_json():
     """state.json of earlier versions (a plain dict; running sums only mid-epoch; hook state and RNG
     beside the progress) still resumes: the running sums default to an epoch start."""
-    from idprior.train import TrainState
+    from idprior.pipeline.train import TrainState
 
     epoch_end = {"epoch": 1, "step_in_epoch": 0, "global_step": 5, "best_metric": 0.5, "best_epoch": 1,
                  "history": [{"epoch": 1}], "post_step": {"lam": 0.1}, "rng": {"python": []}}
@@ -523,7 +523,7 @@ def test_train_state_reads_the_earlier_state_json():
 
 
 def test_checkpoint_holds_spectral_norm_vectors_and_is_all_or_nothing(tmp_path, monkeypatch):
-    from idprior import train as train_mod
+    from idprior.pipeline import train as train_mod
 
     ckpt = tmp_path / "run" / "ckpt"
     real = io.write_json
@@ -557,7 +557,7 @@ def test_a_checkpoint_with_a_pickled_optimizer_is_refused_with_the_fix(tmp_path)
     """Checkpoints of older versions kept the optimizer in a pickle (`optimizer.pt`); idprior no longer
     reads pickles, so resuming one says to start over instead of loading it."""
     from idprior.errors import IdpriorError
-    from idprior.train import latest_checkpoint
+    from idprior.pipeline.train import latest_checkpoint
 
     ckpt = tmp_path / "run" / "ckpt"
     with pytest.raises(_Stop):
@@ -569,7 +569,7 @@ def test_a_checkpoint_with_a_pickled_optimizer_is_refused_with_the_fix(tmp_path)
 
 
 def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
-    from idprior.train import NonFiniteLoss, latest_checkpoint
+    from idprior.pipeline.train import NonFiniteLoss, latest_checkpoint
 
     ckpt = tmp_path / "run" / "ckpt"
     with pytest.raises(NonFiniteLoss, match=r"loss became nan at step 7/10 \(epoch 2, .*lower the learning rate"):
@@ -583,7 +583,7 @@ def test_nonfinite_loss_names_the_step_and_keeps_the_last_good_checkpoint(tmp_pa
 def test_nonfinite_scores_stop_with_the_unit_and_cause(folders, tmp_path, capsys, monkeypatch):
     """Preflight refuses NaN weights in the model folder (tests/test_inputs.py); with that check off,
     as for a fine-tune that diverged, scoring is the guard that stops the run."""
-    from idprior import preflight
+    from idprior.pipeline import preflight
 
     monkeypatch.setattr(preflight, "check_finite_weights", lambda info: [])
     out = tmp_path / "out"
@@ -660,7 +660,7 @@ def test_no_pickle_and_no_remote_code():
 
 def test_preflight_accepts_a_good_config_and_writes_nothing(folders, tmp_path):
     from idprior.cli.common import config_from_args
-    from idprior.preflight import preflight
+    from idprior.pipeline.preflight import preflight
 
     out = tmp_path / "out"
     args = build_parser().parse_args(["prune", "--model", str(folders["good"]), "--task", "rt-polarity", *REST,

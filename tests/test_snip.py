@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from idprior import spectral
 from idprior.arch import get_adapter
 from idprior.errors import IdpriorError
-from idprior.gates import Gates
-from idprior.plan import measure_of, removed_cost, sublayer_cost
-from idprior.scoring import score
-from idprior.selection import select
-from idprior.surgery import apply_plan
-from idprior.units import Unit
+from idprior.method import spectral
+from idprior.method.gates import Gates
+from idprior.method.plan import measure_of, removed_cost, sublayer_cost
+from idprior.method.scoring import score
+from idprior.method.selection import select
+from idprior.method.units import Unit
+from idprior.model.surgery import apply_plan
 from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
 
 FAMILIES = [tiny_bert, tiny_gpt2, tiny_llama]
@@ -87,7 +87,7 @@ def test_sn_fixed_bound_rescales():
 def test_sn_under_its_bound_is_the_weight_itself_and_records_binding():
     """Under the bound SN returns the stored weight (no scaled copy: same values, same gradient);
     over it, the weight is rescaled onto the bound and `clipped` (what sn_clip_frac counts) is set."""
-    from idprior.proximal import sn_clip_fraction
+    from idprior.method.proximal import sn_clip_fraction
 
     model = tiny_bert()
     spectral.attach(model, get_adapter(model))  # bound = each matrix's own sigma at load
@@ -205,7 +205,7 @@ def test_selection_hits_target_within_one_unit(measure, mode):
 def test_auto_selection_is_the_family_default():
     """--selection auto: encoders take 30% of the budget from heads (tuned on validation), decoders
     rank globally by norm; an explicit head_share overrides the family's."""
-    from idprior.pipeline import resolve_selection
+    from idprior.pipeline.stages import resolve_selection
 
     bert, llama = get_adapter(tiny_bert()), get_adapter(tiny_llama())
     assert resolve_selection("auto", None, bert) == ("share", 0.3)

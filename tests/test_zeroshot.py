@@ -12,7 +12,14 @@ import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from idprior.zeroshot import SPECS, ZeroShotSpec, evaluate_zero_shot, label_logprobs, prompt_ids, word_ids
+from idprior.pipeline.zeroshot import (
+    SPECS,
+    ZeroShotSpec,
+    evaluate_zero_shot,
+    label_logprobs,
+    prompt_ids,
+    word_ids,
+)
 from tiny_models import VOCAB, tiny_gpt2, tiny_llama
 
 _WORDS = ("is the sentiment of this movie review positive or negative ? : answer with one word . very good bad "
@@ -107,7 +114,7 @@ def test_prune_cli_reports_zero_shot_accuracy(tmp_path):
     """--set data.zero_shot=rt-polarity: metrics.json has dense and pruned accuracy on the same examples,
     next to perplexity, and their per-example predictions for paired comparisons."""
     from idprior.cli.main import main
-    from idprior.evaluate import load_predictions
+    from idprior.pipeline.evaluate import load_predictions
     from tiny_decoder_folder import make_tiny_decoder_folder
 
     folder = make_tiny_decoder_folder(tmp_path / "llama", "llama")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import yaml
 
 from .errors import ConfigError, IdpriorError
-from .units import KINDS
+from .method.units import KINDS
 
 if typing.TYPE_CHECKING:
     from importlib.abc import Traversable
@@ -410,7 +410,7 @@ def _validate_data(d: DataConfig, need) -> None:
              "data.train_file in a config)")
     need(d.problem_type is None or d.problem_type in typing.get_args(ProblemType),
          f"--problem-type (data.problem_type) must be classification or regression, got {d.problem_type!r}")
-    from .zeroshot import SPECS  # no torch at import
+    from .pipeline.zeroshot import SPECS
 
     need(d.zero_shot is None or d.zero_shot in SPECS,
          f"data.zero_shot must be one of {', '.join(SPECS)} (or null), got {d.zero_shot!r}")

@@ -33,11 +33,12 @@ from torch.nn.utils import parametrize
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from . import io, spectral
+from . import io
 from .arch import get_adapter
 from .config import PRIOR_OPTIONS, PruneConfig, prune_config, recipe_for
 from .errors import IdpriorError
-from .proximal import ProximalPrior, build_prior
+from .method import spectral
+from .method.proximal import ProximalPrior, build_prior
 
 OPTIONS = ("prior", "kinds", "sn", "sn_bound", *PRIOR_OPTIONS)
 PRIOR_STATE = "snip_prior"  # <checkpoint>/snip_prior.safetensors (tensors) + snip_prior.json (plain values)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import IdpriorError
-from ..units import Cost
+from ..method.units import Cost
 
 STRUCTURE_KEY = "idprior_layers"  # config attribute holding the per-layer structure
 OUT_BIAS_KEY = "idprior_out_bias"  # config attribute: out-projections given a bias by idprior ("attn:3", "ffn:0")

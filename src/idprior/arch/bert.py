@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ..errors import IdpriorError
-from ..units import Cost
+from ..method.units import Cost
 from .base import Adapter, LayerShape, head_index, slice_linear
 
 

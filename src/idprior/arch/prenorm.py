@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import IdpriorError
-from ..units import Cost
+from ..method.units import Cost
 from .base import PRE_LN_DECODER_RECIPE, Adapter, LayerShape, slice_conv1d, slice_linear
 
 

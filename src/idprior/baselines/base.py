@@ -19,9 +19,9 @@ from torch import nn
 
 from ..arch.base import Adapter
 from ..errors import IdpriorError
-from ..plan import PruningPlan
-from ..selection import select
-from ..units import Unit
+from ..method.plan import PruningPlan
+from ..method.selection import select
+from ..method.units import Unit
 
 
 class Method:

@@ -12,7 +12,7 @@ the kept units); the plan is the searched mask only.
 
 from __future__ import annotations
 
-from ..plan import PruningPlan
+from ..method.plan import PruningPlan
 from .base import Method, check_batches
 from .gradients import gate_gradient_stats
 

@@ -22,9 +22,9 @@ from __future__ import annotations
 import torch
 
 from ..arch.base import Adapter
-from ..compensate import SUBS, channel_stats
-from ..plan import PruningPlan
-from ..units import Unit
+from ..method.compensate import SUBS, channel_stats
+from ..method.plan import PruningPlan
+from ..method.units import Unit
 from .base import Method, check_batches
 
 METRICS = ("fluctuation", "wanda")

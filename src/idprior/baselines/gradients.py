@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ..arch.base import Adapter
-from ..gates import Gates
-from ..units import Unit
+from ..method.gates import Gates
+from ..method.units import Unit
 from .base import present_units, to_device
 
 

@@ -19,8 +19,16 @@ import torch
 
 from ..arch.base import Adapter
 from ..errors import IdpriorError
-from ..plan import PruningPlan, measure_of, measure_total, measures, normalize, structure_after, sublayer_cost
-from ..units import Unit
+from ..method.plan import (
+    PruningPlan,
+    measure_of,
+    measure_total,
+    measures,
+    normalize,
+    structure_after,
+    sublayer_cost,
+)
+from ..method.units import Unit
 from .base import Method, check_batches, to_device
 
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 
 from ..arch.base import Adapter
-from ..plan import PruningPlan
-from ..units import Unit
+from ..method.plan import PruningPlan
+from ..method.units import Unit
 from .base import Method
 
 

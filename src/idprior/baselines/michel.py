@@ -10,7 +10,7 @@ least important units first.
 
 from __future__ import annotations
 
-from ..plan import PruningPlan
+from ..method.plan import PruningPlan
 from .base import Method, check_batches
 from .gradients import gate_gradient_stats
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..plan import PruningPlan
+from ..method.plan import PruningPlan
 from .base import Method, present_units
 
 

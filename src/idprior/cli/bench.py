@@ -70,8 +70,8 @@ def dense_for(spec: str, pruned_folder: str):
 
 def load_dense_like(spec: str, pruned):
     """The dense model with the same head as `pruned` (classifier with as many labels, or LM)."""
-    from .. import models
     from ..data.tasks import Task
+    from ..model import load as models
 
     config = pruned.config
     if "ForSequenceClassification" in type(pruned).__name__:
@@ -109,8 +109,14 @@ def run(args) -> int:
     from pathlib import Path
 
     from .. import io
-    from ..bench import NoiseGuard, benchmark, benchmark_processes, check_pruned_from, format_bench_markdown
     from ..errors import IdpriorError
+    from ..pipeline.bench import (
+        NoiseGuard,
+        benchmark,
+        benchmark_processes,
+        check_pruned_from,
+        format_bench_markdown,
+    )
     from .export import load_with_head
 
     if args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):

@@ -32,7 +32,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from ..errors import IdpriorError
-    from ..quality import load_grid, run_grid
+    from ..study.quality import load_grid, run_grid
 
     if args.threads:
         import torch

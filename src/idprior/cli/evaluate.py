@@ -78,12 +78,13 @@ def _metrics_path(args) -> Path | None:
 
 
 def run(args) -> int:
-    from .. import io, models
+    from .. import io
     from ..data import make_dataloader, make_lm_dataloader
     from ..data.labels import align_labels
     from ..errors import ConfigError, IdpriorError
-    from ..evaluate import evaluate
-    from ..preflight import check_evaluation
+    from ..model import load as models
+    from ..pipeline.evaluate import evaluate
+    from ..pipeline.preflight import check_evaluation
 
     if args.max_length < 2 or args.batch_size < 1 or (args.max_eval is not None and args.max_eval < 1):
         raise IdpriorError("--max-length must be >= 2, --batch-size and --max-eval >= 1")
@@ -98,7 +99,7 @@ def run(args) -> int:
     metrics_path = _metrics_path(args)
     data = _load_data(args, task)
     if args.zero_shot is not None:
-        from ..zeroshot import get_spec
+        from ..pipeline.zeroshot import get_spec
 
         get_spec(args.zero_shot)  # an unknown task fails before the model loads
         if data.task.kind != "lm":
@@ -123,7 +124,7 @@ def run(args) -> int:
         results[split] = evaluate(model, data.task, loader, desc=f"eval {split}")
     out = {"model": args.model, "task": data.task.name, **results}
     if args.zero_shot is not None:
-        from ..zeroshot import zero_shot_models
+        from ..pipeline.zeroshot import zero_shot_models
 
         zs, _ = zero_shot_models({"model": model}, tok, args.zero_shot, max_examples=args.max_eval,
                                  batch_size=args.batch_size)

@@ -53,12 +53,12 @@ def load_with_head(spec: str):
     """(model, tokenizer) for a folder (pruned or not) or an alias; refuses models without logits."""
     from pathlib import Path
 
-    from .. import models
     from ..errors import IdpriorError
+    from ..model import load as models
 
     path = Path(spec).expanduser()
     if path.is_dir():
-        from ..surgery import load_pruned_with_tokenizer
+        from ..model.surgery import load_pruned_with_tokenizer
 
         model, tok = load_pruned_with_tokenizer(path)
     else:
@@ -98,7 +98,7 @@ def run(args) -> int:
 
     from .. import io
     from ..errors import IdpriorError
-    from ..export import (
+    from ..model.export import (
         ONNX_FILE,
         QUANTIZED_FILE,
         check_replaceable_file,

@@ -15,7 +15,7 @@ def add_parser(sub):
 
 
 def run(args) -> int:
-    from ..pipeline import finetune
+    from ..pipeline.stages import finetune
 
     metrics = finetune(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     if metrics:  # {} on the other ranks of a multi-process launch

@@ -31,7 +31,7 @@ def add_parser(sub):
 
 def run(args) -> int:
     from .. import distributed
-    from ..pipeline import prune
+    from ..pipeline.stages import prune
 
     cfg = config_from_args(args)
     out = prune(cfg, resume=args.resume, overwrite=args.overwrite)

@@ -5,7 +5,7 @@
 
 For a paired grid's JSONL (bench-quality with `paired: true`): NAME.md with paired differences and
 their confidence intervals (reference method against every other, before and after recovery, test and
-validation, per task, minimum detectable difference) and NAME_paired.png; see idprior.paired.
+validation, per task, minimum detectable difference) and NAME_paired.png; see idprior.study.paired.
 
 For another JSONL: NAME.md with mean ± std over seeds per method, task and target (best in bold), and
 NAME_tradeoff.png, NAME_structure.png, NAME_norms.png, NAME_walltimes.png. The plan and
@@ -62,7 +62,7 @@ def run(args) -> int:
 
     src = Path(args.source)
     if src.is_dir():
-        from ..report import write_run_report
+        from ..pipeline.report import write_run_report
 
         if not io.is_run_folder(src):
             raise IdpriorError(f"{src} is not an idprior run folder (it has no stages.json); give the --out folder of "
@@ -72,7 +72,7 @@ def run(args) -> int:
         return 0
     if not src.is_file():
         raise IdpriorError(f"{src} is neither a results JSONL nor a run folder")
-    from ..report_quality import load_rows, write_quality_report
+    from ..study.report_quality import load_rows, write_quality_report
 
     rows = load_rows(src)
     if not rows:
@@ -83,7 +83,7 @@ def run(args) -> int:
     plots = ["paired"] if paired else ["tradeoff", "structure", "norms", "walltimes"]
     check_outputs(out, [f"{name}.md", *(f"{name}_{plot}.png" for plot in plots)], "report")
     if paired:
-        from ..report_paired import write_paired_report
+        from ..study.report_paired import write_paired_report
 
         path = write_paired_report(rows, src, out, name=name, reference=args.reference, baseline=args.baseline,
                                    command=args.command, notes=notes)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .arch.base import Adapter
+from ..arch.base import Adapter
 
 
 class BoundedSpectralNorm(nn.Module):

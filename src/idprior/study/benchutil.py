@@ -26,8 +26,8 @@ from pathlib import Path
 
 import torch
 
-from . import io
-from .plan import PruningPlan
+from .. import io
+from ..method.plan import PruningPlan
 
 TIMING_MODELS = ("minilm-l6", "smollm2-135m")  # what `load_for_timing` knows
 HEAD_SHARE = 0.3  # the speed benchmarks' "heads+neurons" plan: 30% of the budget from heads
@@ -95,8 +95,8 @@ def publish(out_dir: str | Path, stem: str, result: dict, markdown: str) -> None
 
 def load_for_timing(name: str):
     """A model of TIMING_MODELS in eval mode: MiniLM-L6 with a 2-label head, SmolLM2 as a causal LM."""
-    from . import models
-    from .data.tasks import Task
+    from ..data.tasks import Task
+    from ..model import load as models
 
     if name == "minilm-l6":
         task = Task(name="speed", kind="classification", labels=("neg", "pos"), metrics=(), text_fields=("text",),
@@ -111,8 +111,8 @@ def magnitude_plan(model, target: float, head_share: float | None = None) -> Pru
     """The `magnitude` baseline's plan removing `target` of encoder params from heads and neurons: one
     global ranking (FFN neurons in practice: raw magnitudes put every head above every neuron), or,
     with `head_share`, that fraction of the budget from heads and the rest from neurons."""
-    from .arch import get_adapter
-    from .baselines import get_method
+    from ..arch import get_adapter
+    from ..baselines import get_method
 
     method = get_method("magnitude", selection="norm" if head_share is None else "share", head_share=head_share)
     return method.plan(model, get_adapter(model), [], target=target, kinds=("head", "neuron"))
@@ -120,7 +120,7 @@ def magnitude_plan(model, target: float, head_share: float | None = None) -> Pru
 
 def pruned_copy(dense, plan: PruningPlan):
     """A physically pruned deep copy of `dense` (the dense model is left as it is)."""
-    from .surgery import apply_plan
+    from ..model.surgery import apply_plan
 
     model = copy.deepcopy(dense)
     apply_plan(model, plan.units)
@@ -140,7 +140,7 @@ ATTENTION_MODES = ("eager", "fused")
 def export_attention_modes(models: dict, tmp: str | Path, threads: int, info: dict) -> dict:
     """An ONNX Runtime session per (model, attention mode in ATTENTION_MODES); parity and opset go
     into info[model]."""
-    from .export import attention_mode, example_inputs, export_onnx, input_names, ort_session, parity
+    from ..model.export import attention_mode, example_inputs, export_onnx, input_names, ort_session, parity
 
     sessions = {}
     for name, model in models.items():
@@ -156,7 +156,7 @@ def export_attention_modes(models: dict, tmp: str | Path, threads: int, info: di
 
 def ort_runners(sessions: dict, dense, batch: int, seq_len: int) -> dict:
     """One zero-argument callable per session, all on the same random [batch, seq_len] tokens."""
-    from .export import ort_feed
+    from ..model.export import ort_feed
 
     ids = torch.randint(0, dense.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(batch))
     full = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "token_type_ids": torch.zeros_like(ids)}

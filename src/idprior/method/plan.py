@@ -19,9 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import io
-from .arch.base import Adapter
-from .errors import IdpriorError
+from .. import io
+from ..arch.base import Adapter
+from ..errors import IdpriorError
 from .units import Cost, Unit
 
 MEASURE_NAMES = ("encoder_params", "linear_params", "flops")

@@ -19,8 +19,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from . import io
-from .report import plot_structure, pyplot, save_figure
+from .. import io
+from ..pipeline.report import plot_structure, pyplot, save_figure
 
 SNIP_FAMILY = ("snip", "snip-no-sn", "snip-no-prior", "snip-no-sn-no-prior")
 STAGE_ORDER = ("finetune", "score", "select", "surgery", "recover", "evaluate")
@@ -332,7 +332,7 @@ def write_quality_report(rows: list[dict], out: str | os.PathLike, *, name: str 
                          plan_key: str | None = None, command: str | None = None, title: str | None = None,
                          notes: str | None = None) -> Path:
     """NAME.md plus NAME_*.png in `out`; `runs` is the bench-quality --out folder (for plans and scores)."""
-    from .metrics import greater_is_better
+    from ..pipeline.metrics import greater_is_better
 
     if not rows:
         raise ValueError("no result rows")

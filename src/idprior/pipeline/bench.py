@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import IdpriorError
+from ..errors import IdpriorError
 
 
 def cpu_model() -> str:
@@ -127,8 +127,8 @@ def _safe_name(name: str) -> str:
 
 
 def _model_info(model: nn.Module, seq_lens: tuple[int, ...]) -> dict:
-    from .arch import get_adapter
-    from .flops import model_flops
+    from ..arch import get_adapter
+    from ..method.flops import model_flops
 
     adapter = get_adapter(model)
     flops = {T: model_flops(model, T, adapter) for T in seq_lens}
@@ -223,8 +223,8 @@ def benchmark(
     backend, batch, seq_len) with latency, throughput, speed-up measured vs FLOPs-ideal, and `noise`
     (the reasons to distrust it, [] if none) after `timing_rounds` rounds.
     """
-    from .export import require_onnx
-    from .spectral import fold
+    from ..method.spectral import fold
+    from ..model.export import require_onnx
 
     reference = _check_models(models, reference, seq_lens)
     shapes = [(int(b), int(t)) for b in batch_sizes for t in seq_lens]
@@ -414,7 +414,7 @@ def check_pruned_from(dense: nn.Module, pruned: nn.Module, dense_name: str, prun
     Pruning narrows a model and keeps the rest: the same model type, layer count (a removed sub-layer
     is a width of 0), hidden size and vocabulary, and per layer no more heads, KV heads or FFN
     neurons than the dense model (the widths surgery records in config.json's idprior_layers)."""
-    from .arch import get_adapter
+    from ..arch import get_adapter
 
     def differ(what: str, d, p) -> str:
         return f"{what} {p} vs {d} in the dense model"
@@ -447,7 +447,7 @@ def _onnx_sessions(models: Mapping[str, nn.Module], workdir: Path, info: dict, t
                    attention: str) -> dict:
     """Export each model to workdir/NAME.onnx, check parity, open an ONNX Runtime session; the export's
     time, size, attention form and parity go into `info[name]`."""
-    from .export import attention_mode, example_inputs, export_onnx, input_names, ort_session, parity
+    from ..model.export import attention_mode, example_inputs, export_onnx, input_names, ort_session, parity
 
     sessions = {}
     for name, model in tqdm(models.items(), desc="export onnx", leave=False):
@@ -468,7 +468,7 @@ def _onnx_sessions(models: Mapping[str, nn.Module], workdir: Path, info: dict, t
 
 def _runners(models: Mapping[str, nn.Module], sessions: dict, backend: str, batch: int, seq_len: int) -> dict:
     """One zero-argument call per model on the same seeded random batch [batch, seq_len]."""
-    from .export import input_names, ort_feed
+    from ..model.export import input_names, ort_feed
 
     vocab = min(m.config.vocab_size for m in models.values())
     gen = torch.Generator().manual_seed(1000 * batch + seq_len)
@@ -486,7 +486,7 @@ def _runners(models: Mapping[str, nn.Module], sessions: dict, backend: str, batc
 
 
 def _eager_runner(model: nn.Module, inputs: dict[str, torch.Tensor]):
-    from .export import is_decoder_model
+    from ..model.export import is_decoder_model
 
     kwargs = dict(inputs, use_cache=False) if is_decoder_model(model) else dict(inputs)
 
@@ -597,7 +597,7 @@ def format_bench_markdown(result: dict) -> str:
     if onnx_modes:
         modes = "; ".join(f"attention {a}, opset {o or 'exporter default'}" for a, o in onnx_modes)
         lines.append(f"ONNX export: {env.get('onnx_exporter', 'dynamo')} exporter, {modes}; ONNX Runtime CPU provider, "
-                     "all graph optimizations except idprior.export.DISABLED_ORT_FUSIONS.")
+                     "all graph optimizations except idprior.model.export.DISABLED_ORT_FUSIONS.")
     if env.get("processes", 1) > 1:
         lines.append(f"Timed in {env['processes']} fresh processes, one after another: each figure is the median over "
                      "processes (a speed-up is measured within one process; the table's check also flags processes that "

@@ -48,16 +48,9 @@ from pathlib import Path
 
 import yaml
 
-from . import io
-from .config import (
-    PRIOR_OPTIONS,
-    RunConfig,
-    config_from_saved,
-    load_config,
-    load_run_config,
-    prior_active,
-)
-from .errors import IdpriorError
+from .. import io
+from ..config import PRIOR_OPTIONS, RunConfig, config_from_saved, load_config, load_run_config, prior_active
+from ..errors import IdpriorError
 
 # snip-family method -> (sn, prior) of the fine-tune it prunes
 SNIP_METHODS = {"snip": (True, True), "snip-no-sn": (False, True), "snip-no-prior": (True, False),
@@ -72,7 +65,7 @@ METHOD_KEYS = {"name", "method", "set", "targets", "seeds", "from"}
 
 
 def baseline_names() -> tuple[str, ...]:
-    from .baselines import METHODS
+    from ..baselines import METHODS
 
     return tuple(METHODS)
 
@@ -227,7 +220,7 @@ def cell_config(grid: Grid, task: str, seed: int, spec: MethodSpec, target: floa
         base.update({"prune.sn": sn, "prune.prior": prior})  # a baseline: its own plain training (training_of)
     base.update(spec.overrides)
     base["out"] = out
-    from .pipeline import resolved
+    from ..pipeline.stages import resolved
 
     return resolved(load_config(None, _overrides(base)))
 
@@ -363,7 +356,7 @@ def versions() -> dict:
     import torch
     import transformers
 
-    from . import __version__
+    from .. import __version__
 
     return {"idprior": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version(), "threads": torch.get_num_threads()}
@@ -373,7 +366,7 @@ def versions() -> dict:
 
 def _finetune_into(cfg: RunConfig, folder: Path, label: str, counter: dict | None) -> Path:
     """Run (or resume) the finetune stage of `cfg` in `folder` unless it finished earlier."""
-    from .pipeline import Run, run_stages
+    from ..pipeline.stages import Run, run_stages
 
     run = Run(dataclasses.replace(_as_recorded(cfg, folder), out=str(folder)), resume=True)
     try:
@@ -486,8 +479,8 @@ def dense_metrics(ft_dir: Path, with_predictions: bool = False) -> dict:
     """{split: metrics} of a fine-tuned model, evaluated once and kept in its folder (every cell on
     this fine-tune reports the same dense numbers without re-evaluating them); its per-example
     outputs go to dense_predictions.safetensors beside them."""
-    from .evaluate import evaluate_with_predictions, save_predictions
-    from .pipeline import Run
+    from ..pipeline.evaluate import evaluate_with_predictions, save_predictions
+    from ..pipeline.stages import Run
 
     path = ft_dir / "dense_metrics.json"
     if path.is_file() and (not with_predictions or (ft_dir / "dense_predictions.safetensors").is_file()):
@@ -540,7 +533,7 @@ def _start_info(ft_dir: Path) -> dict:
 def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, target: float,
              counter: dict | None = None, results: Path | None = None) -> dict:
     """Score/select/surgery/recover/evaluate one cell on its shared fine-tune; returns its JSONL row."""
-    from .pipeline import Run, run_stages, stage_evaluate
+    from ..pipeline.stages import Run, run_stages, stage_evaluate
 
     cell_dir = out / "cells" / task / f"seed{seed}" / spec.name / f"t{target:g}"
     cfg = cell_config(grid, task, seed, spec, target, out=str(cell_dir))
@@ -593,8 +586,8 @@ def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None 
               results: Path | None = None) -> dict:
     """The "dense" row of (task, seed): the plain fine-tune (paired grids: the shared start), evaluated
     on validation and test."""
-    from .metrics import main_metric
-    from .pipeline import Run, compression
+    from ..pipeline.metrics import main_metric
+    from ..pipeline.stages import Run, compression
 
     cfg = cell_config(grid, task, seed, MethodSpec("dense", "snip-no-sn-no-prior"), 0.5, out="pending")
     ft_dir = ensure_finetuned(cfg, out, counter, grid=grid, start_only=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import IdpriorError
+from ..errors import IdpriorError
 
 KINDS = ("head", "attn", "ffn", "neuron")
 _KIND_ORDER = {k: i for i, k in enumerate(KINDS)}

@@ -44,7 +44,7 @@ SPECS: dict[str, ZeroShotSpec] = {
 
 
 def get_spec(task: str) -> ZeroShotSpec:
-    from .errors import IdpriorError
+    from ..errors import IdpriorError
 
     if task not in SPECS:
         raise IdpriorError(f"no zero-shot prompt for task {task!r}; use one of {', '.join(SPECS)}")
@@ -132,7 +132,7 @@ def evaluate_zero_shot(model, tokenizer, examples: list[dict], task: str | ZeroS
     log p(gold) among the labels' scores."""
     import numpy as np
 
-    from .data.collate import pad_token_id
+    from ..data.collate import pad_token_id
 
     spec = task if isinstance(task, ZeroShotSpec) else get_spec(task)
     prompts = [prompt_ids(tokenizer, spec, ex["text"], text_tokens) for ex in examples]
@@ -150,7 +150,7 @@ def zero_shot_models(models: dict, tokenizer, task: str, *, max_examples: int | 
                      batch_size: int = 8) -> tuple[dict, dict]:
     """Every model of {name: model} on the same fixed subset of `task`'s test split:
     ({"task", "split", name: metrics}, {"zero_shot.<name>.test": per-example arrays})."""
-    from .data import load_task
+    from ..data import load_task
 
     examples = load_task(task, max_eval=max_examples).splits["test"]
     out: dict = {"task": task, "split": "test"}

@@ -31,9 +31,9 @@ from pathlib import Path
 
 import yaml
 
-from . import models
-from .config import RunConfig, resume_differences, validate
-from .errors import ConfigError, IdpriorError
+from ..config import RunConfig, resume_differences, validate
+from ..errors import ConfigError, IdpriorError
+from ..model import load as models
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model")
@@ -84,7 +84,7 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
 # ---- the method -----------------------------------------------------------------------------------
 
 def check_method(cfg: RunConfig) -> list[str]:
-    from .baselines import METHODS
+    from ..baselines import METHODS
 
     p = cfg.prune
     known = ["snip", *METHODS]
@@ -101,7 +101,7 @@ def check_method(cfg: RunConfig) -> list[str]:
 
 def check_output(cfg: RunConfig, *, resume: bool, overwrite: bool) -> list[str]:
     """The same rules as `pipeline.Run`, checked before anything is written."""
-    from . import lock
+    from .. import lock
 
     if resume and overwrite:
         return ["--resume and --overwrite contradict each other (continue the run, or delete it): give one of them"]
@@ -146,7 +146,7 @@ def check_output(cfg: RunConfig, *, resume: bool, overwrite: bool) -> list[str]:
 
 def _older_version(out: Path) -> str | None:
     """The refusal for a run folder written by an earlier idprior (its options changed; CHANGELOG.md)."""
-    from .config import CONFIG_VERSION
+    from ..config import CONFIG_VERSION
 
     try:
         version = json.loads((out / "stages.json").read_text(encoding="utf-8")).get("version", 1)
@@ -174,7 +174,7 @@ def _saved_config(out: Path) -> dict | None:
 
 def _not_owned(out: Path) -> list[str]:
     """--overwrite deletes only a run folder that holds nothing but the run's files (io.check_owned)."""
-    from .io import check_owned
+    from ..io import check_owned
 
     try:
         check_owned(out, "run", OVERWRITE_FIX)
@@ -209,7 +209,7 @@ def _existing_ancestor(path: Path) -> Path:
 
 def check_model(cfg: RunConfig) -> tuple[list[str], ModelInfo | None]:
     """Found, a Transformer folder of a supported type, complete safetensors, a tokenizer."""
-    from .arch import supported_model_types
+    from ..arch import supported_model_types
 
     try:
         folder, gguf = models.resolve(cfg.model.name)
@@ -261,8 +261,8 @@ def _safetensors_size(folder: Path) -> tuple[int | None, int]:
 def check_head(info: ModelInfo, task, data=None) -> list[str]:
     """A model folder with a task head must fit the task; language modelling needs a decoder. A
     classifier with label names must have the data's labels (`data`, renumbered later onto its ids)."""
-    from .arch.bert import BertAdapter
-    from .data.labels import align_labels, model_labels, shown_labels
+    from ..arch.bert import BertAdapter
+    from ..data.labels import align_labels, model_labels, shown_labels
 
     config = info.config
     if not config:
@@ -386,7 +386,7 @@ def check_finite_weights(info: ModelInfo) -> list[str]:
 
 def check_data(cfg: RunConfig):
     """(problems, TaskData or None): every error of `load_task`, plus empty splits."""
-    from .data import load_task
+    from ..data import load_task
 
     d = cfg.data
     files = {k: v for k, v in {"train": d.train_file, "validation": d.validation_file, "test": d.test_file}.items() if v}
@@ -411,9 +411,9 @@ def check_data(cfg: RunConfig):
 def check_structure(cfg: RunConfig, info: ModelInfo) -> list[str]:
     """Kinds the model has none of, and a target no plan can reach (one attention and one FFN
     sub-layer always stay). Uses the layer shapes only: the model is built on the meta device."""
-    from .baselines.layerdrop import ShortGPTMethod, TopLayersMethod
-    from .plan import reachable_fraction
-    from .units import parse_kinds
+    from ..baselines.layerdrop import ShortGPTMethod, TopLayersMethod
+    from ..method.plan import reachable_fraction
+    from ..method.units import parse_kinds
 
     p = cfg.prune
     try:
@@ -472,7 +472,7 @@ def _meta_adapter(info: ModelInfo, per_query_head: bool):
     import torch
     import transformers
 
-    from .arch import STRUCTURE_KEY, LayerShape, get_adapter
+    from ..arch import STRUCTURE_KEY, LayerShape, get_adapter
 
     config = transformers.AutoConfig.from_pretrained(str(info.folder), local_files_only=True, trust_remote_code=False)
     with torch.device("meta"):

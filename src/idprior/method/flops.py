@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .arch import Adapter, get_adapter
+from ..arch import Adapter, get_adapter
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -47,9 +47,9 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from . import distributed, io
-from .config import TrainConfig
-from .errors import IdpriorError
+from .. import distributed, io
+from ..config import TrainConfig
+from ..errors import IdpriorError
 
 ExtraLoss = Callable[[torch.nn.Module, dict, int, int], tuple[torch.Tensor, dict]]
 PostStep = Callable[[torch.nn.Module, int, int], dict]  # (model, step, total) -> log terms

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import torch
 
-from . import distributed, io, lock, models
-from .arch import get_adapter
-from .config import (
+from .. import distributed, io, lock
+from ..arch import get_adapter
+from ..config import (
     CONFIG_VERSION,
     PruneConfig,
     RunConfig,
@@ -48,14 +48,15 @@ from .config import (
     training_name,
     training_of,
 )
-from .data import load_task
-from .data.labels import align_labels
-from .errors import IdpriorError
+from ..data import load_task
+from ..data.labels import align_labels
+from ..errors import IdpriorError
+from ..method.plan import PruningPlan, measure_total, measure_totals
+from ..method.units import parse_kinds
+from ..model import load as models
 from .evaluate import evaluate, evaluate_with_predictions, save_predictions
 from .metrics import greater_is_better, main_metric
-from .plan import PruningPlan, measure_total, measure_totals
 from .preflight import OVERWRITE_FIX, preflight
-from .units import parse_kinds
 
 STAGES = ("finetune", "score", "select", "surgery", "recover", "evaluate", "bench", "report")
 PARALLEL_STAGES = ("finetune", "score", "recover")  # run on every rank of a multi-process launch; the rest on rank 0
@@ -162,7 +163,7 @@ class Run:
                 label_column=d.label_column, problem_type=d.problem_type,
             )
             if d.max_validation is not None and "validation" in self._data.splits:
-                from .data.tasks import TaskData, subsample
+                from ..data.tasks import TaskData, subsample
 
                 val = TaskData(self._data.task, {"validation": self._data.splits["validation"]})
                 self._data.splits["validation"] = subsample(val, max_train=None, max_eval=d.max_validation,
@@ -175,7 +176,7 @@ class Run:
         return self.data.task
 
     def loader(self, split: str, tokenizer, *, train: bool, batch_size: int | None = None, limit: int | None = None):
-        from .data import make_dataloader, make_lm_dataloader
+        from ..data import make_dataloader, make_lm_dataloader
 
         examples = self.data.splits[split]
         if limit is not None:
@@ -194,7 +195,7 @@ class Run:
 def resolved(cfg: RunConfig) -> RunConfig:
     """`cfg` with every prune field left at None set to the measured recipe of the model's family and mode
     (`config.recipe_for`), so that config.yaml, stages.json and every stage read the settings that ran."""
-    from .arch import recipe_of
+    from ..arch import recipe_of
 
     return dataclasses.replace(cfg, prune=recipe_for(cfg.prune, recipe_of(models.model_type_of(cfg.model.name))))
 
@@ -209,7 +210,7 @@ def _eval_fn(run: Run, tokenizer, split: str = "validation"):
 def prior_hooks(p: PruneConfig, model, adapter) -> tuple[list, list]:
     """(training hooks, objects to detach after training, in order) of the identity prior the prune settings ask
     for (`proximal.build_prior`, as `hf.SnipTrainer` builds it), run after each optimizer step; none without."""
-    from .proximal import build_prior
+    from ..method.proximal import build_prior
     from .train import AfterStep
 
     prior, gates = build_prior(p, model, adapter)
@@ -219,8 +220,8 @@ def prior_hooks(p: PruneConfig, model, adapter) -> tuple[list, list]:
 def stage_finetune(run: Run) -> dict:
     """Fine-tune (SNIP: with SN + identity prior; a baseline: plainly; `config.training_of`), or take the model
     as is with prune.finetune_first=false."""
-    from . import spectral
-    from .surgery import save_pruned
+    from ..method import spectral
+    from ..model.surgery import save_pruned
     from .train import Distillation, train
 
     cfg, p = run.cfg, run.cfg.prune
@@ -263,7 +264,7 @@ def calibration_batches(run: Run, tokenizer) -> list[dict]:
 
 
 def stage_score(run: Run) -> dict:
-    from .scoring import score, scores_to_json
+    from ..method.scoring import score, scores_to_json
 
     model, tok = run.load_model(finetuned_spec(run))
     adapter = get_adapter(model, per_query_head=run.cfg.model.per_query_head)
@@ -287,8 +288,8 @@ def resolve_selection(selection: str, head_share: float | None, adapter, *,
 
 
 def stage_select(run: Run) -> dict:
-    from .scoring import scores_from_json
-    from .selection import protected_layers, select
+    from ..method.scoring import scores_from_json
+    from ..method.selection import protected_layers, select
 
     p = run.cfg.prune
     model, tok = run.load_model(finetuned_spec(run))
@@ -302,7 +303,7 @@ def stage_select(run: Run) -> dict:
                       measure=p.measure, seq_len=p.flops_seq_len, mode=mode, kinds=kinds,
                       head_share=head_share, **held)
     else:
-        from .baselines import get_method
+        from ..baselines import get_method
 
         method = get_method(p.method, **held)
         plan = method.plan(model, adapter, calibration_batches(run, tok), target=p.target, measure=p.measure,
@@ -314,9 +315,9 @@ def stage_select(run: Run) -> dict:
 
 
 def stage_surgery(run: Run) -> dict:
-    from .baselines import resolve_compensation
-    from .compensate import fit_compensation
-    from .surgery import apply_plan, save_pruned
+    from ..baselines import resolve_compensation
+    from ..method.compensate import fit_compensation
+    from ..model.surgery import apply_plan, save_pruned
 
     p = run.cfg.prune
     plan = PruningPlan.load(run.path("plan.json"))
@@ -332,7 +333,7 @@ def stage_surgery(run: Run) -> dict:
 
 
 def stage_recover(run: Run) -> dict:
-    from .surgery import save_pruned
+    from ..model.surgery import save_pruned
     from .train import Distillation, train
 
     cfg, p = run.cfg, run.cfg.prune

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
+from .. import io
+from ..pipeline.report import pyplot, save_figure
 from .paired import DENSE, Comparison, compare
-from .report import pyplot, save_figure
 
 ENDPOINTS = {"pruned_no_recovery": "before recovery", "pruned": "after recovery"}
 
@@ -188,7 +188,7 @@ def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str |
         "*MDE*: the smallest true mean difference this many cells detect with 80% power (two-sided 5% t-test), from "
         "the observed spread of the differences. *Task-blocked*: tasks as blocks (the claim is about these tasks, "
         "each weighted equally); the noise is the seed-to-seed spread within a task, pooled over tasks "
-        "(`idprior.paired` docstring). Defaults are chosen on validation; test is reported once.",
+        "(`idprior.study.paired` docstring). Defaults are chosen on validation; test is reported once.",
         "",
         f"## Primary: accuracy before recovery, test ({reference} against every method)", "",
         *comparison_table(primary, n_boot), "",

@@ -2,7 +2,7 @@
 
 * `modeling_idprior.py` + `config.json` `auto_map`: stock transformers loads the pruned model with
   `trust_remote_code=True` (and `pipeline(...)` runs it), without idprior. The file is
-  `hf_modeling.py` plus one class per auto class, named like the stock class it extends, so a
+  `remote.py` plus one class per auto class, named like the stock class it extends, so a
   re-save keeps `config.architectures` pointing at a class transformers itself has (which is what
   `load_pruned`, the no-remote-code path, builds).
 * `README.md`: a short model card (what was removed, sizes, how to load it both ways).
@@ -16,9 +16,9 @@ import os
 from importlib import resources
 from pathlib import Path
 
-from . import __version__, io
-from .errors import IdpriorError
-from .io import MANIFEST, check_owned, folder_files, read_json, write_json, write_text
+from .. import __version__, io
+from ..errors import IdpriorError
+from ..io import MANIFEST, check_owned, folder_files, read_json, write_json, write_text
 
 MODELING_FILE = "modeling_idprior.py"
 CARD = "README.md"
@@ -65,8 +65,8 @@ def auto_classes(model) -> dict[str, str]:
 
 
 def render_modeling(class_names: list[str]) -> str:
-    """hf_modeling.py plus one `class X(PrunedLayersMixin, transformers.X)` per name."""
-    text = resources.files("idprior").joinpath("hf_modeling.py").read_text(encoding="utf-8")
+    """remote.py plus one `class X(PrunedLayersMixin, transformers.X)` per name."""
+    text = resources.files("idprior.model").joinpath("remote.py").read_text(encoding="utf-8")
     text = text.replace('"""Pruned-model classes', f'"""Written by idprior {__version__}. Pruned-model classes', 1)
     for name in sorted(set(class_names)):
         text += (f"\n\nclass {name}(PrunedLayersMixin, transformers.{name}):\n"
@@ -122,7 +122,7 @@ def _removed_section(plan: dict | None) -> list[str]:
 
 def model_card(model, classes: dict[str, str], plan: dict | None) -> str:
     """A short, factual README.md for the folder."""
-    from .arch import STRUCTURE_KEY
+    from ..arch import STRUCTURE_KEY
 
     config = model.config
     shapes = getattr(config, STRUCTURE_KEY, None) or []

@@ -14,8 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data.labels import model_labels
-from .errors import IdpriorError
+from ..data.labels import model_labels
+from ..errors import IdpriorError
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from .arch import Adapter, get_adapter
-from .errors import IdpriorError
+from ..arch import Adapter, get_adapter
+from ..errors import IdpriorError
 from .units import Unit
 
 Observer = Callable[[int, str, torch.Tensor, nn.Module], None]

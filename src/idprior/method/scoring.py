@@ -35,10 +35,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import distributed
-from .arch import get_adapter
-from .arch.base import Adapter
-from .errors import IdpriorError
+from .. import distributed
+from ..arch import get_adapter
+from ..arch.base import Adapter
+from ..errors import IdpriorError
 from .gates import Gates
 from .plan import SUBLAYER
 from .units import Unit

@@ -124,7 +124,7 @@ def save_predictions(path, predictions: dict[str, dict[str, np.ndarray]]) -> Non
     """{name: per-example arrays} -> one safetensors file with keys "name/field" (written atomically)."""
     from safetensors.numpy import save_file
 
-    from . import io
+    from .. import io
 
     flat = {f"{name}/{k}": np.ascontiguousarray(v) for name, arrays in predictions.items() if arrays for k, v in arrays.items()}
     io.write_with(path, lambda tmp: save_file(flat, str(tmp)))

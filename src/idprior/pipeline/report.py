@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from . import io
+from .. import io
 
 METHOD_NOTE = ("SNIP (spectral-normalized identity prior), reconstructed from the abstract of Lin et al., "
                "Findings of EMNLP 2020; the method details are idprior's own design, not the paper's.")

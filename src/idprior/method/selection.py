@@ -28,8 +28,8 @@ import math
 import statistics
 from collections.abc import Iterable
 
-from .arch.base import Adapter
-from .errors import IdpriorError
+from ..arch.base import Adapter
+from ..errors import IdpriorError
 from .plan import (
     MEMBER,
     SUBLAYER,

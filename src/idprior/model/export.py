@@ -40,8 +40,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import io
-from .errors import IdpriorError
+from .. import io
+from ..errors import IdpriorError
 
 EXPORTERS = ("dynamo", "legacy")
 ATTENTION = ("auto", "fused", "eager")
@@ -200,7 +200,7 @@ def export_onnx(model: nn.Module, tokenizer, out_path: str | os.PathLike, *, ops
     check_replaceable_file(out_path)
     if seq_len < 2:
         raise IdpriorError(f"seq_len must be at least 2 for export (got {seq_len}); size-1 axes would not stay dynamic")
-    from . import spectral
+    from ..method import spectral
 
     spectral.fold(model)
     size = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -247,7 +247,7 @@ def export_onnx_dir(model: nn.Module, tokenizer, out_dir: str | os.PathLike, *, 
     Optimum's quantizer gives it. The folder runs with onnxruntime and a tokenizer alone. An existing
     `out_dir` is replaced only if it is an ONNX folder idprior wrote (see model_folder).
     """
-    from .model_folder import ONNX, check_replaceable, write_manifest
+    from .folder import ONNX, check_replaceable, write_manifest
 
     if quantize not in (None, *QUANTIZE):
         raise IdpriorError(f"unknown quantization {quantize!r}; use one of {', '.join(QUANTIZE)} or none")
@@ -313,7 +313,7 @@ def _add_metadata(path: Path, model: nn.Module, exporter: str, attention: str) -
     """Record what was exported (idprior version, per-layer structure) in the ONNX metadata."""
     import onnx
 
-    from .arch import STRUCTURE_KEY
+    from ..arch import STRUCTURE_KEY
 
     proto = onnx.load(str(path))
     meta = {

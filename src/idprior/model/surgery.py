@@ -24,11 +24,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .arch import STRUCTURE_KEY, Adapter, LayerShape, get_adapter
-from .errors import IdpriorError
-from .io import atomic_dir, read_json, write_json, write_text
-from .plan import layer_removals, removed_cost
-from .units import Unit
+from ..arch import STRUCTURE_KEY, Adapter, LayerShape, get_adapter
+from ..errors import IdpriorError
+from ..io import atomic_dir, read_json, write_json, write_text
+from ..method.plan import layer_removals, removed_cost
+from ..method.units import Unit
 
 ATTN_IMPL_KEY = "idprior_attn_implementation"  # config attribute: attention kernel the model was saved with
 WEIGHTS_NAME = "model.safetensors"
@@ -87,7 +87,7 @@ def save_pruned(model: nn.Module, tokenizer, out_dir: str | os.PathLike, plan: d
     card, and the `idprior.json` manifest. An existing `out_dir` is replaced only if idprior wrote
     everything in it; otherwise IdpriorError, and nothing is deleted.
     """
-    from .model_folder import PRUNED, add_remote_code, check_replaceable, model_card, write_manifest
+    from .folder import PRUNED, add_remote_code, check_replaceable, model_card, write_manifest
 
     _refuse_parametrizations(model, "save")
     out_dir = Path(out_dir)

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import IdpriorError
+from ..errors import IdpriorError
 
 DENSE = "@dense"
 
@@ -188,7 +188,7 @@ def add_predictions(store: str | os.PathLike, name: str, src: str | os.PathLike)
 
     from safetensors.numpy import load_file, save_file
 
-    from . import io
+    from .. import io
 
     store = Path(store)
     store.parent.mkdir(parents=True, exist_ok=True)
@@ -222,7 +222,7 @@ def load_predictions_ref(root: str | os.PathLike, ref: str) -> dict[str, dict[st
     path, _, name = ref.partition("#")
     path = Path(root) / path
     if not name:  # a grid from before the store: one file per cell
-        from .evaluate import load_predictions
+        from ..pipeline.evaluate import load_predictions
 
         return load_predictions(path)
     cells = _store(str(path), path.stat().st_mtime_ns)

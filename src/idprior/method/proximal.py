@@ -45,10 +45,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import distributed
-from .arch.base import Adapter
-from .config import RECIPE, PruneConfig, prior_active
-from .errors import IdpriorError
+from .. import distributed
+from ..arch.base import Adapter
+from ..config import RECIPE, PruneConfig, prior_active
+from ..errors import IdpriorError
 from .gates import Gates
 from .plan import SUBLAYER, measure_of, model_cost, removal_cost
 from .scoring import BranchNorms, seen_after_ln

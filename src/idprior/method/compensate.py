@@ -32,9 +32,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .arch import get_adapter
-from .arch.base import Adapter, head_index
-from .errors import IdpriorError
+from ..arch import get_adapter
+from ..arch.base import Adapter, head_index
+from ..errors import IdpriorError
 from .plan import layer_removals, unit_count
 from .units import Unit
 
