@@ -129,3 +129,59 @@ def test_sn_stats_says_which_matrices_bind_and_how_hard():
     # clipped: the weight the forward uses sits on the bound
     sn = model[1].parametrizations.weight[0]
     assert float(torch.linalg.matrix_norm(model[1].weight, ord=2)) == pytest.approx(float(sn.bound), rel=1e-2)
+
+
+# ---- the gradual-vs-one-shot study arm (gradual.py) ------------------------------------------------
+
+def test_chosen_units_prior_takes_exactly_the_plans_units_to_the_identity():
+    from torch.utils.data import DataLoader
+
+    from idprior.arch import get_adapter
+    from idprior.config import TrainConfig
+    from idprior.gates import Gates
+    from idprior.gradual import ChosenUnitsPrior
+    from idprior.plan import PruningPlan
+    from idprior.train import train
+    from idprior.units import Unit
+    from tiny_models import tiny_bert
+
+    torch.manual_seed(0)
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    chosen = [Unit("head", 0, 1), Unit("head", 1, 3), *(Unit("neuron", 1, i) for i in range(0, 64, 2)), Unit("ffn", 0)]
+    plan = PruningPlan(units=chosen, method="fisher", target=0.5)
+    prior = ChosenUnitsPrior(model, adapter, Gates(model, adapter).attach(), plan)
+    # target and head share are the plan's own: what its units carry of the measure
+    assert 0 < prior.head_share < 0.5 and prior.target == pytest.approx(prior.fractions(prior.chosen)["head"]
+                                                                        + prior.fractions(prior.chosen)["neuron"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, 100, (160, 12), generator=g)
+    data = [{"input_ids": x[i], "labels": x[i, 1] % 3} for i in range(160)]
+    loader = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    train(model, loader, TrainConfig(epochs=5, batch_size=8, lr=1e-3, checkpoint_every=0, eval_each_epoch=False),
+          seed=3, post_step=prior)
+    expected = {"head:0:1", "head:1:3", *(f"neuron:1:{i}" for i in range(0, 64, 2)), *(f"neuron:0:{i}" for i in range(64))}
+    assert {str(u) for u in prior.identity_units()} == expected
+    for key, mask in prior.chosen.items():  # nothing outside the plan was ever pulled
+        assert not bool(prior.deltas[key][~mask].any()), key
+
+
+def test_gradual_arm_in_a_paired_grid(tiny_folder, tmp_path):
+    raw = {"model": str(tiny_folder), "paired": True, "tasks": ["rt-polarity"], "targets": [0.5], "seeds": [0],
+           "methods": ["fisher", "fisher-gradual"], "max_train": 48, "max_eval": 24, "max_validation": 16,
+           "max_length": 16, "train": {"epochs": 1, "batch_size": 16, "eval_each_epoch": False, "checkpoint_every": 0},
+           "continue": {"epochs": 1, "lr": 1e-4}, "prune": {"calib_size": 16},
+           "recover": {"epochs": 1, "batch_size": 16, "eval_each_epoch": False, "checkpoint_every": 0}}
+    out, results = tmp_path / "sweep", tmp_path / "g.jsonl"
+    run_grid(load_grid(raw), out, results=results)
+    rows = {r["method"]: r for r in map(json.loads, results.read_text().splitlines())}
+    g, f = rows["fisher-gradual"], rows["fisher"]
+    assert g["variant"] == "gradual" and g["finetune_dir"].split("/")[-1].startswith("gradual-")
+    assert g["start_sha256"] == f["start_sha256"] and g["steps"] == f["steps"] and g["data_order"] == f["data_order"]
+    ft = out / g["finetune_dir"]
+    start_plan = json.loads((ft / "start_plan.json").read_text())
+    assert start_plan["method"] == "fisher" and g["gradual"]["start_units"] == len(start_plan["units"]) > 0
+    assert g["gradual"]["chosen_units"] >= g["gradual"]["start_units"]  # a collapsed sub-layer counts its units
+    assert g["gradual"]["removed_of_start"] == g["gradual"]["start_units"] and g["gradual"]["removed_others"] == 0
+    assert g["config"]["prune"]["sn"] is False
+    assert g["sn_log"] is None and g["prior_log"] is not None
