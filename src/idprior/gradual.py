@@ -87,8 +87,9 @@ def stage_finetune(run) -> dict:
     phase with `ChosenUnitsPrior` on those units; no SN (the arm isolates the prior's gradual removal)."""
     from .arch import get_adapter
     from .baselines import get_method
+    from .evaluate import evaluate
     from .metrics import greater_is_better, main_metric
-    from .pipeline import _eval_fn, calibration_batches
+    from .pipeline import calibration_batches
     from .selection import protected_layers
     from .surgery import save_pruned
     from .train import AfterStep, train
@@ -105,9 +106,12 @@ def stage_finetune(run) -> dict:
     gates = Gates(model, adapter).attach()
     prior = ChosenUnitsPrior(model, adapter, gates, plan, after_ln=p.norm_after_ln, measure=p.measure,
                              seq_len=p.flops_seq_len, kinds=parse_kinds(p.kinds), debias=p.prior_debias)
-    metric = main_metric(run.task)
+    metric, eval_fn = main_metric(run.task), None
+    if cfg.train.eval_each_epoch:
+        validation = run.loader("validation", tok, train=False)
+        eval_fn = lambda m: evaluate(m, run.task, validation, desc="eval validation")  # noqa: E731
     result = train(model, run.loader("train", tok, train=True), cfg.train, seed=cfg.seed,
-                   eval_fn=_eval_fn(run, tok) if cfg.train.eval_each_epoch else None, main_metric=metric,
+                   eval_fn=eval_fn, main_metric=metric,
                    higher_is_better=greater_is_better(metric), hooks=[AfterStep(prior)],
                    ckpt_dir=run.path("ckpt_finetune"), resume=run.resume, desc="finetune (fisher-gradual)",
                    log_path=run.path("train_log.jsonl"))

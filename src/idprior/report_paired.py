@@ -181,6 +181,30 @@ def plot_differences(comps: list[Comparison], path: Path, title: str) -> Path:
     return path
 
 
+def baseline_sections(cells: list[dict], reference: str, baseline: str, root: Path, n_boot: int) -> list[str]:
+    """Every method against `baseline`, and `reference` − `baseline` per task, before and after recovery."""
+    methods, targets, tasks = _methods(cells), _targets(cells), sorted({r["task"] for r in cells})
+    lines: list[str] = []
+    for endpoint, words in ENDPOINTS.items():
+        lines += [f"## Every method against {baseline} ({words}, test)", "",
+                  *comparison_table([compare(cells, m, baseline, target=t, endpoint=endpoint, root=root)
+                                     for t in targets for m in methods if m != baseline], n_boot), ""]
+    for endpoint, words in ENDPOINTS.items():
+        lines += [f"## Per task: {reference} − {baseline}, {words}, test", "", "| task | " + " | ".join(
+            f"target {t:g}: mean [t 95% CI] (cells)" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+        per_t = {t: compare(cells, reference, baseline, target=t, endpoint=endpoint, root=root).by_task()
+                 for t in targets}
+        for task in tasks:
+            cols = []
+            for t in targets:
+                c = per_t[t].get(task)
+                s = c.summary(n_boot=0) if c else None
+                cols.append(f"{_fmt(s['mean'])} [{_fmt(s['t_low'])}, {_fmt(s['t_high'])}] ({s['cells']})" if s else "–")
+            lines.append(f"| {task} | " + " | ".join(cols) + " |")
+        lines.append("")
+    return lines
+
+
 def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str | os.PathLike, *, name: str,
                         reference: str = "snip", baseline: str = "fisher", command: str | None = None,
                         notes: str | None = None, n_boot: int = 4000) -> Path:
@@ -243,23 +267,7 @@ def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str |
         *comparison_table(comps(reference, others, "pruned", "test"), n_boot), "",
     ]
     if baseline in methods:
-        for endpoint, words in ENDPOINTS.items():
-            lines += [f"## Every method against {baseline} ({words}, test)", "",
-                      *comparison_table([compare(cells, m, baseline, target=t, endpoint=endpoint, root=root)
-                                         for t in targets for m in methods if m != baseline], n_boot), ""]
-        for endpoint, words in ENDPOINTS.items():
-            lines += [f"## Per task: {reference} − {baseline}, {words}, test", "", "| task | " + " | ".join(
-                f"target {t:g}: mean [t 95% CI] (cells)" for t in targets) + " |", "|---|" + "---|" * len(targets)]
-            per_t = {t: compare(cells, reference, baseline, target=t, endpoint=endpoint, root=root).by_task()
-                     for t in targets}
-            for task in tasks:
-                cols = []
-                for t in targets:
-                    c = per_t[t].get(task)
-                    s = c.summary(n_boot=0) if c else None
-                    cols.append(f"{_fmt(s['mean'])} [{_fmt(s['t_low'])}, {_fmt(s['t_high'])}] ({s['cells']})" if s else "–")
-                lines.append(f"| {task} | " + " | ".join(cols) + " |")
-            lines.append("")
+        lines += baseline_sections(cells, reference, baseline, root, n_boot)
     lines += ["## Accuracy per method (mean ± sd over cells, test)", "", *accuracy_table(cells, "test"), "",
               "## Accuracy per method (validation)", "", *accuracy_table(cells, "validation"), "",
               "## Is the prior acting? (logged terms of the fine-tunes the cells pruned)", "", *prior_table(cells), "",
