@@ -185,3 +185,6 @@ def test_gradual_arm_in_a_paired_grid(tiny_folder, tmp_path):
     assert g["gradual"]["removed_of_start"] == g["gradual"]["start_units"] and g["gradual"]["removed_others"] == 0
     assert g["config"]["prune"]["sn"] is False
     assert g["sn_log"] is None and g["prior_log"] is not None
+    assert main(["report", str(results), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "g.md").read_text()
+    assert "## Gradual against one-shot" in text and f"| fisher-gradual | 0.5 | 1 | {g['gradual']['chosen_units']:.1f} |" in text
