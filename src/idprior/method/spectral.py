@@ -41,6 +41,7 @@ class BoundedSpectralNorm(nn.Module):
         self.register_buffer("u", u.to(weight.dtype))
         self.register_buffer("v", v.to(weight.dtype))
         self.clipped = False  # whether the last forward rescaled the weight onto the bound (SN binding)
+        self.ratio = 1.0  # sigma / bound of the weight the last forward saw (> 1: clipped; logged by `sn_stats`)
 
     def _mat(self, w: torch.Tensor) -> torch.Tensor:
         return w.t() if self.transpose else w
@@ -66,7 +67,9 @@ class BoundedSpectralNorm(nn.Module):
                 self.u.copy_(u)
                 self.v.copy_(v)
         with torch.no_grad():
-            self.clipped = bool(self.u @ w @ self.v > self.bound)
+            est = self.u @ w @ self.v
+            self.clipped = bool(est > self.bound)
+            self.ratio = float(est / self.bound)
         if not self.clipped:
             # under the bound SN is the identity: the weight itself, not a scaled copy (the same values
             # and gradients as `weight * 1`, without a copy of every matrix per forward and its backward)
@@ -115,3 +118,15 @@ def sn_modules(model: nn.Module) -> list[tuple[nn.Module, BoundedSpectralNorm]]:
                 if isinstance(p, BoundedSpectralNorm):
                     out.append((module, p))
     return out
+
+
+def sn_stats(model: nn.Module) -> dict[str, float]:
+    """Where SN binds, as the last forward saw it: the fraction of SN matrices rescaled onto their bound
+    and the mean / max of sigma / bound over them (> 1 at a clipped matrix); {} without SN. Read from
+    what every forward records, so logging it each training step costs nothing."""
+    mods = [sn for _, sn in sn_modules(model)]
+    if not mods:
+        return {}
+    ratios = [sn.ratio for sn in mods]
+    return {"sn_clip_frac": sum(sn.clipped for sn in mods) / len(mods), "sn_ratio_mean": sum(ratios) / len(ratios),
+            "sn_ratio_max": max(ratios)}

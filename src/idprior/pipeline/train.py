@@ -36,6 +36,7 @@ import random
 import re
 import shutil
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,7 @@ from tqdm.auto import tqdm
 from .. import distributed, io
 from ..config import TrainConfig
 from ..errors import IdpriorError
+from ..method.spectral import sn_stats
 
 ExtraLoss = Callable[[torch.nn.Module, dict, int, int], tuple[torch.Tensor, dict]]
 PostStep = Callable[[torch.nn.Module, int, int], dict]  # (model, step, total) -> log terms
@@ -322,11 +324,12 @@ class _Loop:
             terms = distributed.weighted_sum({**terms, " loss": value}, weight)
             value = terms.pop(" loss")
             loss = loss * weight
+        terms.update(sn_stats(self.plain))  # where spectral normalization binds in this forward ({} without SN)
         where = f"at step {state.global_step + 1}/{self.total}"
         if not math.isfinite(value):
             raise NonFiniteLoss(
                 f"{self.desc}: loss became {value} {where} (epoch {state.epoch + 1}, {terms}); lower "
-                "the learning rate (train.lr) or the prior strength (prune.prior_lambda), or use --dtype float32; "
+                "the learning rate (train.lr), or use --dtype float32; "
                 "the last good checkpoint is kept")
         self.acc.backward(loss)
         if self.world > 1:
@@ -488,12 +491,22 @@ def _run_epoch(loop: _Loop, loader, state: TrainState, seed: int, steps_per_epoc
         bar.update(1)
         bar.set_postfix({k: f"{v / state.epoch_count:.4f}" for k, v in state.epoch_sums.items()}, refresh=False)
         if log:
-            log.write(json.dumps({"step": state.global_step, **terms, "lr": loop.sched.get_last_lr()[0]}) + "\n")
+            log.write(json.dumps({"step": state.global_step, **terms, "lr": loop.sched.get_last_lr()[0],
+                                  "batch": batch_digest(batch)}) + "\n")
         if ckpt.dir and every and state.global_step % every == 0:
             if log:
                 log.flush()
             ckpt.save(loop.plain, loop.opt, loop.sched, state)
     bar.close()
+
+
+def batch_digest(batch: dict) -> str | None:
+    """A short hash of a batch's token ids, logged per step: two runs saw the same data in the same
+    order exactly when their logs hold the same digests (the quality grid's from-pretrained protocol)."""
+    ids = batch.get("input_ids")
+    if not torch.is_tensor(ids):
+        return None
+    return f"{zlib.crc32(ids.detach().cpu().numpy().tobytes()):08x}"
 
 
 def _state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:

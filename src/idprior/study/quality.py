@@ -29,6 +29,21 @@ to the shared start itself (no further steps). Every cell saves its per-example 
 (one file per grid, RESULTS_preds.safetensors), so `idprior report` compares methods example by example with confidence
 intervals (see `paired.py`). Loop order for paired grids is target, then seed, then task, so the
 primary target is finished for every (task, seed) before the secondary targets start.
+
+**The from-pretrained protocol** (`protocol: pretrained`, e.g. benchmarks/quality_pretrained.yaml) is
+what a user runs: `idprior prune` against `idprior prune --method X`. Per (task, seed) every arm starts
+from the pretrained model, fine-tunes `train:` (SNIP with SN and the prior, a baseline plainly, the
+ablations their own variant: the unpaired fine-tunes above, so arms that train alike share one), is
+cut, and recovers `recover:`: the same data order (the loaders are seeded by the seed alone) and the
+same total steps for every arm. Its cells keep per-example predictions and write paired rows, so
+`idprior report` gives paired differences; each row records its steps and a hash of the batches it
+saw (`data_order`), which the report checks across the arms of a (task, seed).
+
+**Study arm** `fisher-gradual` (`gradual.py`, not a user option): the proximal prior drives exactly the
+units Fisher chooses at the start of the phase to the identity over the phase, and the cell cuts them;
+against `fisher` (plain phase, one-shot cut) it asks whether gradual removal beats a one-shot cut of the
+same kind of units. Its fine-tune folders are named `gradual-*`; its rows carry `gradual` (how many of
+the chosen units the prior brought to the identity).
 """
 
 from __future__ import annotations
@@ -51,6 +66,7 @@ import yaml
 from .. import io
 from ..config import PRIOR_OPTIONS, RunConfig, config_from_saved, load_config, load_run_config, prior_active
 from ..errors import IdpriorError
+from . import gradual
 
 # snip-family method -> (sn, prior) of the fine-tune it prunes
 SNIP_METHODS = {"snip": (True, True), "snip-no-sn": (False, True), "snip-no-prior": (True, False),
@@ -60,7 +76,11 @@ CELL_STAGES = ("score", "select", "surgery", "recover", "evaluate")
 ROW_KEYS = ("key", "task", "seed", "method", "base_method", "target", "variant", "model", "main_metric", "config",
             "versions", "wall_s", "sizes", "dense", "pruned_no_recovery", "pruned", "compression", "removed", "finished_at")
 GRID_KEYS = {"model", "tasks", "targets", "seeds", "methods", "max_train", "max_eval", "max_validation", "max_length",
-             "train", "recover", "prune", "selection", "set", "dense_row", "paired", "continue"}
+             "train", "recover", "prune", "selection", "set", "dense_row", "paired", "continue", "protocol"}
+# how the arms of a (task, seed) start: each from the pretrained model, unpaired rows ("independent"); from one
+# shared plain fine-tune ("shared-start", i.e. paired: true); each from the pretrained model with paired rows
+# ("pretrained", the user protocol: see the module docstring)
+PROTOCOLS = ("independent", "shared-start", "pretrained")
 METHOD_KEYS = {"name", "method", "set", "targets", "seeds", "from"}
 
 
@@ -93,6 +113,12 @@ class Grid:
     dense_row: bool = True  # false: skip the plain fine-tune's "dense" row (a sweep with no plain variant)
     paired: bool = False  # shared start + equal further steps for every method (see the module docstring)
     continue_train: dict = field(default_factory=dict)  # paired: TrainConfig fields of the further steps
+    protocol: str = "independent"  # one of PROTOCOLS ("shared-start" exactly when paired)
+
+    @property
+    def paired_rows(self) -> bool:
+        """Whether cells keep per-example predictions and write paired rows (`idprior report`'s paired tables)."""
+        return self.paired or self.protocol == "pretrained"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -118,7 +144,12 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
             problems.append(f"grid key {k!r} must be a non-empty list")
     problems += [f"task {t!r}: use letters, digits and . _ + - only (it names a folder)"
                  for t in raw.get("tasks") or [] if not _is_plain_name(str(t))]
-    paired = bool(raw.get("paired", False))
+    paired = bool(raw.get("paired", False)) or raw.get("protocol") == "shared-start"
+    protocol = str(raw.get("protocol", "shared-start" if paired else "independent"))
+    if protocol not in PROTOCOLS:
+        problems.append(f"protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    elif paired and protocol != "shared-start":
+        problems.append(f"paired: true is the shared-start protocol; with protocol: {protocol} drop 'paired:'")
     methods = _grid_methods(raw, paired, problems)
     continue_train = dict(raw.get("continue") or {})
     if paired and not continue_train:
@@ -131,7 +162,7 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
     grid = Grid(model=str(raw.get("model", "minilm-l6")), tasks=[str(t) for t in raw["tasks"]],
                 targets=[float(t) for t in raw["targets"]], seeds=[int(s) for s in raw["seeds"]],
                 methods=methods, overrides=overrides, dense_row=bool(raw.get("dense_row", True)), paired=paired,
-                continue_train=continue_train)
+                continue_train=continue_train, protocol=protocol)
     for spec in grid.methods:  # validate every method's config before any work starts
         cfg = cell_config(grid, grid.tasks[0], grid.seeds[0], spec, (spec.targets or grid.targets)[0], out="pending")
         if paired:
@@ -141,7 +172,7 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
 
 def _grid_methods(raw: dict, paired: bool, problems: list[str]) -> list[MethodSpec]:
     """The grid's `methods:` with their `selection:` entries folded in; problems appended."""
-    known = (*SNIP_METHODS, *baseline_names())
+    known = (*SNIP_METHODS, *baseline_names(), gradual.NAME)
     methods: list[MethodSpec] = []
     selection = raw.get("selection") or {}
     for m in raw.get("methods") or []:
@@ -218,6 +249,8 @@ def cell_config(grid: Grid, task: str, seed: int, spec: MethodSpec, target: floa
     if spec.method in SNIP_METHODS:
         sn, prior = SNIP_METHODS[spec.method]
         base.update({"prune.sn": sn, "prune.prior": prior})  # a baseline: its own plain training (training_of)
+    elif spec.method == gradual.NAME:  # study arm: the prior on Fisher's units, then SNIP's cut (gradual.py)
+        base.update(gradual.cell_overrides())
     base.update(spec.overrides)
     base["out"] = out
     from ..pipeline.stages import resolved
@@ -304,9 +337,10 @@ def continuation_config(grid: Grid, cell: RunConfig, start_dir: Path, *, out: st
 def cells(grid: Grid) -> Iterator[tuple[int, str, float, MethodSpec | None]]:
     """(seed, task, target, method) in run order; a dense row opens each (task, seed). Unpaired grids:
     seed, then target (grid order), then task, so a sweep cut short holds whole (seed, target) slices.
-    Paired grids: target first, so the primary target is done for every (seed, task) before the rest."""
+    Paired rows (both paired protocols): target first, so the primary target is done for every (seed, task)
+    before the rest."""
     pairs = [(i, target, seed) for seed in grid.seeds for i, target in enumerate(grid.targets)]
-    if grid.paired:
+    if grid.paired_rows:
         pairs.sort(key=lambda p: p[0])  # stable: seeds keep their order within a target
     for i, target, seed in pairs:
         for task in grid.tasks:
@@ -364,15 +398,16 @@ def versions() -> dict:
 
 # ---- running ------------------------------------------------------------------------------------
 
-def _finetune_into(cfg: RunConfig, folder: Path, label: str, counter: dict | None) -> Path:
-    """Run (or resume) the finetune stage of `cfg` in `folder` unless it finished earlier."""
+def _finetune_into(cfg: RunConfig, folder: Path, label: str, counter: dict | None, fns: dict | None = None) -> Path:
+    """Run (or resume) the finetune stage of `cfg` in `folder` unless it finished earlier (`fns`: a study
+    arm's own stage function, as `pipeline.run_stages` takes it)."""
     from ..pipeline.stages import Run, run_stages
 
     run = Run(dataclasses.replace(_as_recorded(cfg, folder), out=str(folder)), resume=True)
     try:
         if not run.done("finetune"):
             print(f"== fine-tune {label}")
-            run_stages(run, ["finetune"])
+            run_stages(run, ["finetune"], fns=fns)
             if counter is not None:
                 counter["finetune"] = counter.get("finetune", 0) + 1
     finally:
@@ -416,22 +451,26 @@ def weights_sha256(folder: Path) -> str:
 
 
 def ensure_finetuned(cell: RunConfig, out: Path, counter: dict | None = None, *, grid: Grid | None = None,
-                     start_only: bool = False) -> Path:
+                     start_only: bool = False, arm: str | None = None) -> Path:
     """The fine-tuned folder a cell prunes; fine-tunes (or resumes) only what is missing.
 
     Unpaired grids: one fine-tune per variant from the pretrained model. Paired grids: the shared
-    start of (task, seed), then this cell's continuation from it (`start_only`: the start itself)."""
+    start of (task, seed), then this cell's continuation from it (`start_only`: the start itself).
+    `arm` gradual.NAME: the phase is the study arm's (`gradual.stage_finetune`), in a folder of its own."""
     seed_dir = out / "finetune" / cell.data.task / f"seed{cell.seed}"
+    fns, study = ({"finetune": gradual.stage_finetune}, "gradual") if arm == gradual.NAME else (None, None)
     if grid is None or not grid.paired:
         cfg, name = finetune_config(cell, out="pending")
-        return _finetune_into(cfg, seed_dir / name, f"{cell.data.task} seed {cell.seed} {name}", counter)
+        name = f"{study}-{name.split('-', 1)[1]}" if study else name
+        return _finetune_into(cfg, seed_dir / name, f"{cell.data.task} seed {cell.seed} {name}", counter, fns)
     cfg, name = start_config(cell, out="pending")
     start = _finetune_into(cfg, existing_equivalent(seed_dir, name, cfg), f"{cell.data.task} seed {cell.seed} shared start", counter)
     if start_only:
         return start
     cfg, name = continuation_config(grid, cell, start)
+    name = f"{study}-{name.split('-', 1)[1]}" if study else name
     folder = _finetune_into(cfg, existing_equivalent(seed_dir, name, cfg), f"{cell.data.task} seed {cell.seed} {name} (from the start)",
-                            counter)
+                            counter, fns)
     if not (folder / "start.json").is_file():
         io.write_json(folder / "start.json", {"start": os.path.relpath(start, folder),
                                               "sha256": weights_sha256(start / "finetuned")})
@@ -537,18 +576,21 @@ def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, targ
 
     cell_dir = out / "cells" / task / f"seed{seed}" / spec.name / f"t{target:g}"
     cfg = cell_config(grid, task, seed, spec, target, out=str(cell_dir))
-    ft_dir = ensure_finetuned(cfg, out, counter, grid=grid, start_only=spec.start == "start")
-    cfg = dataclasses.replace(cfg, prune=dataclasses.replace(cfg.prune, finetune_first=False))
+    ft_dir = ensure_finetuned(cfg, out, counter, grid=grid, start_only=spec.start == "start", arm=spec.method)
+    # the fine-tune's variant, read before the cell's stages turn finetune_first off
+    trained = "gradual" if spec.method == gradual.NAME else variant_of(cfg)
+    cfg = dataclasses.replace(cfg, prune=post_training(cfg.prune))
     run = Run(cfg, resume=True)
     _link_finetuned(cell_dir, ft_dir)
-    dense = dense_metrics(ft_dir, with_predictions=grid.paired)
-    run_stages(run, CELL_STAGES, fns={"evaluate": lambda r: stage_evaluate(r, dense_metrics=dense)})
+    dense = dense_metrics(ft_dir, with_predictions=grid.paired_rows)
+    study = {"select": gradual.stage_select} if spec.method == gradual.NAME else {}
+    run_stages(run, CELL_STAGES, fns={"evaluate": lambda r: stage_evaluate(r, dense_metrics=dense), **study})
     if counter is not None:
         counter["cells"] = counter.get("cells", 0) + 1
     metrics = io.read_json(run.path("metrics.json"))
     ft_stages = io.read_json(ft_dir / "stages.json")["stages"]
     wall = {"finetune": ft_stages["finetune"]["wall_s"]} | {k: v["wall_s"] for k, v in run.status["stages"].items()}
-    variant = ("start" if spec.start == "start" else variant_of(cfg)) if grid.paired else variant_of(cfg)
+    variant = "start" if grid.paired and spec.start == "start" else trained
     row = {"key": cell_key(task, seed, spec.name, target), "task": task, "seed": seed, "method": spec.name,
            "base_method": spec.method, "target": target, "variant": variant, "model": grid.model,
            "main_metric": metrics["main_metric"], "config": cfg.to_dict(), "versions": versions(),
@@ -556,10 +598,20 @@ def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, targ
            "pruned_no_recovery": metrics["pruned_no_recovery"], "pruned": metrics["pruned"],
            "compression": metrics["compression"], "removed": metrics["plan"],
            "finetune_dir": os.path.relpath(ft_dir, out), "cell_dir": os.path.relpath(cell_dir, out),
-           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if grid.paired:
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "protocol": grid.protocol,
+           "steps": {"finetune": ft_stages["finetune"].get("steps", 0),
+                     "recover": run.status["stages"].get("recover", {}).get("steps", 0)},
+           "data_order": {"finetune": _log_digest(ft_dir / "train_log.jsonl"),
+                          "recover": _log_digest(run.path("recover_log.jsonl"))},
+           "sn_log": _sn_log_summary(ft_dir)}
+    if spec.method == gradual.NAME:  # did the prior take exactly Fisher's units to the identity?
+        row["gradual"] = {**{k: ft_stages["finetune"].get(k) for k in ("chosen_units", "chosen_at_identity",
+                                                                      "others_at_identity", "prior_target")},
+                          **(gradual.overlap(ft_dir, io.read_json(run.path("plan.json"))) or {})}
+    if grid.paired_rows:
         stem = f"{task}/seed{seed}"
-        row |= {"paired": True, "from": spec.start, **_start_info(ft_dir),
+        start = {"from": "pretrained"} if grid.protocol == "pretrained" else {"from": spec.start, **_start_info(ft_dir)}
+        row |= {"paired": True, **start,
                 "predictions": _keep_predictions(run.path("predictions.safetensors"), results,
                                                  f"{stem}/{spec.name}_t{target:g}"),
                 "dense_predictions": _keep_predictions(ft_dir / "dense_predictions.safetensors", results,
@@ -570,16 +622,51 @@ def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, targ
     return row
 
 
+def post_training(p):
+    """A cell's prune settings for its stages on the fine-tune it links (prune.finetune_first=false), with
+    selection "auto" resolved as `idprior prune` resolves it after that fine-tune: "prior" when the
+    fine-tune had the identity prior (`pipeline.resolve_selection`; with finetune_first=false the pipeline
+    could no longer tell, and SNIP would be cut by the post-training rule instead)."""
+    after_prior = p.selection == "auto" and prior_on(p)
+    return dataclasses.replace(p, finetune_first=False, selection="prior" if after_prior else p.selection)
+
+
 def _prior_log_summary(ft_dir: Path) -> dict | None:
     """First and last logged values of the fine-tune's prior terms (is the prior acting?)."""
-    log = ft_dir / "train_log.jsonl"
-    if not log.is_file():
-        return None
-    rows = [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
-    keys = [k for k in (rows[0] if rows else {}) if k not in ("step", "lr")]
+    rows = _log_rows(ft_dir / "train_log.jsonl")
+    keys = [k for k in (rows[0] if rows else {}) if k not in ("step", "lr", "batch") and not k.startswith("sn_")]
     if not rows or keys == ["task_loss"]:
         return None
     return {"steps": len(rows), "first": {k: rows[0][k] for k in keys}, "last": {k: rows[-1].get(k) for k in keys}}
+
+
+def _log_rows(log: Path) -> list[dict]:
+    """The rows of a training log (train_log.jsonl / recover_log.jsonl); [] when there is none."""
+    if not log.is_file():
+        return []
+    return [json.loads(line) for line in log.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _sn_log_summary(ft_dir: Path) -> dict | None:
+    """Where spectral normalization bound during the fine-tune (`spectral.sn_stats`, logged per step):
+    the fraction of SN matrices clipped at the last step, its mean and max over the steps, and sigma /
+    bound (mean over matrices at the last step, max over matrices and steps); None without SN."""
+    rows = [r for r in _log_rows(ft_dir / "train_log.jsonl") if "sn_ratio_max" in r]
+    if not rows:
+        return None
+    clip = [r["sn_clip_frac"] for r in rows]
+    return {"steps": len(rows), "clip_frac_last": clip[-1], "clip_frac_mean": sum(clip) / len(clip),
+            "clip_frac_max": max(clip), "ratio_mean_last": rows[-1]["sn_ratio_mean"],
+            "ratio_max": max(r["sn_ratio_max"] for r in rows)}
+
+
+def _log_digest(log: Path) -> str | None:
+    """A hash of the batches a training log says were seen, in order (`train.batch_digest` per step): equal
+    for two runs exactly when they trained on the same data in the same order; None without a log."""
+    rows = _log_rows(log)
+    if not rows or any(r.get("batch") is None for r in rows):
+        return None
+    return hashlib.sha1(" ".join(r["batch"] for r in rows).encode()).hexdigest()[:12]
 
 
 def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None = None,
@@ -591,7 +678,7 @@ def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None 
 
     cfg = cell_config(grid, task, seed, MethodSpec("dense", "snip-no-sn-no-prior"), 0.5, out="pending")
     ft_dir = ensure_finetuned(cfg, out, counter, grid=grid, start_only=True)
-    scores = dense_metrics(ft_dir, with_predictions=grid.paired)
+    scores = dense_metrics(ft_dir, with_predictions=grid.paired_rows)
     run = Run(io_config(ft_dir), resume=True)
     model = run.load_model(str(ft_dir / "finetuned"))[0]
     run.close()  # the start is shared between grid processes; only its config and data are read below
@@ -605,8 +692,8 @@ def run_dense(grid: Grid, out: Path, task: str, seed: int, counter: dict | None 
            "wall_s": wall, "finetune_shared": True, "sizes": run.data.sizes(), "dense": scores,
            "pruned_no_recovery": scores, "pruned": scores, "compression": compression(model, model, cfg.prune.flops_seq_len),
            "removed": {}, "finetune_dir": os.path.relpath(ft_dir, out), "cell_dir": None,
-           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    if grid.paired:
+           "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "protocol": grid.protocol}
+    if grid.paired_rows:
         row |= {"paired": True, "dense_predictions": _keep_predictions(
             ft_dir / "dense_predictions.safetensors", results, f"{task}/seed{seed}/dense_{ft_dir.name}")}
     return row

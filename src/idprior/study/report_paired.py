@@ -3,12 +3,13 @@
     NAME.md          primary endpoint (accuracy before recovery, test) of the reference method against
                      every other method and its own dense model, per target; the same on validation
                      (where defaults are chosen) and after recovery; per-task rows; every method against
-                     fisher; mean accuracies; whether the prior acted; wall times
+                     fisher; mean accuracies; whether the prior acted; where SN bound; wall times
     NAME_paired.png  the differences with their 95% t intervals
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -113,6 +114,59 @@ def removed_table(rows: list[dict]) -> list[str]:
     return lines
 
 
+def sn_table(rows: list[dict]) -> list[str]:
+    """Where spectral normalization bound during the fine-tunes the cells pruned (`quality._sn_log_summary`)."""
+    lines = ["| method | target | cells | matrices clipped: last step | mean over steps | max over steps "
+             "| σ/bound, mean over matrices at the last step | σ/bound, max over matrices and steps |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in _targets(rows):
+        for m in _methods(rows):
+            logs = [r["sn_log"] for r in rows if r["method"] == m and math.isclose(float(r["target"]), t) and r.get("sn_log")]
+            if logs:
+                lines.append(f"| {m} | {t:g} | {len(logs)} | {np.mean([x['clip_frac_last'] for x in logs]):.3f} | "
+                             f"{np.mean([x['clip_frac_mean'] for x in logs]):.3f} | "
+                             f"{max(x['clip_frac_max'] for x in logs):.3f} | "
+                             f"{np.mean([x['ratio_mean_last'] for x in logs]):.3f} | {max(x['ratio_max'] for x in logs):.3f} |")
+    return lines if len(lines) > 2 else ["No fine-tune of these cells used SN, or their rows predate its logging."]
+
+
+def gradual_table(rows: list[dict]) -> list[str]:
+    """The study arm `fisher-gradual` (`gradual.py`): how many of Fisher's chosen units its prior brought to the
+    identity before the cut (the rest were cut one-shot); [] without such rows."""
+    sel = [r for r in rows if r.get("gradual")]
+    if not sel:
+        return []
+    lines = ["## Gradual against one-shot: the prior on Fisher's units", "",
+             "| method | target | cells | chosen units (mean) | at the identity before the cut (mean) | all there |",
+             "|---|---|---|---|---|---|"]
+    for t in _targets(sel):
+        for m in _methods(sel):
+            g = [r["gradual"] for r in sel if r["method"] == m and math.isclose(float(r["target"]), t)]
+            if g:
+                lines.append(f"| {m} | {t:g} | {len(g)} | {np.mean([x['chosen_units'] for x in g]):.1f} | "
+                             f"{np.mean([x['chosen_at_identity'] for x in g]):.1f} | "
+                             f"{sum(x['chosen_at_identity'] == x['chosen_units'] for x in g)} of {len(g)} |")
+    return [*lines, ""]
+
+
+def protocol_check(rows: list[dict]) -> str:
+    """The from-pretrained protocol's promise, checked on the rows: per (task, seed) every arm ran the same
+    fine-tuning and recovery steps on the same batches in the same order (`data_order`, `steps`)."""
+    groups: dict[tuple[str, int], set] = {}
+    unknown = 0
+    for r in rows:
+        if r.get("data_order") is None or None in r["data_order"].values():
+            unknown += 1
+            continue
+        key = (json.dumps(r["steps"], sort_keys=True), json.dumps(r["data_order"], sort_keys=True))
+        groups.setdefault((r["task"], r["seed"]), set()).add(key)
+    bad = sorted(f"{t}/{s}" for (t, s), keys in groups.items() if len(keys) > 1)
+    line = (f"Same steps and same batches in the same order for every arm, in fine-tuning and in recovery: "
+            f"{len(groups) - len(bad)} of {len(groups)} (task, seed) pairs")
+    line += f"; differing: {', '.join(bad)}." if bad else "."
+    return line + (f" {unknown} cells logged no batch digests (rows from before the check)." if unknown else "")
+
+
 def wall_table(rows: list[dict]) -> list[str]:
     stages: list[str] = []
     for r in rows:
@@ -146,6 +200,30 @@ def plot_differences(comps: list[Comparison], path: Path, title: str) -> Path:
     return path
 
 
+def baseline_sections(cells: list[dict], reference: str, baseline: str, root: Path, n_boot: int) -> list[str]:
+    """Every method against `baseline`, and `reference` − `baseline` per task, before and after recovery."""
+    methods, targets, tasks = _methods(cells), _targets(cells), sorted({r["task"] for r in cells})
+    lines: list[str] = []
+    for endpoint, words in ENDPOINTS.items():
+        lines += [f"## Every method against {baseline} ({words}, test)", "",
+                  *comparison_table([compare(cells, m, baseline, target=t, endpoint=endpoint, root=root)
+                                     for t in targets for m in methods if m != baseline], n_boot), ""]
+    for endpoint, words in ENDPOINTS.items():
+        lines += [f"## Per task: {reference} − {baseline}, {words}, test", "", "| task | " + " | ".join(
+            f"target {t:g}: mean [t 95% CI] (cells)" for t in targets) + " |", "|---|" + "---|" * len(targets)]
+        per_t = {t: compare(cells, reference, baseline, target=t, endpoint=endpoint, root=root).by_task()
+                 for t in targets}
+        for task in tasks:
+            cols = []
+            for t in targets:
+                c = per_t[t].get(task)
+                s = c.summary(n_boot=0) if c else None
+                cols.append(f"{_fmt(s['mean'])} [{_fmt(s['t_low'])}, {_fmt(s['t_high'])}] ({s['cells']})" if s else "–")
+            lines.append(f"| {task} | " + " | ".join(cols) + " |")
+        lines.append("")
+    return lines
+
+
 def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str | os.PathLike, *, name: str,
                         reference: str = "snip", baseline: str = "fisher", command: str | None = None,
                         notes: str | None = None, n_boot: int = 4000) -> Path:
@@ -169,16 +247,24 @@ def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str |
     seeds = sorted({r["seed"] for r in cells})
     sizes = {r["task"]: r["sizes"] for r in cells}
     cfg = cells[0]["config"]
-    lines = [f"# {name}: paired quality benchmark", ""]
+    pretrained = cells[0].get("protocol") == "pretrained"
+    lines = [f"# {name}: paired quality benchmark" + (", from the pretrained model" if pretrained else ""), ""]
     if command:
         lines += ["```", command, "```", ""]
     if notes:
         lines += [notes.strip(), ""]
     lines += [
         f"Model {cells[0]['model']}; tasks {', '.join(tasks)}; seeds {', '.join(map(str, seeds))}; "
-        f"{len(cells)} cells. Per (task, seed) every method starts from one shared plain fine-tune and gets the same "
-        f"further steps (SNIP: its SN + identity-prior phase; baselines: a plain continuation), so differences are "
-        f"paired: same start, same examples. Evaluation sizes per task (validation / test): "
+        f"{len(cells)} cells. "
+        + (f"Per (task, seed) every method starts from the pretrained model with the same data order and the same "
+           f"steps: a fine-tune of {cfg['train']['epochs']:g} epochs (SNIP with SN and the identity prior, its "
+           f"ablations with one of them, baselines plainly), the cut, {cfg['recover']['epochs']:g} epochs of "
+           f"recovery: the user protocol (`idprior prune` against `idprior prune --method X`). Differences are "
+           f"paired: same examples, same data order. " if pretrained else
+           "Per (task, seed) every method starts from one shared plain fine-tune and gets the same "
+           "further steps (SNIP: its SN + identity-prior phase; baselines: a plain continuation), so differences are "
+           "paired: same start, same examples. ")
+        + "Evaluation sizes per task (validation / test): "
         + "; ".join(f"{t} {sizes[t].get('validation')} / {sizes[t].get('test')}" for t in tasks)
         + f". Max length {cfg['data']['max_length']} tokens, {cfg['data'].get('max_train')} training examples.",
         "",
@@ -190,6 +276,7 @@ def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str |
         "each weighted equally); the noise is the seed-to-seed spread within a task, pooled over tasks "
         "(`idprior.study.paired` docstring). Defaults are chosen on validation; test is reported once.",
         "",
+        *([f"**Protocol check.** {protocol_check(cells)}", ""] if pretrained else []),
         f"## Primary: accuracy before recovery, test ({reference} against every method)", "",
         *comparison_table(primary, n_boot), "",
         f"![paired differences]({name}_paired.png)", "",
@@ -199,23 +286,12 @@ def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str |
         *comparison_table(comps(reference, others, "pruned", "test"), n_boot), "",
     ]
     if baseline in methods:
-        lines += [f"## Every method against {baseline} (before recovery, test)", "",
-                  *comparison_table([compare(cells, m, baseline, target=t, root=root) for t in targets
-                                     for m in methods if m != baseline], n_boot), "",
-                  f"## Per task: {reference} − {baseline}, before recovery, test", "", "| task | " + " | ".join(
-                      f"target {t:g}: mean [t 95% CI] (cells)" for t in targets) + " |", "|---|" + "---|" * len(targets)]
-        per_t = {t: compare(cells, reference, baseline, target=t, root=root).by_task() for t in targets}
-        for task in tasks:
-            cols = []
-            for t in targets:
-                c = per_t[t].get(task)
-                s = c.summary(n_boot=0) if c else None
-                cols.append(f"{_fmt(s['mean'])} [{_fmt(s['t_low'])}, {_fmt(s['t_high'])}] ({s['cells']})" if s else "–")
-            lines.append(f"| {task} | " + " | ".join(cols) + " |")
-        lines.append("")
+        lines += baseline_sections(cells, reference, baseline, root, n_boot)
     lines += ["## Accuracy per method (mean ± sd over cells, test)", "", *accuracy_table(cells, "test"), "",
               "## Accuracy per method (validation)", "", *accuracy_table(cells, "validation"), "",
               "## Is the prior acting? (logged terms of the fine-tunes the cells pruned)", "", *prior_table(cells), "",
+              "## Where spectral normalization binds (fine-tunes the cells pruned, logged every step)", "",
+              *sn_table(cells), "", *gradual_table(cells),
               "## Units removed (mean over cells)", "", *removed_table(cells), "",
               "## Wall time per stage (s, mean over cells; finetune = the fine-tune the cell pruned)", "",
               *wall_table(rows), ""]

@@ -1,0 +1,190 @@
+"""The from-pretrained (user) protocol of the quality grid, and where spectral normalization binds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from torch import nn
+from torch.nn.utils import parametrize
+
+from idprior.cli.main import main
+from idprior.errors import IdpriorError
+from idprior.method.spectral import BoundedSpectralNorm, sn_stats
+from idprior.study.quality import load_grid, run_grid
+from idprior.study.report_paired import protocol_check
+from tiny_folder import make_tiny_bert_folder
+
+ARMS = ["snip", "fisher", "snip-no-sn", "snip-no-prior", "michel"]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return make_tiny_bert_folder(tmp_path_factory.mktemp("tinypt") / "bert")
+
+
+def _grid(model) -> dict:
+    return {"model": str(model), "protocol": "pretrained", "tasks": ["rt-polarity"], "targets": [0.5], "seeds": [0, 1],
+            "methods": ARMS, "max_train": 48, "max_eval": 24, "max_validation": 16, "max_length": 16,
+            "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "eval_each_epoch": False, "checkpoint_every": 0},
+            "recover": {"epochs": 1, "batch_size": 16, "eval_each_epoch": False, "checkpoint_every": 0},
+            "prune": {"calib_size": 16}}
+
+
+def _log(folder, name="train_log.jsonl") -> list[dict]:
+    return [json.loads(line) for line in (folder / name).read_text().splitlines()]
+
+
+def test_every_arm_starts_from_pretrained_with_the_same_steps_and_data(tiny_folder, tmp_path):
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(_grid(tiny_folder)))
+    out, results = tmp_path / "sweep", tmp_path / "res" / "pre.jsonl"
+    assert main(["bench-quality", str(grid_file), "--out", str(out), "--results", str(results)]) == 0
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["method"] for r in rows] == ["dense", *ARMS] * 2
+    cells = [r for r in rows if r["method"] != "dense"]
+    assert all(r["paired"] and r["protocol"] == "pretrained" and r["from"] == "pretrained" for r in cells)
+    assert all(r["predictions"] and r["dense_predictions"] for r in cells)
+    for seed in (0, 1):
+        by = {r["method"]: r for r in cells if r["seed"] == seed}
+        # every arm fine-tuned from the pretrained folder itself (not from a shared start), as prune does
+        for r in by.values():
+            saved = json.loads((out / r["finetune_dir"] / "stages.json").read_text())["config"]
+            assert saved["model"]["name"] == str(tiny_folder) and saved["prune"]["finetune_first"] is True
+        # the baselines share their plain fine-tune; each SNIP variant trains its own
+        assert by["fisher"]["finetune_dir"] == by["michel"]["finetune_dir"]
+        assert len({by[m]["finetune_dir"] for m in ("snip", "fisher", "snip-no-sn", "snip-no-prior")}) == 4
+        assert {m: r["variant"] for m, r in by.items()} == {"snip": "sn+prior", "fisher": "plain", "snip-no-sn": "prior",
+                                                            "snip-no-prior": "sn", "michel": "plain"}
+        # the same steps (48 examples / batch 16, one epoch each) on the same batches in the same order
+        assert {json.dumps(r["steps"]) for r in by.values()} == {json.dumps({"finetune": 3, "recover": 3})}
+        assert len({json.dumps(r["data_order"]) for r in by.values()}) == 1 and None not in by["snip"]["data_order"].values()
+        first = {m: _log(out / r["finetune_dir"])[0]["batch"] for m, r in by.items()}
+        assert len(set(first.values())) == 1
+        recover_first = {_log(out / r["cell_dir"], "recover_log.jsonl")[0]["batch"] for r in by.values()}
+        assert len(recover_first) == 1
+        # SNIP is cut by the rule `idprior prune` uses after its prior phase
+        assert by["snip"]["config"]["prune"]["selection"] == "prior"
+        # where SN binds: logged for the fine-tunes with SN, absent for the others
+        assert by["snip"]["sn_log"]["steps"] == 3 and by["snip-no-prior"]["sn_log"] is not None
+        assert by["fisher"]["sn_log"] is None and by["snip-no-sn"]["sn_log"] is None
+        assert {"sn_clip_frac", "sn_ratio_mean", "sn_ratio_max"} <= set(_log(out / by["snip"]["finetune_dir"])[0])
+        assert by["snip"]["prior_log"] is not None and by["fisher"]["prior_log"] is None
+    # the digest is of the data: another seed shuffles differently
+    assert cells[0]["data_order"] != cells[len(ARMS)]["data_order"]
+
+    assert main(["report", str(results), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "pre.md").read_text()
+    assert "from the pretrained model" in text and "2 of 2 (task, seed) pairs" in text
+    for heading in ("## Every method against fisher (before recovery, test)",
+                    "## Every method against fisher (after recovery, test)",
+                    "## Per task: snip − fisher, after recovery, test", "## Where spectral normalization binds"):
+        assert heading in text
+    assert "| snip − fisher | 0.5 | 2 |" in text and "| snip-no-prior | 0.5 | 2 |" in text
+
+    # a rerun recomputes nothing
+    c = run_grid(load_grid(grid_file), out, results=results)
+    assert (c["cells"], c["finetune"], c["skipped"]) == (0, 0, 12)
+
+
+def test_protocol_errors(tiny_folder):
+    for bad, words in (({"paired": True}, "drop 'paired:'"), ({"protocol": "user"}, "use one of"),
+                       ({"continue": {"epochs": 1}}, "'continue:' is only meaningful")):
+        with pytest.raises(IdpriorError, match=words):
+            load_grid(_grid(tiny_folder) | bad)
+
+
+def test_protocol_check_names_pairs_whose_arms_saw_other_data():
+    def row(method, seed, order, steps=3):
+        return {"task": "t", "seed": seed, "method": method, "steps": {"finetune": steps, "recover": 3},
+                "data_order": {"finetune": order, "recover": "r"}}
+
+    rows = [row("snip", 0, "a"), row("fisher", 0, "a"), row("snip", 1, "a"), row("fisher", 1, "b"),
+            row("snip", 2, "a"), row("fisher", 2, "a", steps=4), {"task": "t", "seed": 3, "method": "x", "data_order": None}]
+    assert protocol_check(rows) == ("Same steps and same batches in the same order for every arm, in fine-tuning and "
+                                    "in recovery: 1 of 3 (task, seed) pairs; differing: t/1, t/2. 1 cells logged no "
+                                    "batch digests (rows from before the check).")
+
+
+def test_sn_stats_says_which_matrices_bind_and_how_hard():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    assert sn_stats(model) == {}
+    for lin in model:
+        parametrize.register_parametrization(lin, "weight", BoundedSpectralNorm(lin.weight), unsafe=True)
+    model.train()
+    model(torch.randn(2, 6))
+    s = sn_stats(model)
+    assert s["sn_clip_frac"] == 0.0 and s["sn_ratio_max"] == pytest.approx(1.0, abs=1e-3)
+    with torch.no_grad():  # the second matrix grows to twice its bound
+        model[1].parametrizations.weight.original.mul_(2.0)
+    for _ in range(30):  # the power iteration converges on the new sigma
+        model(torch.randn(2, 6))
+    s = sn_stats(model)
+    assert s["sn_clip_frac"] == 0.5
+    assert s["sn_ratio_max"] == pytest.approx(2.0, rel=1e-2)
+    assert s["sn_ratio_mean"] == pytest.approx(1.5, rel=1e-2)
+    # clipped: the weight the forward uses sits on the bound
+    sn = model[1].parametrizations.weight[0]
+    assert float(torch.linalg.matrix_norm(model[1].weight, ord=2)) == pytest.approx(float(sn.bound), rel=1e-2)
+
+
+# ---- the gradual-vs-one-shot study arm (gradual.py) ------------------------------------------------
+
+def test_chosen_units_prior_takes_exactly_the_plans_units_to_the_identity():
+    from idprior.study.gradual import ChosenUnitsPrior
+    from torch.utils.data import DataLoader
+
+    from idprior.arch import get_adapter
+    from idprior.config import TrainConfig
+    from idprior.method.gates import Gates
+    from idprior.method.plan import PruningPlan
+    from idprior.method.units import Unit
+    from idprior.pipeline.train import train
+    from tiny_models import tiny_bert
+
+    torch.manual_seed(0)
+    model = tiny_bert()
+    adapter = get_adapter(model)
+    chosen = [Unit("head", 0, 1), Unit("head", 1, 3), *(Unit("neuron", 1, i) for i in range(0, 64, 2)), Unit("ffn", 0)]
+    plan = PruningPlan(units=chosen, method="fisher", target=0.5)
+    prior = ChosenUnitsPrior(model, adapter, Gates(model, adapter).attach(), plan)
+    # target and head share are the plan's own: what its units carry of the measure
+    assert 0 < prior.head_share < 0.5 and prior.target == pytest.approx(prior.fractions(prior.chosen)["head"]
+                                                                        + prior.fractions(prior.chosen)["neuron"])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, 100, (160, 12), generator=g)
+    data = [{"input_ids": x[i], "labels": x[i, 1] % 3} for i in range(160)]
+    loader = DataLoader(data, batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    train(model, loader, TrainConfig(epochs=5, batch_size=8, lr=1e-3, checkpoint_every=0, eval_each_epoch=False),
+          seed=3, post_step=prior)
+    expected = {"head:0:1", "head:1:3", *(f"neuron:1:{i}" for i in range(0, 64, 2)), *(f"neuron:0:{i}" for i in range(64))}
+    assert {str(u) for u in prior.identity_units()} == expected
+    for key, mask in prior.chosen.items():  # nothing outside the plan was ever pulled
+        assert not bool(prior.deltas[key][~mask].any()), key
+
+
+def test_gradual_arm_in_a_paired_grid(tiny_folder, tmp_path):
+    raw = {"model": str(tiny_folder), "paired": True, "tasks": ["rt-polarity"], "targets": [0.5], "seeds": [0],
+           "methods": ["fisher", "fisher-gradual"], "max_train": 48, "max_eval": 24, "max_validation": 16,
+           "max_length": 16, "train": {"epochs": 1, "batch_size": 16, "eval_each_epoch": False, "checkpoint_every": 0},
+           "continue": {"epochs": 1, "lr": 1e-4}, "prune": {"calib_size": 16},
+           "recover": {"epochs": 1, "batch_size": 16, "eval_each_epoch": False, "checkpoint_every": 0}}
+    out, results = tmp_path / "sweep", tmp_path / "g.jsonl"
+    run_grid(load_grid(raw), out, results=results)
+    rows = {r["method"]: r for r in map(json.loads, results.read_text().splitlines())}
+    g, f = rows["fisher-gradual"], rows["fisher"]
+    assert g["variant"] == "gradual" and g["finetune_dir"].split("/")[-1].startswith("gradual-")
+    assert g["start_sha256"] == f["start_sha256"] and g["steps"] == f["steps"] and g["data_order"] == f["data_order"]
+    ft = out / g["finetune_dir"]
+    start_plan = json.loads((ft / "start_plan.json").read_text())
+    assert start_plan["method"] == "fisher" and g["gradual"]["start_units"] == len(start_plan["units"]) > 0
+    assert g["gradual"]["chosen_units"] >= g["gradual"]["start_units"]  # a collapsed sub-layer counts its units
+    assert g["gradual"]["removed_of_start"] == g["gradual"]["start_units"] and g["gradual"]["removed_others"] == 0
+    assert g["config"]["prune"]["sn"] is False
+    assert g["sn_log"] is None and g["prior_log"] is not None
+    assert main(["report", str(results), "--out", str(tmp_path / "rep")]) == 0
+    text = (tmp_path / "rep" / "g.md").read_text()
+    assert "## Gradual against one-shot" in text and f"| fisher-gradual | 0.5 | 1 | {g['gradual']['chosen_units']:.1f} |" in text
