@@ -315,7 +315,8 @@ with IDPRIOR_TEST_KILL=K rank 0 is SIGKILLed right after fine-tuning step K (tor
 import json, os, signal, sys
 import torch
 torch.set_num_threads(1)
-from idprior import distributed, train
+from idprior import distributed
+from idprior.pipeline import train
 from idprior.cli.main import main
 from test_multiprocess import digest
 

@@ -250,13 +250,14 @@ def test_protect_beyond_the_layers_is_refused_before_anything_is_written(flags, 
 
 def test_resume_runs_the_disk_check(models, data, tmp_path, monkeypatch, capsys):
     from idprior.cli.common import config_from_args
-    from idprior.config import dump_config, resume_key
+    from idprior.config import CONFIG_VERSION, dump_config, resume_key
+    from idprior.pipeline.stages import resolved
 
     out = tmp_path / "run"
     argv = ["prune", "--model", str(models["good"]), "--data", data, *FAST, "--out", str(out)]
-    cfg = config_from_args(build_parser().parse_args(argv))
+    cfg = resolved(config_from_args(build_parser().parse_args(argv)))
     out.mkdir()  # a run started with these options (what Run writes first)
-    (out / "stages.json").write_text(json.dumps({"config": resume_key(cfg), "stages": {}}))
+    (out / "stages.json").write_text(json.dumps({"version": CONFIG_VERSION, "config": resume_key(cfg), "stages": {}}))
     (out / "config.yaml").write_text(dump_config(cfg))
     before = _snapshot(out)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10**6, used=10**6 - 1000, free=1000))

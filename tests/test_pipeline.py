@@ -257,8 +257,7 @@ def test_every_preset_validates(capsys):
 
 def test_decoder_preset_is_the_measured_decoder_recipe():
     """`--config decoder` must be the run the README's decoder figures come from: the after-ln arm of
-    benchmarks/smollm2_prior.py (its command, parsed by the CLI, without `prune.prior_scale=kind`, since then
-    the only scale) resolves on a Llama to the same config as the preset, whose prior settings come from the
+    benchmarks/smollm2_prior.py (its command, parsed by the CLI) resolves on a Llama to the same config as the preset, whose prior settings come from the
     family's recipe, apart from where it writes and whether it benches."""
     import argparse
     import dataclasses
@@ -277,8 +276,6 @@ def test_decoder_preset_is_the_measured_decoder_recipe():
     defaults = argparse.Namespace(task="lm-rt", max_train=2000, max_eval=100, lr=5e-5, target=0.2, seed=0, epochs=1.0,
                                   runs_dir="runs/x")
     argv = bench.commands(defaults)["snip (prior phase, kind scale, floor, no SN, debias, after-ln)"]
-    i = argv.index("prune.prior_scale=kind")
-    argv = argv[:i - 1] + argv[i + 1:]
     preset_cfg = load_config("decoder")
     assert preset_cfg.prune.prior_gamma is None and preset_cfg.prune.min_keep is None  # left to the recipe
     measured, preset = (dataclasses.asdict(dataclasses.replace(c, prune=recipe_for(c.prune, recipe_of("llama"))))

@@ -332,7 +332,9 @@ DRIVER = r'''
 import contextlib, os, signal, sys
 import torch
 torch.set_num_threads(1)
-from idprior import io, pipeline, surgery
+from idprior import io
+from idprior.model import surgery
+from idprior.pipeline import stages as pipeline
 from idprior.cli.main import main
 
 point, count = os.environ.get("IDPRIOR_TEST_KILL", ""), [0]
