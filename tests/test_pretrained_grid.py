@@ -134,7 +134,6 @@ def test_sn_stats_says_which_matrices_bind_and_how_hard():
 # ---- the gradual-vs-one-shot study arm (gradual.py) ------------------------------------------------
 
 def test_chosen_units_prior_takes_exactly_the_plans_units_to_the_identity():
-    from idprior.study.gradual import ChosenUnitsPrior
     from torch.utils.data import DataLoader
 
     from idprior.arch import get_adapter
@@ -143,6 +142,7 @@ def test_chosen_units_prior_takes_exactly_the_plans_units_to_the_identity():
     from idprior.method.plan import PruningPlan
     from idprior.method.units import Unit
     from idprior.pipeline.train import train
+    from idprior.study.gradual import ChosenUnitsPrior
     from tiny_models import tiny_bert
 
     torch.manual_seed(0)
