@@ -237,9 +237,19 @@ def config_from_saved(saved: dict) -> RunConfig:
     return _build(saved, [])
 
 
+# Path fields: a leading "~" is expanded once, here, so that every stage (and --resume) sees the same path
+PATH_FIELDS = (("model", "name"), ("data", "data_dir"), ("data", "train_file"), ("data", "validation_file"),
+               ("data", "test_file"), (None, "out"))
+
+
 def _build(raw: dict, problems: list[str]) -> RunConfig:
     cfg = RunConfig()
     _merge(cfg, raw, "", problems)
+    for section, name in PATH_FIELDS:
+        obj = getattr(cfg, section) if section else cfg
+        value = getattr(obj, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(obj, name, os.path.expanduser(value))
     problems += validate(cfg, raise_=False)
     if problems:
         raise ConfigError(problems)

@@ -1,0 +1,110 @@
+"""The classes that a second new-user trial of issue 31 (640 bad, unusual or contradictory inputs and faults
+against the CLI) found mishandled, one test each: a traceback, an exit-0 wrong or silently altered result,
+a user file changed, or output left behind by a refusal. Each test fails on the code before its fix.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from idprior.cli.main import build_parser, main
+from tiny_folder import make_tiny_bert_folder
+
+WORDS = ["good", "bad", "dull", "great", "fun", "boring"]
+FAST = ["--max-train", "40", "--max-eval", "16", "--max-length", "24", "--calib-size", "16", "--no-bench",
+        "--recover-epochs", "0", "--no-train", "--target", "0.3"]
+
+
+@pytest.fixture(scope="module")
+def bert(tmp_path_factory) -> Path:
+    return make_tiny_bert_folder(tmp_path_factory.mktemp("models") / "bert")
+
+
+@pytest.fixture(scope="module")
+def pruned_run(bert, tmp_path_factory) -> Path:
+    """A finished post-training run (no fine-tune) of the tiny BERT on a small CSV."""
+    root = tmp_path_factory.mktemp("run")
+    data = _csv(root / "d.csv")
+    out = root / "run"
+    assert main(["prune", "--model", str(bert), "--data", str(data), *FAST, "--out", str(out)]) == 0
+    return out
+
+
+def _csv(path: Path, n: int = 60, header: str = "text,label", extra: list[str] = ()) -> Path:
+    rows = [f"{WORDS[i % len(WORDS)]} film number {i},{'pos' if i % 2 else 'neg'}" for i in range(n)]
+    path.write_text("\n".join([header, *rows[:20], *extra, *rows[20:]]) + "\n", encoding="utf-8")
+    return path
+
+
+def _tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() if p.is_file() else None for p in sorted(path.rglob("*"))}
+
+
+def _refused(capsys, argv: list[str], *patterns: str) -> str:
+    """Exit 2, exactly one `idprior: error:` line matching every pattern, no traceback."""
+    capsys.readouterr()
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("idprior: error: ")]
+    assert len(lines) == 1, err
+    assert not [x for x in err.splitlines()[err.splitlines().index(lines[0]) + 1:] if x.strip()], err
+    for p in patterns:
+        assert re.search(p, lines[0]), (p, lines[0])
+    return lines[0]
+
+
+def _config(argv: list[str], capsys):
+    """(config, stderr) of a prune/finetune command line, without running it."""
+    from idprior.cli.common import config_from_args
+
+    capsys.readouterr()
+    cfg = config_from_args(build_parser().parse_args(argv))
+    return cfg, capsys.readouterr().err
+
+
+def test_an_error_message_stays_one_line_when_a_path_holds_a_line_break(bert, tmp_path, capsys):
+    line = _refused(capsys, ["evaluate", str(bert), "--data", str(tmp_path / "bad\nname.csv")], r"bad\\nname\.csv")
+    assert "does not exist" in line
+
+
+def test_an_error_of_the_file_system_is_one_line_not_a_traceback(pruned_run, tmp_path, capsys):
+    (tmp_path / "f").write_text("a file where a folder should be")
+    _refused(capsys, ["export", str(pruned_run / "pruned"), "--onnx-dir", str(tmp_path / "f" / "onnx")],
+             r"f", r"(File exists|Not a directory|is a file)")
+
+
+def test_a_leading_tilde_is_expanded_for_every_path(pruned_run, tmp_path, monkeypatch, capsys):
+    from idprior.config import load_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    data = _csv(tmp_path / "d.csv")
+    assert main(["evaluate", str(pruned_run / "pruned"), "--data", "~/d.csv", "--max-length", "24", "--out", "~/ev"]) == 0
+    assert (tmp_path / "ev" / "metrics.json").is_file() and not (tmp_path / "~").exists()
+    cfg = load_config(None, ["out=~/runs/x", f"data.train_file=~/{data.name}", "data.task=custom"])
+    assert cfg.out == str(tmp_path / "runs" / "x") and cfg.data.train_file == str(data)
+
+
+def _resume_argv(run: Path, bert: Path, data: Path) -> list[str]:
+    return ["prune", "--model", str(bert), "--data", str(data), *FAST, "--out", str(run), "--resume"]
+
+
+@pytest.fixture
+def results(tmp_path) -> Path:
+    from idprior.quality import ROW_KEYS
+
+    split = {"validation": {"accuracy": 0.5}, "test": {"accuracy": 0.5}}
+    row = {**dict.fromkeys(ROW_KEYS), "key": "rt-polarity/0/snip/0.3", "task": "rt-polarity", "seed": 0, "method": "snip",
+           "base_method": "snip", "target": 0.3, "variant": "sn+prior", "model": "m", "main_metric": "accuracy",
+           "dense": split, "pruned_no_recovery": split, "pruned": split, "removed": {}, "sizes": {"train": 1}, "wall_s": {}, "config": {}, "versions": {}, "finished_at": "now",
+           "compression": {"seq_len": 128, **{m: {"dense": 2, "pruned": 1, "removed_fraction": 0.5}
+                                              for m in ("encoder_params", "linear_params", "flops", "total_params")}}}
+    path = tmp_path / "res.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    return path
