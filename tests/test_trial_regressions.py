@@ -91,8 +91,55 @@ def test_a_leading_tilde_is_expanded_for_every_path(pruned_run, tmp_path, monkey
     assert cfg.out == str(tmp_path / "runs" / "x") and cfg.data.train_file == str(data)
 
 
+@pytest.mark.parametrize("text, pattern", [
+    ("prune:\n  target: 0.3\ntrain:\n  lr: 1.0e-4\nprune:\n  method: fisher\n", r"key 'prune' is given twice \(line 5\)"),
+    ("prune:\n  target: 0.3\n  target: 0.4\n", r"key 'target' is given twice"),
+])
+def test_a_yaml_key_given_twice_is_refused(tmp_path, capsys, text, pattern):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    _refused(capsys, ["validate", str(path)], pattern)
+
+
+def test_a_grid_key_given_twice_is_refused(tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("model: x\ntasks: [rt-polarity]\nseeds: [0]\ntargets: [0.3]\nmethods: [snip]\ntargets: [0.5]\n")
+    _refused(capsys, ["bench-quality", str(grid), "--out", str(tmp_path / "q")], r"'targets' is given twice")
+    assert not (tmp_path / "q").exists()
+
+
+def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_bytes("# caf\u00e9\nseed: 0\n".encode("latin-1"))
+    _refused(capsys, ["validate", str(path)], r"c\.yaml is not UTF-8")
+
+
+def test_a_set_value_that_is_not_yaml_is_one_line(capsys):
+    _refused(capsys, ["validate", "demo", "--set", "prune.target=[1"], r"override 'prune\.target=\[1'.*not valid YAML")
+
+
+def test_a_seed_numpy_cannot_take_is_refused_before_any_work(bert, tmp_path, capsys):
+    out = tmp_path / "run"
+    _refused(capsys, ["prune", "--model", str(bert), "--data", str(_csv(tmp_path / "d.csv")), *FAST,
+                      "--seed", str(2**64), "--out", str(out)], r"seed must be in \[0, 2\*\*32 - 1\]")
+    assert not out.exists()
+
+
+def test_grid_problems_are_one_line_each(tmp_path, capsys):
+    grid = tmp_path / "g.yaml"
+    grid.write_text("model: x\ntasks: [rt-polarity]\nseeds: [0]\ntargets: [0.3]\nmethods: [fishr]\ncolour: blue\n")
+    capsys.readouterr()
+    assert main(["bench-quality", str(grid), "--out", str(tmp_path / "q")]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 2 and all(x.startswith("idprior: error: bad grid") for x in lines), lines
+    assert "colour" in lines[0] and "fishr" in lines[1]
+
+
 def _resume_argv(run: Path, bert: Path, data: Path) -> list[str]:
     return ["prune", "--model", str(bert), "--data", str(data), *FAST, "--out", str(run), "--resume"]
+
+
+GRID = "model: {model}\ntasks: [{task}]\nseeds: [0]\ntargets: [0.3]\nmethods: [snip]\nmax_train: 16\n"
 
 
 @pytest.fixture

@@ -220,7 +220,13 @@ def load_config(preset: str | None = None, overrides: list[str] | dict | None = 
             problems.append(f"override {item!r}: write key=value, e.g. train.lr=3e-5")
             continue
         key, value = item.split("=", 1)
-        _set_dotted(given, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            problems.append(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote it, "
+                            "e.g. key='value'")
+            continue
+        _set_dotted(given, key.strip(), parsed)
     _merge_raw(raw, given)
     return _build(raw, problems)
 
@@ -273,11 +279,44 @@ def training_name(p: PruneConfig) -> str:
     return "with " + " and ".join(parts) if parts else "plain (no SN, no identity prior)"
 
 
-def _read_yaml(path) -> dict:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last silently, so a
+    second `prune:` section would drop every setting of the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1}), and only the last "
+                    "would be read: merge them into one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
+def read_yaml_text(path) -> Any:
+    """The YAML document in the file `path` (UTF-8), keys unique in every mapping; IdpriorError naming the
+    file for unreadable text, bad YAML or a repeated key."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise IdpriorError(f"{path} is not UTF-8 text (byte {e.start}: 0x{e.object[e.start]:02x}): save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.constructor.ConstructorError as e:
+        if e.problem and "given twice" in e.problem:
+            raise IdpriorError(f"{path}: {e.problem}") from None
+        raise IdpriorError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     except yaml.YAMLError as e:
         raise IdpriorError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def _read_yaml(path) -> dict:
+    raw = read_yaml_text(path) or {}
     if not isinstance(raw, dict):
         raise IdpriorError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
     return raw
@@ -491,6 +530,7 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
          "--distill (prune.distill) distils during recovery, and recover.epochs is 0; give --recover-epochs or drop --distill")
     p += _bench_problems(cfg.bench)
     need(bool(cfg.out), "out must be a folder path")
+    need(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32 - 1] (NumPy's range), got {cfg.seed}")
     if p and raise_:
         raise ConfigError(p)
     return p
