@@ -135,6 +135,61 @@ def test_grid_problems_are_one_line_each(tmp_path, capsys):
     assert "colour" in lines[0] and "fishr" in lines[1]
 
 
+@pytest.mark.parametrize("flag, value", [("--out", "runs/run #2"), ("--out", "a: b"), ("--text-column", "yes"),
+                                         ("--label-column", "null"), ("--out", "two\nlines")])
+def test_flag_values_are_taken_as_written_not_as_yaml(tmp_path, capsys, flag, value):
+    cfg, _ = _config(["prune", "--model", "m", "--data", "d.csv", flag, value], capsys)
+    got = {"--out": cfg.out, "--text-column": cfg.data.text_column, "--label-column": cfg.data.label_column}[flag]
+    assert got == value
+
+
+def test_a_flag_or_set_given_twice_names_the_value_used(capsys):
+    cfg, err = _config(["prune", "--model", "m", "--target", "0.2", "--target", "0.4", "--set", "train.lr=1e-4",
+                        "--set", "train.lr=2e-4"], capsys)
+    assert cfg.prune.target == 0.4 and cfg.train.lr == 2e-4
+    assert re.search(r"warning: --target given twice \(0\.2, then 0\.4\): the last one, 0\.4, is used", err), err
+    assert re.search(r"warning: --set train\.lr given twice", err), err
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["--method", "fisher", "--selection", "prior"], "--selection prior"),
+    (["--method", "fisher", "--score", "residual"], "--score residual"),
+    (["--method", "fisher", "--sn-bound", "2"], "--sn-bound 2"),
+    (["--method", "shortgpt", "--kinds", "head"], "--kinds head"),
+    (["--method", "top-layers", "--min-keep", "0.5"], "--min-keep 0.5"),
+    (["--no-prior", "--set", "prune.prior_gamma=2"], "--set prune.prior_gamma=2"),
+    (["--no-sn", "--sn-bound", "2"], "--sn-bound 2"),
+    (["--head-share", "0.4"], "--head-share 0.4"),
+    (["--set", "bench.repeats=3"], "--set bench.repeats=3"),
+])
+def test_an_option_the_mode_never_reads_gets_a_warning(capsys, argv, option):
+    _, err = _config(["prune", "--model", "m", "--no-bench", *argv], capsys)
+    assert f"idprior: warning: {option} does nothing here" in err, err
+
+
+def test_finetune_warns_about_prune_options_and_snip_reads_its_own_quietly(capsys):
+    _, err = _config(["finetune", "--model", "m", "--set", "prune.target=0.3"], capsys)
+    assert "warning: --set prune.target=0.3 does nothing here: idprior finetune" in err, err
+    _, err = _config(["prune", "--model", "m", "--no-prior", "--selection", "share", "--head-share", "0.4"], capsys)
+    assert "warning" not in err, err  # selection share reads --head-share
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--no-train", "--set", "train.epochs=2"], "--no-train skips the fine-tune, so --set train.epochs=2"),
+    (["--epochs", "0", "--lr", "1e-3"], "--epochs 0 runs no fine-tune, so --lr 1e-3"),
+    (["--recover-epochs", "0", "--set", "recover.lr=1e-3"], "--recover-epochs 0 runs no recovery, so --set recover.lr"),
+])
+def test_the_rate_or_length_of_a_training_that_does_not_run_is_refused(capsys, argv, words):
+    from idprior.cli.common import config_from_args
+    from idprior.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        config_from_args(build_parser().parse_args(["prune", "--model", "m", *argv]))
+    assert any(words in p for p in e.value.problems), e.value.problems
+    _, err = _config(["prune", "--model", "m", "--no-train", "--batch-size", "8"], capsys)
+    assert "warning: --batch-size 8 does nothing here: --no-train skips the fine-tune" in err, err
+
+
 def _resume_argv(run: Path, bert: Path, data: Path) -> list[str]:
     return ["prune", "--model", str(bert), "--data", str(data), *FAST, "--out", str(run), "--resume"]
 
