@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
 
+from idprior import io
 from idprior.cli.main import build_parser, main
+from idprior.errors import IdpriorError
 from tiny_folder import make_tiny_bert_folder
 
 WORDS = ["good", "bad", "dull", "great", "fun", "boring"]
@@ -188,6 +191,15 @@ def test_the_rate_or_length_of_a_training_that_does_not_run_is_refused(capsys, a
     assert any(words in p for p in e.value.problems), e.value.problems
     _, err = _config(["prune", "--model", "m", "--no-train", "--batch-size", "8"], capsys)
     assert "warning: --batch-size 8 does nothing here: --no-train skips the fine-tune" in err, err
+
+
+def test_overwrite_keeps_a_user_file_inside_a_run_model_folder(pruned_run, tmp_path, capsys):
+    run = shutil.copytree(pruned_run, tmp_path / "run")
+    (run / "pruned" / "my_notes.txt").write_text("mine")
+    with pytest.raises(IdpriorError, match=r"pruned/my_notes\.txt"):
+        io.check_owned(run, "run", "remove it yourself")
+    (run / "pruned" / "my_notes.txt").unlink()
+    io.check_owned(run, "run", "remove it yourself")  # a run holding only what it wrote is still replaced
 
 
 def _resume_argv(run: Path, bert: Path, data: Path) -> list[str]:

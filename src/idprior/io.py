@@ -273,10 +273,17 @@ def manifest_files(folder: Path) -> tuple[set[str] | None, str | None]:
 
 def folder_owner(folder: Path) -> tuple[str | None, list[str]]:
     """(the kind of idprior folder: "run", "pruned-model", "onnx", or None; the entries in it that
-    idprior did not write). A run folder is judged by its top-level names, a model folder by its
-    manifest; for any other folder every top-level entry is foreign."""
+    idprior did not write). A run folder is judged by its top-level names and, inside it, each model folder
+    by its manifest (a user's file in RUN/pruned/ is foreign too); a model folder by its manifest; for any
+    other folder every top-level entry is foreign."""
     if is_run_folder(folder):
-        return "run", sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatch(p.name, n) for n in RUN_NAMES))
+        foreign = sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatch(p.name, n) for n in RUN_NAMES))
+        for manifest in sorted(folder.rglob(MANIFEST)):  # its model folders (finetuned/, pruned/, ...): by manifest
+            listed, _ = manifest_files(manifest.parent)
+            if listed is not None:
+                where = manifest.parent.relative_to(folder).as_posix()
+                foreign += [f"{where}/{f}" for f in folder_files(manifest.parent) if f not in listed]
+        return "run", foreign
     listed, kind = manifest_files(folder)
     if listed is None:
         return None, sorted(p.name for p in folder.iterdir())
