@@ -202,6 +202,21 @@ def test_overwrite_keeps_a_user_file_inside_a_run_model_folder(pruned_run, tmp_p
     io.check_owned(run, "run", "remove it yourself")  # a run holding only what it wrote is still replaced
 
 
+def test_a_line_that_repeats_the_header_is_refused(tmp_path):
+    from idprior.data import load_task
+
+    path = _csv(tmp_path / "d.csv", extra=["text,label"])
+    with pytest.raises(IdpriorError, match=r"d\.csv line 22 repeats the header \(text, label\)"):
+        load_task("custom", data_files={"train": str(path)})
+
+
+def test_misplaced_file_flags_are_named_as_given(tmp_path):
+    from idprior.data import load_task
+
+    with pytest.raises(IdpriorError, match=r"^--data-test only apply to --task custom"):
+        load_task("rt-polarity", data_files={"test": str(tmp_path / "t.csv")})
+
+
 def _resume_argv(run: Path, bert: Path, data: Path) -> list[str]:
     return ["prune", "--model", str(bert), "--data", str(data), *FAST, "--out", str(run), "--resume"]
 

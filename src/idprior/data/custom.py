@@ -29,7 +29,7 @@ class the training split lacks (a class of one or two rows) is refused like such
 
 Read as written (issue 31): a file is decoded as UTF-8 (an error names the line and byte); a header
 naming a column twice is refused (which copy would be read?), and so is a JSON object with a key
-twice; a `.csv` header holding tabs or semicolons (a `.tsv` header holding commas) is called
+twice, and a CSV/TSV line that repeats the header (two files joined); a `.csv` header holding tabs or semicolons (a `.tsv` header holding commas) is called
 by its real separator; a CSV row whose quoted field runs over following lines that look like rows
 (a stray `"`) is refused at the line where the quote opens; one column named for two roles (text
 and label, text and pair) is refused; so is an inferred label column with too many distinct values
@@ -309,6 +309,11 @@ def _read_delimited(path: Path, suffix: str, label_column: str) -> list[tuple[di
     if header is None:
         return []
     _check_header(header, path, tsv)
+    names = [h.strip() for h in header]
+    again = next((line for cells, line, _ in rows if len(names) > 1 and [c.strip() for c in cells] == names), None)
+    if again is not None:  # two files joined: the second header would be one example, its label a class of its own
+        raise IdpriorError(f"{path} line {again} repeats the header ({', '.join(names)}): were two files joined? remove "
+                           "that line")
     if not tsv:
         _check_merged(rows, lines, header, path, label_column)
     records = []
