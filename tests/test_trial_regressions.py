@@ -217,8 +217,47 @@ def test_misplaced_file_flags_are_named_as_given(tmp_path):
         load_task("rt-polarity", data_files={"test": str(tmp_path / "t.csv")})
 
 
+def test_an_unreadable_gguf_file_is_refused_before_the_run_folder_is_made(tmp_path, capsys):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + b"\0" * 100)
+    out = tmp_path / "run"
+    _refused(capsys, ["prune", "--model", str(gguf), "--task", "lm-rt", *FAST, "--out", str(out)],
+             r"m\.gguf is not a readable GGUF model")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra, held", [(["--min-keep", "0.5", "--target", "0.6"], "min_keep 0.5"),
+                                         (["--protect-first", "1", "--target", "0.6"], "protect_first 1")])
+def test_a_target_held_back_units_put_out_of_reach_is_refused_before_work(bert, tmp_path, capsys, extra, held):
+    out = tmp_path / "run"
+    argv = [a for a in FAST if a not in ("--target", "0.3")]
+    _refused(capsys, ["prune", "--model", str(bert), "--data", str(_csv(tmp_path / "d.csv")), *argv, *extra, "--out",
+                      str(out)], rf"prune\.target 0\.6 is out of reach: with {held} at most")
+    assert not out.exists()
+
+
 def _resume_argv(run: Path, bert: Path, data: Path) -> list[str]:
     return ["prune", "--model", str(bert), "--data", str(data), *FAST, "--out", str(run), "--resume"]
+
+
+def test_resume_refuses_a_finished_stage_whose_output_is_gone(pruned_run, bert, tmp_path, capsys):
+    run = shutil.copytree(pruned_run, tmp_path / "run")  # a run folder may move; its data file stays
+    shutil.rmtree(run / "pruned")
+    before = _tree(run)
+    _refused(capsys, _resume_argv(run, bert, pruned_run.parent / "d.csv"),
+             r"finished stages whose output is gone \(pruned/\)", "--overwrite")
+    assert _tree(run) == before
+
+
+def test_resume_with_a_deleted_data_file_names_only_the_file(bert, tmp_path, capsys):
+    data, run = _csv(tmp_path / "d.csv"), tmp_path / "run"
+    assert main(["prune", "--model", str(bert), "--data", str(data), *FAST, "--out", str(run)]) == 0
+    data.unlink()
+    _refused(capsys, _resume_argv(run, bert, data), r"d\.csv does not exist")
+
+
+def test_a_run_folder_given_as_the_model_points_to_its_model(pruned_run, capsys):
+    _refused(capsys, ["evaluate", str(pruned_run), "--task", "rt-polarity"], r"is an idprior run folder.*pruned/")
 
 
 GRID = "model: {model}\ntasks: [{task}]\nseeds: [0]\ntargets: [0.3]\nmethods: [snip]\nmax_train: 16\n"

@@ -642,5 +642,13 @@ def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
 
 def resume_differences(saved: dict, cfg: RunConfig) -> list[str]:
     """What `cfg` changes against the resume key a run folder was started with (`--resume` refuses a run
-    folder when this is not empty)."""
-    return config_differences(saved, resume_key(cfg))
+    folder when this is not empty). A data file that is gone is not a difference: the data check names it."""
+    d = cfg.data
+    gone = {role for role, path in (("train", d.train_file), ("validation", d.validation_file), ("test", d.test_file))
+            if path and not Path(path).expanduser().is_file()}
+
+    def kept(key: str) -> bool:
+        if key == "data_files":
+            return not set(saved.get("data_files") or {}) <= gone
+        return not (key.startswith("data_files.") and key.split(".", 1)[1] in gone)
+    return [k for k in config_differences(saved, resume_key(cfg)) if kept(k)]
