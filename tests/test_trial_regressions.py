@@ -263,6 +263,26 @@ def test_a_run_folder_given_as_the_model_points_to_its_model(pruned_run, capsys)
 GRID = "model: {model}\ntasks: [{task}]\nseeds: [0]\ntargets: [0.3]\nmethods: [snip]\nmax_train: 16\n"
 
 
+@pytest.mark.parametrize("grid, extra, pattern", [
+    ({}, ["--threads", "-1"], r"--threads must be >= 1"),
+    ({}, ["--stop-after-min", "nan"], r"--stop-after-min must be"),
+    ({}, ["--tasks", "subj"], r"--tasks subj: not in the grid's tasks"),
+    ({"task": "rt-polarty"}, [], r"grid task 'rt-polarty'"),
+    ({"model": "/nonexistent/model"}, [], r"grid model: .*/nonexistent/model"),
+    ({}, ["--results", "{tmp}/mine.jsonl", "--resume"], r"mine\.jsonl line 1 is not a result row"),
+    ({}, ["--out", "{tmp}/f"], r"--out .*f is a file|f is a file"),
+])
+def test_bench_quality_checks_its_inputs_before_writing(bert, tmp_path, capsys, grid, extra, pattern):
+    (tmp_path / "g.yaml").write_text(GRID.format(**{"model": bert, "task": "rt-polarity", **grid}))
+    (tmp_path / "mine.jsonl").write_text('{"my": "rows"}\n')
+    (tmp_path / "f").write_text("x")
+    before = _tree(tmp_path)
+    extra = [a.replace("{tmp}", str(tmp_path)) for a in extra]
+    out = [] if "--out" in extra else ["--out", str(tmp_path / "q")]
+    _refused(capsys, ["bench-quality", str(tmp_path / "g.yaml"), *out, *extra], pattern)
+    assert _tree(tmp_path) == before
+
+
 @pytest.fixture
 def results(tmp_path) -> Path:
     from idprior.quality import ROW_KEYS
