@@ -296,3 +296,38 @@ def results(tmp_path) -> Path:
     path = tmp_path / "res.jsonl"
     path.write_text(json.dumps(row) + "\n")
     return path
+
+
+@pytest.mark.parametrize("notes, pattern", [("missing", r"nope\.md does not exist"), ("latin1", r"n\.md is not UTF-8"),
+                                            ("folder", r"is a folder")])
+def test_report_notes_that_cannot_be_read_are_one_line(results, tmp_path, capsys, notes, pattern):
+    (tmp_path / "n.md").write_bytes("caf\u00e9".encode("latin-1"))
+    path = {"missing": tmp_path / "nope.md", "latin1": tmp_path / "n.md", "folder": tmp_path}[notes]
+    _refused(capsys, ["report", str(results), "--out", str(tmp_path / "rep"), "--notes", str(path)], pattern)
+    assert not (tmp_path / "rep").exists()
+
+
+def test_report_refuses_rows_without_the_fields_it_reads_and_finetune_runs(tmp_path, capsys):
+    rows = tmp_path / "r.jsonl"
+    rows.write_text('{"key": "a", "x": 1}\n')
+    _refused(capsys, ["report", str(rows)], r"the row 'a' has no task, seed, method")
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / "stages.json").write_text(json.dumps({"version": 2, "config": {}, "stages": {"finetune": {}}}))
+    (run / "metrics.json").write_text(json.dumps({"validation": {"accuracy": 0.5}}))
+    _refused(capsys, ["report", str(run)], r"not an idprior prune run")
+    assert not (run / "report.md").exists()
+
+
+@pytest.mark.parametrize("name", ["../escape", "sub/x", ""])
+def test_report_name_is_a_plain_stem_so_nothing_lands_outside_out(results, tmp_path, capsys, name):
+    (tmp_path / "escape.md").write_text("mine\n")
+    before = _tree(tmp_path)
+    _refused(capsys, ["report", str(results), "--out", str(tmp_path / "rep"), "--name", name], r"--name .*plain file stem")
+    assert _tree(tmp_path) == before
+
+
+def test_report_warns_that_reference_does_nothing_for_an_unpaired_grid(results, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["report", str(results), "--out", str(tmp_path / "rep"), "--reference", "fisher"]) == 0
+    assert "warning: --reference fisher does nothing here" in capsys.readouterr().err
