@@ -71,6 +71,8 @@ def _config(argv: list[str], capsys):
     return cfg, capsys.readouterr().err
 
 
+# ---- messages ------------------------------------------------------------------------------------------
+
 def test_an_error_message_stays_one_line_when_a_path_holds_a_line_break(bert, tmp_path, capsys):
     line = _refused(capsys, ["evaluate", str(bert), "--data", str(tmp_path / "bad\nname.csv")], r"bad\\nname\.csv")
     assert "does not exist" in line
@@ -93,6 +95,8 @@ def test_a_leading_tilde_is_expanded_for_every_path(pruned_run, tmp_path, monkey
     cfg = load_config(None, ["out=~/runs/x", f"data.train_file=~/{data.name}", "data.task=custom"])
     assert cfg.out == str(tmp_path / "runs" / "x") and cfg.data.train_file == str(data)
 
+
+# ---- configs and grids ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, pattern", [
     ("prune:\n  target: 0.3\ntrain:\n  lr: 1.0e-4\nprune:\n  method: fisher\n", r"key 'prune' is given twice \(line 5\)"),
@@ -137,6 +141,8 @@ def test_grid_problems_are_one_line_each(tmp_path, capsys):
     assert len(lines) == 2 and all(x.startswith("idprior: error: bad grid") for x in lines), lines
     assert "colour" in lines[0] and "fishr" in lines[1]
 
+
+# ---- command lines --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("flag, value", [("--out", "runs/run #2"), ("--out", "a: b"), ("--text-column", "yes"),
                                          ("--label-column", "null"), ("--out", "two\nlines")])
@@ -193,6 +199,8 @@ def test_the_rate_or_length_of_a_training_that_does_not_run_is_refused(capsys, a
     assert "warning: --batch-size 8 does nothing here: --no-train skips the fine-tune" in err, err
 
 
+# ---- files idprior replaces ----------------------------------------------------------------------------
+
 def test_overwrite_keeps_a_user_file_inside_a_run_model_folder(pruned_run, tmp_path, capsys):
     run = shutil.copytree(pruned_run, tmp_path / "run")
     (run / "pruned" / "my_notes.txt").write_text("mine")
@@ -201,6 +209,8 @@ def test_overwrite_keeps_a_user_file_inside_a_run_model_folder(pruned_run, tmp_p
     (run / "pruned" / "my_notes.txt").unlink()
     io.check_owned(run, "run", "remove it yourself")  # a run holding only what it wrote is still replaced
 
+
+# ---- data -----------------------------------------------------------------------------------------------
 
 def test_a_line_that_repeats_the_header_is_refused(tmp_path):
     from idprior.data import load_task
@@ -216,6 +226,8 @@ def test_misplaced_file_flags_are_named_as_given(tmp_path):
     with pytest.raises(IdpriorError, match=r"^--data-test only apply to --task custom"):
         load_task("rt-polarity", data_files={"test": str(tmp_path / "t.csv")})
 
+
+# ---- checks before the run folder is made ---------------------------------------------------------------
 
 def test_an_unreadable_gguf_file_is_refused_before_the_run_folder_is_made(tmp_path, capsys):
     gguf = tmp_path / "m.gguf"
@@ -259,6 +271,8 @@ def test_resume_with_a_deleted_data_file_names_only_the_file(bert, tmp_path, cap
 def test_a_run_folder_given_as_the_model_points_to_its_model(pruned_run, capsys):
     _refused(capsys, ["evaluate", str(pruned_run), "--task", "rt-polarity"], r"is an idprior run folder.*pruned/")
 
+
+# ---- bench-quality, report, bench, export, evaluate -----------------------------------------------------
 
 GRID = "model: {model}\ntasks: [{task}]\nseeds: [0]\ntargets: [0.3]\nmethods: [snip]\nmax_train: 16\n"
 
@@ -331,3 +345,26 @@ def test_report_warns_that_reference_does_nothing_for_an_unpaired_grid(results, 
     capsys.readouterr()
     assert main(["report", str(results), "--out", str(tmp_path / "rep"), "--reference", "fisher"]) == 0
     assert "warning: --reference fisher does nothing here" in capsys.readouterr().err
+
+
+def test_bench_refuses_nan_noise_guards_and_warns_about_export_options_without_onnx(bert, pruned_run, tmp_path, capsys):
+    bench = ["bench", "--dense", str(bert), "--pruned", str(pruned_run / "pruned"), "--batch-sizes", "1", "--seq-lens",
+             "8", "--repeats", "1", "--warmup", "0", "--no-onnx", "--retime-rounds", "0", "--out", str(tmp_path / "b")]
+    _refused(capsys, [*bench, "--max-iqr-fraction", "nan"], r"--max-iqr-fraction and --max-speedup-gap must be > 0")
+    assert not (tmp_path / "b").exists()
+    assert main([*bench, "--exporter", "legacy"]) == 0
+    assert "warning: --exporter legacy does nothing here: --no-onnx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, pattern", [(["--seq-len", "0"], r"--seq-len must be at least 2"),
+                                            (["--seq-len", "100"], r"--seq-len 100 is too long.*--seq-len 63 at most"),
+                                            (["--tol", "nan"], r"--tol must be a positive number")])
+def test_export_names_the_flag_of_a_bad_seq_len_or_tol(pruned_run, tmp_path, capsys, extra, pattern):
+    _refused(capsys, ["export", str(pruned_run / "pruned"), "--onnx", str(tmp_path / "m.onnx"), *extra], pattern)
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_evaluate_with_only_a_test_file_refuses_other_splits(pruned_run, tmp_path, capsys):
+    data = _csv(tmp_path / "t.csv")
+    _refused(capsys, ["evaluate", str(pruned_run / "pruned"), "--data-test", str(data), "--split", "validation"],
+             r"--split validation: with --data-test alone there is only the test split")

@@ -11,6 +11,7 @@ spread is timed again and, if it stays so, marked NOISY in the table (--max-iqr-
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .common import ATTENTION_HELP
 
@@ -115,8 +116,13 @@ def run(args) -> int:
 
     if args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
         raise IdpriorError("--repeats and --threads must be >= 1 and --warmup >= 0")
-    if args.max_iqr_fraction <= 0 or args.max_speedup_gap <= 0 or args.retime_rounds < 0:
+    if not (args.max_iqr_fraction > 0 and args.max_speedup_gap > 0) or args.retime_rounds < 0:  # NaN fails `> 0` too
         raise IdpriorError("--max-iqr-fraction and --max-speedup-gap must be > 0 and --retime-rounds >= 0")
+    if args.no_onnx:
+        for flag, value, default in (("--exporter", args.exporter, "dynamo"), ("--attention", args.attention, "auto")):
+            if value != default:
+                print(f"idprior: warning: {flag} {value} does nothing here: --no-onnx times PyTorch only (no ONNX "
+                      "export); drop one of them", file=sys.stderr)
     if args.processes < 1:
         raise IdpriorError(f"--processes must be >= 1, got {args.processes}")
     json_path, md_path = check_out(args.out)

@@ -94,6 +94,10 @@ def run(args) -> int:
         print("idprior: --data given without --task: using --task custom", file=sys.stderr)
         task = "custom"
     if task.strip().lower() == "custom" and not args.data and args.data_test:
+        other = [s.strip() for s in args.split.split(",") if s.strip() and s.strip() != "test"]
+        if other:
+            raise IdpriorError(f"--split {','.join(other)}: with --data-test alone there is only the test split (the "
+                               "whole file); give --data FILE for its validation split, or --split test")
         args.data = args.data_test  # one labelled file to evaluate on: its own train split is not used
     metrics_path = _metrics_path(args)
     data = _load_data(args, task)
