@@ -96,6 +96,16 @@ def test_a_leading_tilde_is_expanded_for_every_path(pruned_run, tmp_path, monkey
     assert cfg.out == str(tmp_path / "runs" / "x") and cfg.data.train_file == str(data)
 
 
+def test_a_failed_write_leaves_no_folder_it_made(tmp_path):
+    def full_disk(tmp: Path) -> None:
+        tmp.write_bytes(b"half")
+        raise OSError(28, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError):
+        io.write_with(tmp_path / "out" / "sub" / "metrics.json", full_disk)
+    assert list(tmp_path.iterdir()) == []
+
+
 # ---- configs and grids ----------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("text, pattern", [
@@ -123,6 +133,15 @@ def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
 
 def test_a_set_value_that_is_not_yaml_is_one_line(capsys):
     _refused(capsys, ["validate", "demo", "--set", "prune.target=[1"], r"override 'prune\.target=\[1'.*not valid YAML")
+
+
+@pytest.mark.parametrize("flag", ["--data", "--data-test", "--out"])
+def test_an_empty_path_is_refused_before_any_work(bert, tmp_path, monkeypatch, capsys, flag):
+    monkeypatch.chdir(tmp_path)
+    data = str(_csv(tmp_path / "d.csv"))
+    argv = ["prune", "--model", str(bert), "--data", data, *FAST, "--out", str(tmp_path / "run"), flag, ""]
+    _refused(capsys, argv, r"is empty|out must be a folder path")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.csv"]
 
 
 def test_a_seed_numpy_cannot_take_is_refused_before_any_work(bert, tmp_path, capsys):

@@ -29,19 +29,36 @@ from .errors import IdpriorError
 
 
 @contextmanager
+def _made_parents(path: Path):
+    """Create `path`'s missing parent folders; if the block fails, remove those of them left empty (a write
+    that failed, on a full disk say, leaves no empty output folder behind)."""
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success rename it onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _made_parents(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -73,7 +90,12 @@ def jsonable(obj: Any) -> Any:
 def atomic_dir(path: str | os.PathLike):
     """Yield a temporary folder beside `path`; on success it replaces `path` as a whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with _made_parents(path), _atomic_dir(path) as tmp:
+        yield tmp
+
+
+@contextmanager
+def _atomic_dir(path: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
