@@ -125,6 +125,12 @@ def test_a_grid_key_given_twice_is_refused(tmp_path, capsys):
     assert not (tmp_path / "q").exists()
 
 
+def test_a_section_given_as_a_scalar_is_reported_even_when_a_flag_sets_one_of_its_keys(tmp_path, capsys):
+    path = tmp_path / "c.yaml"
+    path.write_text("bench: 3\n")
+    _refused(capsys, ["validate", str(path), "--set", "bench.enabled=false"], r"bench must be a section")
+
+
 def test_a_config_that_is_not_utf8_is_one_line(tmp_path, capsys):
     path = tmp_path / "c.yaml"
     path.write_bytes("# caf\u00e9\nseed: 0\n".encode("latin-1"))

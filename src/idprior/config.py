@@ -323,11 +323,12 @@ def _read_yaml(path) -> dict:
 
 
 def _merge_raw(base: dict, top: dict) -> None:
-    """`top` over `base`, section by section."""
+    """`top` over `base`, section by section. A section the file gives as a scalar (`bench: 3`) stays, so
+    validation reports it, instead of being replaced by the overrides of one of its keys without a word."""
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             _merge_raw(base[key], value)
-        else:
+        elif not (isinstance(value, dict) and base.get(key) is not None and not isinstance(base[key], dict)):
             base[key] = value
 
 
