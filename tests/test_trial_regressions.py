@@ -101,9 +101,12 @@ def test_a_failed_write_leaves_no_folder_it_made(tmp_path):
         tmp.write_bytes(b"half")
         raise OSError(28, "No space left on device", str(tmp))
 
-    with pytest.raises(OSError):
+    with pytest.raises(OSError) as e:
         io.write_with(tmp_path / "out" / "sub" / "metrics.json", full_disk)
     assert list(tmp_path.iterdir()) == []
+    with pytest.raises(OSError) as e:  # a write error without a file name is given the file being written
+        io.write_with(tmp_path / "m.json", lambda tmp: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    assert e.value.filename == str(tmp_path / "m.json")
 
 
 # ---- configs and grids ----------------------------------------------------------------------------------

@@ -56,6 +56,11 @@ def atomic_path(path: str | os.PathLike):
             yield Path(tmp)
             os.chmod(tmp, 0o666 & ~_umask())
             os.replace(tmp, path)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            if e.filename is None:  # a failed write (a full disk) names no file: name the one being written
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
