@@ -42,6 +42,9 @@ def add_parser(sub):
 
 
 RUN_REPORT_FILES = ("report.md", "structure.png", "norms.png", "stages.png")
+# what the tables read from every row of a bench-quality results JSONL (report_quality)
+ROW_KEYS = ("task", "seed", "method", "target", "variant", "model", "main_metric", "dense", "pruned_no_recovery",
+            "pruned", "compression")
 
 
 def _read(path: Path, json_: bool = False):
@@ -94,7 +97,6 @@ def run(args) -> int:
         return 0
     if not src.is_file():
         raise IdpriorError(f"{src} is neither a results JSONL nor a run folder")
-    from ..quality import ROW_KEYS  # what every row of bench-quality holds, and the tables read
     from ..report_quality import load_rows, write_quality_report
 
     try:
