@@ -378,7 +378,7 @@ def test_report_warns_that_reference_does_nothing_for_an_unpaired_grid(results, 
 def test_bench_refuses_nan_noise_guards_and_warns_about_export_options_without_onnx(bert, pruned_run, tmp_path, capsys):
     bench = ["bench", "--dense", str(bert), "--pruned", str(pruned_run / "pruned"), "--batch-sizes", "1", "--seq-lens",
              "8", "--repeats", "1", "--warmup", "0", "--no-onnx", "--retime-rounds", "0", "--out", str(tmp_path / "b")]
-    _refused(capsys, [*bench, "--max-iqr-fraction", "nan"], r"--max-iqr-fraction and --max-speedup-gap must be > 0")
+    _refused(capsys, [*bench, "--max-iqr-fraction", "nan"], r"--max-iqr-fraction must be > 0, got nan")
     assert not (tmp_path / "b").exists()
     assert main([*bench, "--exporter", "legacy"]) == 0
     assert "warning: --exporter legacy does nothing here: --no-onnx" in capsys.readouterr().err
@@ -396,3 +396,33 @@ def test_evaluate_with_only_a_test_file_refuses_other_splits(pruned_run, tmp_pat
     data = _csv(tmp_path / "t.csv")
     _refused(capsys, ["evaluate", str(pruned_run / "pruned"), "--data-test", str(data), "--split", "validation"],
              r"--split validation: with --data-test alone there is only the test split")
+
+
+# ---- messages that named the wrong cause (borderline in the trial) --------------------------------------
+
+def test_messages_name_the_cause(bert, pruned_run, tmp_path, capsys):
+    from idprior.data import load_task
+
+    data = _csv(tmp_path / "d.csv")
+    (tmp_path / "f").write_text("a file")
+    (tmp_path / "c.yaml").mkdir()
+    bert3 = make_tiny_bert_folder(tmp_path / "bert3", num_labels=3)
+    bench = ["bench", "--pruned", str(pruned_run / "pruned"), "--batch-sizes", "1", "--seq-lens", "8", "--repeats",
+             "1", "--no-onnx", "--out", str(tmp_path / "b")]
+    cases = [
+        (["evaluate", str(pruned_run / "pruned"), "--data", str(data), "--batch-size", "0"], r"--batch-size must be >= 1, got 0"),
+        (["bench", "--dense", str(bert), *bench[1:], "--warmup", "-1"], r"--warmup must be >= 0, got -1"),
+        (["bench", "--dense", str(bert3), *bench[1:]], r"--dense .*bert3 has a 3-label head and the pruned model 2"),
+        (["prune", "--model", str(bert), "--data", str(data), *FAST, "--out", str(tmp_path / "f" / "run")],
+         r"f is a file, not a folder"),
+        (["validate", str(tmp_path / "c.yaml")], r"c\.yaml is a folder"),
+        (["export", str(pruned_run), "--onnx", str(tmp_path / "m.onnx")], r"is an idprior run folder"),
+    ]
+    for argv, pattern in cases:
+        _refused(capsys, argv, pattern)
+    with pytest.raises(IdpriorError, match=r"/dev/null is not a regular file"):
+        load_task("custom", data_files={"train": "/dev/null"})
+    comment = tmp_path / "c.csv"
+    comment.write_text("# my reviews\n" + data.read_text())
+    with pytest.raises(IdpriorError, match=r"line 1 \('# my reviews'\) is a comment, not a header"):
+        load_task("custom", data_files={"train": str(comment)})

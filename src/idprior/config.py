@@ -194,6 +194,8 @@ def list_presets() -> list[str]:
 def resolve_preset(name_or_path: str) -> Path | Traversable:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if p.is_dir():
+            raise IdpriorError(f"config file {name_or_path} is a folder; give a YAML file or one of: {', '.join(list_presets())}")
         if not p.is_file():
             raise IdpriorError(f"config file {name_or_path} not found; give a YAML path or one of: {', '.join(list_presets())}")
         return p

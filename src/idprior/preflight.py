@@ -139,9 +139,14 @@ def check_output(cfg: RunConfig, *, resume: bool, overwrite: bool) -> list[str]:
                     "options, --overwrite, or another --out"]
         return _missing_outputs(out)
     parent = _existing_ancestor(out)
+    if not parent.is_dir():
+        return [f"cannot write {out}: {parent} is a file, not a folder; choose another --out"]
     if not os.access(parent, os.W_OK | os.X_OK):
         return [f"cannot write to {parent} (permission denied); choose another --out"]
-    return []
+    from .io import writable_problem
+
+    problem = writable_problem(out / "stages.json", "--out")  # a probe: read-only file systems and /proc (root passes os.access)
+    return [f"{problem.rsplit('; ', 1)[0]}; choose another --out"] if problem else []
 
 
 # What each finished stage left in the run folder; --resume never redoes a finished stage, so its output must be there
@@ -582,4 +587,5 @@ def _first_line(e: BaseException) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """Wrapped whitespace collapsed; a line break inside a value (a path) shown as \\n, not as a space."""
+    return " ".join(str(text).replace("\r", "\\r").replace("\n", "\\n").split())

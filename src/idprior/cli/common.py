@@ -187,8 +187,8 @@ def contradictions(overrides: list[str], flagged: dict[str, tuple]) -> list[str]
         if key in flagged:
             flag, shown, value = flagged[key]
             if _yaml(raw) != _yaml(value):
-                problems.append(f"{flag} {shown} and --set {key}={raw.strip()} set the same option to different "
-                                "values; give one of them")
+                problems.append(f"{f'{flag} {shown}'.strip()} and --set {key}={raw.strip()} set the same option to "
+                                "different values; give one of them")
         if key in seen and _yaml(seen[key]) != _yaml(raw):
             print(f"idprior: warning: --set {key} given twice ({seen[key].strip()}, then {raw.strip()}): the last one, "
                   f"{raw.strip()}, is used", file=sys.stderr)

@@ -85,8 +85,10 @@ def run(args) -> int:
     from ..evaluate import evaluate
     from ..preflight import check_evaluation
 
-    if args.max_length < 2 or args.batch_size < 1 or (args.max_eval is not None and args.max_eval < 1):
-        raise IdpriorError("--max-length must be >= 2, --batch-size and --max-eval >= 1")
+    for flag, value, least in (("--max-length", args.max_length, 2), ("--batch-size", args.batch_size, 1),
+                               ("--max-eval", args.max_eval, 1)):
+        if value is not None and value < least:
+            raise IdpriorError(f"{flag} must be >= {least}, got {value}")
     task = args.task
     if task is None:
         if not (args.data or args.data_test):

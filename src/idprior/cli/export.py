@@ -60,6 +60,8 @@ def load_with_head(spec: str):
     if path.is_dir():
         from ..surgery import load_pruned_with_tokenizer
 
+        models.resolve(str(path))  # a run folder is not a model: its message points to RUN/pruned
+
         model, tok = load_pruned_with_tokenizer(path)
     else:
         model, tok = models.load(spec)

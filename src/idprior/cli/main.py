@@ -79,7 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"idprior: error: {one_line(e.strerror or e)}{one_line(where)}; {fix}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("idprior: interrupted; rerun with --resume to continue from the last checkpoint", file=sys.stderr)
+        resumable = args.command in ("prune", "finetune", "bench-quality")
+        print("idprior: interrupted; " + ("rerun with --resume to continue from the last checkpoint" if resumable else
+                                          "nothing was written (outputs appear only when complete); run it again"),
+              file=sys.stderr)
         return 130
 
 

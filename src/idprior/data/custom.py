@@ -178,6 +178,9 @@ def _read_records(path: Path, label_column: str) -> list[tuple[dict, int]]:
     `label_column` only helps to recognize rows that a stray quote swallowed (`_check_merged`)."""
     if path.is_dir():
         raise IdpriorError(f"data file {path} is a folder: give a CSV, TSV or JSONL file with --data")
+    if path.exists() and not path.is_file():  # a device or a pipe (<(zcat f.gz)): read twice, by preflight and the run
+        raise IdpriorError(f"data file {path} is not a regular file (a device or a pipe); save the data to a file and "
+                           "pass that")
     if not path.is_file():
         raise IdpriorError(f"data file {path} does not exist: check the path given with --data")
     suffix = path.suffix.lower()
@@ -332,6 +335,9 @@ def _check_header(header: list[str], path: Path, tsv: bool) -> None:
     """A header that shows another separator than the extension's, or names a column twice, is refused:
     the first would be read as one column, the second would read one copy and drop the other unseen."""
     shown = ("\t" if tsv else ",").join(header)[:60]
+    if header and header[0].lstrip().startswith("#") and (len(header) == 1 or header[0].lstrip().startswith("# ")):
+        raise IdpriorError(f"{path} line 1 ({shown!r}) is a comment, not a header: the first line must name the "
+                           "columns (text,label); remove the comment lines")
     if not tsv and "\t" in shown:
         raise IdpriorError(f"{path} looks tab-separated (its header {shown!r} holds tabs): rename it to .tsv, or "
                            "save it comma-separated")
