@@ -420,6 +420,10 @@ def test_messages_name_the_cause(bert, pruned_run, tmp_path, capsys):
     ]
     for argv, pattern in cases:
         _refused(capsys, argv, pattern)
+    capsys.readouterr()  # --out on /proc: one line (the probe), not also "not enough disk space (0 B free)"
+    assert main(["prune", "--model", str(bert), "--data", str(data), *FAST, "--out", "/proc/idprior_run"]) == 2
+    errors = [x for x in capsys.readouterr().err.splitlines() if x.startswith("idprior: error:")]
+    assert len(errors) == 1 and "cannot be written" in errors[0], errors
     with pytest.raises(IdpriorError, match=r"/dev/null is not a regular file"):
         load_task("custom", data_files={"train": "/dev/null"})
     comment = tmp_path / "c.csv"

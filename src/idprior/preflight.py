@@ -61,7 +61,8 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     config_ok = not problems
     if prune:
         problems += check_method(cfg)
-    problems += check_output(cfg, resume=resume, overwrite=overwrite)
+    output_problems = check_output(cfg, resume=resume, overwrite=overwrite)
+    problems += output_problems
     model_problems, info = check_model(cfg)
     problems += model_problems
     data_problems, data = [], None
@@ -75,7 +76,7 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         problems += check_head(info, data.task, data)
     if prune and info is not None and config_ok and not model_problems:
         problems += check_structure(cfg, info)
-    if info is not None and config_ok:
+    if info is not None and config_ok and not output_problems:  # an --out that cannot be written has no free space
         problems += check_disk(cfg, info, prune=prune, resume=resume)
     if problems:
         raise ConfigError([_one_line(p) for p in dict.fromkeys(problems)])
