@@ -463,7 +463,7 @@ def _validate_data(d: DataConfig, need) -> None:
     for flag, key, value in (("--data", "train_file", d.train_file), ("--data-validation", "validation_file",
                              d.validation_file), ("--data-test", "test_file", d.test_file),
                              ("--data-dir", "data_dir", d.data_dir)):
-        need(value is None or bool(value.strip()), f"{flag} (data.{key}) is empty: give a path, or leave it out")
+        need(value is None or bool(str(value).strip()), f"{flag} (data.{key}) is empty: give a path, or leave it out")
     need(d.problem_type is None or d.problem_type in typing.get_args(ProblemType),
          f"--problem-type (data.problem_type) must be classification or regression, got {d.problem_type!r}")
     from .zeroshot import SPECS  # no torch at import
@@ -530,14 +530,14 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
             p.append(msg)
 
     need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
-    need(bool(cfg.model.name.strip()), "--model (model.name) is empty: give a model folder, a .gguf file or an alias")
+    need(bool(str(cfg.model.name).strip()), "--model (model.name) is empty: give a model folder, a .gguf file or an alias")
     _validate_training(cfg, need)
     _validate_data(cfg.data, need)
     _validate_prune(cfg.prune, need)
     need(not cfg.prune.distill or cfg.recover.epochs > 0,
          "--distill (prune.distill) distils during recovery, and recover.epochs is 0; give --recover-epochs or drop --distill")
     p += _bench_problems(cfg.bench)
-    need(bool(cfg.out.strip()), "out must be a folder path")
+    need(bool(str(cfg.out).strip()), "out must be a folder path")
     need(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32 - 1] (NumPy's range), got {cfg.seed}")
     if p and raise_:
         raise ConfigError(p)
