@@ -194,6 +194,8 @@ def list_presets() -> list[str]:
 def resolve_preset(name_or_path: str) -> Path | Traversable:
     p = Path(name_or_path)
     if p.suffix in (".yaml", ".yml") or os.sep in name_or_path:
+        if p.is_dir():
+            raise IdpriorError(f"config file {name_or_path} is a folder; give a YAML file or one of: {', '.join(list_presets())}")
         if not p.is_file():
             raise IdpriorError(f"config file {name_or_path} not found; give a YAML path or one of: {', '.join(list_presets())}")
         return p
@@ -220,7 +222,13 @@ def load_config(preset: str | None = None, overrides: list[str] | dict | None = 
             problems.append(f"override {item!r}: write key=value, e.g. train.lr=3e-5")
             continue
         key, value = item.split("=", 1)
-        _set_dotted(given, key.strip(), yaml.safe_load(value) if value.strip() else None)
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError as e:
+            problems.append(f"override {item!r}: the value is not valid YAML ({str(e).splitlines()[0]}); quote it, "
+                            "e.g. key='value'")
+            continue
+        _set_dotted(given, key.strip(), parsed)
     _merge_raw(raw, given)
     return _build(raw, problems)
 
@@ -237,9 +245,19 @@ def config_from_saved(saved: dict) -> RunConfig:
     return _build(saved, [])
 
 
+# Path fields: a leading "~" is expanded once, here, so that every stage (and --resume) sees the same path
+PATH_FIELDS = (("model", "name"), ("data", "data_dir"), ("data", "train_file"), ("data", "validation_file"),
+               ("data", "test_file"), (None, "out"))
+
+
 def _build(raw: dict, problems: list[str]) -> RunConfig:
     cfg = RunConfig()
     _merge(cfg, raw, "", problems)
+    for section, name in PATH_FIELDS:
+        obj = getattr(cfg, section) if section else cfg
+        value = getattr(obj, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(obj, name, os.path.expanduser(value))
     problems += validate(cfg, raise_=False)
     if problems:
         raise ConfigError(problems)
@@ -263,22 +281,56 @@ def training_name(p: PruneConfig) -> str:
     return "with " + " and ".join(parts) if parts else "plain (no SN, no identity prior)"
 
 
-def _read_yaml(path) -> dict:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping: PyYAML keeps the last silently, so a
+    second `prune:` section would drop every setting of the first without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is given twice (line {key_node.start_mark.line + 1}), and only the last "
+                    "would be read: merge them into one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
+def read_yaml_text(path) -> Any:
+    """The YAML document in the file `path` (UTF-8), keys unique in every mapping; IdpriorError naming the
+    file for unreadable text, bad YAML or a repeated key."""
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise IdpriorError(f"{path} is not UTF-8 text (byte {e.start}: 0x{e.object[e.start]:02x}): save it as UTF-8") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
+    except yaml.constructor.ConstructorError as e:
+        if e.problem and "given twice" in e.problem:
+            raise IdpriorError(f"{path}: {e.problem}") from None
+        raise IdpriorError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
     except yaml.YAMLError as e:
         raise IdpriorError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+
+
+def _read_yaml(path) -> dict:
+    raw = read_yaml_text(path) or {}
     if not isinstance(raw, dict):
         raise IdpriorError(f"{path} must hold a mapping of sections (model:, data:, train:, ...)")
     return raw
 
 
 def _merge_raw(base: dict, top: dict) -> None:
-    """`top` over `base`, section by section."""
+    """`top` over `base`, section by section. A section the file gives as a scalar (`bench: 3`) stays, so
+    validation reports it, instead of being replaced by the overrides of one of its keys without a word."""
     for key, value in top.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             _merge_raw(base[key], value)
-        else:
+        elif not (isinstance(value, dict) and base.get(key) is not None and not isinstance(base[key], dict)):
             base[key] = value
 
 
@@ -408,6 +460,10 @@ def _validate_data(d: DataConfig, need) -> None:
     if d.task == "custom":  # the columns default to "text" and "label"
         need(d.train_file is not None, "task 'custom' needs a training file: pass --data FILE (CSV/TSV/JSONL; "
              "data.train_file in a config)")
+    for flag, key, value in (("--data", "train_file", d.train_file), ("--data-validation", "validation_file",
+                             d.validation_file), ("--data-test", "test_file", d.test_file),
+                             ("--data-dir", "data_dir", d.data_dir)):
+        need(value is None or bool(str(value).strip()), f"{flag} (data.{key}) is empty: give a path, or leave it out")
     need(d.problem_type is None or d.problem_type in typing.get_args(ProblemType),
          f"--problem-type (data.problem_type) must be classification or regression, got {d.problem_type!r}")
     from .pipeline.zeroshot import SPECS
@@ -474,13 +530,15 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
             p.append(msg)
 
     need(cfg.model.dtype in DTYPES, f"model.dtype must be one of {', '.join(DTYPES)}, got {cfg.model.dtype!r}")
+    need(bool(str(cfg.model.name).strip()), "--model (model.name) is empty: give a model folder, a .gguf file or an alias")
     _validate_training(cfg, need)
     _validate_data(cfg.data, need)
     _validate_prune(cfg.prune, need)
     need(not cfg.prune.distill or cfg.recover.epochs > 0,
          "--distill (prune.distill) distils during recovery, and recover.epochs is 0; give --recover-epochs or drop --distill")
     p += _bench_problems(cfg.bench)
-    need(bool(cfg.out), "out must be a folder path")
+    need(bool(str(cfg.out).strip()), "out must be a folder path")
+    need(0 <= cfg.seed < 2**32, f"seed must be in [0, 2**32 - 1] (NumPy's range), got {cfg.seed}")
     if p and raise_:
         raise ConfigError(p)
     return p
@@ -592,5 +650,13 @@ def config_differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
 
 def resume_differences(saved: dict, cfg: RunConfig) -> list[str]:
     """What `cfg` changes against the resume key a run folder was started with (`--resume` refuses a run
-    folder when this is not empty)."""
-    return config_differences(saved, resume_key(cfg))
+    folder when this is not empty). A data file that is gone is not a difference: the data check names it."""
+    d = cfg.data
+    gone = {role for role, path in (("train", d.train_file), ("validation", d.validation_file), ("test", d.test_file))
+            if path and not Path(path).expanduser().is_file()}
+
+    def kept(key: str) -> bool:
+        if key == "data_files":
+            return not set(saved.get("data_files") or {}) <= gone
+        return not (key.startswith("data_files.") and key.split(".", 1)[1] in gone)
+    return [k for k in config_differences(saved, resume_key(cfg)) if kept(k)]

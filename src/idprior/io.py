@@ -29,19 +29,41 @@ from .errors import IdpriorError
 
 
 @contextmanager
+def _made_parents(path: Path):
+    """Create `path`'s missing parent folders; if the block fails, remove those of them left empty (a write
+    that failed, on a full disk say, leaves no empty output folder behind)."""
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
+
+
+@contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path beside `path`; on success rename it onto `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with _made_parents(path):
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            yield Path(tmp)
+            os.chmod(tmp, 0o666 & ~_umask())
+            os.replace(tmp, path)
+        except OSError as e:
+            Path(tmp).unlink(missing_ok=True)
+            if e.filename is None:  # a failed write (a full disk) names no file: name the one being written
+                raise OSError(e.errno, e.strerror, str(path)) from e
+            raise
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
@@ -73,7 +95,12 @@ def jsonable(obj: Any) -> Any:
 def atomic_dir(path: str | os.PathLike):
     """Yield a temporary folder beside `path`; on success it replaces `path` as a whole."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with _made_parents(path), _atomic_dir(path) as tmp:
+        yield tmp
+
+
+@contextmanager
+def _atomic_dir(path: Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -273,10 +300,17 @@ def manifest_files(folder: Path) -> tuple[set[str] | None, str | None]:
 
 def folder_owner(folder: Path) -> tuple[str | None, list[str]]:
     """(the kind of idprior folder: "run", "pruned-model", "onnx", or None; the entries in it that
-    idprior did not write). A run folder is judged by its top-level names, a model folder by its
-    manifest; for any other folder every top-level entry is foreign."""
+    idprior did not write). A run folder is judged by its top-level names and, inside it, each model folder
+    by its manifest (a user's file in RUN/pruned/ is foreign too); a model folder by its manifest; for any
+    other folder every top-level entry is foreign."""
     if is_run_folder(folder):
-        return "run", sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatch(p.name, n) for n in RUN_NAMES))
+        foreign = sorted(p.name for p in folder.iterdir() if not any(fnmatch.fnmatch(p.name, n) for n in RUN_NAMES))
+        for manifest in sorted(folder.rglob(MANIFEST)):  # its model folders (finetuned/, pruned/, ...): by manifest
+            listed, _ = manifest_files(manifest.parent)
+            if listed is not None:
+                where = manifest.parent.relative_to(folder).as_posix()
+                foreign += [f"{where}/{f}" for f in folder_files(manifest.parent) if f not in listed]
+        return "run", foreign
     listed, kind = manifest_files(folder)
     if listed is None:
         return None, sorted(p.name for p in folder.iterdir())

@@ -11,6 +11,7 @@ spread is timed again and, if it stays so, marked NOISY in the table (--max-iqr-
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .common import ATTENTION_HELP
 
@@ -71,9 +72,15 @@ def dense_for(spec: str, pruned_folder: str):
 def load_dense_like(spec: str, pruned):
     """The dense model with the same head as `pruned` (classifier with as many labels, or LM)."""
     from ..data.tasks import Task
+    from ..errors import IdpriorError
     from ..model import load as models
 
     config = pruned.config
+    dense_labels = _labels_in_config(spec)
+    if dense_labels is not None and "ForSequenceClassification" in type(pruned).__name__ and \
+            dense_labels != config.num_labels:
+        raise IdpriorError(f"--dense {spec} has a {dense_labels}-label head and the pruned model {config.num_labels} "
+                           "labels, so it is not the model that was pruned; give that one as --dense")
     if "ForSequenceClassification" in type(pruned).__name__:
         kind = "regression" if config.problem_type == "regression" else "classification"
         labels = () if kind == "regression" else tuple(str(config.id2label[i]) for i in range(config.num_labels))
@@ -82,6 +89,20 @@ def load_dense_like(spec: str, pruned):
     else:
         model, _ = models.load(spec)
     return model.eval()
+
+
+def _labels_in_config(spec: str) -> int | None:
+    """The label count of a classifier folder's config.json, None for anything else (an alias, a GGUF file, an LM)."""
+    import json
+    from pathlib import Path
+
+    try:
+        config = json.loads((Path(spec).expanduser() / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not any("ForSequenceClassification" in a for a in config.get("architectures") or []):
+        return None
+    return len(config.get("id2label") or {}) or config.get("num_labels")
 
 
 def check_out(out: str):
@@ -119,10 +140,19 @@ def run(args) -> int:
     )
     from .export import load_with_head
 
-    if args.repeats < 1 or args.warmup < 0 or (args.threads is not None and args.threads < 1):
-        raise IdpriorError("--repeats and --threads must be >= 1 and --warmup >= 0")
-    if args.max_iqr_fraction <= 0 or args.max_speedup_gap <= 0 or args.retime_rounds < 0:
-        raise IdpriorError("--max-iqr-fraction and --max-speedup-gap must be > 0 and --retime-rounds >= 0")
+    for flag, value, ok, need in (("--repeats", args.repeats, args.repeats >= 1, ">= 1"),
+                                  ("--warmup", args.warmup, args.warmup >= 0, ">= 0"),
+                                  ("--threads", args.threads, args.threads is None or args.threads >= 1, ">= 1"),
+                                  ("--max-iqr-fraction", args.max_iqr_fraction, args.max_iqr_fraction > 0, "> 0"),
+                                  ("--max-speedup-gap", args.max_speedup_gap, args.max_speedup_gap > 0, "> 0"),
+                                  ("--retime-rounds", args.retime_rounds, args.retime_rounds >= 0, ">= 0")):
+        if not ok:  # NaN fails every comparison, so it is refused too
+            raise IdpriorError(f"{flag} must be {need}, got {value}")
+    if args.no_onnx:
+        for flag, value, default in (("--exporter", args.exporter, "dynamo"), ("--attention", args.attention, "auto")):
+            if value != default:
+                print(f"idprior: warning: {flag} {value} does nothing here: --no-onnx times PyTorch only (no ONNX "
+                      "export); drop one of them", file=sys.stderr)
     if args.processes < 1:
         raise IdpriorError(f"--processes must be >= 1, got {args.processes}")
     json_path, md_path = check_out(args.out)

@@ -34,10 +34,10 @@ def run(args) -> int:
     from ..errors import IdpriorError
     from ..study.quality import load_grid, run_grid
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise IdpriorError(f"--threads must be >= 1, got {args.threads}")
+    if args.stop_after_min is not None and not args.stop_after_min >= 0:
+        raise IdpriorError(f"--stop-after-min must be a number of minutes >= 0, got {args.stop_after_min}")
     try:
         shard = tuple(int(x) for x in args.shard.split("/"))
         if len(shard) != 2 or not 0 <= shard[0] < shard[1]:
@@ -45,10 +45,61 @@ def run(args) -> int:
     except ValueError:
         raise IdpriorError(f"--shard {args.shard!r}: use I/N with 0 <= I < N, e.g. 0/2 and 1/2") from None
     grid = load_grid(args.grid)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    check_inputs(grid, args, tasks)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     deadline = time.time() + 60 * args.stop_after_min if args.stop_after_min is not None else None
-    c = run_grid(grid, args.out, results=args.results, resume=args.resume, deadline=deadline,
-                  tasks=[t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None,
-                  shard=shard)
+    c = run_grid(grid, args.out, results=args.results, resume=args.resume, deadline=deadline, tasks=tasks, shard=shard)
     print(f"done: {c['cells']} cells and {c['dense']} dense rows run, {c['finetune']} fine-tunes, "
           f"{c['skipped']} finished earlier and skipped")
     return 0
+
+
+def check_inputs(grid, args, tasks: list[str] | None) -> None:
+    """Before anything is written: the grid's tasks and model exist, --tasks names tasks of the grid, --out can be
+    written, and a --results file that exists holds results rows (a sweep appends to it; a user's JSONL is never
+    appended to). One line per problem."""
+    import json
+    from pathlib import Path
+
+    from .. import io
+    from ..model import load as models
+    from ..data.tasks import CUSTOM, get_task
+    from ..errors import ConfigError, IdpriorError
+
+    problems = []
+    for task in grid.tasks:
+        try:
+            if task.strip().lower() == CUSTOM:
+                raise IdpriorError("a grid runs built-in tasks (idprior tasks lists them), not your own files")
+            get_task(task)
+        except IdpriorError as e:
+            problems.append(f"grid task {task!r}: {e}")
+    unknown = [t for t in tasks or [] if t not in grid.tasks]
+    if unknown:
+        problems.append(f"--tasks {', '.join(unknown)}: not in the grid's tasks ({', '.join(grid.tasks)})")
+    try:
+        models.resolve(grid.model)
+    except IdpriorError as e:
+        problems.append(f"grid model: {e}")
+    out = Path(args.out)
+    results = Path(args.results) if args.results else out / "results.jsonl"
+    out_problem = io.writable_problem(out / "grid.yaml", "--out")
+    problems += [p for p in (out_problem, io.writable_problem(results, "--results") if args.results or not out_problem
+                             else None) if p]
+    if results.is_file():
+        lines = results.read_text(encoding="utf-8", errors="replace").splitlines()
+        for i, line in enumerate(lines, start=1):
+            try:
+                row = json.loads(line) if line.strip() else {"key": ""}
+            except ValueError:
+                row = {"key": ""} if i == len(lines) else None  # a torn last line from a killed sweep
+            if not (isinstance(row, dict) and "key" in row):
+                problems.append(f"{results} line {i} is not a result row of idprior bench-quality, so the sweep does "
+                                "not append to it: choose another --results (or --out)")
+                break
+    if problems:
+        raise ConfigError(problems)

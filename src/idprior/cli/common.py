@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 import yaml
@@ -85,7 +86,7 @@ def add_run_args(p: argparse.ArgumentParser, prune: bool = False) -> None:
                    help="dotted config override, e.g. --set train.lr=3e-5 (repeatable)")
     flags = dict(RUN_FLAGS, **(PRUNE_FLAGS if prune else {}))
     for name, (_, help_) in flags.items():
-        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=help_)
+        p.add_argument("--" + name.replace("_", "-"), dest=name, default=None, action=_Once, help=help_)
     if prune:
         for name, (_, _, help_) in SWITCHES.items():
             p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", help=help_)
@@ -93,9 +94,31 @@ def add_run_args(p: argparse.ArgumentParser, prune: bool = False) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace the idprior run in --out (files idprior did not write are never deleted)")
 
 
+class _Once(argparse.Action):
+    """Store a flag's value; the same flag given again with another value is recorded for `config_from_args`
+    to warn about (the last one wins, as in any CLI, so an alias can be overridden; argparse said nothing)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        old = getattr(namespace, self.dest, None)
+        if old is not None and old != values:
+            namespace.__dict__.setdefault("_repeated", []).append(f"{option_string} given twice ({old}, then {values}): "
+                                                                   f"the last one, {values}, is used")
+        setattr(namespace, self.dest, values)
+
+
+# Flags whose values are names or paths: passed on as YAML strings, never parsed as YAML (a '#' in a path
+# started a comment and cut the path, 'a: b' became a mapping, a line break folded, 'yes' became true)
+STRING_FLAGS = {"model", "task", "data_dir", "data", "data_validation", "data_test", "text_column", "text_pair_column",
+                "label_column", "problem_type", "out", "dtype", "method", "measure", "kinds", "selection", "score",
+                "sn_bound", "compensate", "zero_shot"}
+
+
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """The run config of the flags; `--data` alone means `--task custom`, and `--tau` with `--target` is
-    refused (the threshold would silently win over the target)."""
+    """The run config of the flags; `--data` alone means `--task custom`. Refused, one line each naming both
+    sides: `--tau` with `--target`, a flag and a `--set` of one option with two values, and the epochs or learning
+    rate of a training that does not run. A warning line each: a flag (or `--set` key) given twice with two values
+    (the last is used), other options of a training that does not run, and options the chosen mode never reads
+    (`inert_options`)."""
     overrides = list(args.overrides)
     if getattr(args, "data", None) is not None and getattr(args, "task", None) is None:
         print("idprior: --data given without --task: using --task custom", file=sys.stderr)
@@ -105,39 +128,154 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if {"prune.tau", "prune.target"} <= given:
         raise ConfigError(["--tau and --target both given: --tau removes every unit under a threshold and would "
                            "ignore --target; give one of them"])
-    flagged = {}  # dotted key -> (flag, value) of every flag and switch given
+    flagged = {}  # dotted key -> (flag, value as shown, value as YAML) of every flag and switch given
     for name, (key, _) in {**RUN_FLAGS, **PRUNE_FLAGS}.items():
         value = getattr(args, name, None)
         if value is not None:
-            flagged[key] = ("--" + name.replace("_", "-"), str(value))
+            flagged[key] = ("--" + name.replace("_", "-"), str(value),
+                            json.dumps(str(value)) if name in STRING_FLAGS else str(value))
     for name, (key, value, _) in SWITCHES.items():
         if getattr(args, name, False):
-            flagged[key] = ("--" + name.replace("_", "-"), str(value).lower())
+            flagged[key] = ("--" + name.replace("_", "-"), "", str(value).lower())
+    for note in getattr(args, "_repeated", []):
+        print(f"idprior: warning: {note}", file=sys.stderr)
     problems = contradictions(overrides, flagged)
     if problems:
         raise ConfigError(problems)
-    return load_config(args.config, overrides + [f"{key}={value}" for key, (_, value) in flagged.items()])
+    cfg = load_config(args.config, overrides + [f"{key}={value}" for key, (_, _, value) in flagged.items()])
+    source = _sources(overrides, flagged)
+    problems, notes = idle_training(cfg, source, prune=getattr(args, "command", "prune") == "prune")
+    if problems:
+        raise ConfigError(problems)
+    for note in notes + inert_options(cfg, source, command=getattr(args, "command", "prune")):
+        print(f"idprior: warning: {note}", file=sys.stderr)
+    return cfg
+
+
+def _yaml(text: str):
+    try:
+        return yaml.safe_load(text or "null")
+    except yaml.YAMLError:
+        return text  # load_config reports it
+
+
+def _sources(overrides: list[str], flagged: dict) -> dict[str, str]:
+    """{dotted key: how the command line set it ('--epochs 3', '--no-train', '--set train.lr=1e-4')}."""
+    source = {}
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        if raw.strip() and raw.strip() != "null":
+            source[key.strip()] = f"--set {key.strip()}={raw.strip()}"
+    for key, (flag, shown, _) in flagged.items():
+        source[key] = f"{flag} {shown}".strip()
+    return source
 
 
 # flags that set the fine-tune, which post-training mode (--no-train) skips
 FINETUNE_KEYS = ("train.epochs", "train.lr")
 
 
-def contradictions(overrides: list[str], flagged: dict[str, tuple[str, str]]) -> list[str]:
+def contradictions(overrides: list[str], flagged: dict[str, tuple]) -> list[str]:
     """Two sides of one command line that cannot both hold, one line each naming both: a flag and a `--set` of
-    the same key with other values (the flag used to win silently), and fine-tune flags with --no-train."""
+    the same key with other values (the flag used to win silently), and fine-tune flags with --no-train. Two
+    `--set` of one key with other values get a warning (the last is used, as for a repeated flag)."""
     problems = []
+    seen: dict[str, str] = {}
     for item in overrides:
         key, _, raw = item.partition("=")
         key = key.strip()
         if key in flagged:
-            flag, value = flagged[key]
-            if yaml.safe_load(raw or "null") != yaml.safe_load(value):
-                problems.append(f"{flag} {value} and --set {key}={raw.strip()} set the same option to different "
-                                "values; give one of them")
-    if flagged.get("prune.finetune_first", ("", ""))[1] == "false":
+            flag, shown, value = flagged[key]
+            if _yaml(raw) != _yaml(value):
+                problems.append(f"{f'{flag} {shown}'.strip()} and --set {key}={raw.strip()} set the same option to "
+                                "different values; give one of them")
+        if key in seen and _yaml(seen[key]) != _yaml(raw):
+            print(f"idprior: warning: --set {key} given twice ({seen[key].strip()}, then {raw.strip()}): the last one, "
+                  f"{raw.strip()}, is used", file=sys.stderr)
+        seen[key] = raw
+    if flagged.get("prune.finetune_first", ("", "", ""))[2] == "false":
         for key in FINETUNE_KEYS:
             if key in flagged:
                 problems.append(f"--no-train skips the fine-tune, so {flagged[key][0]} {flagged[key][1]} would do "
                                 f"nothing; drop one of them (recovery after the cut: --recover-epochs, --set recover.*)")
     return problems
+
+
+def idle_training(cfg: RunConfig, source: dict[str, str], prune: bool = True) -> tuple[list[str], list[str]]:
+    """(refusals, warnings) for training options given for a training that does not run (--no-train or 0 fine-tune
+    epochs; 0 recovery epochs): its epochs or learning rate are refused, as --no-train --epochs always was; the
+    other options (batch size, weight decay, ...) get a warning. train.eval_batch_size also sizes evaluation."""
+    problems, notes, skipped = [], [], []
+    if prune and not cfg.prune.finetune_first:
+        skipped.append(("train.", source.get("prune.finetune_first", "--no-train") + " skips the fine-tune", ()))
+    elif cfg.train.epochs == 0:
+        skipped.append(("train.", f"{source.get('train.epochs', 'train.epochs 0')} runs no fine-tune", ("train.epochs",)))
+    if prune and cfg.recover.epochs == 0:
+        skipped.append(("recover.", f"{source.get('recover.epochs', 'recover.epochs 0')} runs no recovery",
+                        ("recover.epochs",)))
+    for prefix, why, keep in skipped:
+        for key, how in source.items():
+            if key.startswith(prefix) and key not in (*keep, "train.eval_batch_size"):
+                if key.endswith((".epochs", ".lr")):
+                    problems.append(f"{why}, so {how} would do nothing; drop one of them")
+                else:
+                    notes.append(f"{how} does nothing here: {why}; drop it")
+    return problems, notes
+
+
+LAYER_DROPS = ("shortgpt", "top-layers")
+
+
+def inert_options(cfg: RunConfig, source: dict[str, str], command: str = "prune") -> list[str]:
+    """Options given on the command line that the chosen mode never reads, one line each (a warning: the run
+    is what it would be without them, which the user should know)."""
+    from ..config import RunConfig as Defaults
+    from ..config import prior_active, training_of
+
+    default = Defaults().to_dict()
+
+    def is_default(key: str) -> bool:
+        section, _, name = key.rpartition(".")
+        value = (default.get(section, {}) if section else default).get(name, object())
+        got = getattr(getattr(cfg, section) if section else cfg, name, None)
+        return got == value
+
+    notes = []
+
+    def unused(keys, why: str) -> None:
+        for key in keys:
+            if key in source and not is_default(key):
+                notes.append(f"{source[key]} does nothing here: {why}; drop it")
+
+    if command == "finetune":
+        unused([k for k in source if k.startswith(("prune.", "recover.", "bench."))],
+               "idprior finetune only fine-tunes and evaluates (prune.*, recover.* and bench.* are idprior prune's)")
+        return notes
+    p = cfg.prune
+    sn, _ = training_of(p)
+    trains = p.finetune_first and cfg.train.epochs > 0
+    prior = prior_active(p) and cfg.train.epochs > 0
+    if p.method != "snip":
+        unused(["prune.selection", "prune.head_share", "prune.score"],
+               f"--method {p.method} ranks units by its own criterion (selection, head share and score are SNIP's)")
+        if not prior:
+            unused(["prune.norm_after_ln"], f"--method {p.method} without the identity prior never reads it")
+    if p.method in LAYER_DROPS:
+        unused(["prune.kinds", "prune.min_keep", "model.per_query_head"],
+               f"--method {p.method} drops whole layers (attention and FFN together)")
+    if not (sn and trains):
+        why = ("the fine-tune is skipped" if not trains else
+               "--no-sn" if p.method == "snip" else f"--method {p.method} fine-tunes without SN unless --set prune.sn=true")
+        unused(["prune.sn_bound"], f"it bounds spectral normalization, and this run has none ({why})")
+    if not prior:
+        why = ("the fine-tune is skipped" if not trains else
+               "--no-prior" if p.method == "snip" else f"--method {p.method} fine-tunes without it unless "
+               "--set prune.prior=true")
+        unused(["prune.prior_gamma", "prune.prior_head_share", "prune.prior_debias"],
+               f"it shapes the identity prior, and this run has none ({why})")
+    if p.method == "snip" and (p.tau is not None or p.selection in ("norm", "prior") or (p.selection == "auto" and prior)):
+        mode = "--tau" if p.tau is not None else f"selection {'prior' if p.selection == 'auto' else p.selection}"
+        unused(["prune.head_share"], f"only --selection share reads it, and this run uses {mode}")
+    if not cfg.bench.enabled:
+        unused([k for k in source if k.startswith("bench.") and k != "bench.enabled"], "--no-bench skips the benchmark")
+    return notes

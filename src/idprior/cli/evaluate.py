@@ -86,8 +86,10 @@ def run(args) -> int:
     from ..pipeline.evaluate import evaluate
     from ..pipeline.preflight import check_evaluation
 
-    if args.max_length < 2 or args.batch_size < 1 or (args.max_eval is not None and args.max_eval < 1):
-        raise IdpriorError("--max-length must be >= 2, --batch-size and --max-eval >= 1")
+    for flag, value, least in (("--max-length", args.max_length, 2), ("--batch-size", args.batch_size, 1),
+                               ("--max-eval", args.max_eval, 1)):
+        if value is not None and value < least:
+            raise IdpriorError(f"{flag} must be >= {least}, got {value}")
     task = args.task
     if task is None:
         if not (args.data or args.data_test):
@@ -95,6 +97,10 @@ def run(args) -> int:
         print("idprior: --data given without --task: using --task custom", file=sys.stderr)
         task = "custom"
     if task.strip().lower() == "custom" and not args.data and args.data_test:
+        other = [s.strip() for s in args.split.split(",") if s.strip() and s.strip() != "test"]
+        if other:
+            raise IdpriorError(f"--split {','.join(other)}: with --data-test alone there is only the test split (the "
+                               "whole file); give --data FILE for its validation split, or --split test")
         args.data = args.data_test  # one labelled file to evaluate on: its own train split is not used
     metrics_path = _metrics_path(args)
     data = _load_data(args, task)

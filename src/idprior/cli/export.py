@@ -60,6 +60,8 @@ def load_with_head(spec: str):
     if path.is_dir():
         from ..model.surgery import load_pruned_with_tokenizer
 
+        models.resolve(str(path))  # a run folder is not a model: its message points to RUN/pruned
+
         model, tok = load_pruned_with_tokenizer(path)
     else:
         model, tok = models.load(spec)
@@ -84,6 +86,11 @@ def check_target(args) -> None:
     from .. import io
     from ..errors import IdpriorError
 
+    if args.seq_len < 2:
+        raise IdpriorError(f"--seq-len must be at least 2 (got {args.seq_len}): a size-1 axis would not stay dynamic")
+    if not args.tol > 0:  # NaN fails this too
+        raise IdpriorError(f"--tol must be a positive number (got {args.tol}): the largest allowed relative logits "
+                           "difference, default 1e-4")
     lo, hi = OPSETS[args.exporter]
     if args.opset is not None and not lo <= args.opset <= hi:
         raise IdpriorError(f"--opset {args.opset} is outside what the {args.exporter} exporter writes ({lo} to {hi}); "
@@ -115,6 +122,11 @@ def run(args) -> int:
     if args.quantize and not args.onnx_dir:
         raise IdpriorError("--quantize writes model_quantized.onnx into an ONNX folder; add --onnx-dir OUT_DIR")
     model, tok = load_with_head(args.model)
+    limit = next((v for k in ("max_position_embeddings", "n_positions") if isinstance(v := getattr(model.config, k, None), int)),
+                 None)
+    if limit is not None and 2 * args.seq_len + 1 > limit:  # the parity batches are up to 2 x --seq-len + 1 long
+        raise IdpriorError(f"--seq-len {args.seq_len} is too long for {args.model}: its {limit} positions take "
+                           f"--seq-len {(limit - 1) // 2} at most (the parity check runs 2 x --seq-len + 1 tokens)")
     options = dict(opset=args.opset, seq_len=args.seq_len, exporter=args.exporter, attention=args.attention)
     names = input_names(model, tok)
     shapes = [(3, args.seq_len + 8, True), (1, 2 * args.seq_len + 1, False)]

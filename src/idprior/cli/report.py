@@ -16,6 +16,7 @@ records).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from ..errors import IdpriorError
@@ -33,14 +34,34 @@ def add_parser(sub):
     p.add_argument("--title", default=None)
     p.add_argument("--command", default=None, help="the command that produced the results, quoted in the report")
     p.add_argument("--notes", default=None, metavar="FILE", help="markdown file inserted under the title")
-    p.add_argument("--reference", default="snip",
+    p.add_argument("--reference", default=None,
                    help="paired grids: the method compared against every other one (default snip)")
-    p.add_argument("--baseline", default="fisher",
+    p.add_argument("--baseline", default=None,
                    help="paired grids: the baseline every method is also compared with (default fisher)")
     return p
 
 
 RUN_REPORT_FILES = ("report.md", "structure.png", "norms.png", "stages.png")
+# what the tables read from every row of a bench-quality results JSONL (report_quality)
+ROW_KEYS = ("task", "seed", "method", "target", "variant", "model", "main_metric", "dense", "pruned_no_recovery",
+            "pruned", "compression")
+
+
+def _read(path: Path, json_: bool = False):
+    """A text file the user named (--notes) or a run's JSON, as one line on error instead of a traceback."""
+    import json
+
+    try:
+        text = path.read_text(encoding="utf-8")
+        return json.loads(text) if json_ else text
+    except FileNotFoundError:
+        raise IdpriorError(f"{path} does not exist; check the path") from None
+    except IsADirectoryError:
+        raise IdpriorError(f"{path} is a folder; give a file") from None
+    except UnicodeDecodeError:
+        raise IdpriorError(f"{path} is not UTF-8 text; save it as UTF-8") from None
+    except ValueError as e:
+        raise IdpriorError(f"{path} is not valid JSON ({e})") from None
 
 
 def check_outputs(folder: Path, names: list[str], kind: str) -> None:
@@ -67,6 +88,10 @@ def run(args) -> int:
         if not io.is_run_folder(src):
             raise IdpriorError(f"{src} is not an idprior run folder (it has no stages.json); give the --out folder of "
                                "idprior prune, or a results JSONL")
+        metrics = _read(src / "metrics.json", json_=True) if (src / "metrics.json").is_file() else {}
+        if not isinstance(metrics, dict) or (metrics and "main_metric" not in metrics):
+            raise IdpriorError(f"{src} is not an idprior prune run (its metrics.json is a fine-tune's, or not idprior's): "
+                               "report covers prune runs; a fine-tune's results are in its metrics.json")
         check_outputs(src, list(RUN_REPORT_FILES), "run")
         print(f"wrote {write_run_report(src)}")
         return 0
@@ -74,19 +99,34 @@ def run(args) -> int:
         raise IdpriorError(f"{src} is neither a results JSONL nor a run folder")
     from ..study.report_quality import load_rows, write_quality_report
 
-    rows = load_rows(src)
+    try:
+        rows = load_rows(src)
+    except UnicodeDecodeError:
+        raise IdpriorError(f"{src} is not UTF-8 text; give the results JSONL of idprior bench-quality") from None
     if not rows:
         raise IdpriorError(f"{src} holds no result rows (run idprior bench-quality first)")
-    notes = Path(args.notes).read_text(encoding="utf-8") if args.notes else None
+    short = next((r for r in rows if not all(k in r for k in ROW_KEYS)), None)
+    if short is not None:
+        missing = ", ".join(k for k in ROW_KEYS if k not in short)
+        raise IdpriorError(f"{src}: the row {str(short.get('key'))[:60]!r} has no {missing}; give the results JSONL of "
+                           "idprior bench-quality")
+    notes = _read(Path(args.notes)) if args.notes else None
     out, name = Path(args.out or src.parent), args.name or src.stem
+    if args.name is not None and (not args.name.strip() or Path(args.name).name != args.name or args.name in (".", "..")):
+        raise IdpriorError(f"--name {args.name!r}: give a plain file stem (no folders; the files go to --out)")
     paired = any(r.get("paired") for r in rows)
+    if not paired:
+        for flag, value in (("--reference", args.reference), ("--baseline", args.baseline)):
+            if value is not None:
+                print(f"idprior: warning: {flag} {value} does nothing here: it chooses the comparisons of a paired grid, "
+                      f"and {src} is not one; drop it", file=sys.stderr)
     plots = ["paired"] if paired else ["tradeoff", "structure", "norms", "walltimes"]
     check_outputs(out, [f"{name}.md", *(f"{name}_{plot}.png" for plot in plots)], "report")
     if paired:
         from ..study.report_paired import write_paired_report
 
-        path = write_paired_report(rows, src, out, name=name, reference=args.reference, baseline=args.baseline,
-                                   command=args.command, notes=notes)
+        path = write_paired_report(rows, src, out, name=name, reference=args.reference or "snip",
+                                   baseline=args.baseline or "fisher", command=args.command, notes=notes)
         print(f"wrote {path}")
         return 0
     path = write_quality_report(rows, out, name=name, runs=args.runs, plan_key=args.plan, command=args.command,

@@ -29,7 +29,7 @@ class the training split lacks (a class of one or two rows) is refused like such
 
 Read as written (issue 31): a file is decoded as UTF-8 (an error names the line and byte); a header
 naming a column twice is refused (which copy would be read?), and so is a JSON object with a key
-twice; a `.csv` header holding tabs or semicolons (a `.tsv` header holding commas) is called
+twice, and a CSV/TSV line that repeats the header (two files joined); a `.csv` header holding tabs or semicolons (a `.tsv` header holding commas) is called
 by its real separator; a CSV row whose quoted field runs over following lines that look like rows
 (a stray `"`) is refused at the line where the quote opens; one column named for two roles (text
 and label, text and pair) is refused; so is an inferred label column with too many distinct values
@@ -184,6 +184,9 @@ def _read_records(path: Path, label_column: str) -> list[tuple[dict, int]]:
     `label_column` only helps to recognize rows that a stray quote swallowed (`_check_merged`)."""
     if path.is_dir():
         raise IdpriorError(f"data file {path} is a folder: give a CSV, TSV or JSONL file with --data")
+    if path.exists() and not path.is_file():  # a device or a pipe (<(zcat f.gz)): read twice, by preflight and the run
+        raise IdpriorError(f"data file {path} is not a regular file (a device or a pipe); save the data to a file and "
+                           "pass that")
     if not path.is_file():
         raise IdpriorError(f"data file {path} does not exist: check the path given with --data")
     suffix = path.suffix.lower()
@@ -315,6 +318,11 @@ def _read_delimited(path: Path, suffix: str, label_column: str) -> list[tuple[di
     if header is None:
         return []
     _check_header(header, path, tsv)
+    names = [h.strip() for h in header]
+    again = next((line for cells, line, _ in rows if len(names) > 1 and [c.strip() for c in cells] == names), None)
+    if again is not None:  # two files joined: the second header would be one example, its label a class of its own
+        raise IdpriorError(f"{path} line {again} repeats the header ({', '.join(names)}): were two files joined? remove "
+                           "that line")
     if not tsv:
         _check_merged(rows, lines, header, path, label_column)
     records = []
@@ -333,6 +341,9 @@ def _check_header(header: list[str], path: Path, tsv: bool) -> None:
     """A header that shows another separator than the extension's, or names a column twice, is refused:
     the first would be read as one column, the second would read one copy and drop the other unseen."""
     shown = ("\t" if tsv else ",").join(header)[:60]
+    if header and header[0].lstrip().startswith("#") and (len(header) == 1 or header[0].lstrip().startswith("# ")):
+        raise IdpriorError(f"{path} line 1 ({shown!r}) is a comment, not a header: the first line must name the "
+                           "columns (text,label); remove the comment lines")
     if not tsv and "\t" in shown:
         raise IdpriorError(f"{path} looks tab-separated (its header {shown!r} holds tabs): rename it to .tsv, or "
                            "save it comma-separated")

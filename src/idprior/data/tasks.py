@@ -98,8 +98,10 @@ def load_task(
     """
     _check_limit("max_train", max_train)
     _check_limit("max_eval", max_eval)
+    files = data_files or {}
     custom_args = {
-        "--data": data_files,
+        **{flag: files.get(role) for role, flag in (("train", "--data"), ("validation", "--data-validation"),
+                                                     ("test", "--data-test"))},
         "--text-column": text_column,
         "--text-pair-column": text_pair_column,
         "--label-column": label_column,

@@ -28,6 +28,7 @@ output is `logits` (decoders: no KV cache, `use_cache=False`).
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib.util
 import inspect
 import io as _stdio
@@ -219,7 +220,11 @@ def export_onnx(model: nn.Module, tokenizer, out_path: str | os.PathLike, *, ops
                 _export_legacy(wrapper, inputs, tmp, opset)
         except IdpriorError:
             raise
+        except OSError:  # the disk or a path, not the exporter: the CLI prints it as one line, without an exporter hint
+            raise
         except Exception as e:  # noqa: BLE001 - exporter failures become one-line user errors
+            if "No space left on device" in str(e):  # an exporter that wrapped the disk's error
+                raise OSError(errno.ENOSPC, "No space left on device", str(out_path)) from e
             other = "legacy" if exporter == "dynamo" else "dynamo"
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
             fix = ("attention='eager' (CLI: --attention eager)" if attention == "fused"

@@ -55,6 +55,8 @@ def resolve(spec: str) -> tuple[Path, str | None]:
     if path.is_file() and path.suffix == ".gguf":
         return path.parent, path.name
     if path.is_dir():
+        if not (path / "config.json").is_file() and (path / "stages.json").is_file():
+            raise IdpriorError(f"{path} is an idprior run folder, not a model: give its pruned/ (or finetuned/) folder")
         if not (path / "config.json").is_file():
             raise IdpriorError(f"{path} has no config.json; give a Hugging Face model folder (config.json + *.safetensors) or a .gguf file")
         return path, None
@@ -208,8 +210,15 @@ def _is_pruned_folder(folder: Path) -> bool:
 
 
 def check_weights(folder: Path, gguf: str | None) -> None:
-    """Refuse pickled-only folders and truncated safetensors before transformers sees them."""
+    """Refuse pickled-only folders, truncated safetensors and unreadable GGUF files before transformers sees them."""
     if gguf:
+        try:  # the header and tensor table (memory-mapped; no weights read)
+            from gguf import GGUFReader
+
+            GGUFReader(str(folder / gguf)).fields["general.architecture"]
+        except Exception as e:  # noqa: BLE001 - any unreadable file: one line, before a run folder is made
+            raise IdpriorError(f"{folder / gguf} is not a readable GGUF model ({_first_line(e)}); copy or convert "
+                               "the file again") from None
         return
     files = sorted(folder.glob("*.safetensors"))
     if not files:

@@ -61,7 +61,8 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     config_ok = not problems
     if prune:
         problems += check_method(cfg)
-    problems += check_output(cfg, resume=resume, overwrite=overwrite)
+    output_problems = check_output(cfg, resume=resume, overwrite=overwrite)
+    problems += output_problems
     model_problems, info = check_model(cfg)
     problems += model_problems
     data_problems, data = [], None
@@ -75,7 +76,7 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         problems += check_head(info, data.task, data)
     if prune and info is not None and config_ok and not model_problems:
         problems += check_structure(cfg, info)
-    if info is not None and config_ok:
+    if info is not None and config_ok and not output_problems:  # an --out that cannot be written has no free space
         problems += check_disk(cfg, info, prune=prune, resume=resume)
     if problems:
         raise ConfigError([_one_line(p) for p in dict.fromkeys(problems)])
@@ -137,11 +138,35 @@ def check_output(cfg: RunConfig, *, resume: bool, overwrite: bool) -> list[str]:
             shown = ", ".join(changed[:6]) + (" ..." if len(changed) > 6 else "")
             return [f"--resume: {out} was started with a different config ({shown} differ); use the same "
                     "options, --overwrite, or another --out"]
-        return []
+        return _missing_outputs(out)
     parent = _existing_ancestor(out)
+    if not parent.is_dir():
+        return [f"cannot write {out}: {parent} is a file, not a folder; choose another --out"]
     if not os.access(parent, os.W_OK | os.X_OK):
         return [f"cannot write to {parent} (permission denied); choose another --out"]
-    return []
+    from ..io import writable_problem
+
+    problem = writable_problem(out / "stages.json", "--out")  # a probe: read-only file systems and /proc (root passes os.access)
+    return [f"{problem.rsplit('; ', 1)[0]}; choose another --out"] if problem else []
+
+
+# What each finished stage left in the run folder; --resume never redoes a finished stage, so its output must be there
+STAGE_OUTPUTS = {"finetune": "finetuned", "score": "scores.json", "select": "plan.json", "surgery": "surgery",
+                 "recover": "pruned", "assemble": "pruned", "evaluate": "metrics.json"}
+
+
+def _missing_outputs(out: Path) -> list[str]:
+    """--resume of a run whose finished stage's output was deleted: the run would end "done" without it."""
+    try:
+        stages = json.loads((out / "stages.json").read_text(encoding="utf-8")).get("stages") or {}
+    except (OSError, ValueError, AttributeError):
+        return []
+    gone = [f"{name}/" if not name.endswith(".json") else name
+            for stage, name in STAGE_OUTPUTS.items() if stage in stages and not (out / name).exists()]
+    if not gone:
+        return []
+    return [f"--resume: {out} has finished stages whose output is gone ({', '.join(dict.fromkeys(gone))}); "
+            "--resume does not redo a finished stage: start afresh with --overwrite or another --out"]
 
 
 def _older_version(out: Path) -> str | None:
@@ -216,6 +241,10 @@ def check_model(cfg: RunConfig) -> tuple[list[str], ModelInfo | None]:
     except IdpriorError as e:
         return [str(e)], None
     if gguf:
+        try:
+            models.check_weights(folder, gguf)
+        except IdpriorError as e:
+            return [str(e)], None
         size = (folder / gguf).stat().st_size
         return [], ModelInfo(folder, gguf, {}, None, size)
     problems: list[str] = []
@@ -447,7 +476,33 @@ def check_structure(cfg: RunConfig, info: ModelInfo) -> list[str]:
         return [f"prune.target {p.target:g} is out of reach: with kinds {','.join(kinds)} at most {reachable:.1%} "
                 f"of {p.measure} can be removed (one attention and one FFN sub-layer always stay); lower --target "
                 "or add kinds"]
+    if not layer_method:
+        return _reachable_with_held(cfg, info, adapter, kinds)
     return []
+
+
+def _reachable_with_held(cfg: RunConfig, info: ModelInfo, adapter, kinds) -> list[str]:
+    """A target that min_keep or --protect-first/last put out of reach (selection would say so only after the
+    fine-tune, with the run folder half written): selection run on the layer shapes, every unit allowed to go."""
+    from ..arch import recipe_of
+    from ..baselines.base import present_units
+    from ..config import recipe_for
+    from ..method.selection import protected_layers, select
+
+    p = recipe_for(cfg.prune, recipe_of(info.config.get("model_type")))
+    protect = protected_layers(adapter.num_layers, p.protect_first, p.protect_last)
+    if not (p.min_keep or protect):
+        return []
+    units = present_units(adapter, kinds)
+    plan = select({u: 0.0 for u in units}, adapter, target=None, tau=1.0, measure=p.measure, seq_len=p.flops_seq_len,
+                  mode="norm", kinds=kinds, min_keep=p.min_keep or 0.0, protect=protect, total_params=0)
+    reach = plan.measures["removed_fraction"][p.measure]
+    if p.target <= reach + 1e-12:
+        return []
+    held = ", ".join(f"{k} {v}" for k, v in (("min_keep", p.min_keep), ("protect_first", p.protect_first),
+                                             ("protect_last", p.protect_last)) if v)
+    return [f"prune.target {p.target:g} is out of reach: with {held} at most {reach:.1%} of {p.measure} can be removed "
+            "(the held-back units always stay); lower --target, --min-keep or protect fewer layers"]
 
 
 def check_protect(first: int, last: int, layers: int, folder) -> list[str]:
@@ -533,4 +588,5 @@ def _first_line(e: BaseException) -> str:
 
 
 def _one_line(text: str) -> str:
-    return " ".join(str(text).split())
+    """Wrapped whitespace collapsed; a line break inside a value (a path) shown as \\n, not as a space."""
+    return " ".join(str(text).replace("\r", "\\r").replace("\n", "\\n").split())

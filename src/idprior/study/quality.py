@@ -64,8 +64,16 @@ from pathlib import Path
 import yaml
 
 from .. import io
-from ..config import PRIOR_OPTIONS, RunConfig, config_from_saved, load_config, load_run_config, prior_active
-from ..errors import IdpriorError
+from ..config import (
+    PRIOR_OPTIONS,
+    RunConfig,
+    config_from_saved,
+    load_config,
+    load_run_config,
+    prior_active,
+    read_yaml_text,
+)
+from ..errors import ConfigError, IdpriorError
 from . import gradual
 
 # snip-family method -> (sn, prior) of the fine-tune it prunes
@@ -132,10 +140,7 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
         path = Path(path_or_dict)
         if not path.is_file():
             raise IdpriorError(f"grid file {path} not found; pass a YAML grid such as benchmarks/quality_paired.yaml")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:
-            raise IdpriorError(f"{path} is not valid YAML ({str(e).splitlines()[0]}); fix the file") from None
+        raw = read_yaml_text(path)  # keys unique: a second `targets:` would silently replace the first
     if not isinstance(raw, dict):
         raise IdpriorError(f"{path_or_dict}: a grid must be a mapping (model:, tasks:, targets:, seeds:, methods:, ...)")
     problems = [f"unknown grid key {k!r}; valid keys: {', '.join(sorted(GRID_KEYS))}" for k in raw if k not in GRID_KEYS]
@@ -158,7 +163,8 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
         problems.append("'continue:' is only meaningful with paired: true")
     overrides = _grid_overrides(raw)
     if problems:
-        raise IdpriorError("bad grid:\n  " + "\n  ".join(problems))
+        where = "grid" if isinstance(path_or_dict, dict) else f"grid {path_or_dict}"
+        raise ConfigError([f"bad {where}: {p}" for p in problems])  # one line per problem
     grid = Grid(model=str(raw.get("model", "minilm-l6")), tasks=[str(t) for t in raw["tasks"]],
                 targets=[float(t) for t in raw["targets"]], seeds=[int(s) for s in raw["seeds"]],
                 methods=methods, overrides=overrides, dense_row=bool(raw.get("dense_row", True)), paired=paired,
