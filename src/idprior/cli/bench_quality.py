@@ -66,9 +66,9 @@ def check_inputs(grid, args, tasks: list[str] | None) -> None:
     from pathlib import Path
 
     from .. import io
-    from ..model import load as models
     from ..data.tasks import CUSTOM, get_task
     from ..errors import ConfigError, IdpriorError
+    from ..model import load as models
 
     problems = []
     for task in grid.tasks:
