@@ -314,3 +314,9 @@ def test_resume_of_a_current_run_folder_passes_the_version_check(folders, tmp_pa
     argv = _started(folders, out, C.CONFIG_VERSION)
     cfg = resolved(config_from_args(build_parser().parse_args(argv[:-1])))
     assert check_output(cfg, resume=True, overwrite=False) == []
+
+
+def test_a_retired_option_is_named_as_retired():
+    with pytest.raises(C.ConfigError) as e:
+        C.load_config(None, ["prune.prior_mode=loss", "prune.sn_out_scale=0.8"])
+    assert len(e.value.problems) == 2 and all("retired" in p and "docs/history.md" in p for p in e.value.problems)

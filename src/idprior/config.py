@@ -44,6 +44,11 @@ DTYPES = typing.get_args(DType)
 COMPENSATIONS = typing.get_args(Compensation)
 SCORES = typing.get_args(ScoreMode)
 
+# Options a study did not adopt, removed in run format 2 (docs/history.md): named, not guessed at, when given.
+RETIRED = {f"prune.{k}" for k in ("prior_mode", "prior_lambda", "prior_weight", "prior_warmup", "sn_out_scale",
+                                  "prior_metric", "prior_scale", "prior_freeze", "prior_ramp", "prior_lambda0",
+                                  "prior_gain", "norm_positions", "compensate_ridge", "recover_epochs", "train")}
+
 # The format of a run folder's recorded config (stages.json "version"): folders of another version do not resume.
 CONFIG_VERSION = 2
 
@@ -349,6 +354,10 @@ def _merge(obj: Any, raw: dict, prefix: str, problems: list[str]) -> None:
     names = {f.name for f in fields(obj)}
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
+        if key not in names and dotted in RETIRED:
+            problems.append(f"{dotted} was retired in this version (its study is in docs/history.md, the change in "
+                            "CHANGELOG.md): remove it")
+            continue
         if key not in names:
             close = difflib.get_close_matches(key, sorted(names), n=1)
             hint = f" (did you mean {prefix}{close[0]}?)" if close else f"; valid keys: {', '.join(sorted(names))}"
