@@ -1,4 +1,4 @@
-"""The classes that a second new-user trial of issue 31 (640 bad, unusual or contradictory inputs and faults
+"""The classes that a second new-user trial of issue 31 (644 bad, unusual or contradictory inputs and faults
 against the CLI) found mishandled, one test each: a traceback, an exit-0 wrong or silently altered result,
 a user file changed, or output left behind by a refusal. Each test fails on the code before its fix.
 """
