@@ -315,7 +315,7 @@ def check_finite(scores: dict[Unit, float]) -> None:
         raise IdpriorError(
             f"the function norm of {where} is {scores[u]} ({len(bad)} of {len(scores)} units are not finite): the "
             "model's activations overflow or its weights hold NaN/inf, most likely a diverged fine-tune (see "
-            "train_log.jsonl; lower train.lr or prune.prior_lambda) or float16 overflow (use --dtype float32)"
+            "train_log.jsonl; lower train.lr) or float16 overflow (use --dtype float32)"
         )
 
 

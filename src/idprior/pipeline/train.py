@@ -1,9 +1,8 @@
 """A short fine-tuning loop of our own: AdamW, linear warm-up/decay, clipping, checkpoints, resume.
 
 The loop knows nothing about pruning. Everything beyond the task loss plugs in as a `TrainHook`:
-the loss-term identity prior (`prior.IdentityPrior`, computed from what the gate observers saw
-during the forward pass), the proximal prior (`AfterStep(proximal.ProximalPrior)`, which edits the
-weights after each optimizer step) and distillation (`Distillation`). One call of `train` is a
+the identity prior (`AfterStep(method.proximal.ProximalPrior)`, which edits the weights after each
+optimizer step), distillation (`Distillation`) and any extra loss term (`AddedLoss`). One call of `train` is a
 `TrainState` (progress, checkpointed), a `_Loop.step` per batch, `_Loop.end_epoch` (history, best
 weights) and a `Checkpointer`.
 
@@ -173,7 +172,7 @@ class Distillation(TrainHook):
 
 
 class AddedLoss(TrainHook):
-    """An `ExtraLoss` callable (the loss-mode identity prior) as a hook: loss <- loss + extra."""
+    """An `ExtraLoss` callable (a term added to the task loss) as a hook: loss <- loss + extra."""
 
     def __init__(self, fn: ExtraLoss):
         self.fn = fn
