@@ -173,7 +173,7 @@ def test_lsq_with_a_huge_ridge_is_bias_compensation():
         torch.testing.assert_close(lsq.biases[site], delta, atol=1e-5, rtol=1e-4)
         kept, new = lsq.weights[site]
         old = adapter.out_weight(adapter.out_proj(site[1], site[0])).detach().double()[:, kept]
-        torch.testing.assert_close(new, old, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(new.double(), old, atol=1e-5, rtol=1e-4)
 
 
 def test_bad_modes_and_shapes():
@@ -279,3 +279,32 @@ def test_shared_statistics_give_the_same_compensation():
             torch.testing.assert_close(own.biases[site], reused.biases[site])
     with pytest.raises(IdpriorError, match="gram"):
         fit_compensation(model, units, None, mode="lsq", stats=channel_stats(model, adapter, batches, sites))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_lsq_in_groups_of_layers_is_the_one_pass_fit(monkeypatch, family):
+    """A Gram budget of one site per pass gives the same fit as one pass holding every Gram matrix; each pass
+    stops after its group's last layer."""
+    from idprior.method import compensate
+
+    model, adapter = build(family)
+    batches = calib()
+    units = [*half_plan(adapter, 3), *collapse_plan(adapter)[:2]]  # partial cuts and sub-layers removed whole
+    monkeypatch.setattr(compensate, "GRAM_SHARE", 1e3)
+    whole = fit_compensation(model, units, batches, mode="lsq")
+    last_layer_calls = []
+    handle = adapter.out_proj(adapter.num_layers - 1, "ffn").register_forward_pre_hook(
+        lambda m, a: last_layer_calls.append(1))
+    monkeypatch.setattr(compensate, "GRAM_SHARE", 1e-12)
+    grouped = fit_compensation(model, units, iter(batches), mode="lsq")  # a one-shot iterator is read once per pass
+    handle.remove()
+    sites = len(grouped.weights)
+    assert sites > 2
+    assert len(last_layer_calls) < sites * len(batches)  # earlier groups stopped before the last layer
+    assert grouped.weights.keys() == whole.weights.keys() and grouped.biases.keys() == whole.biases.keys()
+    for site, (kept, new) in whole.weights.items():
+        assert torch.equal(grouped.weights[site][0], kept)
+        torch.testing.assert_close(grouped.weights[site][1], new, atol=0, rtol=0)
+    for site, delta in whole.biases.items():
+        torch.testing.assert_close(grouped.biases[site], delta, atol=0, rtol=0)
+    assert grouped.notes == whole.notes

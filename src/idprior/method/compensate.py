@@ -25,6 +25,7 @@ saved folder reloads (also with stock transformers and trust_remote_code).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -45,11 +46,13 @@ SUBS = ("attn", "ffn")
 # ---- calibration statistics -------------------------------------------------------------------------
 @torch.no_grad()
 def channel_stats(model: nn.Module, adapter: Adapter, batches: Iterable[dict], sites: Iterable[tuple[str, int]], *,
-                  squares: bool = False, gram: Iterable[tuple[str, int]] = ()) -> tuple[dict, int]:
+                  squares: bool = False, gram: Iterable[tuple[str, int]] = (),
+                  stop_after: tuple[str, int] | None = None) -> tuple[dict, int]:
     """Sums over real tokens of each output projection's input, in one eval pass.
 
     Returns ({(sub, layer): {"sum": [F], "sq": [F] (squares), "gram": [F, F] (sites in gram)}}, tokens),
-    float64, F the projection's input width. Padding (attention_mask 0) is left out.
+    float64, F the projection's input width. Padding (attention_mask 0) is left out. `stop_after`: a site
+    of `sites` after whose statistics each forward pass stops (nothing later is needed).
     """
     from .scoring import lean_forward_kwargs
 
@@ -71,6 +74,8 @@ def channel_stats(model: nn.Module, adapter: Adapter, batches: Iterable[dict], s
                 parts["gram"] = xs.T @ xs  # [F, F]
             for k, v in parts.items():
                 acc[k] = acc[k] + v.double() if k in acc else v.double()
+            if site == stop_after:
+                raise _Stop
         return fn
 
     handles = []
@@ -90,7 +95,8 @@ def channel_stats(model: nn.Module, adapter: Adapter, batches: Iterable[dict], s
             am = batch.get("attention_mask")
             mask[0] = am.bool() if am is not None else None
             tokens += int(am.sum()) if am is not None else int(batch["input_ids"].numel())
-            model(**batch, **extra)
+            with contextlib.suppress(_Stop):
+                model(**batch, **extra)
     finally:
         for h in handles:
             h.remove()
@@ -98,6 +104,33 @@ def channel_stats(model: nn.Module, adapter: Adapter, batches: Iterable[dict], s
     if tokens == 0:
         raise IdpriorError("no calibration tokens: pass non-empty calibration batches")
     return stats, tokens
+
+
+class _Stop(Exception):
+    """Raised by `channel_stats`'s hook at `stop_after`: the rest of the forward pass is not needed."""
+
+
+GRAM_SHARE = 0.5
+"""lsq holds float64 Gram matrices [F, F] of the re-fit projections' inputs for at most this share of the
+model's weight bytes at a time; more take several calibration passes, each stopping after its last layer
+(all at once they are 1.1x SmolLM2's float32 weights and 3.3x Llama-3-8B's bfloat16 ones)."""
+
+
+def gram_groups(adapter: Adapter, sites: list[tuple[str, int]], budget: float) -> list[list[tuple[str, int]]]:
+    """`sites` in forward order, cut into consecutive groups whose float64 Gram matrices fit `budget` bytes
+    (a site larger than the budget is a group of its own)."""
+    order = {(sub, i): n for n, (i, sub) in enumerate((i, sub) for i in range(adapter.num_layers) for sub in SUBS)}
+    groups: list[list[tuple[str, int]]] = []
+    used = budget
+    for site in sorted(sites, key=order.__getitem__):
+        width = adapter.out_weight(adapter.out_proj(site[1], site[0])).shape[1]
+        size = 8 * width * width
+        if used + size > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(site)
+        used += size
+    return groups
 
 
 # ---- the compensation ---------------------------------------------------------------------------------
@@ -172,25 +205,44 @@ def fit_compensation(model: nn.Module, units: Iterable[Unit | str], batches: Ite
     comp = Compensation(mode, ridge if mode == "lsq" else None)
     if not partial and not collapsed:
         return comp
-    stats, n = _statistics(model, adapter, batches, stats, partial, collapsed, mode)
 
     def add(site, delta):
         comp.biases[site] = comp.biases[site] + delta if site in comp.biases else delta
 
-    for (sub, layer), gone in partial.items():
-        proj = adapter.out_proj(layer, sub)
-        w = adapter.out_weight(proj).detach().double()  # [D, F]
-        mean = stats[(sub, layer)]["sum"] / n  # [F]
-        keep = torch.ones(w.shape[1], dtype=torch.bool)
-        keep[gone] = False
-        if mode == "bias":
-            add((sub, layer), w[:, gone] @ mean[gone])  # [D]
-            continue
-        kept = keep.nonzero().flatten()
-        new_w, delta = _ridge_refit(w, stats[(sub, layer)]["gram"] / n, mean, kept, ridge)
-        comp.widths[(sub, layer)] = w.shape[1]
-        comp.weights[(sub, layer)] = (kept, new_w)
-        add((sub, layer), delta)
+    def refit(stats: dict, n: int, sites) -> None:
+        for sub, layer in sites:
+            gone = partial[(sub, layer)]
+            proj = adapter.out_proj(layer, sub)
+            weight = adapter.out_weight(proj)
+            w = weight.detach().double()  # [D, F]
+            mean = stats[(sub, layer)]["sum"] / n  # [F]
+            keep = torch.ones(w.shape[1], dtype=torch.bool)
+            keep[gone] = False
+            if mode == "bias":
+                add((sub, layer), w[:, gone] @ mean[gone])  # [D]
+                continue
+            kept = keep.nonzero().flatten()
+            new_w, delta = _ridge_refit(w, stats[(sub, layer)]["gram"] / n, mean, kept, ridge)
+            comp.widths[(sub, layer)] = w.shape[1]
+            comp.weights[(sub, layer)] = (kept, new_w.to(weight.dtype))  # `apply` writes it in the model's dtype
+            add((sub, layer), delta)
+
+    if stats is None and mode == "lsq":  # the Gram matrices in groups of layers, one calibration pass each
+        budget = GRAM_SHARE * sum(p.numel() * p.element_size() for p in model.parameters())
+        groups = gram_groups(adapter, list(partial), budget)
+        batches = list(batches) if len(groups) > 1 else batches  # read once per group
+        stats = {}
+        for g, group in enumerate(groups):
+            last = g == len(groups) - 1
+            sites = [*group, *collapsed] if last else group
+            stats, n = channel_stats(model, adapter, batches, sites, gram=group,
+                                     stop_after=None if last and collapsed else group[-1])
+            refit(stats, n, group)
+        if not groups:
+            stats, n = channel_stats(model, adapter, batches, collapsed)
+    else:
+        stats, n = _statistics(model, adapter, batches, stats, partial, collapsed, mode)
+        refit(stats, n, partial)
     for sub, layer in collapsed:
         proj = adapter.out_proj(layer, sub)
         w = adapter.out_weight(proj).detach().double()

@@ -32,25 +32,36 @@ def predict(model: torch.nn.Module, loader, desc: str = "predict") -> tuple[np.n
     return torch.cat(logits).numpy(), torch.cat(labels).numpy()
 
 
+LOGITS_BUDGET = 256 * 2**20
+"""Bytes of float32 logits `lm_nll` lets one forward pass produce: a batch whose [B, T, V] logits would be larger
+runs in sub-batches of rows (the same sums; a 128k vocabulary at 2,048 tokens is 1 GB per row, so one row)."""
+
+
 @torch.no_grad()
 def lm_nll(model: torch.nn.Module, loader, desc: str = "perplexity") -> tuple[float, int]:
-    """Summed next-token negative log-likelihood and the number of predicted tokens."""
+    """Summed next-token negative log-likelihood and the number of predicted tokens. The batch's logits and
+    their log-softmax are its largest tensors, so each forward pass is limited to `LOGITS_BUDGET`."""
     was_training = model.training
     model.eval()
     device = _device(model)
     total, count = 0.0, 0
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, **_no_cache(model)).logits.float()
-        labels = batch["labels"][:, 1:]  # [B, T-1]: token t predicts t+1
-        mask = labels != -100
-        if "attention_mask" in batch:
-            mask &= batch["attention_mask"][:, 1:].bool()
-        nll = torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels.clamp(min=0).reshape(-1), reduction="none"
-        ).view_as(labels)
-        total += float((nll * mask).sum())
-        count += int(mask.sum())
+    vocab = int(getattr(model.config, "vocab_size", 0) or 0)
+    for whole in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        seq = whole["input_ids"].shape[1]
+        rows = max(1, LOGITS_BUDGET // max(1, seq * vocab * 4))  # rows whose float32 logits fit the budget
+        for start in range(0, whole["input_ids"].shape[0], rows):
+            batch = {k: v[start:start + rows].to(device) for k, v in whole.items()}
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, **_no_cache(model)).logits.float()
+            labels = batch["labels"][:, 1:]  # [B, T-1]: token t predicts t+1
+            mask = labels != -100
+            if "attention_mask" in batch:
+                mask &= batch["attention_mask"][:, 1:].bool()
+            nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), labels.clamp(min=0).reshape(-1), reduction="none"
+            ).view_as(labels)
+            del logits
+            total += float((nll * mask).sum())
+            count += int(mask.sum())
     model.train(was_training)
     return total, count
 

@@ -26,6 +26,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import gc
 import math
 import shutil
 import time
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from .. import distributed, io, lock
+from .. import distributed, io, lock, memory
 from ..arch import get_adapter
 from ..config import (
     CONFIG_VERSION,
@@ -254,12 +255,20 @@ def finetuned_spec(run: Run) -> str:
     return str(run.path("finetuned"))
 
 
+CALIB_TOKENS = 2048
+"""Tokens per calibration batch of a language model (rows = CALIB_TOKENS // max_length, at least 1): the sums
+do not depend on the batching, and a scoring or compensation pass holds about one layer's activations of one
+batch (SmolLM2: ~26 kB per token), so this bounds that peak whatever `eval_batch_size` is."""
+
+
 def calibration_batches(run: Run, tokenizer) -> list[dict]:
-    """The first `calib_size` training examples (the split is already seeded-shuffled)."""
+    """The first `calib_size` training examples (the split is already seeded-shuffled); a language model's
+    in blocks of `max_length` tokens, `CALIB_TOKENS` per batch."""
     n = run.cfg.prune.calib_size
     if run.task.kind == "lm":
-        loader = run.loader("train", tokenizer, train=False)
-        return [b for _, b in zip(range(max(1, math.ceil(n / loader.batch_size))), loader, strict=False)]
+        rows = max(1, CALIB_TOKENS // run.cfg.data.max_length)
+        loader = run.loader("train", tokenizer, train=False, batch_size=rows)
+        return [b for _, b in zip(range(max(1, math.ceil(n / rows))), loader, strict=False)]
     return list(run.loader("train", tokenizer, train=False, limit=n))
 
 
@@ -355,59 +364,74 @@ def stage_recover(run: Run) -> dict:
     return info
 
 
+def model_sizes(model, seq_len: int) -> dict[str, int]:
+    """Every compression measure of one real model (not predicted from a plan)."""
+    return measure_totals(get_adapter(model), seq_len) | {"total_params": sum(p.numel() for p in model.parameters())}
+
+
 def compression(dense, pruned, seq_len: int) -> dict:
-    """Every measure, measured on the two real models (not predicted from the plan)."""
-    d, q = measure_totals(get_adapter(dense), seq_len), measure_totals(get_adapter(pruned), seq_len)
-    rows = {k: (d[k], q[k]) for k in d}
-    rows["total_params"] = (sum(p.numel() for p in dense.parameters()), sum(p.numel() for p in pruned.parameters()))
-    return {k: {"dense": a, "pruned": b, "removed_fraction": 1 - b / a if a else 0.0} for k, (a, b) in rows.items()} | {"seq_len": seq_len}
+    """Every measure, measured on the two real models (or on their `model_sizes`)."""
+    d = dense if isinstance(dense, dict) else model_sizes(dense, seq_len)
+    q = pruned if isinstance(pruned, dict) else model_sizes(pruned, seq_len)
+    return {k: {"dense": d[k], "pruned": q[k], "removed_fraction": 1 - q[k] / d[k] if d[k] else 0.0} for k in d} | {
+        "seq_len": seq_len}
 
 
 def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
     """Dense, pruned-before-recovery and pruned metrics per split; `dense_metrics` ({split: metrics})
     reuses an earlier evaluation of the same fine-tuned model (the quality grid shares fine-tunes).
     Without recovery epochs pruned/ holds the surgery weights, so they are evaluated once. LM tasks
-    also get greedy sample generations (KV cache) from dense and pruned."""
-    dense, tok = run.load_model(finetuned_spec(run))
+    also get greedy sample generations (KV cache) from dense and pruned.
+
+    One model is in memory at a time (loaded, evaluated on every split, measured, freed): holding the dense,
+    pruned and unrecovered models together made this stage the largest memory peak of a post-training run."""
     recovered = run.cfg.recover.epochs > 0
-    pruned = run.load_model(str(run.path("pruned")))[0]
-    surg = run.load_model(str(run.path("surgery")))[0] if recovered else pruned
+    specs = {"dense": finetuned_spec(run), "pruned": str(run.path("pruned")),
+             **({"pruned_no_recovery": str(run.path("surgery"))} if recovered else {})}
     out = {"task": run.task.name, "main_metric": main_metric(run.task), "model": run.cfg.model.name,
            "method": run.cfg.prune.method, "training": training_name(run.cfg.prune), "target": run.cfg.prune.target, "measure": run.cfg.prune.measure,
            "seed": run.cfg.seed, "sizes": run.data.sizes(), "dense": {}, "pruned_no_recovery": {}, "pruned": {}}
     per_example: dict = {}  # "stage.split" -> per-example outputs, for paired comparisons (predictions.safetensors)
-    for split in ["validation", *run.test_splits()]:
-        loader = run.loader(split, tok, train=False)
-        if dense_metrics and split in dense_metrics:
-            out["dense"][split] = dense_metrics[split]
-        else:
-            out["dense"][split], per_example[f"dense.{split}"] = evaluate_with_predictions(dense, run.task, loader, f"dense {split}")
-        out["pruned"][split], per_example[f"pruned.{split}"] = evaluate_with_predictions(pruned, run.task, loader, f"pruned {split}")
-        if recovered:
-            out["pruned_no_recovery"][split], per_example[f"pruned_no_recovery.{split}"] = evaluate_with_predictions(
-                surg, run.task, loader, f"no-recovery {split}")
-        else:
+    zero_shot = run.cfg.data.zero_shot if run.task.kind == "lm" else None
+    sizes, samples, tok = {}, {}, None
+    for which, spec in specs.items():
+        model, model_tok = run.load_model(spec)
+        tok = tok or model_tok  # the fine-tuned model's tokenizer: every folder saves the same one
+        label = {"dense": "dense", "pruned": "pruned", "pruned_no_recovery": "no-recovery"}[which]
+        for split in ["validation", *run.test_splits()]:
+            if which == "dense" and dense_metrics and split in dense_metrics:
+                out["dense"][split] = dense_metrics[split]
+                continue
+            out[which][split], per_example[f"{which}.{split}"] = evaluate_with_predictions(
+                model, run.task, run.loader(split, tok, train=False), f"{label} {split}")
+        if zero_shot:  # a capability check beyond perplexity (zeroshot.py)
+            from .zeroshot import zero_shot_models
+
+            zs, zs_preds = zero_shot_models({which: model}, tok, zero_shot, max_examples=run.cfg.data.max_zero_shot,
+                                            batch_size=run.cfg.train.eval_batch_size)
+            out.setdefault("zero_shot", {}).update(zs)
+            per_example.update(zs_preds)
+        if which in ("dense", "pruned"):
+            sizes[which] = model_sizes(model, run.cfg.prune.flops_seq_len)
+            if run.task.kind == "lm" and model.can_generate():
+                from .evaluate import generate_samples
+
+                samples[which] = generate_samples(model, tok)
+        del model
+        gc.collect()
+    if not recovered:
+        for split in out["pruned"]:
             out["pruned_no_recovery"][split] = out["pruned"][split]
             per_example[f"pruned_no_recovery.{split}"] = per_example[f"pruned.{split}"]
-    zero_shot = run.cfg.data.zero_shot if run.task.kind == "lm" else None
-    if zero_shot:  # a capability check beyond perplexity (zeroshot.py)
-        from .zeroshot import zero_shot_models
-
-        models_ = {"dense": dense, "pruned": pruned, **({"pruned_no_recovery": surg} if recovered else {})}
-        out["zero_shot"], zs_preds = zero_shot_models(models_, tok, zero_shot, max_examples=run.cfg.data.max_zero_shot,
-                                                      batch_size=run.cfg.train.eval_batch_size)
-        out["zero_shot"].setdefault("pruned_no_recovery", out["zero_shot"]["pruned"])
-        per_example.update(zs_preds)
+        if zero_shot:
+            out["zero_shot"]["pruned_no_recovery"] = out["zero_shot"]["pruned"]
     if any(v is not None for v in per_example.values()):
         save_predictions(run.path("predictions.safetensors"), per_example)
-    out["compression"] = compression(dense, pruned, run.cfg.prune.flops_seq_len)
+    out["compression"] = compression(sizes["dense"], sizes["pruned"], run.cfg.prune.flops_seq_len)
     out["plan"] = io.read_json(run.path("plan.json"))["counts"]
-    if run.task.kind == "lm" and dense.can_generate():
-        from .evaluate import generate_samples
-
-        dense_s, pruned_s = generate_samples(dense, tok), generate_samples(pruned, tok)
+    if samples:
         out["generations"] = [{"prompt": d["prompt"], "dense": d["completion"], "pruned": q["completion"]}
-                              for d, q in zip(dense_s, pruned_s)]
+                              for d, q in zip(samples["dense"], samples["pruned"])]
     io.write_json(run.path("metrics.json"), out)
     m = out["main_metric"]
     for split in run.test_splits():
@@ -482,6 +506,13 @@ def stage_needed(cfg: RunConfig, stage: str) -> bool:
     return not (stage == "score" and cfg.prune.method != "snip")
 
 
+def trains(cfg: RunConfig, stage: str) -> bool:
+    """Whether the stage runs an optimizer (else it is inference only: see `memory.returning_freed_memory`)."""
+    if stage == "finetune":
+        return cfg.prune.finetune_first and cfg.train.epochs > 0
+    return stage == "recover" and cfg.recover.epochs > 0
+
+
 def run_stages(run: Run, names: Iterable[str], *, on: Run | None = None, suffix: str = "",
                fns: Mapping[str, StageFn] | None = None, observe: StageObserver | None = None) -> None:
     """Run the named stages on `on` (default: `run`) in order, each unless `run` records it as done.
@@ -502,15 +533,18 @@ def run_stages(run: Run, names: Iterable[str], *, on: Run | None = None, suffix:
                 print(f"[{label}] done earlier, skipped")
             continue
         fn = (fns or {}).get(name) or STAGE_FNS[name]
+        memory.reset_peak()  # so the stage's recorded peak RSS is its own
         t0 = time.perf_counter()
         parallel = name in PARALLEL_STAGES
         info = {}
         if parallel or distributed.is_main():
             with (observe(label) if observe is not None else contextlib.nullcontext(), torch_settings_kept(),
-                  contextlib.nullcontext() if parallel else distributed.alone()):
+                  contextlib.nullcontext() if parallel else distributed.alone(),
+                  contextlib.nullcontext() if trains(target.cfg, name) else memory.returning_freed_memory()):
                 info = fn(target) or {}
         distributed.barrier()  # the next stage reads what this one wrote
-        run.mark(label, time.perf_counter() - t0, **info)
+        peak = memory.peak_mb()
+        run.mark(label, time.perf_counter() - t0, **info, **({"peak_rss_mb": round(peak, 1)} if peak else {}))
         if distributed.is_main():
             print(f"[{label}] {time.perf_counter() - t0:.1f} s")
 

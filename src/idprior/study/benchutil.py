@@ -4,12 +4,7 @@ The scripts import only from idprior (never from each other, never through `sys.
 tests/test_code_health.py checks it), so each runs on its own from any directory, and a change
 here is seen by every script that uses it.
 
-Memory (Linux): `peak_mb()` is the process's high-water RSS, VmHWM in /proc/self/status.
-`reset_peak()` writes 5 to /proc/self/clear_refs, which resets VmHWM to the current RSS, so the
-peak of one stage can be read on its own; it returns False where the kernel does not allow it
-(then peaks are cumulative since process start). `getrusage().ru_maxrss` is not used for stage
-peaks: the kernel folds VmHWM into it whenever a thread exits (tqdm's monitor, worker pools), and
-clear_refs cannot undo that.
+Memory probes (`rss_mb`, `peak_mb`, `reset_peak`) live in `idprior.memory` and are re-exported here.
 
 Timing models: the speed benchmarks time dense models against weight-magnitude plans (idprior's
 `magnitude` baseline: no data, no training), since accuracy is not what they measure.
@@ -19,52 +14,17 @@ from __future__ import annotations
 
 import copy
 import os
-import re
-import resource
 import sys
 from pathlib import Path
 
 import torch
 
 from .. import io
+from ..memory import _write_proc, lifetime_peak_mb, peak_mb, reset_peak, rss_mb  # noqa: F401
 from ..method.plan import PruningPlan
 
 TIMING_MODELS = ("minilm-l6", "smollm2-135m")  # what `load_for_timing` knows
 HEAD_SHARE = 0.3  # the speed benchmarks' "heads+neurons" plan: 30% of the budget from heads
-
-
-def _write_proc(name: str, text: str) -> None:
-    """Write a kernel control file of this process; not through io: /proc takes no atomic rename."""
-    Path("/proc/self", name).write_text(text)
-
-
-def _status_mb(field: str) -> float:
-    text = Path("/proc/self/status").read_text()
-    return int(re.search(rf"{field}:\s+(\d+) kB", text).group(1)) / 1024
-
-
-def rss_mb() -> float:
-    """Current resident set size."""
-    return _status_mb("VmRSS")
-
-
-def peak_mb() -> float:
-    """High-water resident set size since process start or the last `reset_peak()`."""
-    return _status_mb("VmHWM")
-
-
-def lifetime_peak_mb() -> float:
-    """getrusage's ru_maxrss: at least every VmHWM seen when a thread exited (see module doc)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports kB
-
-
-def reset_peak() -> bool:
-    """Reset VmHWM to the current RSS; False where the kernel refuses (peaks are then cumulative)."""
-    try:
-        _write_proc("clear_refs", "5")
-        return True
-    except OSError:
-        return False
 
 
 def set_priority(nice: int) -> None:
