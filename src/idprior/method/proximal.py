@@ -254,7 +254,7 @@ class ProximalPrior:
         ln = self.recorder.out_norms.get((sub, layer))
         gamma = None
         if ln is not None:  # measured after the LayerNorm: diag(γ) C W, times sqrt(E[1/σ²]) (see scoring)
-            gamma = _gamma_rows(ln, wd.shape[0], rows, group)
+            gamma = _gamma_rows(ln, wd.shape[0], rows)
             scale *= math.sqrt(self.ema_ln.get((sub, layer), 1.0))
         heads = None
         if kind == "head":
@@ -506,14 +506,13 @@ def unit_sq_norms(w: torch.Tensor, m: torch.Tensor, *, heads: tuple[torch.Tensor
     return distributed.sum_rows(sq, group)
 
 
-def _gamma_rows(ln: nn.Module, d: int, rows: int, group) -> torch.Tensor:
-    """γ of the norm after a branch, for the `d` weight rows this rank holds (all `rows` without a group)."""
+def _gamma_rows(ln: nn.Module, d: int, rows: int) -> torch.Tensor:
+    """γ of the norm after a branch for the `d` of `rows` output-weight rows this rank holds: under FSDP2 the
+    norm's weight is sharded like the projection's (same dim, same cut), so its local rows are the ones needed."""
     gamma, _, _ = distributed.local_rows(ln.weight.detach())
-    if group is not None and gamma.shape[0] == rows:  # the norm is not sharded, its output projection is
-        gamma = gamma[distributed.shard_rows(rows, group)]
     if gamma.shape[0] != d:
         raise IdpriorError(f"the norm after a branch holds {gamma.shape[0]} of its {rows} weights on this rank and "
-                           f"the branch's output projection {d} rows: shard both with the same fully_shard mesh")
+                           f"the branch's output projection {d} rows: shard both with fully_shard on the same mesh")
     return gamma
 
 
