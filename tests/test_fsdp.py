@@ -9,6 +9,7 @@ Cases, each reduced result equal on both ranks bit for bit:
     neurons and GQA head units, plain, with γ (RMSNorm) and with γ and centring (LayerNorm), and Adam's column
     means, equal the whole matrix's to 1e-12; without the reduction, or with the centring's mean taken per
     shard, they do not. The cut is checked against fully_shard's own on a 5-row Linear;
+  * a GPT-2 Conv1D weight under fully_shard (stored [in, out], so its units are sharded) is refused in one line;
   * tiny BERT (after-LN norms, LayerNorm γ sharded with the weights, hidden 27: 14 + 13 rows) and tiny Llama (GQA)
     wrapped with fully_shard, two training steps with the prior (each rank half of every batch): the unit norms,
     Adam scales, λ, F̄ and the gathered output projections equal one process's on the whole batches.
@@ -20,6 +21,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -29,9 +31,10 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from idprior import distributed
 from idprior.arch import get_adapter
+from idprior.errors import IdpriorError
 from idprior.method.gates import Gates
 from idprior.method.proximal import ProximalPrior, unit_sq_norms
-from tiny_models import INIT_STD, VOCAB, _build, tiny_llama
+from tiny_models import INIT_STD, VOCAB, _build, tiny_gpt2, tiny_llama
 
 WORLD = 2
 COLS, DH, PERM = 12, 3, torch.tensor([0, 2, 1, 3])  # 4 query heads of 3 columns; units {0, 2} and {1, 3} (GQA)
@@ -140,12 +143,25 @@ def _unsharded(name: str, got: dict) -> ProximalPrior:
     return prior
 
 
+def _conv1d_refusal() -> str:
+    """A GPT-2 Conv1D weight is stored [in, out]: FSDP2 shards its units, which the prior refuses."""
+    model = tiny_gpt2(dtype=torch.float64)
+    adapter = get_adapter(model)
+    for layer in adapter.layers():
+        fully_shard(layer)
+    prior = ProximalPrior(model, adapter, Gates(model, adapter), target=0.5)
+    with pytest.raises(IdpriorError) as err:
+        prior._norm("neuron", 0, adapter.ffn_out_proj(0))
+    return str(err.value)
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
-        out = {"manual": _manual_shards(dist.group.WORLD), "fsdp": {name: _prior_steps(name, True) for name in MODELS}}
+        out = {"manual": _manual_shards(dist.group.WORLD), "fsdp": {name: _prior_steps(name, True) for name in MODELS},
+               "gpt2": _conv1d_refusal()}
     finally:
         dist.destroy_process_group()
     torch.save(out, Path(out_dir, f"rank{rank}.pt"))
@@ -158,6 +174,8 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_norms_over_fsdp2_shards_are_the_whole_matrix_norms(tmp_path):
     mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    for r in ranks:
+        assert "sharded as (Shard(dim=1),)" in r["gpt2"] and "\n" not in r["gpt2"]
     # the manual cut is fully_shard's: 5 rows as 3 + 2, the same values
     assert [r["manual"]["cut"] for r in ranks] == [((3, COLS), True), ((2, COLS), True)]
     for case in CASES:

@@ -273,9 +273,10 @@ def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, dist.ProcessGroup | None,
     if not isinstance(t, DTensor):
         return t, None, t.shape[0]
     if tuple(t.placements) != (Shard(0),):
-        raise IdpriorError(f"a weight sharded as {tuple(t.placements)} is not supported: the identity prior reads "
-                           "[out, in] output weights sharded on their rows only (FSDP2's fully_shard on one mesh "
-                           "dimension; a GPT-2 Conv1D weight is stored [in, out], so FSDP2 shards its units)")
+        raise IdpriorError(f"the identity prior cannot read a weight sharded as {tuple(t.placements)}: it needs [out, in] "
+                           "output weights sharded on their rows (fully_shard on a 1-D mesh), and a GPT-2 Conv1D weight "
+                           "is stored [in, out], so FSDP2 shards its units; train such a model without FSDP (data "
+                           "parallel under torchrun, docs/scaling.md)")
     return t.to_local(), t.device_mesh.get_group(), t.shape[0]
 
 
