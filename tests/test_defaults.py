@@ -129,8 +129,9 @@ def test_the_prior_built_from_a_config_has_every_default_of_the_constructor():
 
 # ---- (b) every config field is read, (c) the prune section stays small -----------------------------
 
-CONFIG_CLASSES = (C.ModelConfig, C.DataConfig, C.TrainConfig, C.PruneConfig, C.BenchConfig, C.RunConfig)
-VALIDATORS = {"validate", "_validate_training", "_validate_data", "_validate_prune", "_bench_problems"}
+CONFIG_CLASSES = (C.ModelConfig, C.DataConfig, C.TrainConfig, C.PruneConfig, C.LoraConfig, C.BenchConfig,
+                  C.RunConfig)
+VALIDATORS = {"validate", "_validate_training", "_validate_data", "_validate_prune", "_validate_lora", "_bench_problems"}
 
 
 def read_names(src: Path = SRC) -> set[str]:

@@ -17,6 +17,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -43,6 +44,7 @@ SELECTIONS = typing.get_args(Selection)
 DTYPES = typing.get_args(DType)
 COMPENSATIONS = typing.get_args(Compensation)
 SCORES = typing.get_args(ScoreMode)
+ALL_LINEAR = "all-linear"  # lora.targets: every linear layer of the Transformer body
 
 # Options a study did not adopt, removed in run format 2 (docs/history.md): named, not guessed at, when given.
 RETIRED = {f"prune.{k}" for k in ("prior_mode", "prior_lambda", "prior_weight", "prior_warmup", "sn_out_scale",
@@ -151,6 +153,21 @@ class PruneConfig:
 
 
 @dataclass
+class LoraConfig:
+    """Recovery with LoRA adapters instead of full fine-tuning (`pipeline/lora.py`, `--recover lora`): only the
+    adapters train, which fits a large decoder in far less memory; they are merged into the weights before
+    pruned/ is saved, so the result is a plain pruned model."""
+
+    enabled: bool = False
+    rank: int = 16
+    alpha: float = 32.0  # the adapter's update is scaled by alpha / rank
+    dropout: float = 0.0
+    # "all-linear": every linear layer of the Transformer body (the task head is left out, as peft's all-linear
+    # leaves out the LM head); or a comma list of module names (q_proj,v_proj), matched like peft's target_modules
+    targets: str = ALL_LINEAR
+
+
+@dataclass
 class BenchConfig:
     enabled: bool = True
     batch_sizes: list[int] = field(default_factory=lambda: [32])
@@ -175,6 +192,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     recover: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1.0))  # after surgery
+    lora: LoraConfig = field(default_factory=LoraConfig)  # how recovery trains: full (default) or LoRA adapters
     prune: PruneConfig = field(default_factory=PruneConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
     seed: int = 0
@@ -284,6 +302,16 @@ def training_name(p: PruneConfig) -> str:
         return "none (post-training: the model as given)"
     parts = (["spectral normalization"] if sn else []) + (["the identity prior"] if prior_active(p) else [])
     return "with " + " and ".join(parts) if parts else "plain (no SN, no identity prior)"
+
+
+def recovery_name(cfg: RunConfig) -> str:
+    """The recovery after the cut in words, for reports and logs (metrics.json "recovery")."""
+    if cfg.recover.epochs == 0:
+        return "none (recover.epochs 0)"
+    lo = cfg.lora
+    how = (f"LoRA r={lo.rank}, alpha {lo.alpha:g}, dropout {lo.dropout:g}, on {lo.targets} (merged before saving)"
+           if lo.enabled else "full fine-tuning")
+    return how + (", distilled from the unpruned model" if cfg.prune.distill else "")
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -530,6 +558,24 @@ def _validate_prune(pr: PruneConfig, need) -> None:
     need(pr.protect_last >= 0, f"prune.protect_last must be >= 0, got {pr.protect_last}")
 
 
+_MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.\w+)*")
+
+
+def _validate_lora(cfg: RunConfig, need) -> None:
+    """lora: section, and LoRA recovery against the recover: section."""
+    lo = cfg.lora
+    need(lo.rank >= 1, f"lora.rank (--lora-rank) must be >= 1, got {lo.rank}")
+    need(lo.alpha > 0 and math.isfinite(lo.alpha), f"lora.alpha must be > 0, got {lo.alpha}")
+    need(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    names = [t.strip() for t in lo.targets.split(",")]
+    need(lo.targets.strip() == ALL_LINEAR or (all(names) and all(_MODULE_NAME.fullmatch(t) for t in names)),
+         f"lora.targets (--lora-targets) must be {ALL_LINEAR} or a comma list of module names (q_proj,v_proj), "
+         f"got {lo.targets!r}")
+    need(not lo.enabled or cfg.recover.epochs > 0,
+         "--recover lora (lora.enabled) trains adapters during recovery, and recover.epochs is 0, so there is "
+         "nothing to train; give --recover-epochs N or drop --recover lora")
+
+
 def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     """Check ranges and choices of every field; return (or raise) one line per problem, all at once."""
     p: list[str] = []
@@ -543,6 +589,7 @@ def validate(cfg: RunConfig, raise_: bool = True) -> list[str]:
     _validate_training(cfg, need)
     _validate_data(cfg.data, need)
     _validate_prune(cfg.prune, need)
+    _validate_lora(cfg, need)
     need(not cfg.prune.distill or cfg.recover.epochs > 0,
          "--distill (prune.distill) distils during recovery, and recover.epochs is 0; give --recover-epochs or drop --distill")
     p += _bench_problems(cfg.bench)
@@ -668,4 +715,8 @@ def resume_differences(saved: dict, cfg: RunConfig) -> list[str]:
         if key == "data_files":
             return not set(saved.get("data_files") or {}) <= gone
         return not (key.startswith("data_files.") and key.split(".", 1)[1] in gone)
-    return [k for k in config_differences(saved, resume_key(cfg)) if kept(k)]
+    now = resume_key(cfg)
+    if not cfg.lora.enabled and not (saved.get("lora") or {}).get("enabled"):
+        # full recovery on both sides: the lora: section is unread (and absent from folders written before it existed)
+        saved, now = ({k: v for k, v in d.items() if k != "lora"} for d in (saved, now))
+    return [k for k in config_differences(saved, now) if kept(k)]

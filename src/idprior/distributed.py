@@ -15,6 +15,9 @@ Why these rules (docs/scaling.md, "Several processes"):
     stay bit-identical (tests/test_multiprocess.py checks weights, SN vectors and the prior's state).
 
 The backend follows the device: nccl with CUDA, gloo on CPU.
+
+FSDP2 (`fully_shard`) is not how `train.train` runs; the row-shard helpers at the end (`local_rows`, `sum_rows`)
+let the identity prior read weights sharded by it (docs/scaling.md, section 3).
 """
 
 from __future__ import annotations
@@ -252,3 +255,46 @@ def step_seed(seed: int, step: int) -> int:
     """The torch seed of one training step on this rank: dropout masks differ between ranks (as they would
     between the examples of one batch) and a resumed run draws the same masks without per-rank RNG files."""
     return ((seed * 1_000_003 + step) * 4096 + rank() % 4096) % (1 << 63)
+
+
+# ---- FSDP2 row shards ----------------------------------------------------------------------------------
+
+def local_rows(t: torch.Tensor) -> tuple[torch.Tensor, dist.ProcessGroup | None, int]:
+    """(this rank's rows of `t`, the process group holding the other rows, the full row count).
+
+    FSDP2 (`torch.distributed.fsdp.fully_shard`) keeps every parameter, and Adam's state for it, as a
+    DTensor sharded on dim 0: each rank holds a block of rows (`shard_rows`), and a sum over rows is the
+    all-reduced sum of the per-rank sums (`sum_rows`). A plain tensor is all of its rows (group None).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return t, None, t.shape[0]
+    from torch.distributed.tensor import DTensor, Shard
+
+    if not isinstance(t, DTensor):
+        return t, None, t.shape[0]
+    if tuple(t.placements) != (Shard(0),):
+        raise IdpriorError(f"the identity prior cannot read a weight sharded as {tuple(t.placements)}: it needs [out, in] "
+                           "output weights sharded on their rows (fully_shard on a 1-D mesh), and a GPT-2 Conv1D weight "
+                           "is stored [in, out], so FSDP2 shards its units; train such a model without FSDP (data "
+                           "parallel under torchrun, docs/scaling.md)")
+    return t.to_local(), t.device_mesh.get_group(), t.shape[0]
+
+
+def shard_rows(n: int, group: dist.ProcessGroup) -> slice:
+    """The rows of an `n`-row tensor that FSDP2 gives this rank of `group`: torch.chunk's blocks of
+    ceil(n / size) rows, so the last rank may get fewer and the ranks after it none."""
+    size, r = dist.get_world_size(group), dist.get_rank(group)
+    block = -(-n // size)
+    return slice(min(n, r * block), min(n, (r + 1) * block))
+
+
+def sum_rows(x: torch.Tensor, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """`x` (a per-rank sum over its rows) summed over the ranks of `group`, in place; `x` itself without one."""
+    if group is not None:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM, group=group)
+    return x
+
+
+def row_mean(x: torch.Tensor, n: int, group: dist.ProcessGroup | None) -> torch.Tensor:
+    """Mean over the `n` rows of a row-sharded tensor whose local rows are `x` (`x.mean(0)` without a group)."""
+    return x.mean(0) if group is None else sum_rows(x.sum(0), group) / n

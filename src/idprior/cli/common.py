@@ -56,6 +56,9 @@ PRUNE_FLAGS = {
     "calib_size": ("prune.calib_size", "calibration examples for the function norms"),
     "iterative": ("prune.iterative", "reach the target in K prune/recover rounds"),
     "recover_epochs": ("recover.epochs", "fine-tuning epochs after surgery (recovery)"),
+    "lora_rank": ("lora.rank", "with --recover lora: the adapters' rank (default 16; lora.alpha 32)"),
+    "lora_targets": ("lora.targets", "with --recover lora: all-linear (default: every linear layer of the body, "
+                                     "not the task head) or a comma list of module names, e.g. q_proj,v_proj"),
     "zero_shot": ("data.zero_shot", "LM tasks: also classify this task's test split (rt-polarity, sst2) zero-shot "
                                     "by label-word likelihood, dense vs pruned"),
     "min_keep": ("prune.min_keep", "fraction of each layer's head units and of its FFN neurons that always stays "
@@ -68,6 +71,12 @@ PRUNE_FLAGS = {
                                        "the method's own: bias for flap and wanda-sp, lsq for SNIP on post-training "
                                        "decoders, else none)"),
 }
+# --recover MODE -> lora.enabled (full: every weight trains; lora: adapters only, merged before pruned/ is saved)
+RECOVER_MODES = {"full": "false", "lora": "true"}
+RECOVER_HELP = ("how recovery trains: full (default: every weight) or lora (LoRA adapters only, for large decoders "
+                "on less memory; the adapters are merged into the weights before pruned/ is saved, so pruned/ is a "
+                "plain pruned model; adapters usually want a larger learning rate, e.g. --set recover.lr=2e-4)")
+
 SWITCHES = {
     "no_sn": ("prune.sn", False, "ablation: no spectral normalization"),
     "no_prior": ("prune.prior", False, "ablation: no identity prior"),
@@ -90,6 +99,8 @@ def add_run_args(p: argparse.ArgumentParser, prune: bool = False) -> None:
     if prune:
         for name, (_, _, help_) in SWITCHES.items():
             p.add_argument("--" + name.replace("_", "-"), dest=name, action="store_true", help=help_)
+        p.add_argument("--recover", dest="recover", default=None, action=_Once, choices=tuple(RECOVER_MODES),
+                       help=RECOVER_HELP)
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace the idprior run in --out (files idprior did not write are never deleted)")
 
@@ -110,7 +121,7 @@ class _Once(argparse.Action):
 # started a comment and cut the path, 'a: b' became a mapping, a line break folded, 'yes' became true)
 STRING_FLAGS = {"model", "task", "data_dir", "data", "data_validation", "data_test", "text_column", "text_pair_column",
                 "label_column", "problem_type", "out", "dtype", "method", "measure", "kinds", "selection", "score",
-                "sn_bound", "compensate", "zero_shot"}
+                "sn_bound", "compensate", "zero_shot", "lora_targets"}
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -137,6 +148,8 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for name, (key, value, _) in SWITCHES.items():
         if getattr(args, name, False):
             flagged[key] = ("--" + name.replace("_", "-"), "", str(value).lower())
+    if getattr(args, "recover", None) is not None:
+        flagged["lora.enabled"] = ("--recover", args.recover, RECOVER_MODES[args.recover])
     for note in getattr(args, "_repeated", []):
         print(f"idprior: warning: {note}", file=sys.stderr)
     problems = contradictions(overrides, flagged)
@@ -204,7 +217,9 @@ def contradictions(overrides: list[str], flagged: dict[str, tuple]) -> list[str]
 def idle_training(cfg: RunConfig, source: dict[str, str], prune: bool = True) -> tuple[list[str], list[str]]:
     """(refusals, warnings) for training options given for a training that does not run (--no-train or 0 fine-tune
     epochs; 0 recovery epochs): its epochs or learning rate are refused, as --no-train --epochs always was; the
-    other options (batch size, weight decay, ...) get a warning. train.eval_batch_size also sizes evaluation."""
+    other options (batch size, weight decay, ...) get a warning. train.eval_batch_size also sizes evaluation.
+    LoRA options (--lora-rank, lora.*) without --recover lora are refused: a run the user meant to recover with
+    adapters would fine-tune every weight (a large decoder: several times the memory)."""
     problems, notes, skipped = [], [], []
     if prune and not cfg.prune.finetune_first:
         skipped.append(("train.", source.get("prune.finetune_first", "--no-train") + " skips the fine-tune", ()))
@@ -220,6 +235,10 @@ def idle_training(cfg: RunConfig, source: dict[str, str], prune: bool = True) ->
                     problems.append(f"{why}, so {how} would do nothing; drop one of them")
                 else:
                     notes.append(f"{how} does nothing here: {why}; drop it")
+    if prune and not cfg.lora.enabled:  # refused: the run meant to recover with adapters would train every weight
+        problems += [f"{how} sets LoRA recovery, and recovery trains every weight without --recover lora; add "
+                     "--recover lora or drop it" for key, how in source.items()
+                     if key.startswith("lora.") and key != "lora.enabled"]
     return problems, notes
 
 
@@ -248,8 +267,9 @@ def inert_options(cfg: RunConfig, source: dict[str, str], command: str = "prune"
                 notes.append(f"{source[key]} does nothing here: {why}; drop it")
 
     if command == "finetune":
-        unused([k for k in source if k.startswith(("prune.", "recover.", "bench."))],
-               "idprior finetune only fine-tunes and evaluates (prune.*, recover.* and bench.* are idprior prune's)")
+        unused([k for k in source if k.startswith(("prune.", "recover.", "lora.", "bench."))],
+               "idprior finetune only fine-tunes and evaluates (prune.*, recover.*, lora.* and bench.* are idprior "
+               "prune's)")
         return notes
     p = cfg.prune
     sn, _ = training_of(p)

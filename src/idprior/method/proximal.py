@@ -51,7 +51,7 @@ from ..config import RECIPE, PruneConfig, prior_active
 from ..errors import IdpriorError
 from .gates import Gates
 from .plan import SUBLAYER, measure_of, model_cost, removal_cost
-from .scoring import BranchNorms, seen_after_ln
+from .scoring import BranchNorms
 from .selection import floor_count
 from .spectral import BoundedSpectralNorm, sn_modules
 from .units import Unit, parse_kinds
@@ -243,21 +243,25 @@ class ProximalPrior:
         rec.reset()
 
     def _norm(self, kind: str, layer: int, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-        """(‖f_u‖ with the current weights [n_units] float64, [out, in] view of the stored weight)."""
+        """(‖f_u‖ with the current weights [n_units] float64, [out, in] view of the stored weight).
+
+        Under FSDP2 the weight is this rank's rows (`distributed.local_rows`) and the norms are reduced over
+        the shards (`unit_sq_norms`), so every rank gets the whole matrix's norms."""
         w, scale = stored_out_weight(self.adapter, module)
-        wd, m = w.detach().double(), self.ema_m[(kind, layer)]
+        local, group, rows = distributed.local_rows(w)
+        wd, m = local.detach().double(), self.ema_m[(kind, layer)]
         sub = SUBLAYER[kind]
         ln = self.recorder.out_norms.get((sub, layer))
+        gamma = None
         if ln is not None:  # measured after the LayerNorm: diag(γ) C W, times sqrt(E[1/σ²]) (see scoring)
-            wd = seen_after_ln(ln, wd)
+            gamma = _gamma_rows(ln, wd.shape[0], rows)
             scale *= math.sqrt(self.ema_ln.get((sub, layer), 1.0))
+        heads = None
         if kind == "head":
             dh = self.adapter.head_dim
-            perm, n_units = self.recorder.unit_layout(layer, wd.shape[1] // dh)
-            wu = wd.reshape(wd.shape[0], -1, dh)[:, perm.to(wd.device)].reshape(wd.shape[0], n_units, -1)  # [D, U, k*dh]
-            sq = (torch.einsum("dui,duj->uij", wu, wu) * m).sum(dim=(1, 2))  # tr(W_uᵀW_u M_u): [U]
-        else:
-            sq = (wd**2).sum(0) * m  # ‖W2[:, j]‖² E[a_j²]: [F]
+            heads = (*self.recorder.unit_layout(layer, wd.shape[1] // dh), dh)
+        sq = unit_sq_norms(wd, m, heads=heads, gamma=gamma, centre=isinstance(ln, nn.LayerNorm),
+                           rows=rows, group=group)
         return scale * sq.clamp(min=0).sqrt(), w
 
     def bind_optimizer(self, opt: torch.optim.Optimizer) -> None:
@@ -274,7 +278,8 @@ class ProximalPrior:
             if v is None:
                 raise IdpriorError("the identity prior needs an Adam-family optimizer state for every output projection "
                                    "(train with AdamW, as idprior prune and the Trainer do)")
-            col = self.adapter.out_weight(_Stored(v)).detach().double().sqrt().mean(0)  # [in]
+            local, group, rows = distributed.local_rows(self.adapter.out_weight(_Stored(v)))  # FSDP2: a row shard
+            col = distributed.row_mean(local.detach().double().sqrt(), rows, group)  # [in]
             if kind == "head":
                 perm, n_units = self.recorder.unit_layout(layer, col.numel() // self.adapter.head_dim)
                 col = col.view(-1, self.adapter.head_dim)[perm.to(col.device)].reshape(n_units, -1).mean(1)  # [U]
@@ -290,6 +295,7 @@ class ProximalPrior:
         if kind == "head":
             owner = self.adapter.head_unit_of_query_heads(layer).to(alpha.device)  # [n_heads] -> unit
             alpha = alpha[owner].repeat_interleave(self.adapter.head_dim)  # [n_heads*dh], one per column
+        w = distributed.local_rows(w)[0]  # FSDP2: this rank's rows; α is the same on every rank
         w.mul_(alpha.to(w.dtype)[None, :])  # [out, in] * [in]
 
     @torch.no_grad()
@@ -473,6 +479,41 @@ class ProximalPrior:
 
     def detach(self) -> None:
         self.recorder.detach()
+
+
+def unit_sq_norms(w: torch.Tensor, m: torch.Tensor, *, heads: tuple[torch.Tensor, int, int] | None = None,
+                  gamma: torch.Tensor | None = None, centre: bool = False, rows: int | None = None,
+                  group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
+    """Per unit ‖f_u‖² (before the after-LN scale), from rows `w` [d, in] (float64) of the [D, in] output weight.
+
+    heads: (permutation putting each unit's query heads side by side, unit count, head_dim) for head units,
+    tr(W_uᵀ W_u M_u) with M_u = m[u]; None for neurons, ‖W[:, j]‖² m_j. gamma (γ of these rows) and centre
+    (a LayerNorm): the weight the norm after the branch sees, diag(γ) C W as `scoring.seen_after_ln`.
+    group: the process group holding the other rows (FSDP2, `distributed.local_rows`), rows = D. Every term
+    is a sum over rows, so each rank sums its rows and one all-reduce gives the whole matrix's; the centring
+    needs the column mean over all D rows, which is reduced first. Without a group `w` is the whole matrix.
+    """
+    if centre:
+        w = w - distributed.row_mean(w, rows or w.shape[0], group)[None, :]
+    if gamma is not None:
+        w = gamma[:, None].to(w.dtype) * w
+    if heads is not None:
+        perm, n_units, dh = heads
+        wu = w.reshape(w.shape[0], -1, dh)[:, perm.to(w.device)].reshape(w.shape[0], n_units, -1)  # [d, U, k*dh]
+        sq = (torch.einsum("dui,duj->uij", wu, wu) * m).sum(dim=(1, 2))  # tr(W_uᵀW_u M_u): [U]
+    else:
+        sq = (w**2).sum(0) * m  # ‖W2[:, j]‖² E[a_j²]: [F]
+    return distributed.sum_rows(sq, group)
+
+
+def _gamma_rows(ln: nn.Module, d: int, rows: int) -> torch.Tensor:
+    """γ of the norm after a branch for the `d` of `rows` output-weight rows this rank holds: under FSDP2 the
+    norm's weight is sharded like the projection's (same dim, same cut), so its local rows are the ones needed."""
+    gamma, _, _ = distributed.local_rows(ln.weight.detach())
+    if gamma.shape[0] != d:
+        raise IdpriorError(f"the norm after a branch holds {gamma.shape[0]} of its {rows} weights on this rank and "
+                           f"the branch's output projection {d} rows: shard both with fully_shard on the same mesh")
+    return gamma
 
 
 def _all_reduce_moments(rec: ActivationMoments) -> None:

@@ -12,7 +12,7 @@ What is checked: the config fields (again, for configs built in Python), the met
 a tokenizer, a task head that fits the task and whose label names are the data's, `--max-length`
 within its positions), the task data (every error `load_task` raises, and no empty split), `--kinds`,
 `--target` and `--protect-first/last` against the model's structure (a target no plan can reach is
-refused here instead of after fine-tuning), the output folder (locked by a live run, occupied, a
+refused here instead of after fine-tuning), `--lora-targets` against its linear layers, the output folder (locked by a live run, occupied, a
 resume with another config, `--resume` with `--overwrite`, an `--overwrite` that would delete the
 inputs or anything that is not an idprior run: `io.check_owned`) and the free disk space (also on
 `--resume`, less what the run holds). `check_evaluation` does the model checks for `idprior evaluate`.
@@ -61,6 +61,8 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
     config_ok = not problems
     if prune:
         problems += check_method(cfg)
+        if cfg.lora.enabled:
+            problems += check_peft()
     output_problems = check_output(cfg, resume=resume, overwrite=overwrite)
     problems += output_problems
     model_problems, info = check_model(cfg)
@@ -76,6 +78,8 @@ def preflight(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, 
         problems += check_head(info, data.task, data)
     if prune and info is not None and config_ok and not model_problems:
         problems += check_structure(cfg, info)
+        if cfg.lora.enabled:
+            problems += check_lora(cfg, info)
     if info is not None and config_ok and not output_problems:  # an --out that cannot be written has no free space
         problems += check_disk(cfg, info, prune=prune, resume=resume)
     if problems:
@@ -520,18 +524,50 @@ def check_protect(first: int, last: int, layers: int, folder) -> list[str]:
     return []
 
 
-def _meta_adapter(info: ModelInfo, per_query_head: bool):
-    """The model's adapter on the meta device (no weights read), reshaped to a pruned folder's layers."""
+def check_peft() -> list[str]:
+    """--recover lora needs peft, which idprior imports only then (an optional dependency)."""
+    import importlib.util
+
+    if importlib.util.find_spec("peft") is None:
+        return ["--recover lora needs the peft package, which is not installed: pip install 'idprior[lora]' "
+                "(or peft), or use --recover full"]
+    return []
+
+
+def check_lora(cfg: RunConfig, info: ModelInfo) -> list[str]:
+    """--lora-targets names that no linear layer of the model's body has (peft would say so only after the
+    fine-tune, scoring and surgery, with the run folder half written)."""
+    from .lora import target_problem
+
+    try:
+        body = _meta_body(info)
+    except Exception as e:  # noqa: BLE001 - check_structure reports a config transformers cannot build
+        return [] if not isinstance(e, IdpriorError) else [str(e)]
+    problem = None if body is None else target_problem(body, cfg.lora.targets)
+    return [problem] if problem else []
+
+
+def _meta_body(info: ModelInfo):
+    """The model's Transformer body (no task head) built from config.json on the meta device (no weights read);
+    None for a .gguf file."""
     if info.gguf:
         return None  # the config lives inside the GGUF file; the load itself checks it
     import torch
     import transformers
 
-    from ..arch import STRUCTURE_KEY, LayerShape, get_adapter
-
     config = transformers.AutoConfig.from_pretrained(str(info.folder), local_files_only=True, trust_remote_code=False)
     with torch.device("meta"):
-        model = transformers.AutoModel.from_config(config)
+        return transformers.AutoModel.from_config(config)
+
+
+def _meta_adapter(info: ModelInfo, per_query_head: bool):
+    """The model's adapter on the meta device (no weights read), reshaped to a pruned folder's layers."""
+    from ..arch import STRUCTURE_KEY, LayerShape, get_adapter
+
+    model = _meta_body(info)
+    if model is None:
+        return None
+    config = model.config
     adapter = get_adapter(model, per_query_head=per_query_head)
     shapes = getattr(config, STRUCTURE_KEY, None)
     if shapes is not None:

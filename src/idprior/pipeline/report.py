@@ -145,7 +145,8 @@ def write_run_report(out: str | Path) -> Path:
         lines += [f"Model `{metrics['model']}`, task `{metrics['task']}`, method `{metrics['method']}`, target "
                   f"{metrics['target']:.0%} of {metrics['measure']}, seed {metrics['seed']}. "
                   f"Split sizes: {_counts(metrics['sizes'])}.", "",
-                  f"Fine-tune before the cut: {metrics.get('training', 'not recorded')}; recovery after it: plain.", "", "## Quality", "",
+                  f"Fine-tune before the cut: {metrics.get('training', 'not recorded')}; recovery after it: "
+                  f"{metrics.get('recovery', 'not recorded')}.", "", "## Quality", "",
                   f"| split | dense {m} | pruned, no recovery | pruned |", "|---|---|---|---|"]
         for split, d in metrics["dense"].items():
             lines.append(f"| {split} | {_fmt(d[m])} | {_fmt(metrics['pruned_no_recovery'][split][m])} | {_fmt(metrics['pruned'][split][m])} |")

@@ -4,7 +4,8 @@
     score      function norms on calibration data      -> scores.json
     select     threshold to the target                 -> plan.json
     surgery    physical removal                         -> surgery/ (pruned, before recovery)
-    recover    fine-tune the pruned model              -> pruned/  (the result)
+    recover    fine-tune the pruned model (or LoRA     -> pruned/  (the result)
+               adapters, merged before saving)
     evaluate   dense vs pruned on the test split(s)    -> metrics.json
     bench      measured speed, dense vs pruned         -> bench.json
     report     everything above in one page            -> report.md (+ plots)
@@ -44,6 +45,7 @@ from ..config import (
     dump_config,
     proximal_phase,
     recipe_for,
+    recovery_name,
     resume_differences,
     resume_key,
     training_name,
@@ -342,13 +344,21 @@ def stage_surgery(run: Run) -> dict:
 
 
 def stage_recover(run: Run) -> dict:
+    """Fine-tune the pruned model: every weight, or with `lora.enabled` LoRA adapters only (`pipeline/lora.py`),
+    merged into the weights before pruned/ is saved."""
     from ..model.surgery import save_pruned
     from .train import Distillation, train
 
     cfg, p = run.cfg, run.cfg.prune
     model, tok = run.load_model(str(run.path("surgery")))
-    info: dict = {}
+    info: dict = {"recovery": recovery_name(cfg)}
     tcfg = cfg.recover
+    lora = cfg.lora.enabled and tcfg.epochs > 0
+    if lora:
+        from . import lora as lora_mod
+
+        model = lora_mod.wrap(model, cfg.lora, seed=cfg.seed + 1)
+        info["trainable_params"] = lora_mod.trainable(model)
     if tcfg.epochs > 0:
         hooks = [Distillation(run.load_model(finetuned_spec(run))[0], p.distill_alpha, p.distill_temperature)] if p.distill else []
         metric = main_metric(run.task)
@@ -358,6 +368,8 @@ def stage_recover(run: Run) -> dict:
                        higher_is_better=greater_is_better(metric), hooks=hooks, ckpt_dir=run.path("ckpt_recover"),
                        resume=run.resume, desc="recover", log_path=run.path("recover_log.jsonl"))
         info.update(history=result.history, best_epoch=result.best_epoch, steps=result.steps)
+    if lora:
+        model = lora_mod.merge(model)
     if distributed.is_main():
         save_pruned(model, tok, run.path("pruned"), plan=io.read_json(run.path("plan.json")))
         shutil.rmtree(run.path("ckpt_recover"), ignore_errors=True)
@@ -389,7 +401,8 @@ def stage_evaluate(run: Run, dense_metrics: dict | None = None) -> dict:
     specs = {"dense": finetuned_spec(run), "pruned": str(run.path("pruned")),
              **({"pruned_no_recovery": str(run.path("surgery"))} if recovered else {})}
     out = {"task": run.task.name, "main_metric": main_metric(run.task), "model": run.cfg.model.name,
-           "method": run.cfg.prune.method, "training": training_name(run.cfg.prune), "target": run.cfg.prune.target, "measure": run.cfg.prune.measure,
+           "method": run.cfg.prune.method, "training": training_name(run.cfg.prune),
+           "recovery": recovery_name(run.cfg), "target": run.cfg.prune.target, "measure": run.cfg.prune.measure,
            "seed": run.cfg.seed, "sizes": run.data.sizes(), "dense": {}, "pruned_no_recovery": {}, "pruned": {}}
     per_example: dict = {}  # "stage.split" -> per-example outputs, for paired comparisons (predictions.safetensors)
     zero_shot = run.cfg.data.zero_shot if run.task.kind == "lm" else None
