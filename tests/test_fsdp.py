@@ -55,7 +55,7 @@ def _inputs(d: int) -> dict[str, torch.Tensor]:
 def _sq(w, x, kind, ln, rows=None, group=None, gamma=None):
     m = x["m_head"] if kind == "head" else x["m_neuron"]
     heads = (PERM, 2, DH) if kind == "head" else None
-    return unit_sq_norms(w, m, heads=heads, gamma=gamma if ln else None, centre=ln == "layer", rows=rows, group=group)
+    return unit_sq_norms(w, m, heads=heads, ln_weight=gamma if ln else None, centre=ln == "layer", rows=rows, group=group)
 
 
 def _manual_shards(group) -> dict:

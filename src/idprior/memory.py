@@ -17,7 +17,7 @@ import resource
 from pathlib import Path
 
 
-def _write_proc(name: str, text: str) -> None:
+def write_proc(name: str, text: str) -> None:
     """Write a kernel control file of this process; not through io: /proc takes no atomic rename."""
     Path("/proc/self", name).write_text(text)
 
@@ -49,7 +49,7 @@ def lifetime_peak_mb() -> float:
 def reset_peak() -> bool:
     """Reset VmHWM to the current RSS; False where the kernel refuses (peaks are then cumulative)."""
     try:
-        _write_proc("clear_refs", "5")
+        write_proc("clear_refs", "5")
         return True
     except OSError:
         return False

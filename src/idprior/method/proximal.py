@@ -260,7 +260,7 @@ class ProximalPrior:
         if kind == "head":
             dh = self.adapter.head_dim
             heads = (*self.recorder.unit_layout(layer, wd.shape[1] // dh), dh)
-        sq = unit_sq_norms(wd, m, heads=heads, gamma=gamma, centre=isinstance(ln, nn.LayerNorm),
+        sq = unit_sq_norms(wd, m, heads=heads, ln_weight=gamma, centre=isinstance(ln, nn.LayerNorm),
                            rows=rows, group=group)
         return scale * sq.clamp(min=0).sqrt(), w
 
@@ -482,12 +482,12 @@ class ProximalPrior:
 
 
 def unit_sq_norms(w: torch.Tensor, m: torch.Tensor, *, heads: tuple[torch.Tensor, int, int] | None = None,
-                  gamma: torch.Tensor | None = None, centre: bool = False, rows: int | None = None,
+                  ln_weight: torch.Tensor | None = None, centre: bool = False, rows: int | None = None,
                   group: torch.distributed.ProcessGroup | None = None) -> torch.Tensor:
     """Per unit ‖f_u‖² (before the after-LN scale), from rows `w` [d, in] (float64) of the [D, in] output weight.
 
     heads: (permutation putting each unit's query heads side by side, unit count, head_dim) for head units,
-    tr(W_uᵀ W_u M_u) with M_u = m[u]; None for neurons, ‖W[:, j]‖² m_j. gamma (γ of these rows) and centre
+    tr(W_uᵀ W_u M_u) with M_u = m[u]; None for neurons, ‖W[:, j]‖² m_j. ln_weight (γ of these rows) and centre
     (a LayerNorm): the weight the norm after the branch sees, diag(γ) C W as `scoring.seen_after_ln`.
     group: the process group holding the other rows (FSDP2, `distributed.local_rows`), rows = D. Every term
     is a sum over rows, so each rank sums its rows and one all-reduce gives the whole matrix's; the centring
@@ -495,8 +495,8 @@ def unit_sq_norms(w: torch.Tensor, m: torch.Tensor, *, heads: tuple[torch.Tensor
     """
     if centre:
         w = w - distributed.row_mean(w, rows or w.shape[0], group)[None, :]
-    if gamma is not None:
-        w = gamma[:, None].to(w.dtype) * w
+    if ln_weight is not None:
+        w = ln_weight[:, None].to(w.dtype) * w
     if heads is not None:
         perm, n_units, dh = heads
         wu = w.reshape(w.shape[0], -1, dh)[:, perm.to(w.device)].reshape(w.shape[0], n_units, -1)  # [d, U, k*dh]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .. import io
-from ..memory import _write_proc, lifetime_peak_mb, peak_mb, reset_peak, rss_mb  # noqa: F401
+from ..memory import lifetime_peak_mb, peak_mb, reset_peak, rss_mb, write_proc  # noqa: F401
 from ..method.plan import PruningPlan
 
 TIMING_MODELS = ("minilm-l6", "smollm2-135m")  # what `load_for_timing` knows
@@ -40,7 +40,7 @@ def set_priority(nice: int) -> None:
         print(f"warning: could not change the nice value by {nice}: {e}", file=sys.stderr)
     if Path("/proc/self/autogroup").exists():
         try:
-            _write_proc("autogroup", str(nice))
+            write_proc("autogroup", str(nice))
         except OSError as e:
             print(f"warning: could not set the autogroup nice value to {nice}: {e}", file=sys.stderr)
 
