@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from idprior.cli.main import main
+from idprior.errors import IdpriorError
 from idprior.pipeline import evaluate as ev
 from idprior.pipeline import stages
 from tiny_decoder_folder import make_tiny_decoder_folder
@@ -90,3 +91,23 @@ def test_each_stage_records_its_peak_rss(tmp_path):
     assert {"finetune", "score", "select", "surgery", "recover", "evaluate", "report"} <= set(recorded)
     for name, info in recorded.items():
         assert info["peak_rss_mb"] > 50, name  # at least the interpreter and torch
+
+
+def test_read_safetensors_matches_load_file_and_owns_each_tensor(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from idprior.model.surgery import read_safetensors
+
+    tensors = {"f32": torch.randn(3, 5), "bf16": torch.randn(4, 2).to(torch.bfloat16), "f16": torch.randn(7).half(),
+               "i64": torch.arange(6).view(2, 3), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
+               "empty": torch.zeros(0, 4)}
+    save_file(tensors, str(tmp_path / "w.safetensors"))
+    got, ref = read_safetensors(tmp_path / "w.safetensors"), load_file(tmp_path / "w.safetensors")
+    assert got.keys() == ref.keys()
+    for k, v in ref.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v), k
+    storages = {got[k].untyped_storage().data_ptr() for k in got if got[k].numel()}
+    assert len(storages) == sum(1 for v in got.values() if v.numel())  # no two tensors share memory (load_file's do)
+    (tmp_path / "short.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:-8])
+    with pytest.raises(IdpriorError, match="cut short"):
+        read_safetensors(tmp_path / "short.safetensors")
