@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import re
 import resource
 from pathlib import Path
@@ -87,5 +88,6 @@ def returning_freed_memory():
     try:
         yield
     finally:
+        gc.collect()  # a model held in reference cycles (hooks, parametrizations) is freed now, not at the next stage
         lib.mallopt(M_MMAP_THRESHOLD, _GLIBC_MAX_THRESHOLD)
         lib.malloc_trim(0)
