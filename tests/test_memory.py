@@ -111,3 +111,17 @@ def test_read_safetensors_matches_load_file_and_owns_each_tensor(tmp_path):
     (tmp_path / "short.safetensors").write_bytes((tmp_path / "w.safetensors").read_bytes()[:-8])
     with pytest.raises(IdpriorError, match="cut short"):
         read_safetensors(tmp_path / "short.safetensors")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_inference_stages_return_freed_memory():
+    from idprior import memory
+
+    if memory._glibc() is None:
+        pytest.skip("not glibc")
+    with memory.returning_freed_memory():
+        before = memory.rss_mb()
+        blocks = [torch.ones(256, 1024) for _ in range(200)]  # 200 blocks of 1 MB, touched
+        assert memory.rss_mb() - before > 150
+        del blocks
+        assert memory.rss_mb() - before < 20  # each block went back to the system when freed
