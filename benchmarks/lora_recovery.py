@@ -234,7 +234,7 @@ def render(r: dict) -> str:
     if r["smoke"]:
         lines += ["**Smoke run on a tiny random model: checks the script, measures nothing.**", ""]
     lines += ["| target | model | validation ppl | test ppl | recovery wall s | recover stage peak RSS MB | "
-              "process peak RSS MB | steps | trainable params |", "|---|---|---|---|---|---|---|---|---|"]
+              "run peak RSS MB | steps | trainable params |", "|---|---|---|---|---|---|---|---|---|"]
     for target, cell in r["targets"].items():
         first = cell["full"]["metrics"]
         t = f"{float(target):.0%}"
@@ -249,11 +249,12 @@ def render(r: dict) -> str:
             params = rec.get("trainable_params") or run["metrics"]["compression"]["total_params"]["pruned"]
             lines.append(f"| {t} | after {mode} recovery | {_ppl(run['metrics'], 'pruned', 'validation')} | "
                          f"{_ppl(run['metrics'], 'pruned', 'test')} | {rec['wall_s']} | {peak} | "
-                         f"{stats.get('process_peak_rss_mb', '–')} | {rec['steps']} | {params:,} |")
+                         f"{max(v['peak_rss_mb'] for v in stats['stages'].values())} | {rec['steps']} | {params:,} |")
     lines += ["", "Recovery wall s: the recover stage (load surgery/, train, merge for LoRA, save pruned/). Recover "
               "stage peak RSS: its high-water mark, reset when the stage starts, and in brackets its rise above the RSS "
-              "at the start (what earlier stages left resident is in the first figure, not the second). Process peak RSS: the whole run (evaluation of dense and pruned "
-              "models usually sets it). Full recovery trains every parameter, so its trainable count is the pruned "
+              "at the start (what earlier stages left resident is in the first figure, not the second). Run peak RSS: the largest stage peak (getrusage's "
+              "whole-process figure cannot be used: resetting the high-water mark per stage hides earlier peaks from "
+              "it). Full recovery trains every parameter, so its trainable count is the pruned "
               "model's size.", "", "Runs:", ""]
     for target, cell in r["targets"].items():
         for mode in MODES:
