@@ -9,7 +9,7 @@ the body, merged before pruned/ is saved). Both see the same data in the same or
 steps (--max-train lm-rt texts packed into --seq-len blocks, --epochs, --batch); only the learning rate differs
 (--lr-full, --lr-lora: adapters start at zero and need a larger one). Each run is a fresh subprocess of this
 script (`--child`) that runs the pipeline with the recover stage's high-water RSS reset and read around it
-(idprior.study.benchutil); the parent also reads the whole child's peak RSS from `os.wait4`. Recovery evaluates
+(idprior.memory); the parent also reads the whole child's peak RSS from `os.wait4`. Recovery evaluates
 nothing mid-way (recover.eval_each_epoch false), so its wall time is training, one checkpoint and the save.
 
 Test perplexity dense / before recovery / after full / after LoRA, recovery wall s, peak RSS, steps and trainable
@@ -39,8 +39,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 from idprior import io  # noqa: E402
+from idprior.memory import peak_mb, reset_peak, rss_mb  # noqa: E402
 from idprior.pipeline.bench import environment  # noqa: E402
-from idprior.study.benchutil import peak_mb, publish, reset_peak, rss_mb  # noqa: E402
+from idprior.study.benchutil import publish  # noqa: E402
 
 MODES = ("full", "lora")
 STATS = "child_stats.json"

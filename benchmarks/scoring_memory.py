@@ -3,7 +3,7 @@
     python benchmarks/scoring_memory.py                 # batch sizes 8 and 32, 32 blocks of 128 tokens
 
 Each configuration runs in a fresh process (so peaks never mix): load the model, record its RSS,
-reset the high-water mark (idprior.study.benchutil.reset_peak), run `idprior.method.scoring.score` over the same 32
+reset the high-water mark (idprior.memory.reset_peak), run `idprior.method.scoring.score` over the same 32
 calibration blocks of lm-rt training text, and read the peak. "lean" is idprior's default
 (use_cache=False and logits for the last position only); "full logits" calls the model the plain
 way, which also builds the [B, T, vocab] logits and a KV cache nobody reads. The batch-32 lean
@@ -39,12 +39,12 @@ import torch  # noqa: E402
 from idprior import io
 from idprior.arch import get_adapter  # noqa: E402
 from idprior.data import get_task, load_task, make_lm_dataloader  # noqa: E402
+from idprior.memory import peak_mb, reset_peak, rss_mb  # noqa: E402
 from idprior.method import scoring
 from idprior.method.selection import select  # noqa: E402
 from idprior.model import load as models
 from idprior.model.surgery import apply_plan, save_pruned  # noqa: E402
 from idprior.pipeline.bench import cpu_model  # noqa: E402
-from idprior.study.benchutil import peak_mb, reset_peak, rss_mb  # noqa: E402
 
 SEQ_LEN = 128
 CONFIGS = [  # (batch size, lean, dtype, also measure surgery, exact allocator accounting)

@@ -9,7 +9,7 @@ tokens of lm-rt training text, function-norm selection of KV groups and FFN neur
 perplexity of dense and pruned on a fixed subset of the lm-rt validation and test splits, greedy
 sample generations, and the eager speed benchmark (`idprior.pipeline.bench.benchmark`, ONNX off: its
 export of a 135M decoder takes minutes). Around every stage the high-water RSS is reset and read
-(idprior.study.benchutil), so each stage's peak is its own. Afterwards greedy decoding speed
+(idprior.memory), so each stage's peak is its own. Afterwards greedy decoding speed
 (KV cache, batch 1) of dense vs pruned is timed round-robin in the same process.
 Writes benchmarks/results/smollm2_posttrain.json and .md; the run folder is temporary.
 """
@@ -33,11 +33,11 @@ import torch  # noqa: E402
 from idprior import io
 from idprior.cli.common import config_from_args  # noqa: E402
 from idprior.cli.main import build_parser  # noqa: E402
+from idprior.memory import peak_mb, reset_peak  # noqa: E402
 from idprior.model import load as models
 from idprior.model.surgery import load_pruned_with_tokenizer  # noqa: E402
 from idprior.pipeline import stages as pipeline
 from idprior.pipeline.bench import cpu_model, format_bench_markdown  # noqa: E402
-from idprior.study.benchutil import peak_mb, reset_peak  # noqa: E402
 
 DECODE_PROMPT = "the movie is"
 

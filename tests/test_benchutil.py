@@ -1,4 +1,4 @@
-"""idprior.study.benchutil, the helpers the benchmark scripts share: the memory probes read this
+"""idprior.memory and idprior.study.benchutil, the helpers the benchmark scripts share: the memory probes read this
 process's RSS, and the timing plans are the `magnitude` baseline's, cut from a copy."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from idprior import memory
 from idprior.arch import get_adapter
 from idprior.baselines import get_method
 from idprior.study import benchutil
@@ -15,16 +16,16 @@ from tiny_models import tiny_bert
 def test_peak_follows_an_allocation_and_resets():
     """A 64 MB buffer shows in the peak; after it is freed, `reset_peak` brings the peak back down,
     so a stage's peak can be read on its own."""
-    if not benchutil.reset_peak():
+    if not memory.reset_peak():
         pytest.skip("this kernel does not allow /proc/self/clear_refs")
-    base = benchutil.peak_mb()
-    assert base == pytest.approx(benchutil.rss_mb(), abs=8)
+    base = memory.peak_mb()
+    assert base == pytest.approx(memory.rss_mb(), abs=8)
     block = bytearray(64 * 2**20)  # zero-filled by the allocator: every page resident
-    assert benchutil.peak_mb() >= base + 60
-    assert benchutil.lifetime_peak_mb() >= base + 60
+    assert memory.peak_mb() >= base + 60
+    assert memory.lifetime_peak_mb() >= base + 60
     del block
-    benchutil.reset_peak()
-    assert benchutil.peak_mb() < base + 30
+    memory.reset_peak()
+    assert memory.peak_mb() < base + 30
 
 
 def test_timing_plans_are_the_magnitude_baselines():

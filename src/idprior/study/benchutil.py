@@ -4,7 +4,7 @@ The scripts import only from idprior (never from each other, never through `sys.
 tests/test_code_health.py checks it), so each runs on its own from any directory, and a change
 here is seen by every script that uses it.
 
-Memory probes (`rss_mb`, `peak_mb`, `reset_peak`) live in `idprior.memory` and are re-exported here.
+Memory probes (`rss_mb`, `peak_mb`, `reset_peak`) live in `idprior.memory`.
 
 Timing models: the speed benchmarks time dense models against weight-magnitude plans (idprior's
 `magnitude` baseline: no data, no training), since accuracy is not what they measure.
