@@ -409,3 +409,25 @@ def test_seed_comparison_pairs_arms_per_seed_and_refuses_mixed_seeds(tmp_path):
     with pytest.raises(SystemExit) as e:  # seed 0's A against seed 1's B is not a pair
         seeds.main(["--a", "A", "--b", "B", "--out-dir", str(tmp_path), "--cell", cells[0], cells[1]])
     assert e.value.code == 2
+
+
+def test_sn_prior_2x2_reads_each_factor_with_the_other_on_and_off(tmp_path):
+    """The report's SN x prior section pairs the four corners as labelled: with 10 examples per cell and the
+    corners right on 9 / 7 / 6 / 2 of them, SN with the prior is +20 points and without it +40."""
+    from idprior.study.report_paired import sn_prior_sections
+
+    right = {"snip": 9, "snip-no-sn": 7, "snip-no-prior": 6, "snip-no-sn-no-prior": 2}
+    rows = []
+    for task in ("t1", "t2"):
+        for method, k in right.items():
+            path = tmp_path / f"{task}_{method}.safetensors"
+            pred = (np.arange(10) >= k).astype(np.int16)  # the first k right (labels are 0)
+            save_predictions(path, {f"{stage}.test": {"pred": pred, "label": np.zeros(10, np.int16)}
+                                    for stage in ("pruned", "pruned_no_recovery")})
+            rows.append({"task": task, "seed": 0, "method": method, "target": 0.5, "predictions": path.name})
+    text = "\n".join(sn_prior_sections(rows, tmp_path, n_boot=0))
+    assert text.count("## The SN × prior 2×2") == 2  # before and after recovery
+    for a, b, diff in (("snip", "snip-no-sn", "+20.00"), ("snip-no-prior", "snip-no-sn-no-prior", "+40.00"),
+                       ("snip", "snip-no-prior", "+30.00"), ("snip-no-sn", "snip-no-sn-no-prior", "+50.00")):
+        assert f"| {a} − {b} | 0.5 | 2 | **{diff}** |" in text, (a, b)
+    assert sn_prior_sections([r for r in rows if r["method"] != "snip-no-sn-no-prior"], tmp_path, n_boot=0) == []

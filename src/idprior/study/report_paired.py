@@ -149,6 +149,30 @@ def gradual_table(rows: list[dict]) -> list[str]:
     return [*lines, ""]
 
 
+# The SN x prior 2x2 (quality.SNIP_METHODS): each factor's effect with and without the other, as paired differences
+SN_PRIOR_EFFECTS = (("SN, with the prior", "snip", "snip-no-sn"),
+                    ("SN, without the prior", "snip-no-prior", "snip-no-sn-no-prior"),
+                    ("the prior, with SN", "snip", "snip-no-prior"),
+                    ("the prior, without SN", "snip-no-sn", "snip-no-sn-no-prior"))
+
+
+def sn_prior_sections(cells: list[dict], root: Path, n_boot: int) -> list[str]:
+    """Each factor of the SN x prior 2x2 with the other on and off, test, before and after recovery; [] unless
+    the grid has all four corners."""
+    if not {m for _, a, b in SN_PRIOR_EFFECTS for m in (a, b)} <= set(_methods(cells)):
+        return []
+    lines: list[str] = []
+    for endpoint, words in ENDPOINTS.items():
+        comps = [compare(cells, a, b, target=t, endpoint=endpoint, root=root)
+                 for t in _targets(cells) for _, a, b in SN_PRIOR_EFFECTS]
+        comps = [c for c in comps if c.cells]
+        if comps:
+            lines += [f"## The SN × prior 2×2 ({words}, test)", "",
+                      "Rows in order: " + "; ".join(f"{what}: {a} − {b}" for what, a, b in SN_PRIOR_EFFECTS)
+                      + " (only the cells with both arms).", "", *comparison_table(comps, n_boot), ""]
+    return lines
+
+
 def protocol_check(rows: list[dict]) -> str:
     """The from-pretrained protocol's promise, checked on the rows: per (task, seed) every arm ran the same
     fine-tuning and recovery steps on the same batches in the same order (`data_order`, `steps`)."""
@@ -291,7 +315,7 @@ def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str |
               "## Accuracy per method (validation)", "", *accuracy_table(cells, "validation"), "",
               "## Is the prior acting? (logged terms of the fine-tunes the cells pruned)", "", *prior_table(cells), "",
               "## Where spectral normalization binds (fine-tunes the cells pruned, logged every step)", "",
-              *sn_table(cells), "", *gradual_table(cells),
+              *sn_table(cells), "", *sn_prior_sections(cells, root, n_boot), *gradual_table(cells),
               "## Units removed (mean over cells)", "", *removed_table(cells), "",
               "## Wall time per stage (s, mean over cells; finetune = the fine-tune the cell pruned)", "",
               *wall_table(rows), ""]
