@@ -86,7 +86,7 @@ def commands(args) -> dict[str, list[str]]:
         # stream, on the kind's common scale, a quarter of each layer kept, gamma 1, survivors debiased, no SN
         "snip (prior phase, kind scale, floor, no SN, debias, after-ln)": [
             *prune, *train, "--recover-epochs", "0", "--min-keep", "0.25",
-            "--set", "prune.prior_gamma=1.0", "--no-sn", "--set", "prune.prior_debias=true",
+            "--set", "prune.prior_gamma=1.0", "--set", "prune.prior_debias=true",
             "--set", "prune.norm_after_ln=true", "--out", str(runs / f"snip_prior_kind_nosn_debias_afterln_{t}")],
         "snip post-training + recovery": [*posthoc, "--score", "residual", "--min-keep", "0.25", "--compensate", "none",
                                           "--out", str(runs / f"snip_posthoc_{t}")],

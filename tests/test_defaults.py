@@ -227,7 +227,8 @@ def test_a_resolved_fine_tune_keeps_its_recipe_when_run_post_training(folders):
 def test_an_encoder_gets_the_encoder_recipe(folders, flags):
     p = _resolved(folders["bert"], *flags)
     assert {k: getattr(p, k) for k in C.RECIPE} == C.RECIPE
-    assert p.compensate == "none" and (p.sn, p.prior) == (True, True)
+    assert p.compensate == "none" and (p.sn, p.prior) == (False, True)  # SN only with --sn (issue 32)
+    assert _resolved(folders["bert"], "--sn", *flags).sn is True
 
 
 def test_an_explicit_value_always_wins(folders):
@@ -274,7 +275,7 @@ def test_prune_help_states_the_recipes(capsys):
     assert main(["prune", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps the epilog
     for value in ("prior_gamma 3.0", "min_keep 0.25", "score residual", "compensate lsq", "norm_after_ln True",
-                  "prior_gamma 1.0", "sn False"):
+                  "prior_gamma 1.0", "spectral normalization only with --sn"):
         assert value in text, value
     for recipe in (C.RECIPE, *PRE_LN_DECODER_RECIPE.values()):
         assert all(f"{k} {v}" in text for k, v in recipe.items()), recipe

@@ -50,10 +50,10 @@ def _hooks(model) -> int:
 
 
 def test_snip_trainer_with_sn_alone_trains_and_folds(tmp_path):
-    """prior=False: SN alone (attached before the optimizer exists, so it trains the originals), no prior
+    """sn=True, prior=False: SN alone (attached before the optimizer exists, so it trains the originals), no prior
     callback, no prior terms in the logs; finish() folds SN into plain, trained weights."""
     model = tiny_bert().train()
-    trainer = SnipTrainer(model=model, args=_args(tmp_path, 3), train_dataset=_Data(), prior=False)
+    trainer = SnipTrainer(model=model, args=_args(tmp_path, 3), train_dataset=_Data(), sn=True, prior=False)
     assert spectral.sn_modules(model)  # SN attached before the optimizer exists
     assert trainer.snip_prior is None and trainer.snip_callback is None
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -129,7 +129,7 @@ def test_snip_trainer_takes_the_config_defaults_and_overrides(tmp_path):
     prior = trainer.snip_prior
     assert (prior.target, prior.gamma, prior.head_share, prior.min_keep, prior.debias, prior.ramp) == (
         want.target, want.prior_gamma, want.prior_head_share, want.min_keep, want.prior_debias, RAMP)
-    assert trainer.snip_config.sn is True and spectral.sn_modules(trainer.model)
+    assert trainer.snip_config.sn is False and not spectral.sn_modules(trainer.model)  # SN only when asked for
     base = PruneConfig(target=0.3, prior_gamma=1.0)
     trainer = SnipTrainer(model=tiny_bert(), args=_args(tmp_path, 1), train_dataset=_Data(), prune=base, prior_gamma=2.0)
     assert (trainer.snip_prior.target, trainer.snip_prior.gamma) == (0.3, 2.0)  # keywords over prune=

@@ -63,7 +63,7 @@ def _log_keys(path) -> set[str]:
     return {k for line in path.read_text().splitlines() for k in json.loads(line)}
 
 
-@pytest.mark.parametrize("extra", [["--no-sn", "--no-prior"], ["--no-train"], ["--iterative", "2", "--no-sn"],
+@pytest.mark.parametrize("extra", [["--sn", "--no-prior"], ["--no-train"], ["--iterative", "2", "--sn"],
                                    ["--selection", "share", "--head-share", "0.3", "--distill"],
                                    ["--set", "prune.finetune_distill=true"]])
 def test_prune_variants(tiny_folder, tmp_path, extra):
@@ -79,7 +79,7 @@ def test_prune_variants(tiny_folder, tmp_path, extra):
     finetune = json.loads((out / "stages.json").read_text())["stages"]["finetune"]
     trained = "--no-train" not in extra
     assert ("steps" in finetune) == trained
-    assert ("sn_matrices" in finetune) == (trained and "--no-sn" not in extra)
+    assert ("sn_matrices" in finetune) == (trained and "--sn" in extra)  # SN only when asked for
     prior_logged = {"prior", "prior_identity_frac"} & _log_keys(out / "train_log.jsonl")  # loss / proximal prior
     assert bool(prior_logged) == (trained and "--no-prior" not in extra)
     assert ("distill_loss" in _log_keys(out / "train_log.jsonl")) == ("prune.finetune_distill=true" in extra)
@@ -117,7 +117,7 @@ def test_bench_stage_times_like_a_fresh_process(tiny_folder, tmp_path):
 
     handle = register_module_forward_pre_hook(record)
     try:
-        assert main(["prune", "--model", str(tiny_folder), *QUICK[:-1], "--target", "0.3", "--no-onnx", "--out", str(out),
+        assert main(["prune", "--model", str(tiny_folder), *QUICK[:-1], "--target", "0.3", "--no-onnx", "--sn", "--out", str(out),
                      "--set", "bench.batch_sizes=[2]", "--set", "bench.seq_lens=[8]", "--set", "bench.repeats=3",
                      "--set", "bench.retime_rounds=0", "--set", "bench.max_iqr_fraction=0.5"]) == 0
     finally:

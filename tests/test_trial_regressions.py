@@ -195,7 +195,7 @@ def test_a_flag_or_set_given_twice_names_the_value_used(capsys):
     (["--method", "shortgpt", "--kinds", "head"], "--kinds head"),
     (["--method", "top-layers", "--min-keep", "0.5"], "--min-keep 0.5"),
     (["--no-prior", "--set", "prune.prior_gamma=2"], "--set prune.prior_gamma=2"),
-    (["--no-sn", "--sn-bound", "2"], "--sn-bound 2"),
+    (["--sn-bound", "2"], "--sn-bound 2"),  # SN is off unless --sn
     (["--head-share", "0.4"], "--head-share 0.4"),
     (["--set", "bench.repeats=3"], "--set bench.repeats=3"),
 ])

@@ -1,9 +1,9 @@
-"""SNIP for users of the Hugging Face `Trainer`: spectral normalization attached at construction,
-the identity prior applied while `train()` runs, everything folded back by `finish()`.
+"""SNIP for users of the Hugging Face `Trainer`: the identity prior applied while `train()` runs (and spectral
+normalization attached at construction when `sn=True`), everything folded back by `finish()`.
 
     trainer = SnipTrainer(model=model, args=args, train_dataset=ds, target=0.5)
     trainer.train()                     # drives `target` of the encoder parameters to the identity
-    model = trainer.finish()            # detach, fold SN: a plain model again
+    model = trainer.finish()            # detach (and fold SN): a plain model again
     plan = idprior.select(idprior.score(model, batches), idprior.get_adapter(model), target=0.5, mode="prior")
     idprior.apply_plan(model, plan.units)
 
@@ -12,7 +12,7 @@ config's defaults (read at call time), validation and the model family's measure
 None (`config.recipe_for`), so the trainer does what `idprior.prune` does with the same settings:
 `proximal.ProximalPrior` (built by `proximal.build_prior`, as the pipeline builds it) runs after every
 optimizer step from a callback's `on_step_end`; its options are `PRIOR_OPTIONS`; kinds, sn and sn_bound act
-too; prior=False trains with SN alone. With gradient accumulation the prior's activation moments come from the
+too; sn=True, prior=False trains with SN alone. With gradient accumulation the prior's activation moments come from the
 last micro-batch of each step. The prior's log terms join the Trainer's logs as `snip_<term>` (snip_lambda,
 snip_prior_identity_frac, ...).
 
@@ -97,7 +97,8 @@ class ProximalCallback(TrainerCallback):
 
 
 class SnipTrainer(Trainer):
-    """A `Trainer` that fine-tunes with SN and the identity prior (module docstring); `finish()` after training."""
+    """A `Trainer` that fine-tunes with the identity prior (and SN with sn=True; module docstring); `finish()`
+    after training."""
 
     def __init__(self, *args, prune: PruneConfig | None = None, **kwargs):
         cfg, kwargs = trainer_settings(prune, kwargs)

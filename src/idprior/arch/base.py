@@ -332,9 +332,9 @@ def slice_conv1d(conv: nn.Module, index: torch.Tensor, dim: int) -> None:
 
 # Pre-LN decoders, measured on SmolLM2-135M (Llama layout; docs/results.md "Decoders") and applied to GPT-2, the
 # other pre-LN family, by analogy. Fine-tuning: the prior measured through the next norm, milder reweighting,
-# survivors debiased, a quarter of each layer kept, no SN (it changed nothing there and slowed the phase).
+# survivors debiased, a quarter of each layer kept (no SN, as for every family: `config.training_of`).
 # Post-training: norms relative to the residual stream, a quarter kept, the kept columns re-fitted (lsq).
 PRE_LN_DECODER_RECIPE: dict[str, dict] = {
-    "finetune": {"sn": False, "norm_after_ln": True, "prior_gamma": 1.0, "prior_debias": True, "min_keep": 0.25},
+    "finetune": {"norm_after_ln": True, "prior_gamma": 1.0, "prior_debias": True, "min_keep": 0.25},
     "posttrain": {"score": "residual", "min_keep": 0.25, "compensate": "lsq"},
 }

@@ -13,8 +13,8 @@ def recipes_text() -> str:
     def fmt(d: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in d.items())
 
-    return ("Defaults (the measured recipe; any flag or --set overrides it): SNIP fine-tunes with SN and the identity "
-            f"prior ({fmt(RECIPE)}); on pre-LN decoders (Llama, Qwen2, GPT-2) fine-tuning uses "
+    return ("Defaults (the measured recipe; any flag or --set overrides it): SNIP fine-tunes with the identity prior "
+            f"({fmt(RECIPE)}; spectral normalization only with --sn); on pre-LN decoders (Llama, Qwen2, GPT-2) fine-tuning uses "
             f"{fmt(PRE_LN_DECODER_RECIPE['finetune'])}, and post-training (--no-train) "
             f"{fmt(PRE_LN_DECODER_RECIPE['posttrain'])}. A baseline (--method) fine-tunes and recovers plainly (no SN, "
             "no prior) unless --set prune.sn=true / prune.prior=true asks for them.")
