@@ -18,4 +18,4 @@ for i in 0 1; do
 done
 wait
 idprior report benchmarks/results/quality_pretrained.jsonl --out benchmarks/results --reference snip \
-    --command "bash benchmarks/run_quality_pretrained.sh"
+    --command "bash benchmarks/run_quality_pretrained.sh" --notes benchmarks/quality_pretrained_notes.md
