@@ -80,6 +80,7 @@ def test_prune_variants(tiny_folder, tmp_path, extra):
     trained = "--no-train" not in extra
     assert ("steps" in finetune) == trained
     assert ("sn_matrices" in finetune) == (trained and "--sn" in extra)  # SN only when asked for
+    assert ("sn_clip_frac" in _log_keys(out / "train_log.jsonl")) == (trained and "--sn" in extra)  # and only then logged
     prior_logged = {"prior", "prior_identity_frac"} & _log_keys(out / "train_log.jsonl")  # loss / proximal prior
     assert bool(prior_logged) == (trained and "--no-prior" not in extra)
     assert ("distill_loss" in _log_keys(out / "train_log.jsonl")) == ("prune.finetune_distill=true" in extra)

@@ -53,7 +53,7 @@ from .gates import Gates
 from .plan import SUBLAYER, measure_of, model_cost, removal_cost
 from .scoring import BranchNorms
 from .selection import floor_count
-from .spectral import BoundedSpectralNorm, sn_modules
+from .spectral import BoundedSpectralNorm
 from .units import Unit, parse_kinds
 
 PROX_KINDS = ("head", "neuron")
@@ -141,13 +141,6 @@ def stored_out_weight(adapter: Adapter, module: nn.Module) -> tuple[torch.Tensor
         sigma = float(p.sigma(original))
         scale *= min(1.0, float(p.bound) / max(sigma, p.eps))
     return adapter.out_weight(_Stored(original)), scale
-
-
-def sn_clip_fraction(model: nn.Module) -> float:
-    """Fraction of SN-parametrized matrices that the last forward rescaled onto their bound (SN
-    binding; recorded by the forward, so logging it costs nothing)."""
-    mods = sn_modules(model)
-    return sum(sn.clipped for _, sn in mods) / len(mods) if mods else 0.0
 
 
 # The controller's constants, measured once and not options (docs/history.md): the starting λ (unitless: 0.01 =
@@ -438,7 +431,7 @@ class ProximalPrior:
 
     def _terms(self, model: nn.Module, fracs: dict[str, float], lead: dict[str, float], sched: float) -> dict:
         terms = {"lambda": sum(self.lam.values()) / len(self.lam), "prior_identity_frac": sum(fracs.values()),
-                 "prior_bound_frac": sum(lead.values()), "prior_schedule": sched, "sn_clip_frac": sn_clip_fraction(model)}
+                 "prior_bound_frac": sum(lead.values()), "prior_schedule": sched}
         if "all" not in self.lam:
             terms.update({f"lambda_{g}": v for g, v in self.lam.items()})
         for kind in self.kinds:
