@@ -57,16 +57,16 @@ def test_every_baseline_resolves_to_plain_training(method):
     cfg = pipeline.resolved(load_config(None, [f"prune.method={method}"]))
     assert (cfg.prune.sn, cfg.prune.prior) == (False, False)
     assert training_of(PruneConfig(method=method)) == (False, False)
-    assert training_of(PruneConfig()) == (True, True)  # SNIP's own
+    assert training_of(PruneConfig()) == (False, True)  # SNIP's own: the prior (SN only when asked for)
 
 
 def test_explicit_choice_wins_for_baseline_and_snip_ablation():
     cfg = pipeline.resolved(load_config(None, ["prune.method=fisher", "prune.sn=true", "prune.prior=true"]))
     assert (cfg.prune.sn, cfg.prune.prior) == (True, True)
-    cfg = pipeline.resolved(load_config(None, ["prune.prior=false"]))  # SNIP without the prior stays the ablation
+    cfg = pipeline.resolved(load_config(None, ["prune.sn=true", "prune.prior=false"]))  # SNIP's SN-alone ablation
     assert (cfg.prune.sn, cfg.prune.prior) == (True, False)
     # SnipTrainer's settings
-    assert training_of(prune_config(sn=False)) == (False, True) and training_of(prune_config()) == (True, True)
+    assert training_of(prune_config(sn=True)) == (True, True) and training_of(prune_config()) == (False, True)
 
 
 def test_cli_baseline_finetunes_plainly_and_says_so(tiny_folder, tmp_path, spy_training):
@@ -97,11 +97,12 @@ def test_python_prune_baseline_finetunes_plainly(tiny_folder, tmp_path, spy_trai
     assert yaml.safe_load((tmp_path / "mag" / "config.yaml").read_text())["prune"]["sn"] is False
 
 
-def test_snip_still_trains_with_sn_and_prior(tiny_folder, tmp_path, spy_training):
+@pytest.mark.parametrize("sn", [False, True], ids=["default", "--sn"])
+def test_snip_trains_with_the_prior_and_sn_only_when_asked(tiny_folder, tmp_path, spy_training, sn):
     out = tmp_path / "snip"
     assert main(["prune", "--model", str(tiny_folder), *QUICK, "--target", "0.4", "--recover-epochs", "0",
-                 "--out", str(out)]) == 0
-    assert spy_training["sn"] == 1 and spy_training["prior_hooks"] == [1]
+                 *(["--sn"] if sn else []), "--out", str(out)]) == 0
+    assert spy_training["sn"] == int(sn) and spy_training["prior_hooks"] == [1]
     assert "prior_identity_frac" in _log_keys(out / "train_log.jsonl")
 
 
