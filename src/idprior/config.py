@@ -292,7 +292,7 @@ def training_of(p: PruneConfig) -> tuple[bool, bool]:
     own: SNIP fine-tunes with the prior, a baseline plainly, as it was published (a baseline trained under
     SNIP's prior would choose among units the prior already zeroed: SNIP against itself). SN only when asked
     for (`prune.sn`, `--sn`): at our learning rates no weight's spectral norm moved more than 1% from its
-    pretrained value, so the bound never acted, and SNIP with and without it measured the same (issue 32)."""
+    pretrained value, so the bound barely acted, and SNIP with and without it measured the same (issue 32)."""
     return bool(p.sn), (p.method == "snip" if p.prior is None else bool(p.prior))
 
 
