@@ -78,7 +78,7 @@ RECOVER_HELP = ("how recovery trains: full (default: every weight) or lora (LoRA
                 "plain pruned model; adapters usually want a larger learning rate, e.g. --set recover.lr=2e-4)")
 
 SWITCHES = {
-    "sn": ("prune.sn", True, "bounded spectral normalization during the fine-tune (off by default: it never "
+    "sn": ("prune.sn", True, "bounded spectral normalization during the fine-tune (off by default: it barely "
            "bound at our learning rates and changed nothing we measured; docs/results.md)"),
     "no_prior": ("prune.prior", False, "ablation: no identity prior"),
     "no_train": ("prune.finetune_first", False, "post-training mode: score and prune the model as given"),
