@@ -18,17 +18,16 @@ import json
 from pathlib import Path
 
 from idprior import io
+from idprior.study.quality import cell_key
 
 
 def read(spec: str) -> list[dict]:
     path, _, renames = spec.partition(":")
     names = dict(part.split("=", 1) for part in renames.split(",") if part)
     rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    out = []
-    for row in rows:
-        if row["method"] in names:
-            out.append(row | {"method": names[row["method"]], "key": row["key"].replace(row["method"], names[row["method"]], 1)})
-    return out
+    return [row | {"method": names[row["method"]],
+                   "key": cell_key(row["task"], row["seed"], names[row["method"]], float(row["target"]))}
+            for row in rows if row["method"] in names]
 
 
 def main(argv=None) -> None:
