@@ -4,16 +4,20 @@
 # benchmark (benchmarks/quality_pretrained.yaml) as two one-thread shards sharing one results file, then the
 # report. Resumable: rerunning continues where it stopped (finished cells are never redone; an interrupted
 # fine-tune resumes from its last epoch). STOP_MIN limits the wall time of this call (the rest is done by the
-# next call).
+# next call). TARGETS / TASKS (comma lists) run only that slice of the grid, e.g. TARGETS=0.3,0.7 for the
+# secondary targets before every 50% cell is done; SHARDS=1 runs one process instead of two.
 set -u
 cd "$(dirname "$0")/.."
 command -v idprior >/dev/null || . .venv/bin/activate
 mkdir -p runs
-stop=()
-[ -n "${STOP_MIN:-}" ] && stop=(--stop-after-min "$STOP_MIN")
-for i in 0 1; do
+extra=()
+[ -n "${STOP_MIN:-}" ] && extra=(--stop-after-min "$STOP_MIN")
+[ -n "${TARGETS:-}" ] && extra+=(--targets "$TARGETS")
+[ -n "${TASKS:-}" ] && extra+=(--tasks "$TASKS")
+n=${SHARDS:-2}
+for ((i = 0; i < n; i++)); do
   idprior bench-quality benchmarks/quality_pretrained.yaml --out runs/quality_pretrained \
-      --results benchmarks/results/quality_pretrained.jsonl --threads 1 --resume --shard "$i/2" "${stop[@]}" \
+      --results benchmarks/results/quality_pretrained.jsonl --threads 1 --resume --shard "$i/$n" "${extra[@]}" \
       > "runs/quality_pretrained_shard$i.log" 2>&1 &
 done
 wait

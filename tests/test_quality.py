@@ -178,3 +178,22 @@ def test_report_cli(tmp_path):
     assert main(["report", str(path), "--out", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "r.md").is_file() and (tmp_path / "o" / "r_tradeoff.png").read_bytes().startswith(PNG_MAGIC)
     assert main(["report", str(tmp_path / "missing.jsonl")]) == 2
+
+
+def test_grid_targets_filter_runs_only_those_targets(tiny_folder, tmp_path):
+    """--targets reaches a paired grid's secondary targets before its primary one is done everywhere; the
+    skipped cells (and the dense row, which belongs to the primary target) run on a later call."""
+    import yaml
+
+    raw = _grid(tiny_folder) | {"tasks": ["rt-polarity"], "seeds": [0], "targets": [0.5, 0.3],
+                                "methods": ["random"], "dense_row": True}
+    out, results = tmp_path / "sweep", tmp_path / "results.jsonl"
+    c = run_grid(load_grid(raw), out, results=results, targets=[0.3])
+    assert c["cells"] == 1 and c["dense"] == 0
+    assert [r["key"] for r in map(json.loads, results.read_text().splitlines())] == ["rt-polarity/0/random/0.3"]
+    c = run_grid(load_grid(raw), out, results=results)
+    assert (c["cells"], c["dense"], c["skipped"]) == (1, 1, 1)
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(yaml.safe_dump(raw))
+    assert main(["bench-quality", str(grid_file), "--out", str(out), "--resume", "--targets", "0.9"]) == 2
+    assert main(["bench-quality", str(grid_file), "--out", str(out), "--resume", "--targets", "half"]) == 2

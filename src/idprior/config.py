@@ -124,10 +124,10 @@ class PruneConfig:
     # the scale the next layer sees; scoring and the prior
     norm_after_ln: bool | None = None
     calib_size: int = 512
-    # The fine-tune's SN and identity prior (`training_of`). SN: off unless true (it measured inert: issue 32).
+    # The fine-tune's SN and identity prior (`training_of`). SN: off unless asked for (it measured inert: issue 32).
     # Prior: None is the method's own (SNIP trains with it, every baseline plainly, as published); true/false
     # asks for it explicitly (for SNIP false is the ablation)
-    sn: bool | None = None
+    sn: bool = False
     sn_bound: str = "init"  # "init" (each matrix's own sigma at load) or a float
     prior: bool | None = None
     # The identity prior (proximal.py): a soft-threshold of each unit's function norm after every optimizer
@@ -293,7 +293,7 @@ def training_of(p: PruneConfig) -> tuple[bool, bool]:
     SNIP's prior would choose among units the prior already zeroed: SNIP against itself). SN only when asked
     for (`prune.sn`, `--sn`): at our learning rates no weight's spectral norm moved more than 1% from its
     pretrained value, so the bound barely acted, and SNIP with and without it measured the same (issue 32)."""
-    return bool(p.sn), (p.method == "snip" if p.prior is None else bool(p.prior))
+    return p.sn, (p.method == "snip" if p.prior is None else bool(p.prior))
 
 
 def training_name(p: PruneConfig) -> str:

@@ -24,6 +24,9 @@ def add_parser(sub):
     p.add_argument("--stop-after-min", type=float, default=None,
                    help="start no new cell after this many minutes (finish later with --resume)")
     p.add_argument("--tasks", default=None, metavar="T1,T2", help="run only these tasks of the grid")
+    p.add_argument("--targets", default=None, metavar="F1,F2",
+                   help="run only these targets of the grid (e.g. 0.3,0.7: the secondary targets before the "
+                        "primary one is done everywhere)")
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="run the I-th of N slices of the (seed, task) pairs, for N processes sharing a machine "
                         "and one results file (e.g. two with --threads 1 --shard 0/2 and --shard 1/2)")
@@ -46,20 +49,26 @@ def run(args) -> int:
         raise IdpriorError(f"--shard {args.shard!r}: use I/N with 0 <= I < N, e.g. 0/2 and 1/2") from None
     grid = load_grid(args.grid)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
-    check_inputs(grid, args, tasks)
+    try:
+        targets = [float(t) for t in args.targets.split(",") if t.strip()] if args.targets else None
+    except ValueError:
+        raise IdpriorError(f"--targets {args.targets!r}: give fractions of the grid's targets, e.g. 0.3,0.7") from None
+    check_inputs(grid, args, tasks, targets)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     deadline = time.time() + 60 * args.stop_after_min if args.stop_after_min is not None else None
-    c = run_grid(grid, args.out, results=args.results, resume=args.resume, deadline=deadline, tasks=tasks, shard=shard)
+    c = run_grid(grid, args.out, results=args.results, resume=args.resume, deadline=deadline, tasks=tasks,
+                 targets=targets, shard=shard)
     print(f"done: {c['cells']} cells and {c['dense']} dense rows run, {c['finetune']} fine-tunes, "
           f"{c['skipped']} finished earlier and skipped")
     return 0
 
 
-def check_inputs(grid, args, tasks: list[str] | None) -> None:
-    """Before anything is written: the grid's tasks and model exist, --tasks names tasks of the grid, --out can be
+def check_inputs(grid, args, tasks: list[str] | None, targets: list[float] | None = None) -> None:
+    """Before anything is written: the grid's tasks and model exist, --tasks / --targets name tasks / targets of the
+    grid, --out can be
     written, and a --results file that exists holds results rows (a sweep appends to it; a user's JSONL is never
     appended to). One line per problem."""
     import json
@@ -81,6 +90,10 @@ def check_inputs(grid, args, tasks: list[str] | None) -> None:
     unknown = [t for t in tasks or [] if t not in grid.tasks]
     if unknown:
         problems.append(f"--tasks {', '.join(unknown)}: not in the grid's tasks ({', '.join(grid.tasks)})")
+    odd = [t for t in targets or [] if t not in grid.targets]
+    if odd:
+        problems.append(f"--targets {', '.join(map(str, odd))}: not in the grid's targets "
+                        f"({', '.join(map(str, grid.targets))})")
     try:
         models.resolve(grid.model)
     except IdpriorError as e:
