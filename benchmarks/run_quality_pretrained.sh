@@ -21,5 +21,5 @@ for ((i = 0; i < n; i++)); do
       > "runs/quality_pretrained_shard$i.log" 2>&1 &
 done
 wait
-idprior report benchmarks/results/quality_pretrained.jsonl --out benchmarks/results --reference snip \
+idprior report benchmarks/results/quality_pretrained.jsonl --out benchmarks/results --reference snip-no-sn \
     --command "bash benchmarks/run_quality_pretrained.sh" --notes benchmarks/quality_pretrained_notes.md
