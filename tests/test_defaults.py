@@ -47,7 +47,6 @@ NOT_SETTINGS = {
     ("idprior.baselines.flap.FlapMethod.__init__", "selection"): "the baseline's own rule",
     ("idprior.method.spectral.BoundedSpectralNorm.__init__", "bound"): "None: the matrix's own sigma (attach maps 'init')",
     ("idprior.model.export.export_onnx", "seq_len"): "the exported graph's example length, not the FLOPs length",
-    ("idprior.study.gradual.ChosenUnitsPrior.__init__", "gamma"): "a study arm: no reweighting among units already chosen",
 }
 # What each compared default must be equal to, given the resolved encoder recipe.
 CONVERT = {"kinds": lambda p: parse_kinds(p.kinds), "residual": lambda p: p.score == "residual"}

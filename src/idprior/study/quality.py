@@ -38,12 +38,6 @@ cut, and recovers `recover:`: the same data order (the loaders are seeded by the
 same total steps for every arm. Its cells keep per-example predictions and write paired rows, so
 `idprior report` gives paired differences; each row records its steps and a hash of the batches it
 saw (`data_order`), which the report checks across the arms of a (task, seed).
-
-**Study arm** `fisher-gradual` (`gradual.py`, not a user option): the proximal prior drives exactly the
-units Fisher chooses at the start of the phase to the identity over the phase, and the cell cuts them;
-against `fisher` (plain phase, one-shot cut) it asks whether gradual removal beats a one-shot cut of the
-same kind of units. Its fine-tune folders are named `gradual-*`; its rows carry `gradual` (how many of
-the chosen units the prior brought to the identity).
 """
 
 from __future__ import annotations
@@ -74,7 +68,6 @@ from ..config import (
     read_yaml_text,
 )
 from ..errors import ConfigError, IdpriorError
-from . import gradual
 
 # snip-family method -> (sn, prior) of the fine-tune it prunes
 SNIP_METHODS = {"snip": (True, True), "snip-no-sn": (False, True), "snip-no-prior": (True, False),
@@ -178,7 +171,7 @@ def load_grid(path_or_dict: str | os.PathLike | dict) -> Grid:
 
 def _grid_methods(raw: dict, paired: bool, problems: list[str]) -> list[MethodSpec]:
     """The grid's `methods:` with their `selection:` entries folded in; problems appended."""
-    known = (*SNIP_METHODS, *baseline_names(), gradual.NAME)
+    known = (*SNIP_METHODS, *baseline_names())
     methods: list[MethodSpec] = []
     selection = raw.get("selection") or {}
     for m in raw.get("methods") or []:
@@ -255,8 +248,6 @@ def cell_config(grid: Grid, task: str, seed: int, spec: MethodSpec, target: floa
     if spec.method in SNIP_METHODS:
         sn, prior = SNIP_METHODS[spec.method]
         base.update({"prune.sn": sn, "prune.prior": prior})  # a baseline: its own plain training (training_of)
-    elif spec.method == gradual.NAME:  # study arm: the prior on Fisher's units, then SNIP's cut (gradual.py)
-        base.update(gradual.cell_overrides())
     base.update(spec.overrides)
     base["out"] = out
     from ..pipeline.stages import resolved
@@ -404,16 +395,15 @@ def versions() -> dict:
 
 # ---- running ------------------------------------------------------------------------------------
 
-def _finetune_into(cfg: RunConfig, folder: Path, label: str, counter: dict | None, fns: dict | None = None) -> Path:
-    """Run (or resume) the finetune stage of `cfg` in `folder` unless it finished earlier (`fns`: a study
-    arm's own stage function, as `pipeline.run_stages` takes it)."""
+def _finetune_into(cfg: RunConfig, folder: Path, label: str, counter: dict | None) -> Path:
+    """Run (or resume) the finetune stage of `cfg` in `folder` unless it finished earlier."""
     from ..pipeline.stages import Run, run_stages
 
     run = Run(dataclasses.replace(_as_recorded(cfg, folder), out=str(folder)), resume=True)
     try:
         if not run.done("finetune"):
             print(f"== fine-tune {label}")
-            run_stages(run, ["finetune"], fns=fns)
+            run_stages(run, ["finetune"])
             if counter is not None:
                 counter["finetune"] = counter.get("finetune", 0) + 1
     finally:
@@ -457,26 +447,22 @@ def weights_sha256(folder: Path) -> str:
 
 
 def ensure_finetuned(cell: RunConfig, out: Path, counter: dict | None = None, *, grid: Grid | None = None,
-                     start_only: bool = False, arm: str | None = None) -> Path:
+                     start_only: bool = False) -> Path:
     """The fine-tuned folder a cell prunes; fine-tunes (or resumes) only what is missing.
 
     Unpaired grids: one fine-tune per variant from the pretrained model. Paired grids: the shared
-    start of (task, seed), then this cell's continuation from it (`start_only`: the start itself).
-    `arm` gradual.NAME: the phase is the study arm's (`gradual.stage_finetune`), in a folder of its own."""
+    start of (task, seed), then this cell's continuation from it (`start_only`: the start itself)."""
     seed_dir = out / "finetune" / cell.data.task / f"seed{cell.seed}"
-    fns, study = ({"finetune": gradual.stage_finetune}, "gradual") if arm == gradual.NAME else (None, None)
     if grid is None or not grid.paired:
         cfg, name = finetune_config(cell, out="pending")
-        name = f"{study}-{name.split('-', 1)[1]}" if study else name
-        return _finetune_into(cfg, seed_dir / name, f"{cell.data.task} seed {cell.seed} {name}", counter, fns)
+        return _finetune_into(cfg, seed_dir / name, f"{cell.data.task} seed {cell.seed} {name}", counter)
     cfg, name = start_config(cell, out="pending")
     start = _finetune_into(cfg, existing_equivalent(seed_dir, name, cfg), f"{cell.data.task} seed {cell.seed} shared start", counter)
     if start_only:
         return start
     cfg, name = continuation_config(grid, cell, start)
-    name = f"{study}-{name.split('-', 1)[1]}" if study else name
     folder = _finetune_into(cfg, existing_equivalent(seed_dir, name, cfg), f"{cell.data.task} seed {cell.seed} {name} (from the start)",
-                            counter, fns)
+                            counter)
     if not (folder / "start.json").is_file():
         io.write_json(folder / "start.json", {"start": os.path.relpath(start, folder),
                                               "sha256": weights_sha256(start / "finetuned")})
@@ -582,15 +568,14 @@ def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, targ
 
     cell_dir = out / "cells" / task / f"seed{seed}" / spec.name / f"t{target:g}"
     cfg = cell_config(grid, task, seed, spec, target, out=str(cell_dir))
-    ft_dir = ensure_finetuned(cfg, out, counter, grid=grid, start_only=spec.start == "start", arm=spec.method)
+    ft_dir = ensure_finetuned(cfg, out, counter, grid=grid, start_only=spec.start == "start")
     # the fine-tune's variant, read before the cell's stages turn finetune_first off
-    trained = "gradual" if spec.method == gradual.NAME else variant_of(cfg)
+    trained = variant_of(cfg)
     cfg = dataclasses.replace(cfg, prune=post_training(cfg.prune))
     run = Run(cfg, resume=True)
     _link_finetuned(cell_dir, ft_dir)
     dense = dense_metrics(ft_dir, with_predictions=grid.paired_rows)
-    study = {"select": gradual.stage_select} if spec.method == gradual.NAME else {}
-    run_stages(run, CELL_STAGES, fns={"evaluate": lambda r: stage_evaluate(r, dense_metrics=dense), **study})
+    run_stages(run, CELL_STAGES, fns={"evaluate": lambda r: stage_evaluate(r, dense_metrics=dense)})
     if counter is not None:
         counter["cells"] = counter.get("cells", 0) + 1
     metrics = io.read_json(run.path("metrics.json"))
@@ -610,10 +595,6 @@ def run_cell(grid: Grid, out: Path, task: str, seed: int, spec: MethodSpec, targ
            "data_order": {"finetune": _log_digest(ft_dir / "train_log.jsonl"),
                           "recover": _log_digest(run.path("recover_log.jsonl"))},
            "sn_log": _sn_log_summary(ft_dir)}
-    if spec.method == gradual.NAME:  # did the prior take exactly Fisher's units to the identity?
-        row["gradual"] = {**{k: ft_stages["finetune"].get(k) for k in ("chosen_units", "chosen_at_identity",
-                                                                      "others_at_identity", "prior_target")},
-                          **(gradual.overlap(ft_dir, io.read_json(run.path("plan.json"))) or {})}
     if grid.paired_rows:
         stem = f"{task}/seed{seed}"
         start = {"from": "pretrained"} if grid.protocol == "pretrained" else {"from": spec.start, **_start_info(ft_dir)}

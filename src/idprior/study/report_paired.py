@@ -130,25 +130,6 @@ def sn_table(rows: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else ["No fine-tune of these cells used SN, or their rows predate its logging."]
 
 
-def gradual_table(rows: list[dict]) -> list[str]:
-    """The study arm `fisher-gradual` (`gradual.py`): how many of Fisher's chosen units its prior brought to the
-    identity before the cut (the rest were cut one-shot); [] without such rows."""
-    sel = [r for r in rows if r.get("gradual")]
-    if not sel:
-        return []
-    lines = ["## Gradual against one-shot: the prior on Fisher's units", "",
-             "| method | target | cells | chosen units (mean) | at the identity before the cut (mean) | all there |",
-             "|---|---|---|---|---|---|"]
-    for t in _targets(sel):
-        for m in _methods(sel):
-            g = [r["gradual"] for r in sel if r["method"] == m and math.isclose(float(r["target"]), t)]
-            if g:
-                lines.append(f"| {m} | {t:g} | {len(g)} | {np.mean([x['chosen_units'] for x in g]):.1f} | "
-                             f"{np.mean([x['chosen_at_identity'] for x in g]):.1f} | "
-                             f"{sum(x['chosen_at_identity'] == x['chosen_units'] for x in g)} of {len(g)} |")
-    return [*lines, ""]
-
-
 # The SN x prior 2x2 (quality.SNIP_METHODS): each factor's effect with and without the other, as paired differences
 SN_PRIOR_EFFECTS = (("SN, with the prior", "snip", "snip-no-sn"),
                     ("SN, without the prior", "snip-no-prior", "snip-no-sn-no-prior"),
@@ -315,7 +296,7 @@ def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str |
               "## Accuracy per method (validation)", "", *accuracy_table(cells, "validation"), "",
               "## Is the prior acting? (logged terms of the fine-tunes the cells pruned)", "", *prior_table(cells), "",
               "## Where spectral normalization binds (fine-tunes the cells pruned, logged every step)", "",
-              *sn_table(cells), "", *sn_prior_sections(cells, root, n_boot), *gradual_table(cells),
+              *sn_table(cells), "", *sn_prior_sections(cells, root, n_boot),
               "## Units removed (mean over cells)", "", *removed_table(cells), "",
               "## Wall time per stage (s, mean over cells; finetune = the fine-tune the cell pruned)", "",
               *wall_table(rows), ""]
