@@ -67,10 +67,9 @@ def run(args) -> int:
 
 
 def check_inputs(grid, args, tasks: list[str] | None, targets: list[float] | None = None) -> None:
-    """Before anything is written: the grid's tasks and model exist, --tasks / --targets name tasks / targets of the
-    grid, --out can be
-    written, and a --results file that exists holds results rows (a sweep appends to it; a user's JSONL is never
-    appended to). One line per problem."""
+    """Before anything is written: the grid's tasks and model exist, --tasks / --targets name tasks / targets of
+    the grid, --out can be written, and a --results file that exists holds results rows (a sweep appends to it; a
+    user's JSONL is never appended to). One line per problem."""
     import json
     from pathlib import Path
 
