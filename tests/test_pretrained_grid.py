@@ -78,6 +78,7 @@ def test_every_arm_starts_from_pretrained_with_the_same_steps_and_data(tiny_fold
     assert main(["report", str(results), "--out", str(tmp_path / "rep")]) == 0
     text = (tmp_path / "rep" / "pre.md").read_text()
     assert "from the pretrained model" in text and "2 of 2 (task, seed) pairs" in text
+    assert "a fine-tune of 1 epoch (" in text and "1 epoch of recovery" in text  # one epoch each, singular
     for heading in ("## Every method against fisher (before recovery, test)",
                     "## Every method against fisher (after recovery, test)",
                     "## Per task: snip − fisher, after recovery, test", "## Where spectral normalization binds"):

@@ -29,6 +29,11 @@ def _fmt(x: float, digits: int = 2, sign: bool = True) -> str:
     return f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
 
 
+def plural(n: float, word: str) -> str:
+    """"1 epoch", "2 epochs", "0.5 epochs"."""
+    return f"{n:g} {word}" + ("" if n == 1 else "s")
+
+
 def _methods(rows: list[dict]) -> list[str]:
     seen: list[str] = []
     for r in rows:
@@ -262,9 +267,9 @@ def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str |
         f"Model {cells[0]['model']}; tasks {', '.join(tasks)}; seeds {', '.join(map(str, seeds))}; "
         f"{len(cells)} cells. "
         + (f"Per (task, seed) every method starts from the pretrained model with the same data order and the same "
-           f"steps: a fine-tune of {cfg['train']['epochs']:g} epochs (SNIP with SN and the identity prior, its "
-           f"ablations with one of them, baselines plainly), the cut, {cfg['recover']['epochs']:g} epochs of "
-           f"recovery: the user protocol (`idprior prune` against `idprior prune --method X`). Differences are "
+           f"steps: a fine-tune of {plural(cfg['train']['epochs'], 'epoch')} (each SNIP arm with the parts its "
+           f"name keeps: `snip` SN and the identity prior, `-no-sn` without SN, `-no-prior` without the prior; "
+           f"baselines plainly), the cut, {plural(cfg['recover']['epochs'], 'epoch')} of recovery: the user protocol (`idprior prune` against `idprior prune --method X`). Differences are "
            f"paired: same examples, same data order. " if pretrained else
            "Per (task, seed) every method starts from one shared plain fine-tune and gets the same "
            "further steps (SNIP: its SN + identity-prior phase; baselines: a plain continuation), so differences are "
