@@ -7,6 +7,7 @@ import json
 import pytest
 
 from idprior.cli.main import main
+from idprior.errors import IdpriorError
 from idprior.study.quality import ROW_KEYS, load_grid, run_grid
 from idprior.study.report_quality import (
     aggregate,
@@ -197,3 +198,17 @@ def test_grid_targets_filter_runs_only_those_targets(tiny_folder, tmp_path):
     grid_file.write_text(yaml.safe_dump(raw))
     assert main(["bench-quality", str(grid_file), "--out", str(out), "--resume", "--targets", "0.9"]) == 2
     assert main(["bench-quality", str(grid_file), "--out", str(out), "--resume", "--targets", "half"]) == 2
+
+
+def test_grid_seeds_filter_splits_one_tasks_seeds(tiny_folder, tmp_path):
+    """--seeds splits one task's seeds between processes (which --shard cannot, once one task is left): the
+    two calls cover the grid once between them, each seed's fine-tune made by one call only."""
+    grid = load_grid(_grid(tiny_folder) | {"tasks": ["rt-polarity"], "seeds": [0, 1, 2], "targets": [0.5],
+                                           "methods": ["random"], "dense_row": False})
+    out, results = tmp_path / "sweep", tmp_path / "results.jsonl"
+    first = run_grid(grid, out, results=results, seeds=[2])
+    assert [r["key"] for r in map(json.loads, results.read_text().splitlines())] == ["rt-polarity/2/random/0.5"]
+    second = run_grid(grid, out, results=results, seeds=[0, 1])
+    assert (first["cells"], first["finetune"], second["cells"], second["finetune"], second["skipped"]) == (1, 1, 2, 2, 0)
+    with pytest.raises(IdpriorError, match="--seeds 7: not in the grid's seeds"):
+        run_grid(grid, out, results=results, seeds=[7])

@@ -309,6 +309,8 @@ GRID = "model: {model}\ntasks: [{task}]\nseeds: [0]\ntargets: [0.3]\nmethods: [s
     ({}, ["--threads", "-1"], r"--threads must be >= 1"),
     ({}, ["--stop-after-min", "nan"], r"--stop-after-min must be"),
     ({}, ["--tasks", "subj"], r"--tasks subj: not in the grid's tasks"),
+    ({}, ["--seeds", "3"], r"--seeds 3: not in the grid's seeds"),
+    ({}, ["--seeds", "x"], r"--seeds 'x': give seeds of the grid as integers"),
     ({"task": "rt-polarty"}, [], r"grid task 'rt-polarty'"),
     ({"model": "/nonexistent/model"}, [], r"grid model: .*/nonexistent/model"),
     ({}, ["--results", "{tmp}/mine.jsonl", "--resume"], r"mine\.jsonl line 1 is not a result row"),

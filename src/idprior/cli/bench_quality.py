@@ -27,6 +27,8 @@ def add_parser(sub):
     p.add_argument("--targets", default=None, metavar="F1,F2",
                    help="run only these targets of the grid (e.g. 0.3,0.7: the secondary targets before the "
                         "primary one is done everywhere)")
+    p.add_argument("--seeds", default=None, metavar="S1,S2",
+                   help="run only these seeds of the grid (e.g. to split one task's seeds between processes)")
     p.add_argument("--shard", default="0/1", metavar="I/N",
                    help="run the I-th of N slices of the (seed, task) pairs, for N processes sharing a machine "
                         "and one results file (e.g. two with --threads 1 --shard 0/2 and --shard 1/2)")
@@ -53,21 +55,26 @@ def run(args) -> int:
         targets = [float(t) for t in args.targets.split(",") if t.strip()] if args.targets else None
     except ValueError:
         raise IdpriorError(f"--targets {args.targets!r}: give fractions of the grid's targets, e.g. 0.3,0.7") from None
-    check_inputs(grid, args, tasks, targets)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None
+    except ValueError:
+        raise IdpriorError(f"--seeds {args.seeds!r}: give seeds of the grid as integers, e.g. 3,4") from None
+    check_inputs(grid, args, tasks, targets, seeds)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     deadline = time.time() + 60 * args.stop_after_min if args.stop_after_min is not None else None
     c = run_grid(grid, args.out, results=args.results, resume=args.resume, deadline=deadline, tasks=tasks,
-                 targets=targets, shard=shard)
+                 targets=targets, seeds=seeds, shard=shard)
     print(f"done: {c['cells']} cells and {c['dense']} dense rows run, {c['finetune']} fine-tunes, "
           f"{c['skipped']} finished earlier and skipped")
     return 0
 
 
-def check_inputs(grid, args, tasks: list[str] | None, targets: list[float] | None = None) -> None:
-    """Before anything is written: the grid's tasks and model exist, --tasks / --targets name tasks / targets of
+def check_inputs(grid, args, tasks: list[str] | None, targets: list[float] | None = None,
+                 seeds: list[int] | None = None) -> None:
+    """Before anything is written: the grid's tasks and model exist, --tasks / --targets / --seeds name those of
     the grid, --out can be written, and a --results file that exists holds results rows (a sweep appends to it; a
     user's JSONL is never appended to). One line per problem."""
     import json
@@ -93,6 +100,10 @@ def check_inputs(grid, args, tasks: list[str] | None, targets: list[float] | Non
     if odd:
         problems.append(f"--targets {', '.join(map(str, odd))}: not in the grid's targets "
                         f"({', '.join(map(str, grid.targets))})")
+    odd_seeds = [s for s in seeds or [] if s not in grid.seeds]
+    if odd_seeds:
+        problems.append(f"--seeds {', '.join(map(str, odd_seeds))}: not in the grid's seeds "
+                        f"({', '.join(map(str, grid.seeds))})")
     try:
         models.resolve(grid.model)
     except IdpriorError as e:

@@ -693,7 +693,8 @@ def io_config(ft_dir: Path) -> RunConfig:
 
 def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike | None = None,
              resume: bool = True, deadline: float | None = None, tasks: list[str] | None = None,
-             targets: list[float] | None = None, shard: tuple[int, int] = (0, 1)) -> dict:
+             targets: list[float] | None = None, seeds: list[int] | None = None,
+             shard: tuple[int, int] = (0, 1)) -> dict:
     """Run every unfinished cell in order; returns counters {"cells", "dense", "finetune", "skipped"}.
 
     `results` defaults to OUT/results.jsonl. `deadline` (a time.time() value): start no new cell
@@ -701,6 +702,8 @@ def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike |
     `tasks`: run only the cells of these tasks (a slice of the grid; the rest stays for later).
     `targets`: run only the cells of these targets (paired grids run the primary target first; this
     reaches the others sooner). The dense row of a (task, seed) belongs to the primary target.
+    `seeds`: run only the cells of these seeds (splits one task's seeds between processes, which
+    `shard` cannot do when the processes outnumber the tasks left).
     `shard` (i, n): run only the (seed, task) pairs whose index is i mod n, so n processes (one
     thread each, say) can share a machine and one results file; a fine-tune is never shared
     between shards, because every cell of a (seed, task) pair belongs to the same shard.
@@ -720,12 +723,16 @@ def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike |
     if odd:
         raise IdpriorError(f"--targets {', '.join(map(str, odd))}: not in the grid's targets "
                            f"({', '.join(map(str, grid.targets))})")
+    odd_seeds = [s for s in seeds or [] if s not in grid.seeds]
+    if odd_seeds:
+        raise IdpriorError(f"--seeds {', '.join(map(str, odd_seeds))}: not in the grid's seeds "
+                           f"({', '.join(map(str, grid.seeds))})")
     index, n_shards = shard
     if not (n_shards >= 1 and 0 <= index < n_shards):
         raise IdpriorError(f"--shard {index}/{n_shards}: use I/N with 0 <= I < N, e.g. --shard 0/2 and --shard 1/2")
     pair_index = {(seed, task): i for i, (seed, task) in enumerate((s, t) for s in grid.seeds for t in grid.tasks)}
     for seed, task, target, spec in cells(grid):
-        if (tasks and task not in tasks) or pair_index[(seed, task)] % n_shards != index:
+        if (tasks and task not in tasks) or (seeds and seed not in seeds) or pair_index[(seed, task)] % n_shards != index:
             continue
         if targets and (target if spec else grid.targets[0]) not in targets:
             continue
