@@ -14,7 +14,7 @@ from idprior.cli.main import main
 from idprior.errors import IdpriorError
 from idprior.method.spectral import BoundedSpectralNorm, sn_stats
 from idprior.study.quality import load_grid, run_grid
-from idprior.study.report_paired import protocol_check
+from idprior.study.report_paired import protocol_check, shared_finetune_check
 from tiny_folder import make_tiny_bert_folder
 
 ARMS = ["snip", "fisher", "snip-no-sn", "snip-no-prior", "michel"]
@@ -107,6 +107,16 @@ def test_protocol_check_names_pairs_whose_arms_saw_other_data():
     assert protocol_check(rows) == ("Same steps and same batches in the same order for every arm, in fine-tuning and "
                                     "in recovery: 1 of 3 (task, seed) pairs; differing: t/1, t/2. 1 cells logged no "
                                     "batch digests (rows from before the check).")
+
+
+def test_shared_finetune_check_names_fine_tunes_whose_arms_cut_different_models():
+    def row(method, seed, ft, acc):
+        return {"task": "t", "seed": seed, "method": method, "finetune_dir": ft, "dense": {"test": {"accuracy": acc}}}
+
+    rows = [row("fisher", 0, "plain", 0.8), row("michel", 0, "plain", 0.8), row("snip", 0, "prior", 0.7),
+            row("fisher", 1, "plain", 0.8), row("michel", 1, "plain", 0.81)]  # seed 1's plain fine-tune was rebuilt
+    assert shared_finetune_check(rows) == ("Arms that share a fine-tune report the same dense model: 1 of 2 shared "
+                                           "fine-tunes; differing: t/1 (plain).")
 
 
 def test_sn_stats_says_which_matrices_bind_and_how_hard():

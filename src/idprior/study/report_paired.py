@@ -177,6 +177,22 @@ def protocol_check(rows: list[dict]) -> str:
     return line + (f" {unknown} cells logged no batch digests (rows from before the check)." if unknown else "")
 
 
+def shared_finetune_check(rows: list[dict]) -> str:
+    """Arms that share a fine-tune (fisher, michel and the plain-fine-tune SNIP ablation share the plain one) must
+    prune the same model: their rows must report the same dense scores. A fine-tune rebuilt on another machine
+    (or under another library version) is not the same bytes, so a grid resumed there after its fine-tunes were
+    lost can pair cells cut from different models; this says so instead of letting it pass silently."""
+    groups: dict[tuple[str, int, str], set] = {}
+    for r in rows:
+        if r.get("finetune_dir") and r.get("dense") is not None:
+            groups.setdefault((r["task"], r["seed"], r["finetune_dir"]), set()).add(json.dumps(r["dense"], sort_keys=True))
+    shared = {k: v for k, v in groups.items() if sum(1 for r in rows if (r["task"], r["seed"], r.get("finetune_dir")) == k) > 1}
+    bad = sorted(f"{t}/{s} ({d})" for (t, s, d), scores in shared.items() if len(scores) > 1)
+    line = (f"Arms that share a fine-tune report the same dense model: {len(shared) - len(bad)} of {len(shared)} "
+            "shared fine-tunes")
+    return line + (f"; differing: {', '.join(bad)}." if bad else ".")
+
+
 def wall_table(rows: list[dict]) -> list[str]:
     stages: list[str] = []
     for r in rows:
@@ -286,7 +302,7 @@ def write_paired_report(rows: list[dict], results: str | os.PathLike, out: str |
         "each weighted equally); the noise is the seed-to-seed spread within a task, pooled over tasks "
         "(`idprior.study.paired` docstring). Defaults are chosen on validation; test is reported once.",
         "",
-        *([f"**Protocol check.** {protocol_check(cells)}", ""] if pretrained else []),
+        *([f"**Protocol check.** {protocol_check(cells)} {shared_finetune_check(cells)}", ""] if pretrained else []),
         f"## Primary: accuracy before recovery, test ({reference} against every method)", "",
         *comparison_table(primary, n_boot), "",
         f"![paired differences]({name}_paired.png)", "",
