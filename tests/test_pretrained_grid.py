@@ -119,6 +119,22 @@ def test_shared_finetune_check_names_fine_tunes_whose_arms_cut_different_models(
                                            "fine-tunes; differing: t/1 (plain).")
 
 
+def test_a_sweep_names_rows_cut_from_a_lost_copy_of_a_rebuilt_fine_tune(tmp_path):
+    from idprior.study.quality import append_row, rebuilt_finetune_rows
+
+    def row(key, seed, ft, acc):
+        return {"key": key, "task": "t", "seed": seed, "finetune_dir": ft, "dense": {"test": {"accuracy": acc}}}
+
+    results = tmp_path / "r.jsonl"
+    for r in (row("t/0/fisher/0.5", 0, "plain", 0.8), row("t/0/snip/0.5", 0, "prior", 0.7),
+              row("t/1/fisher/0.5", 1, "plain", 0.9)):
+        append_row(results, r)
+    rebuilt = row("t/0/michel/0.5", 0, "plain", 0.81)
+    append_row(results, rebuilt)
+    assert rebuilt_finetune_rows(results, rebuilt) == ["t/0/fisher/0.5"]
+    assert rebuilt_finetune_rows(results, row("t/0/michel/0.5", 0, "plain", 0.8)) == []
+
+
 def test_sn_stats_says_which_matrices_bind_and_how_hard():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))

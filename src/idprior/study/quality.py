@@ -749,4 +749,28 @@ def run_grid(grid: Grid, out: str | os.PathLike, *, results: str | os.PathLike |
                else run_cell(grid, out, task, seed, spec, target, counter, results))
         append_row(results, row)
         done.add(key)
+        stale = rebuilt_finetune_rows(results, row)
+        if stale:
+            print(f"warning: {key} was cut from {row['finetune_dir']} as rebuilt now, but {', '.join(stale)} were cut "
+                  f"from an earlier copy with other dense scores (a fine-tune rebuilt on another machine is not the "
+                  f"same bytes): delete those rows from {results} and rerun with --resume to pair them again")
     return counter
+
+
+def rebuilt_finetune_rows(results: str | os.PathLike, row: dict) -> list[str]:
+    """Keys of earlier rows that cite `row`'s fine-tune folder but report other dense scores: they were cut
+    from a copy of it that has since been lost and rebuilt, so they no longer pair with `row`."""
+    if not row.get("finetune_dir") or row.get("dense") is None:
+        return []
+    mine = json.dumps(row["dense"], sort_keys=True)
+    out = []
+    for line in Path(results).read_text(encoding="utf-8").splitlines():
+        try:
+            other = json.loads(line)
+        except ValueError:
+            continue
+        if (isinstance(other, dict) and other.get("key") != row["key"] and other.get("task") == row["task"]
+                and other.get("seed") == row["seed"] and other.get("finetune_dir") == row["finetune_dir"]
+                and json.dumps(other.get("dense"), sort_keys=True) != mine):
+            out.append(other["key"])
+    return out
