@@ -4,7 +4,7 @@
 # benchmark (benchmarks/quality_pretrained.yaml) as two one-thread shards sharing one results file, then the
 # report. Resumable: rerunning continues where it stopped (finished cells are never redone; an interrupted
 # fine-tune resumes from its last epoch). STOP_MIN limits the wall time of this call (the rest is done by the
-# next call). TARGETS / TASKS (comma lists) run only that slice of the grid, e.g. TARGETS=0.3,0.7 for the
+# next call). TARGETS / TASKS / SEEDS (comma lists) run only that slice of the grid, e.g. TARGETS=0.3,0.7 for the
 # secondary targets before every 50% cell is done; SHARDS=1 runs one process instead of two.
 set -u
 cd "$(dirname "$0")/.."
@@ -14,6 +14,7 @@ extra=()
 [ -n "${STOP_MIN:-}" ] && extra=(--stop-after-min "$STOP_MIN")
 [ -n "${TARGETS:-}" ] && extra+=(--targets "$TARGETS")
 [ -n "${TASKS:-}" ] && extra+=(--tasks "$TASKS")
+[ -n "${SEEDS:-}" ] && extra+=(--seeds "$SEEDS")
 n=${SHARDS:-2}
 for ((i = 0; i < n; i++)); do
   idprior bench-quality benchmarks/quality_pretrained.yaml --out runs/quality_pretrained \
