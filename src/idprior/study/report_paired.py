@@ -182,12 +182,12 @@ def shared_finetune_check(rows: list[dict]) -> str:
     prune the same model: their rows must report the same dense scores. A fine-tune rebuilt on another machine
     (or under another library version) is not the same bytes, so a grid resumed there after its fine-tunes were
     lost can pair cells cut from different models; this says so instead of letting it pass silently."""
-    groups: dict[tuple[str, int, str], set] = {}
+    scores: dict[tuple[str, int, str], list[str]] = {}  # (task, seed, fine-tune folder) -> each row's dense scores
     for r in rows:
         if r.get("finetune_dir") and r.get("dense") is not None:
-            groups.setdefault((r["task"], r["seed"], r["finetune_dir"]), set()).add(json.dumps(r["dense"], sort_keys=True))
-    shared = {k: v for k, v in groups.items() if sum(1 for r in rows if (r["task"], r["seed"], r.get("finetune_dir")) == k) > 1}
-    bad = sorted(f"{t}/{s} ({d})" for (t, s, d), scores in shared.items() if len(scores) > 1)
+            scores.setdefault((r["task"], r["seed"], r["finetune_dir"]), []).append(json.dumps(r["dense"], sort_keys=True))
+    shared = {k: v for k, v in scores.items() if len(v) > 1}
+    bad = sorted(f"{t}/{s} ({d})" for (t, s, d), v in shared.items() if len(set(v)) > 1)
     line = (f"Arms that share a fine-tune report the same dense model: {len(shared) - len(bad)} of {len(shared)} "
             "shared fine-tunes")
     return line + (f"; differing: {', '.join(bad)}." if bad else ".")
